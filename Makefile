@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Each creates .venv itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+PRESET ?= cpu
+
+.PHONY: setup setup-test demo test lint clean
+
+# .venv with chatforge installed (editable); re-done when pyproject.toml changes
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,hf]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+setup-test: $(BIN)/.installed-test
+
+demo: setup
+	$(BIN)/chatforge speedrun --preset $(PRESET) --out $(OUT)
+
+lint: setup-test
+	$(BIN)/ruff check chatforge tests bench
+
+test: setup-test lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,206 @@
+"""The one checkpoint format, shared by every stage.
+
+A run folder looks like this:
+
+    RUN/
+      config.json          {"model": GPTConfig fields, "stage": ..., "step": ..., ...}
+      model.safetensors    the weights (tied lm_head stored once)
+      tokenizer.json       the HF tokenizer, so a run folder is self-contained
+      metrics.jsonl        one JSON line per logged step / eval
+      ckpt/step_000200/    periodic checkpoints: the three files above + train_state.pt
+                           (optimizer, RNG, data loader position, step)
+
+Why a folder per checkpoint: a checkpoint is several files, and only a directory rename
+is atomic for all of them together. Each is written under a temporary name and renamed
+when complete, so a kill at any moment leaves either the previous checkpoint or the new
+one, never a torn mix. Single files (the run-root copies) go through temp + os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
+
+CKPT_DIR = "ckpt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """The weights to store: lm_head dropped when tied (safetensors refuses shared tensors)."""
+    model = unwrap(model)
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The plain GPT inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model  # type: ignore[return-value]
+
+
+def _write_model_files(folder: Path, model: GPT, tokenizer_json: str, meta: dict) -> None:
+    save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    (folder / "config.json").write_text(
+        json.dumps({"model": unwrap(model).cfg.to_dict(), **meta}, indent=2) + "\n", encoding="utf-8"
+    )
+
+
+def save_model(run_dir: Path, model: GPT, tokenizer_json: str, meta: dict) -> None:
+    """Write config.json, model.safetensors and tokenizer.json at the run root (each atomically)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".save-") as tmp:
+        _write_model_files(Path(tmp), model, tokenizer_json, meta)
+        # weights first, config last: a reader that sees the new config also sees the new weights
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            os.replace(Path(tmp) / name, run_dir / name)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: GPT, tokenizer_json: str, meta: dict, train_state: dict, keep: int = 2
+) -> Path:
+    """Write RUN/ckpt/step_NNNNNN atomically (temp folder + rename), then prune old ones."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
+    try:
+        _write_model_files(tmp, model, tokenizer_json, {**meta, "step": step})
+        torch.save(train_state, tmp / "train_state.pt")
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):  # leftovers of a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """A run folder's root weights, else its newest checkpoint; or a checkpoint folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ChatforgeError(f"no such model folder: {path}")
+    if (path / "model.safetensors").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise ChatforgeError(f"{path} holds no model: expected model.safetensors or ckpt/step_*/ in it")
+
+
+def read_config(model_dir: Path) -> dict:
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChatforgeError(f"{cfg_path} is missing; is {model_dir} a chatforge run folder?") from None
+    except json.JSONDecodeError as e:
+        raise ChatforgeError(f"{cfg_path} is corrupt ({e.msg} at line {e.lineno})") from None
+
+
+def load_weights(model: GPT, model_dir: Path) -> None:
+    """Load model.safetensors into `model`, checking every name and shape against its config."""
+    path = Path(model_dir) / "model.safetensors"
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise ChatforgeError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ChatforgeError(f"{path} is corrupt or truncated ({e}); restore it or retrain") from None
+    model = unwrap(model)
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ChatforgeError(
+            f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ChatforgeError(
+                f"{path} does not match its config: {name} is {tuple(tensor.shape)}, "
+                f"config says {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=not model.cfg.tie_embeddings)
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict, Path]:
+    """Build the GPT a run folder (or checkpoint folder) describes and load its weights.
+
+    Returns (model in eval mode, the config.json dict, the folder the weights came from).
+    """
+    model_dir = resolve_model_dir(path)
+    meta = read_config(model_dir)
+    if "model" not in meta:
+        raise ChatforgeError(f"{model_dir / 'config.json'} has no 'model' section; not a chatforge run")
+    model = GPT(GPTConfig.from_dict(meta["model"]))
+    load_weights(model, model_dir)
+    return model.to(device).eval(), meta, model_dir
+
+
+def load_train_state(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / "train_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise ChatforgeError(f"{path} is missing; cannot resume from {ckpt_dir}") from None
+    except Exception as e:  # torch raises several types for a damaged pickle/zip
+        raise ChatforgeError(
+            f"{path} is corrupt ({type(e).__name__}); delete {ckpt_dir} to resume from an older one"
+        ) from None

@@ -1,0 +1,187 @@
+"""Configs and presets: plain dataclasses, one per stage, and named presets that fill them.
+
+A preset is the whole recipe of a speedrun (world size, tokenizer, model depth, training
+length). `smoke` runs in seconds for tests, `cpu` is the laptop default, and the `d12`/`d20`
+presets are GPU recipes that are dry-run checked here (shapes, FLOPs, memory) without a GPU.
+Any field can be overridden from the command line with `--set section.field=value`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from chatforge.errors import ChatforgeError
+
+
+@dataclass
+class WorldConfig:
+    people: int = 600
+    heldout: int = 50
+    paraphrases: int = 5
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training stage (pretrain now; SFT reuses it) needs besides data and a tokenizer."""
+
+    depth: int = 4  # the one dial: width, heads follow (see GPTConfig.from_depth)
+    model: dict = field(default_factory=dict)  # overrides of GPTConfig fields, e.g. {"n_embd": 384}
+    seq_len: int = 256
+    device_batch_size: int = 16  # rows per forward pass on each rank
+    total_batch_tokens: int = 0  # tokens per optimizer step; 0 = one micro-batch on every rank
+    max_steps: int = 500
+    optimizer: str = "adamw"  # "adamw", or "muon" (Muon for hidden matrices, AdamW for the rest)
+    lr: float = 3e-3  # AdamW learning rate for matrices
+    embed_lr: float = 3e-3  # embeddings (and the untied head)
+    muon_lr: float = 0.02
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup, stable, decay)
+    cooldown_frac: float = 0.2  # wsd: fraction of steps spent decaying
+    final_lr_frac: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 200
+    keep_ckpts: int = 2
+    log_every: int = 10
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 1337
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    world: WorldConfig
+    vocab_size: int
+    pretrain: TrainConfig
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        description="seconds on a CPU; for tests",
+        world=WorldConfig(people=60, heldout=6, paraphrases=2, seed=0),
+        vocab_size=512,
+        pretrain=TrainConfig(
+            depth=2,
+            model={"n_embd": 64, "n_head": 2, "n_kv_head": 1},
+            seq_len=64,
+            device_batch_size=4,
+            max_steps=30,
+            warmup_steps=5,
+            eval_every=15,
+            eval_batches=2,
+            ckpt_every=15,
+            log_every=5,
+        ),
+    ),
+    "cpu": Preset(
+        name="cpu",
+        description="the laptop default: a 4M-parameter model learns the world in minutes on 2 cores",
+        world=WorldConfig(people=600, heldout=50, paraphrases=5, seed=0),
+        vocab_size=4096,
+        pretrain=TrainConfig(
+            depth=4,
+            seq_len=256,
+            device_batch_size=16,
+            max_steps=600,
+            warmup_steps=30,
+            eval_every=100,
+            eval_batches=10,
+            ckpt_every=100,
+            log_every=10,
+        ),
+    ),
+    "d12": Preset(
+        name="d12",
+        description="GPU: GPT-2-small-sized (~135M params with a 32K vocab), bf16",
+        world=WorldConfig(people=20000, heldout=500, paraphrases=5, seed=0),
+        vocab_size=32768,
+        pretrain=TrainConfig(
+            depth=12,
+            seq_len=2048,
+            device_batch_size=32,
+            total_batch_tokens=524288,
+            max_steps=5000,
+            optimizer="muon",
+            lr=3e-3,
+            embed_lr=0.2,
+            warmup_steps=100,
+            schedule="wsd",
+            eval_every=250,
+            eval_batches=20,
+            ckpt_every=1000,
+            compile=True,
+        ),
+    ),
+    "d20": Preset(
+        name="d20",
+        description="GPU: nanochat's $100 tier (~560M params), bf16, 8 GPUs with torchrun",
+        world=WorldConfig(people=50000, heldout=1000, paraphrases=5, seed=0),
+        vocab_size=65536,
+        pretrain=TrainConfig(
+            depth=20,
+            seq_len=2048,
+            device_batch_size=32,
+            total_batch_tokens=524288,
+            max_steps=21400,
+            optimizer="muon",
+            lr=3e-3,
+            embed_lr=0.2,
+            warmup_steps=200,
+            schedule="wsd",
+            eval_every=250,
+            eval_batches=40,
+            ckpt_every=2000,
+            compile=True,
+        ),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ChatforgeError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])  # a copy the caller may change
+
+
+def apply_overrides(obj, overrides: list[str]):
+    """Apply `field=value` or `section.field=value` strings (value parsed as JSON, else a string)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ChatforgeError(f"bad override {item!r}: expected field=value, e.g. max_steps=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = obj
+        *path, last = key.split(".")
+        for part in path:
+            if not hasattr(target, part):
+                raise ChatforgeError(f"bad override {item!r}: no section {part!r}")
+            target = getattr(target, part)
+        if isinstance(target, dict):
+            target[last] = value
+            continue
+        if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
+            raise ChatforgeError(f"bad override {item!r}: no field {last!r}")
+        current = getattr(target, last)
+        if isinstance(current, bool) and not isinstance(value, bool):
+            raise ChatforgeError(f"bad override {item!r}: {last} takes true or false")
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if current is not None and type(value) is not type(current):
+            raise ChatforgeError(f"bad override {item!r}: {last} takes a {type(current).__name__}")
+        setattr(target, last, value)
+    return obj

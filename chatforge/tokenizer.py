@@ -1,0 +1,597 @@
+"""The one tokenizer wrapper and the one chat renderer (ChatML) every stage uses.
+
+- `Tokenizer` wraps a HF `tokenizers.Tokenizer` (byte-level BPE): training, load/save,
+  plain-text encode/decode, exact byte round-trips, and per-token byte lengths for
+  bits-per-byte. It also loads any HF `tokenizer.json` (imported models such as SmolLM2).
+- Tokenizer evaluation: bytes per token, comparison table against reference tokenizers.
+- Chat: `render_conversation` (ids + loss mask, 1 only on the assistant's own tokens),
+  `render_prompt` (for generation), `parse_assistant` (generated text → OpenAI message),
+  validation and loading of conversation jsonl files.
+
+Why special tokens are never produced from plain text: a user (or a web page in a
+pretraining corpus) typing "<|im_end|>" must not be able to close a turn or forge a
+tool call. Only the renderer inserts special ids, by id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from chatforge.errors import ChatforgeError
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # BOS / document separator: starts every document
+    "<|im_start|>",  # ChatML turn start
+    "<|im_end|>",  # ChatML turn end (the assistant's stop token)
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",  # reserved for reasoning traces
+    "</think>",
+]
+BOS = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+# Imported tokenizers use other names for their beginning-of-sequence token.
+BOS_CANDIDATES = ["<|endoftext|>", "<s>", "<|begin_of_text|>"]
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # all bytes + specials + at least one merge
+
+# GPT-4's split pattern, except digits are split one per pre-token (GPT-4 groups up to 3):
+# single digits make every number tokenize the same way, which helps arithmetic.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}"""  # contractions, words, ONE digit
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # punctuation, newlines, spaces
+)
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable unicode character table used by ByteLevel BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+@lru_cache(maxsize=1)
+def unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+_ESCAPED_RUN = re.compile("([\udc80-\udcff]+)")  # invalid UTF-8 bytes under surrogateescape
+
+
+class Tokenizer:
+    """A thin wrapper over a HF `tokenizers.Tokenizer`, with chatforge's conventions."""
+
+    def __init__(self, inner: HFTokenizer):
+        self._tok = inner
+        # Special-token strings inside text are encoded as ordinary text (see module doc).
+        self._tok.encode_special_tokens = True
+        added = self._tok.get_added_tokens_decoder()  # id -> AddedToken
+        self._added = {t.content: i for i, t in added.items()}
+        self._special_ids = {i for i, t in added.items() if t.special}
+        self._byte_level = _is_byte_level(inner)
+        self._bos_id = next((i for s in BOS_CANDIDATES if (i := self._tok.token_to_id(s)) is not None), None)
+        self._id_bytes: list[bytes] | None = None  # lazily built id -> raw bytes table
+        self._byte_ids: list[int | None] | None = None  # lazily built byte -> single-byte token id
+
+    # ---------------------------------------------------------------- training / io
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> Tokenizer:
+        """Train a byte-level BPE on `texts`; special tokens get ids 0..6, then the 256 bytes."""
+        if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+            raise ChatforgeError(
+                f"vocab_size {vocab_size} is too small: the minimum is {MIN_VOCAB_SIZE} "
+                f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens + 1 merge)"
+            )
+        tok = HFTokenizer(models.BPE(unk_token=None, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=show_progress,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable
+        )
+        seen = {"texts": 0, "chars": 0}
+
+        def checked() -> Iterator[str]:
+            for text in texts:
+                if not isinstance(text, str):
+                    raise ChatforgeError(
+                        f"tokenizer training texts must be strings, got {type(text).__name__}"
+                    )
+                seen["texts"] += 1
+                seen["chars"] += len(text)
+                yield text
+
+        tok.train_from_iterator(checked(), trainer=trainer)
+        if seen["chars"] == 0:
+            raise ChatforgeError("the tokenizer training corpus is empty: give it some text to learn from")
+        for i, s in enumerate(SPECIAL_TOKENS):  # the layout the rest of chatforge relies on
+            assert tok.token_to_id(s) == i, f"special token {s} got id {tok.token_to_id(s)}, expected {i}"
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a `tokenizer.json` file, or a folder (e.g. a run folder) that contains one."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise ChatforgeError(
+                f"no tokenizer at {p}: train one with `chatforge tokenizer` or check the path"
+            )
+        try:
+            inner = HFTokenizer.from_file(str(p))
+        except Exception as e:  # the Rust side raises a plain Exception on bad JSON / unknown fields
+            raise ChatforgeError(f"{p} is not a valid HF tokenizer.json ({str(e).splitlines()[0]})") from e
+        return cls(inner)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `tokenizer.json` atomically; `path` is the file, or a folder to put it in."""
+        p = Path(path)
+        if p.is_dir() or p.suffix != ".json":
+            p = p / "tokenizer.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(p, self.to_json())
+        return p
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (what save writes; checkpoints embed it)."""
+        return self._tok.to_str(pretty=True)
+
+    # ---------------------------------------------------------------- encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Plain text → ids. Special-token strings in `text` are ordinary text; no BOS is added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Like `encode` for many texts, on the Rust side's parallel batch encoder."""
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """ids → text; special tokens appear as their strings, broken UTF-8 as U+FFFD."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Arbitrary bytes (even invalid UTF-8) → ids such that `decode_bytes` gives them back exactly."""
+        if not self._byte_level:
+            try:
+                return self.encode(data.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ChatforgeError(
+                    "this tokenizer is not byte-level, so it can only encode valid UTF-8 text"
+                ) from e
+        # Invalid bytes become U+DC80..U+DCFF under surrogateescape; valid runs between them are
+        # encoded normally, and each stray byte maps to its single-byte token.
+        parts = _ESCAPED_RUN.split(data.decode("utf-8", errors="surrogateescape"))
+        byte_ids = self._single_byte_ids()
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2 == 0:
+                if part:
+                    ids.extend(self.encode(part))
+                continue
+            for ch in part:
+                b = ord(ch) - 0xDC00
+                if byte_ids[b] is None:
+                    raise ChatforgeError(f"this tokenizer has no token for byte 0x{b:02x}")
+                ids.append(byte_ids[b])
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """ids → the exact raw bytes they stand for (special tokens as their UTF-8 strings)."""
+        table = self._bytes_table()
+        try:
+            return b"".join(table[i] for i in ids)
+        except (IndexError, TypeError) as e:
+            raise ChatforgeError(f"token id out of range for a vocabulary of {len(table)}") from e
+
+    # ---------------------------------------------------------------- vocabulary facts
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        """The document-start token: <|endoftext|>, else <s>, else <|begin_of_text|>, else None."""
+        return self._bos_id
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self._special_ids)
+
+    def special_id(self, token: str) -> int:
+        """The id of an added/special token such as "<|im_end|>"."""
+        i = self._added.get(token)
+        if i is None:
+            raise ChatforgeError(f"this tokenizer has no special token {token!r}")
+        return i
+
+    def has_special(self, token: str) -> bool:
+        return token in self._added
+
+    def id_to_token(self, i: int) -> str:
+        t = self._tok.id_to_token(i)
+        if t is None:
+            raise ChatforgeError(f"token id {i} is not in this tokenizer's vocabulary of {self.vocab_size}")
+        return t
+
+    def token_byte_lengths(self) -> list[int]:
+        """Raw bytes each id decodes to (0 for special tokens): bits-per-byte divides by their sum."""
+        return [0 if i in self._special_ids else len(b) for i, b in enumerate(self._bytes_table())]
+
+    @property
+    def inner(self) -> HFTokenizer:
+        """The wrapped HF tokenizer (for export; do not change its settings)."""
+        return self._tok
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, specials={len(self._added)})"
+
+    # ---------------------------------------------------------------- internals
+    def _bytes_table(self) -> list[bytes]:
+        if self._id_bytes is None:
+            n = max(
+                self.vocab_size, max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+            )
+            table: list[bytes] = []
+            u2b = unicode_to_bytes()
+            added_ids = set(self._added.values())
+            for i in range(n):
+                t = self._tok.id_to_token(i)
+                if t is None:
+                    table.append(b"")
+                elif i in added_ids:  # added tokens are stored verbatim, not byte-mapped
+                    table.append(t.encode())
+                elif not self._byte_level:  # best effort for e.g. SentencePiece-style vocabularies
+                    table.append(self._tok.decode([i]).encode())
+                else:
+                    try:
+                        table.append(bytes(u2b[c] for c in t))
+                    except KeyError:  # same fallback as the Rust ByteLevel decoder
+                        table.append(t.encode())
+            self._id_bytes = table
+        return self._id_bytes
+
+    def _single_byte_ids(self) -> list[int | None]:
+        if self._byte_ids is None:
+            b2u = bytes_to_unicode()
+            self._byte_ids = [self._tok.token_to_id(b2u[b]) for b in range(256)]
+        return self._byte_ids
+
+
+def _is_byte_level(inner: HFTokenizer) -> bool:
+    """True when ids map to bytes through the GPT-2 table (ByteLevel decoder somewhere)."""
+    decoder = json.loads(inner.to_str()).get("decoder")
+    return '"ByteLevel"' in json.dumps(decoder)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ==================================================================== evaluation
+
+
+def load_reference(path: str | os.PathLike) -> Tokenizer:
+    """A reference tokenizer to compare against: a tokenizer.json (or a folder with one), or a
+    GPT-2 style vocab.json + merges.txt pair (a folder holding both, or the path of either)."""
+    p = Path(path)
+    if not p.exists():
+        raise ChatforgeError(f"no reference tokenizer at {p}: check the path")
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return Tokenizer.load(p)
+        vocab, merges = p / "vocab.json", p / "merges.txt"
+    elif p.suffix == ".txt":  # merges.txt, or e.g. gpt2_merges.txt beside gpt2_vocab.json
+        vocab, merges = _sibling(p, "merges", "vocab", ".json"), p
+    elif p.name == "vocab.json" or (
+        p.is_file() and p.suffix == ".json" and not _looks_like_tokenizer_json(p)
+    ):
+        vocab, merges = p, _sibling(p, "vocab", "merges", ".txt")
+    else:
+        return Tokenizer.load(p)
+    if not (vocab.is_file() and merges.is_file()):
+        raise ChatforgeError(
+            f"no reference tokenizer at {p}: "
+            "give a tokenizer.json, or a folder with vocab.json and merges.txt"
+        )
+    try:
+        inner = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise ChatforgeError(f"could not read {vocab} + {merges} as a BPE ({str(e).splitlines()[0]})") from e
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    # GPT-2's <|endoftext|> sits in vocab.json; register it so it counts as special.
+    if inner.token_to_id(BOS) is not None:
+        inner.add_special_tokens([BOS])
+    return Tokenizer(inner)
+
+
+def _sibling(p: Path, this: str, other: str, suffix: str) -> Path:
+    """The other file of a vocab/merges pair: "gpt2_vocab.json" -> "gpt2_merges.txt"."""
+    named = p.with_name(p.stem.replace(this, other) + suffix)
+    return named if named.is_file() else p.with_name(other + suffix)
+
+
+def _looks_like_tokenizer_json(p: Path) -> bool:
+    try:
+        with open(p, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return True  # let Tokenizer.load report the problem
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict)  # vocab.json maps str -> int
+
+
+def bytes_per_token(tok: Tokenizer, texts: Iterable[str]) -> float:
+    """UTF-8 bytes per token over `texts` (higher = better compression)."""
+    texts = list(texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+    if n_tokens == 0:
+        raise ChatforgeError("no text to measure bytes per token on: give it some non-empty texts")
+    return n_bytes / n_tokens
+
+
+def compare_tokenizers(named: dict[str, Tokenizer], texts: Iterable[str]) -> list[dict[str, Any]]:
+    """One row per tokenizer: name, vocab_size, bytes_per_token, tokens (total over `texts`)."""
+    texts = list(texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    if n_bytes == 0:
+        raise ChatforgeError("no text to compare tokenizers on: give it some non-empty texts")
+    rows = []
+    for name, tok in named.items():
+        n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
+        rows.append(
+            {
+                "name": name,
+                "vocab_size": tok.vocab_size,
+                "bytes_per_token": n_bytes / max(n_tokens, 1),
+                "tokens": n_tokens,
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of `compare_tokenizers` rows; the last column is tokens relative to the first row."""
+    lines = [
+        "| tokenizer | vocab size | bytes/token | tokens | vs first |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base = rows[0]["tokens"] if rows else 0
+    for r in rows:
+        rel = f"{(r['tokens'] - base) / base:+.1%}" if base else "n/a"
+        lines.append(
+            f"| {r['name']} | {r['vocab_size']:,} | {r['bytes_per_token']:.3f} | {r['tokens']:,} | {rel} |"
+        )
+    return "\n".join(lines)
+
+
+# ==================================================================== chat (ChatML)
+
+ROLES = ("system", "user", "assistant", "tool")
+TOOLS_INSTRUCTION = (
+    "You can call the tools below. To call one, reply with "
+    '<tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>; '
+    "its result comes back in a tool message.\n\nTools:\n"
+)
+
+
+def validate_conversation(messages: Any, where: str = "", *, require_assistant: bool = True) -> None:
+    """Raise ChatforgeError (prefixed with `where`, e.g. "convs.jsonl line 12") if `messages`
+    is not a valid OpenAI-schema conversation with at least one assistant turn."""
+    prefix = f"{where}: " if where else ""
+
+    def fail(msg: str) -> None:
+        raise ChatforgeError(prefix + msg)
+
+    if not isinstance(messages, list) or not messages:
+        fail("a conversation must be a non-empty list of {role, content} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            fail(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
+        role = m.get("role")
+        if role not in ROLES:
+            fail(f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        tool_calls = m.get("tool_calls")
+        if tool_calls is not None:
+            if role != "assistant":
+                fail(f"message {i} ({role}) has tool_calls; only assistant messages may")
+            _validate_tool_calls(tool_calls, f"message {i}", fail)
+        content = m.get("content")
+        if content is None:
+            if not (role == "assistant" and tool_calls):
+                fail(f"message {i} ({role}) has no content; give it a string")
+        elif not isinstance(content, str):
+            fail(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        fail("conversation has no assistant turn")
+
+
+def _validate_tool_calls(tool_calls: Any, what: str, fail) -> None:
+    if not isinstance(tool_calls, list):
+        fail(f"{what} tool_calls must be a list")
+    for j, call in enumerate(tool_calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or call.get("type", "function") != "function":
+            fail(
+                f'{what} tool_calls[{j}] must be {{"type": "function", "function": {{"name", "arguments"}}}}'
+            )
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            fail(f"{what} tool_calls[{j}] has no function name")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                fail(f"{what} tool_calls[{j}] arguments are not valid JSON")
+        if not isinstance(args, dict):
+            fail(f"{what} tool_calls[{j}] arguments must be a JSON object")
+
+
+def _tool_call_json(call: dict) -> str:
+    fn = call["function"]
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        args = json.loads(args) if args.strip() else {}
+    return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Show the tool schemas in the system turn (extend the first system message, or add one)."""
+    if not tools:
+        return messages
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ChatforgeError("tools must be a list of OpenAI tool schemas (JSON objects)")
+    block = TOOLS_INSTRUCTION + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0], content=messages[0]["content"] + "\n\n" + block)
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
+
+
+def _tag(tok: Tokenizer, tag: str) -> list[int]:
+    # Imported tokenizers may lack our tags (SmolLM2 has no <tool_call>): fall back to text.
+    return [tok.special_id(tag)] if tok.has_special(tag) else tok.encode(tag)
+
+
+def _render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    mask: list[int] = []
+
+    def add(part: list[int], m: int) -> None:
+        ids.extend(part)
+        mask.extend([m] * len(part))
+
+    if tok.bos_id is not None:
+        add([tok.bos_id], 0)
+    im_start, im_end, newline = _tag(tok, IM_START), _tag(tok, IM_END), tok.encode("\n")
+    for msg in _with_tools(messages, tools):
+        train = 1 if msg["role"] == "assistant" else 0
+        add(im_start + tok.encode(msg["role"] + "\n"), 0)  # header: never trained on
+        body = tok.encode(msg["content"]) if msg.get("content") else []
+        for call in msg.get("tool_calls") or []:
+            body += _tag(tok, TOOL_CALL_OPEN) + tok.encode(_tool_call_json(call)) + _tag(tok, TOOL_CALL_CLOSE)
+        add(body + im_end, train)  # the assistant learns its content and when to stop
+        add(newline, 0)
+    return ids, mask
+
+
+def render_conversation(
+    tok: Tokenizer,
+    messages: list[dict],
+    *,
+    tools: list[dict] | None = None,
+    max_len: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """ChatML ids and a loss mask (1 only on assistant content, tool calls and its <|im_end|>).
+
+    Starts with the BOS id; each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
+    `max_len` cuts both lists (reporting the truncation is the caller's job)."""
+    validate_conversation(messages)
+    ids, mask = _render(tok, messages, tools)
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+def render_prompt(tok: Tokenizer, messages: list[dict], *, tools: list[dict] | None = None) -> list[int]:
+    """The conversation so far followed by `<|im_start|>assistant\\n`: what generation continues."""
+    validate_conversation(messages, require_assistant=False)
+    ids, _ = _render(tok, messages, tools)
+    return ids + _tag(tok, IM_START) + tok.encode("assistant\n")
+
+
+_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+
+
+def parse_assistant(text: str) -> dict:
+    """Generated assistant text (decoded, special tokens as strings) → an OpenAI message.
+
+    Text up to <|im_end|> is kept; well-formed <tool_call>{json}</tool_call> spans become
+    `tool_calls` (arguments as a JSON string, as the OpenAI schema has it); malformed ones
+    stay in the content so nothing the model wrote is silently lost."""
+    text = text.split(IM_END, 1)[0]
+    calls, kept, pos = [], [], 0
+    for m in _TOOL_CALL_RE.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+            name, args = obj["name"], obj.get("arguments", {})
+            if not isinstance(name, str) or not isinstance(args, dict):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            continue  # malformed: left in the content
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+        calls.append({"type": "function", "function": {"name": name, "arguments": json.dumps(args)}})
+    kept.append(text[pos:])
+    content = "".join(kept).strip()
+    msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """Read a jsonl file: one conversation per line, a list of messages or {"messages": [...]}."""
+    p = Path(path)
+    if not p.is_file():
+        raise ChatforgeError(f"no conversations file at {p}")
+    convs = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{p.name} line {n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ChatforgeError(f"{where}: malformed JSON ({e.msg}); fix or remove the line") from e
+            messages = obj.get("messages") if isinstance(obj, dict) else obj
+            validate_conversation(messages, where)
+            convs.append(messages)
+    if not convs:
+        raise ChatforgeError(f"{p} holds no conversations")
+    return convs

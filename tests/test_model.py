@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from chatforge.engine import generate, sample_next
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig, KVCache
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        **{"vocab_size": 97, "seq_len": 32, "n_layer": 2, "n_embd": 32, "n_head": 4, "n_kv_head": 2, **kw}
+    )
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"tie_embeddings": False}, {"n_kv_head": 4}])
+def test_causality(kw):
+    model = tiny(**kw)
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}])
+def test_kv_cache_matches_full_forward(kw):
+    model = tiny(**kw)
+    x = torch.randint(0, 97, (3, 24))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.cfg, 3, 24)
+        parts = [model(x[:, :10], cache=cache)]  # prefill
+        parts.append(model(x[:, 10:15], cache=cache))  # a chunk after a prefix
+        parts += [model(x[:, t : t + 1], cache=cache) for t in range(15, 24)]  # one token at a time
+    assert cache.pos == 24
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generation_with_cache_equals_without():
+    model = tiny()
+    prompt = [5, 17, 3, 42]
+    new = list(generate(model, prompt, 12, temperature=0.0))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert new == ids[len(prompt) :]
+
+
+def test_sampling_reproducible_with_seed_and_filters():
+    model = tiny()
+    a = list(generate(model, [1, 2, 3], 10, temperature=1.0, top_k=5, seed=7))
+    b = list(generate(model, [1, 2, 3], 10, temperature=1.0, top_k=5, seed=7))
+    assert a == b
+    logits = torch.tensor([[0.0, 5.0, 4.0, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, temperature=1.0, top_k=2, generator=g)) for _ in range(50)}
+    assert draws <= {1, 2}
+    draws = {int(sample_next(logits, temperature=1.0, top_p=0.5, generator=g)) for _ in range(50)}
+    assert draws == {1}
+
+
+def test_generation_respects_context_and_stop():
+    model = tiny()
+    with pytest.raises(ChatforgeError, match="context"):
+        list(generate(model, list(range(30)), 5))
+    first = next(generate(model, [1, 2], 1, temperature=0.0))
+    assert list(generate(model, [1, 2], 10, temperature=0.0, stop_ids=[first])) == [first]
+
+
+def test_loss_ignores_masked_targets():
+    model = tiny()
+    x = torch.randint(0, 97, (1, 8))
+    y = torch.randint(0, 97, (1, 8))
+    masked = y.clone()
+    masked[:, :4] = -1
+    with torch.no_grad():
+        per_token = model(x, y, loss_reduction="none")
+        assert torch.allclose(model(x, masked), per_token[4:].mean())
+
+
+def test_depth_dial_and_sizes():
+    cfg = GPTConfig.from_depth(4, vocab_size=4096, seq_len=256)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_dim) == (4, 256, 4, 64)
+    wide = GPTConfig.from_depth(4, vocab_size=4096, seq_len=256, n_embd=384, n_kv_head=2)
+    assert (wide.n_layer, wide.n_embd, wide.n_head, wide.n_kv_head) == (4, 384, 6, 2)
+    model = GPT(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    per_layer = 4 * 256 * 256 + 3 * 256 * cfg.intermediate_size + 2 * 256
+    assert n == model.num_params() == 4096 * 256 + 4 * per_layer + 256
+    assert model.flops_per_token() == 6 * (n - 4096 * 256 + 4096 * 256) + 12 * 4 * 4 * 64 * 256
+    assert GPT(GPTConfig.from_depth(4, 4096, 256, tie_embeddings=False)).num_params() == n + 4096 * 256
+
+
+def test_bad_configs_raise_one_line_errors():
+    with pytest.raises(ChatforgeError, match="divisible"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ChatforgeError, match="n_kv_head"):
+        GPTConfig(n_embd=64, n_head=4, n_kv_head=3)
+    with pytest.raises(ChatforgeError, match="unknown model config"):
+        GPTConfig.from_dict({"n_layer": 2, "bogus": 1})
