@@ -34,29 +34,6 @@ from chatforge.model.gpt import GPT, GPTConfig
 CKPT_DIR = "ckpt"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
     """The weights to store: lm_head dropped when tied (safetensors refuses shared tensors)."""
     model = unwrap(model)
@@ -85,7 +62,10 @@ def save_model(run_dir: Path, model: GPT, tokenizer_json: str, meta: dict) -> No
     """Write config.json, model.safetensors and tokenizer.json at the run root (each atomically)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".save-*"):  # leftovers of a save killed before it could clean up
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".save-") as tmp:
+        os.chmod(tmp, 0o755)
         _write_model_files(Path(tmp), model, tokenizer_json, meta)
         # weights first, config last: a reader that sees the new config also sees the new weights
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
@@ -100,6 +80,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     try:
         _write_model_files(tmp, model, tokenizer_json, {**meta, "step": step})
         torch.save(train_state, tmp / "train_state.pt")

@@ -111,9 +111,11 @@ def cmd_speedrun(args) -> None:
 
 
 def cmd_presets(args) -> None:
-    from chatforge.config import PRESETS
+    from chatforge.config import PRESETS, get_preset
     from chatforge.plan import describe_plan
 
+    if args.name:
+        get_preset(args.name)  # an unknown name is an error, not an empty listing
     for name, preset in PRESETS.items():
         if args.name and name != args.name:
             continue
@@ -206,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_overrides(p)
     p.set_defaults(func=cmd_speedrun)
+
+    from chatforge.chat import add_chat_arguments, cmd_chat
+    from chatforge.eval.run import add_eval_arguments, cmd_eval
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model: bits per byte, world QA, reversal probe, multiple choice, GSM8K"
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="talk to a model, or answer one prompt with -p")
+    add_chat_arguments(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("presets", help="list presets with their model shapes, FLOPs and memory estimates")
     p.add_argument("name", nargs="?", help="show only this preset")

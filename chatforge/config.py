@@ -104,7 +104,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "d12": Preset(
         name="d12",
-        description="GPU: GPT-2-small-sized (~135M params with a 32K vocab), bf16",
+        description="GPU: GPT-2-small-sized (110M params with a 32K vocab), bf16",
         world=WorldConfig(people=20000, heldout=500, paraphrases=5, seed=0),
         vocab_size=32768,
         pretrain=TrainConfig(
@@ -115,7 +115,7 @@ PRESETS: dict[str, Preset] = {
             max_steps=5000,
             optimizer="muon",
             lr=3e-3,
-            embed_lr=0.2,
+            embed_lr=0.01,  # tied embedding + head: a head-sized LR, not the 0.2 untied embeddings take
             warmup_steps=100,
             schedule="wsd",
             eval_every=250,
@@ -126,7 +126,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "d20": Preset(
         name="d20",
-        description="GPU: nanochat's $100 tier (~560M params), bf16, 8 GPUs with torchrun",
+        description="GPU: nanochat's $100 tier (480M params with a 64K vocab), bf16, 8 GPUs with torchrun",
         world=WorldConfig(people=50000, heldout=1000, paraphrases=5, seed=0),
         vocab_size=65536,
         pretrain=TrainConfig(
@@ -137,7 +137,7 @@ PRESETS: dict[str, Preset] = {
             max_steps=21400,
             optimizer="muon",
             lr=3e-3,
-            embed_lr=0.2,
+            embed_lr=0.01,  # tied embedding + head: a head-sized LR, not the 0.2 untied embeddings take
             warmup_steps=200,
             schedule="wsd",
             eval_every=250,
@@ -182,6 +182,8 @@ def apply_overrides(obj, overrides: list[str]):
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if current is not None and type(value) is not type(current):
-            raise ChatforgeError(f"bad override {item!r}: {last} takes a {type(current).__name__}")
+            raise ChatforgeError(
+                f"bad override {item!r}: {last} takes a value of type {type(current).__name__}"
+            )
         setattr(target, last, value)
     return obj

@@ -20,9 +20,9 @@ import json
 import time
 from pathlib import Path
 
-from chatforge.checkpoint import atomic_write_json
 from chatforge.config import Preset, apply_overrides, get_preset
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_json
 
 
 def _stage_world(preset: Preset, out: Path, progress: bool) -> dict:

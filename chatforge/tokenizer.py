@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +27,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_text
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",  # BOS / document separator: starts every document
@@ -163,7 +163,7 @@ class Tokenizer:
         if p.is_dir() or p.suffix != ".json":
             p = p / "tokenizer.json"
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(p, self.to_json())
+        atomic_write_text(p, self.to_json())
         return p
 
     def to_json(self) -> str:
@@ -295,20 +295,6 @@ def _is_byte_level(inner: HFTokenizer) -> bool:
     """True when ids map to bytes through the GPT-2 table (ByteLevel decoder somewhere)."""
     decoder = json.loads(inner.to_str()).get("decoder")
     return '"ByteLevel"' in json.dumps(decoder)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ==================================================================== evaluation

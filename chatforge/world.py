@@ -21,11 +21,11 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_bytes
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary. Names are built from syllables so they belong to nobody real; the attribute
@@ -795,21 +795,6 @@ WORLD_VERSION = 1
 FILES = {"people": "people.jsonl", "pretrain": "pretrain.jsonl", "heldout": "heldout.jsonl"}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: a kill never leaves a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
@@ -872,7 +857,7 @@ def write_world(
         FILES["heldout"]: _jsonl(heldout),
     }
     for name, data in blobs.items():
-        _write_atomic(out / name, data)
+        atomic_write_bytes(out / name, data)
 
     counts = {"bio": 0, "arithmetic": 0, "story": 0}
     if n_qa:
@@ -893,7 +878,7 @@ def write_world(
         "files": dict(FILES),
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()},
     }
-    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return manifest
 
 

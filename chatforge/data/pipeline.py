@@ -9,11 +9,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from chatforge.checkpoint import atomic_write_json
 from chatforge.data.clean import clean_documents, normalize_whitespace
 from chatforge.data.shards import read_index, write_shards
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_json
 from chatforge.tokenizer import Tokenizer
 
 

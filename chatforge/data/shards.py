@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_text
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -49,15 +50,6 @@ def _is_val(text_bytes: bytes, val_fraction: float) -> bool:
     # corpus, or a duplicate document, never leaks a val document into train.
     h = int.from_bytes(hashlib.blake2b(text_bytes, digest_size=8).digest(), "big")
     return h / 2.0**64 < val_fraction
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- writer
@@ -246,7 +238,7 @@ def write_shards(
         "bos_id": int(bos_id),
         "splits": splits,
     }
-    _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2))
+    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2))
     # Shards of an earlier, larger run in the same folder are not part of this dataset.
     listed = {sh["file"] for s in splits.values() for sh in s["shards"]}
     for p in out.iterdir():

@@ -165,7 +165,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
             1 + math.cos(math.pi * min(1.0, progress))
         )
     if cfg.schedule == "wsd":
-        decay_start = int(total * (1 - cfg.cooldown_frac))
+        # round, not int(): 10 * (1 - 0.9) is 0.999..., which int() would floor to 0
+        decay_start = total - round(total * cfg.cooldown_frac)
         if step < decay_start:
             return 1.0
         progress = (step - decay_start) / max(1, total - decay_start)
@@ -221,7 +222,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, lines past the resumed step are dropped first."""
+    """Append-only metrics.jsonl; on resume, lines past the resumed step are dropped first, and
+    so are evals at it: the resumed loop evaluates that step again (a train line at it stays)."""
 
     def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
         self.path = Path(path)
@@ -231,8 +233,14 @@ class MetricsLog:
         if resume_step is None:
             self.path.unlink(missing_ok=True)
         elif self.path.exists():
-            kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = [
+                r
+                for r in read_metrics(self.path)
+                if r.get("step", 0) < resume_step or (r.get("step", 0) == resume_step and "loss" in r)
+            ]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")  # atomic: a kill here keeps the old log
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
 
     def log(self, **record) -> None:
         if self.enabled:

@@ -27,6 +27,7 @@ from chatforge.config import TrainConfig
 from chatforge.data.shards import TokenLoader, iter_eval_batches, read_index
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_json
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.common import (
@@ -154,6 +155,12 @@ def _pretrain(data_dir, tokenizer_path, out_dir, cfg, dist, resume, progress, st
             f"tokenizer has {tokenizer.vocab_size} tokens but {data_dir} was tokenized with "
             f"{index['vocab_size']}; re-run `chatforge data` with this tokenizer"
         )
+    shard_tok = data_dir / "tokenizer.json"  # `chatforge data` keeps a copy of the tokenizer it used
+    if shard_tok.is_file() and Tokenizer.load(shard_tok).to_json() != tokenizer.to_json():
+        raise ChatforgeError(
+            f"{tokenizer_path} is not the tokenizer {data_dir} was made with ({shard_tok}); "
+            "pass that one, or re-run `chatforge data` with this tokenizer"
+        )
     tokens_per_micro = cfg.device_batch_size * cfg.seq_len * dist.world_size
     if cfg.total_batch_tokens:
         if cfg.total_batch_tokens % tokens_per_micro:
@@ -198,6 +205,11 @@ def _pretrain(data_dir, tokenizer_path, out_dir, cfg, dist, resume, progress, st
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         start_step = state["step"]
+        if start_step > cfg.max_steps:  # the loop stops at step == max_steps: it would never end
+            raise ChatforgeError(
+                f"cannot resume: {latest} is at step {start_step}, past max_steps {cfg.max_steps}; "
+                "raise max_steps or use a new --out"
+            )
         resumed_time, resumed_tokens = state.get("train_seconds", 0.0), state.get("tokens_seen", 0)
         if dist.is_main:
             print(f"resuming from {latest} at step {start_step}")
@@ -240,7 +252,8 @@ def _pretrain(data_dir, tokenizer_path, out_dir, cfg, dist, resume, progress, st
         if dist.is_main:
             ckpt.save_checkpoint(out_dir, step, model, tokenizer.to_json(), meta, state, keep=cfg.keep_ckpts)
 
-    first_bpb = last_bpb = float("nan")
+    first_bpb: float | None = None  # None (JSON null), not NaN: stays valid JSON when eval is off
+    last_bpb: float | None = None
     train_time, tokens_seen = resumed_time, resumed_tokens  # totals over all sessions of this run
     bar = tqdm(
         total=cfg.max_steps,
@@ -258,7 +271,7 @@ def _pretrain(data_dir, tokenizer_path, out_dir, cfg, dist, resume, progress, st
             val_loss, val_bpb = evaluate_bpb(
                 train_model, data_dir, token_bytes, cfg.device_batch_size, cfg.seq_len, cfg.eval_batches, dist
             )
-            first_bpb = val_bpb if step == start_step and math.isnan(first_bpb) else first_bpb
+            first_bpb = val_bpb if step == start_step and first_bpb is None else first_bpb
             last_bpb = val_bpb
             metrics.log(step=step, val_loss=round(val_loss, 6), val_bpb=round(val_bpb, 6))
             if dist.is_main:
@@ -315,7 +328,8 @@ def _pretrain(data_dir, tokenizer_path, out_dir, cfg, dist, resume, progress, st
             save(step)
     bar.close()
 
-    save(cfg.max_steps)
+    if start_step < cfg.max_steps or latest is None:  # resuming a finished run: its checkpoint is this one
+        save(cfg.max_steps)
     summary = {
         "params": model.num_params(),
         "steps": cfg.max_steps,
@@ -335,5 +349,5 @@ def _pretrain(data_dir, tokenizer_path, out_dir, cfg, dist, resume, progress, st
             f"{stage}: {model.num_params() / 1e6:.2f}M params",
         )
         summary["loss_plot"] = str(png)
-        ckpt.atomic_write_json(out_dir / f"{stage}_summary.json", summary)
+        atomic_write_json(out_dir / f"{stage}_summary.json", summary)
     return summary

@@ -1,0 +1,157 @@
+"""`chatforge eval`: load a run folder's model, build the named tasks, run them, report.
+
+chatforge eval --model runs/sft --world world --tasks world_forward,world_reverse,bpb
+chatforge eval --model runs/base --mc data/arc/arc_easy.jsonl --max-examples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from chatforge.checkpoint import load_model
+from chatforge.errors import ChatforgeError
+from chatforge.eval.base import (
+    TASKS,
+    EvalContext,
+    EvalInputs,
+    TaskResult,
+    build_tasks,
+    results_markdown,
+    run_tasks,
+    write_results,
+)
+from chatforge.tokenizer import Tokenizer
+
+
+def default_tasks(inputs: EvalInputs) -> list[str]:
+    """The tasks the given inputs make possible (used when no --tasks is given)."""
+    names = []
+    if inputs.bpb_files or inputs.world_dir:
+        names.append("bpb")
+    if inputs.world_dir:
+        names += ["world_forward", "world_reverse"]
+    if inputs.qa_files:
+        names.append("qa")
+    if inputs.mc_files:
+        names.append("mc")
+    if inputs.gsm8k_file:
+        names.append("gsm8k")
+    return names
+
+
+def evaluate(
+    model_dir: str | Path,
+    task_names: Sequence[str] | None = None,
+    *,
+    world_dir: str | Path | None = None,
+    qa_file: str | Path | Sequence[str | Path] | None = None,
+    people_ids: Sequence[int] | None = None,
+    mc_files: Sequence[str | Path] = (),
+    gsm8k_file: str | Path | None = None,
+    bpb_files: Sequence[str | Path] = (),
+    max_examples: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+    log=None,
+) -> list[TaskResult]:
+    """Evaluate the model in `model_dir` (a run or checkpoint folder) on `task_names`
+    (default: every task the inputs allow); write eval.json / eval.md into out_dir if given."""
+    if isinstance(qa_file, str | Path):
+        qa_file = [qa_file]
+    inputs = EvalInputs(
+        world_dir=Path(world_dir) if world_dir is not None else None,
+        qa_files=[Path(p) for p in qa_file or []],
+        people_ids=list(people_ids) if people_ids is not None else None,
+        mc_files=[Path(p) for p in mc_files],
+        gsm8k_file=Path(gsm8k_file) if gsm8k_file is not None else None,
+        bpb_files=[Path(p) for p in bpb_files],
+        max_new_tokens=max_new_tokens,
+    )
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ChatforgeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    names = list(task_names) if task_names else default_tasks(inputs)
+    if not names:
+        raise ChatforgeError(
+            "nothing to evaluate: give --tasks, or inputs such as --world DIR, --mc FILE, --gsm8k FILE"
+        )
+    tasks = build_tasks(names, inputs)  # reads and checks every input before the model loads
+    model, meta, resolved = load_model(Path(model_dir), device=device)
+    tok = Tokenizer.load(resolved)
+    ctx = EvalContext(model, tok, device, max_examples, batch_size, seed, log)
+    results = run_tasks(ctx, tasks)
+    if out_dir is not None:
+        info = {"model": str(resolved), "stage": meta.get("stage"), "step": meta.get("step")}
+        write_results(results, out_dir, {**info, "max_examples": max_examples, "seed": seed})
+    return results
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run folder (or checkpoint folder) to evaluate")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help=f"comma-separated tasks from {', '.join(sorted(TASKS))}; default: all the given inputs allow",
+    )
+    p.add_argument("--world", default=None, help="world folder (for world_forward, world_reverse, bpb)")
+    p.add_argument(
+        "--qa-file",
+        action="append",
+        default=[],
+        metavar="F",
+        help="jsonl of {question, answer, ...} (repeatable)",
+    )
+    p.add_argument("--people", default=None, metavar="IDS", help="comma-separated person ids to ask about")
+    p.add_argument("--mc", nargs="+", default=[], metavar="FILE", help="multiple-choice files or folders")
+    p.add_argument("--gsm8k", default=None, metavar="FILE", help="GSM8K-format jsonl")
+    p.add_argument(
+        "--bpb-file", action="append", default=[], metavar="F", help="texts for bpb (default: world held-out)"
+    )
+    p.add_argument("--max-examples", type=int, default=None, metavar="N", help="per task, picked by --seed")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (world 32, gsm8k 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--out", default=None, metavar="DIR", help="write eval.json and eval.md here")
+
+
+def _parse_ids(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ChatforgeError(f"--people must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    device = args.device
+    if device == "auto":
+        from chatforge.train.common import pick_device
+
+        device = str(pick_device("auto"))
+    results = evaluate(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        world_dir=args.world,
+        qa_file=args.qa_file,
+        people_ids=_parse_ids(args.people),
+        mc_files=args.mc,
+        gsm8k_file=args.gsm8k,
+        bpb_files=args.bpb_file,
+        max_examples=args.max_examples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        out_dir=args.out,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(results_markdown(results))
+    if args.out:
+        print(f"results written to {Path(args.out) / 'eval.json'} and eval.md")

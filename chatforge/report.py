@@ -1,0 +1,178 @@
+"""The report card: RUN/report.md, what went into each stage and what came out, with plots.
+
+It only reads what the stages wrote (manifests, summaries, metrics.jsonl, eval.json,
+stages.json), so it can be rebuilt at any time: `chatforge report RUN`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_text
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def plot_eval_bars(results: list[dict], png: Path) -> Path | None:
+    """Accuracy of every accuracy-type task, with the world tasks broken down by attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = [r for r in results if r["metric"] == "accuracy"]
+    if not acc:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 2]})
+    names = [r["task"] for r in acc]
+    axes[0].bar(names, [100 * r["value"] for r in acc], color=[f"C{i}" for i in range(len(acc))])
+    axes[0].set(ylabel="accuracy (%)", ylim=(0, 100), title="tasks")
+    axes[0].tick_params(axis="x", rotation=30)
+    world = [r for r in acc if r["groups"] and r["task"].startswith("world")]
+    width = 0.8 / max(1, len(world))
+    for i, r in enumerate(world):
+        groups = list(r["groups"])
+        xs = [j + i * width for j in range(len(groups))]
+        axes[1].bar(
+            xs, [100 * r["groups"][g]["value"] for g in groups], width, label=r["task"], color=f"C{i}"
+        )
+        axes[1].set_xticks(
+            [j + width * (len(world) - 1) / 2 for j in range(len(groups))], groups, rotation=30
+        )
+    axes[1].set(ylabel="accuracy (%)", ylim=(0, 100), title="world questions by attribute")
+    if world:
+        axes[1].legend()
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def _training_section(title: str, folder: Path, summary_name: str, run: Path) -> list[str]:
+    summary = _load(folder / summary_name)
+    if summary is None:
+        return []
+    lines = [f"## {title}", ""]
+    rows = [
+        ("parameters", _fmt(summary.get("params"))),
+        ("steps", _fmt(summary.get("steps"))),
+        ("tokens trained on", _fmt(summary.get("tokens"))),
+        ("training time", f"{summary.get('train_seconds', 0) / 60:.1f} min"),
+        ("throughput", f"{_fmt(summary.get('tokens_per_second'), 0)} tokens/s"),
+    ]
+    if summary.get("val_bpb_start") is not None:
+        rows.append(
+            ("val bits per byte", f"{_fmt(summary['val_bpb_start'])} → {_fmt(summary['val_bpb_end'])}")
+        )
+    if summary.get("val_loss_start") is not None:
+        rows.append(
+            ("val loss (nats)", f"{_fmt(summary['val_loss_start'])} → {_fmt(summary['val_loss_end'])}")
+        )
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    if (folder / "loss.png").exists():
+        lines += [f"![{title} loss]({(folder / 'loss.png').relative_to(run)})", ""]
+    return lines
+
+
+def build_report(run: Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise ChatforgeError(f"no such run folder: {run}")
+    stages = _load(run / "stages.json") or {}
+    preset = _load(run / "preset.json") or {}
+    out = [f"# chatforge report: {run.name}", ""]
+    if preset:
+        out += [f"Preset `{preset.get('name')}`: {preset.get('description', '')}.", ""]
+    if stages:
+        out += ["## Stages", "", "| stage | seconds |", "|---|---|"]
+        out += [f"| {name} | {_fmt(s.get('seconds'), 1)} |" for name, s in stages.items()]
+        total = sum(s.get("seconds", 0) for s in stages.values())
+        out += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |", ""]
+
+    world = _load(run / "world" / "manifest.json")
+    if world:
+        counts = ", ".join(f"{v:,} {k}" for k, v in world.get("counts", {}).items())
+        out += [
+            "## Data",
+            "",
+            f"- world: {world['n_people']:,} people ({world['n_heldout']} held out for retrieval), "
+            f"{world['paraphrases']} biographies each; pretraining documents: {counts}",
+        ]
+        sft = _load(run / "sft_data" / "manifest.json")
+        if sft:
+            out.append(
+                "- conversations: " + ", ".join(f"{v:,} {k}" for k, v in sft.get("counts", {}).items())
+            )
+        aug = stages.get("sft_data", {}).get("result", {}).get("qa_pretrain_docs")
+        if aug:
+            out.append(
+                f"- knowledge augmentation: {aug:,} question-answer documents about the SFT people "
+                "mixed into pretraining (never about the evaluation people)"
+            )
+        index = _load(run / "data" / "index.json")
+        if index:
+            sp, clean = index["splits"], index.get("clean", {})
+            out.append(
+                f"- shards: {sp['train']['tokens']:,} train / {sp['val']['tokens']:,} val tokens; cleaning "
+                f"removed {clean.get('n_exact_dup', 0)} exact and {clean.get('n_near_dup', 0)} near duplicates"
+            )
+        tok = stages.get("tokenizer", {}).get("result", {})
+        if tok:
+            out.append(
+                f"- tokenizer: {tok.get('vocab_size'):,} tokens, "
+                f"{_fmt(tok.get('bytes_per_token'), 2)} bytes/token on held-out biographies"
+            )
+        out.append("")
+
+    out += _training_section("Pretraining (base model)", run / "base", "pretrain_summary.json", run)
+    out += _training_section("Supervised finetuning (assistant)", run / "sft", "sft_summary.json", run)
+
+    evaluation = _load(run / "eval" / "eval.json")
+    if evaluation:
+        results = evaluation["results"]
+        out += ["## Evaluation", "", "| task | metric | value | n |", "|---|---|---|---|"]
+        out += [f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {r['n']:,} |" for r in results]
+        out.append("")
+        fwd = next((r for r in results if r["task"] == "world_forward"), None)
+        rev = next((r for r in results if r["task"] == "world_reverse"), None)
+        if fwd and rev:
+            out += [
+                f"**The reversal curse, measured:** asked about people whose questions it never saw in "
+                f"finetuning, the assistant answers {100 * fwd['value']:.1f}% of forward questions "
+                f"(child → parent and other facts, the direction the biographies state) but "
+                f"{100 * rev['value']:.1f}% of reverse questions (parent → child, never stated).",
+                "",
+            ]
+        png = plot_eval_bars(results, run / "eval" / "eval.png")
+        if png:
+            out += [f"![evaluation]({png.relative_to(run)})", ""]
+        samples = evaluation.get("samples")
+        if samples:
+            out += ["### Sample answers", ""]
+            out += [f"- **{s['prompt']}** → {s['answer']}" for s in samples]
+            out.append("")
+    path = run / "report.md"
+    atomic_write_text(path, "\n".join(out))
+    return path

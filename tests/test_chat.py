@@ -1,0 +1,194 @@
+import argparse
+import io
+
+import pytest
+import torch
+
+from chatforge.chat import ChatSession, add_chat_arguments, chat_turn, cmd_chat, stop_ids
+from chatforge.checkpoint import save_model
+from chatforge.engine import IncrementalDecoder, generate_batch
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.tokenizer import IM_END, Tokenizer, load_conversations, render_prompt
+
+TEXTS = [
+    "Alice was born in Paris and works as a baker.",
+    "Bob lives in Rome; his mother is Alice.",
+    "What is 12 plus 30? It is 42.",
+    "The quick brown fox jumps over the lazy dog.",
+] * 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add overhead on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TEXTS, 300)
+
+
+def make_model(tok: Tokenizer, stop_after: bool = False) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size,
+        seq_len=64,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_kv_head=2,
+        tie_embeddings=False,
+    )
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(6.0)  # peaked logits: varied, deterministic answers
+        if stop_after:  # <|im_end|> scores 3x a token the model likes, so it ends its answers early
+            model.lm_head.weight[tok.special_id(IM_END)] = 3 * model.lm_head.weight[40]
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tok) -> GPT:
+    return make_model(tok)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tok, model):
+    d = tmp_path_factory.mktemp("run")
+    save_model(d, model, tok.to_json(), {"stage": "test"})
+    return d
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_chat_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_prompt_flag_prints_only_the_answer(run_dir, tok, model, capsys):
+    cmd_chat(parse("--model", str(run_dir), "-p", "Who is Bob?", "--max-new-tokens", "8", "--device", "cpu"))
+    out = capsys.readouterr().out
+    # the same answer straight from the engine: greedy is the -p default
+    ids = generate_batch(model, [render_prompt(tok, [{"role": "user", "content": "Who is Bob?"}])], 8)[0]
+    assert len(ids) == 8 and not set(ids) & set(stop_ids(tok))
+    assert out == tok.decode(ids).strip() + "\n"
+    assert out.strip()
+
+
+def test_prompt_flag_with_system_and_sampling_is_seeded(run_dir, capsys):
+    argv = ["--model", str(run_dir), "-p", "hi", "--system", "Be brief.", "--max-new-tokens", "6"]
+    runs = []
+    for seed in ("1", "1", "2"):
+        cmd_chat(parse(*argv, "--temperature", "1.0", "--top-k", "40", "--seed", seed))
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_prompt_flag_errors(run_dir, tmp_path):
+    with pytest.raises(ChatforgeError, match="shorten"):
+        cmd_chat(parse("--model", str(run_dir), "-p", "Alice was born in Paris. " * 20))
+    with pytest.raises(ChatforgeError, match="no such model"):
+        cmd_chat(parse("--model", str(tmp_path / "nope"), "-p", "hi"))
+    with pytest.raises(ChatforgeError, match="top_p"):
+        cmd_chat(parse("--model", str(run_dir), "-p", "hi", "--top-p", "0"))
+
+
+def test_chat_turn_stops_at_im_end_and_streams_the_same_text(tok):
+    model = make_model(tok, stop_after=True)
+    messages = [{"role": "user", "content": "What is 12 plus 30?"}]
+    ids = generate_batch(model, [render_prompt(tok, messages)], 20, stop_ids=stop_ids(tok))[0]
+    assert ids[-1] == tok.special_id(IM_END) and 1 < len(ids) < 20  # the model does stop early
+    pieces: list[str] = []
+    text = chat_turn(model, tok, messages, max_new_tokens=20, on_token=pieces.append)
+    assert text == tok.decode(ids[:-1]) == "".join(pieces)
+    assert IM_END not in text
+
+
+def test_incremental_decoder_prints_whole_characters(tok):
+    ids = tok.encode("café ☕ naïve")
+    dec = IncrementalDecoder(tok.decode)
+    deltas = [dec.push(i) for i in ids]
+    assert "".join(deltas) + dec.flush() == "café ☕ naïve"
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # ☕ is three byte tokens here: held back until complete
+
+
+def session(tok, model, **kw) -> tuple[ChatSession, io.StringIO]:
+    out = io.StringIO()
+    return ChatSession(model, tok, out=out, temperature=0.0, **{"max_new_tokens": 6, **kw}), out
+
+
+def test_session_answers_and_commands(tok, model, tmp_path):
+    s, out = session(tok, model)
+    assert "nothing to save" in s.handle("/save " + str(tmp_path / "x.jsonl"))
+    reply = s.handle("Where does Alice live?")
+    assert reply.startswith("assistant> ") and reply == out.getvalue().split("yet: ", 1)[-1].split("\n", 1)[1]
+    answer = reply[len("assistant> ") :].rstrip("\n")
+    assert answer == chat_turn(
+        model, tok, [{"role": "user", "content": "Where does Alice live?"}], max_new_tokens=6
+    )
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+
+    assert "system prompt set" in s.handle("/system You are terse.")
+    assert s.conversation()[0] == {"role": "system", "content": "You are terse."}
+    s.handle("And Bob?")
+    path = tmp_path / "chats" / "saved.jsonl"
+    assert "saved" in s.handle(f"/save {path}")
+    s.handle("/save " + str(path))  # appends a second line
+    convs = load_conversations(path)
+    assert convs == [s.conversation(), s.conversation()]
+    assert [m["role"] for m in convs[0]] == ["system", "user", "assistant", "user", "assistant"]
+
+    assert "cleared" in s.handle("/reset")
+    assert s.messages == [] and s.conversation() == [{"role": "system", "content": "You are terse."}]
+    assert "system prompt cleared" in s.handle("/system")
+    assert s.conversation() == []
+    assert "unknown command" in s.handle("/frobnicate")
+    assert s.handle("   ") == ""
+    assert not s.done
+    s.handle("/quit")
+    assert s.done
+
+
+def test_session_drops_oldest_turns_when_context_is_full(tok, model):
+    s, _ = session(tok, model, system="Be brief.")
+    notes = []
+    for i in range(6):
+        notes.append(s.handle(f"Alice {i}?"))
+        prompt = s.conversation()[:1] + s.messages[s.window : -1]  # what the answer was generated from
+        assert len(render_prompt(tok, prompt)) + s.reserve <= 64
+    assert notes[0].startswith("assistant> ")
+    assert any("context full" in n for n in notes)
+    assert s.window > 0 and len(s.messages) == 12  # the transcript keeps everything, for /save
+    assert s.messages[s.window]["role"] == "user"
+    # a single message longer than the context is refused, and the session goes on
+    before = list(s.messages)
+    assert "shorten it" in s.handle("Alice was born in Paris. " * 20)
+    assert s.messages == before
+
+
+def test_ctrl_c_stops_the_answer_but_keeps_the_session(tok, model):
+    class InterruptingOut(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 4:  # prefix, two pieces of the answer, then Ctrl-C
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = InterruptingOut()
+    s = ChatSession(model, tok, out=out, temperature=0.0, max_new_tokens=20)
+    s.handle("Who is Bob?")
+    assert "(answer stopped)" in out.getvalue() and not s.done
+    full = chat_turn(model, tok, [{"role": "user", "content": "Who is Bob?"}], max_new_tokens=20)
+    partial = s.messages[-1]["content"]
+    assert s.messages[-1]["role"] == "assistant" and partial and len(partial) < len(full.strip())
+    assert full.startswith(partial)
+    s.handle("/reset")
+    assert s.handle("Hello").startswith("assistant> ")  # still works after the interruption

@@ -1,0 +1,299 @@
+"""SFT conversations from the world: formats, exact answers, the people split, no reverse questions."""
+
+import json
+import random
+import re
+
+import pytest
+
+from chatforge.conversations import (
+    SFT_FILES,
+    arithmetic_conversation,
+    arithmetic_turn,
+    build_sft_data,
+    fact_conversation,
+    identity_conversation,
+    load_qa,
+    person_attributes,
+    refusal_conversation,
+    split_people,
+    write_sft_data,
+)
+from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation, validate_conversation
+from chatforge.world import ATTRIBUTES, N_PHRASINGS, build_world, fact_questions, reverse_questions
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=5, n_people=40, n_heldout=4)
+
+
+@pytest.fixture(scope="module")
+def data(world):
+    return build_sft_data(world, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tok(data):
+    texts = [m["content"] for c in data.train + data.val for m in c]
+    return Tokenizer.train(texts, vocab_size=400)
+
+
+def _mentions(name: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", text) is not None
+
+
+def _pairs(conv):
+    """(user, assistant) content pairs of a conversation, in order."""
+    turns = [m for m in conv if m["role"] != "system"]
+    assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+    return [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+
+
+def _all_forward(world, people):
+    """question text -> QA over every phrasing of every forward question about `people`."""
+    rng = random.Random(0)
+    return {qa.question: qa for p in people for qa in fact_questions(p, world, rng, n_phrasings=N_PHRASINGS)}
+
+
+# --- people split ---------------------------------------------------------------------------------
+
+
+def test_split_people_is_a_deterministic_partition_of_the_visible_people(world):
+    sft, ev = split_people(world, eval_fraction=0.5, seed=3)
+    ids_sft, ids_ev = {p.id for p in sft}, {p.id for p in ev}
+    assert not ids_sft & ids_ev
+    assert ids_sft | ids_ev == {p.id for p in world.visible}
+    assert not any(p.held_out for p in sft + ev)
+    assert len(ev) == round(len(world.visible) * 0.5)
+    again = split_people(world, eval_fraction=0.5, seed=3)
+    assert [p.id for p in again[0]] == [p.id for p in sft]
+    assert {p.id for p in split_people(world, eval_fraction=0.5, seed=4)[1]} != ids_ev
+    assert split_people(world, eval_fraction=0.0)[1] == []
+    with pytest.raises(ChatforgeError, match="eval_fraction"):
+        split_people(world, eval_fraction=1.5)
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+
+def test_every_conversation_validates_and_renders_with_assistant_tokens(data, tok):
+    assert len(data.train) > 50 and len(data.val) >= 1
+    for conv in data.train + data.val:
+        validate_conversation(conv)
+        ids, mask = render_conversation(tok, conv)
+        assert len(ids) == len(mask) and sum(mask) > 0
+        assert conv[-1]["role"] == "assistant"
+
+
+def test_kinds_and_counts(world):
+    d = build_sft_data(
+        world, seed=0, convs_per_person=2, n_identity=7, n_arithmetic=9, n_refusal=5, val_fraction=0.1
+    )
+    n_sft = len(d.sft_people)
+    assert d.counts == {"fact": 2 * n_sft, "identity": 7, "arithmetic": 9, "refusal": 5}
+    total = sum(d.counts.values())
+    assert len(d.train) + len(d.val) == total
+    assert len(d.val) == round(total * 0.1)
+    none = build_sft_data(
+        world, seed=0, convs_per_person=1, n_identity=0, n_arithmetic=0, n_refusal=0, val_fraction=0
+    )
+    assert none.val == [] and len(none.train) == len(none.sft_people)
+
+
+def test_multi_turn_and_system_messages_occur(data):
+    n_turns = [len(_pairs(c)) for c in data.train]
+    assert 1 in n_turns and 2 in n_turns and 3 in n_turns
+    assert any(c[0]["role"] == "system" for c in data.train)
+    assert any(c[0]["role"] != "system" for c in data.train)
+
+
+# --- facts ----------------------------------------------------------------------------------------
+
+
+def test_fact_conversation_answers_contain_the_exact_answer(world):
+    rng = random.Random(0)
+    sft, _ = split_people(world)
+    for p in sft:
+        turns = [(p, a) for a in person_attributes(p, world)]
+        messages, asked = fact_conversation(world, turns, rng, system_prob=0.0)
+        assert [qa.attribute for qa in asked] == list(person_attributes(p, world))
+        for (user, reply), qa in zip(_pairs(messages), asked, strict=True):
+            assert user == qa.question and qa.answer in reply
+            assert reply.endswith(".") and reply.count(".") <= 2  # one short sentence
+            assert qa.person_id == p.id
+    with pytest.raises(ChatforgeError, match="needs at least one"):
+        fact_conversation(world, [], rng)
+    orphan = next(p for p in world.visible if world.parent_of(p) is None)
+    with pytest.raises(ChatforgeError, match="cannot ask"):
+        fact_conversation(world, [(orphan, "parent")], rng)
+
+
+def test_every_fact_question_in_the_data_is_answered_verbatim_and_all_attributes_are_asked(world, data):
+    sft = [world.person(i) for i in data.sft_people]
+    forward = _all_forward(world, sft)
+    asked = []
+    for conv in data.train + data.val:
+        for user, reply in _pairs(conv):
+            if user in forward:
+                qa = forward[user]
+                assert qa.answer in reply, (user, reply)
+                asked.append(qa)
+    assert len(asked) > len(sft) * 4  # 4 conversations per person, some with several questions
+    assert {qa.attribute for qa in asked} == set(ATTRIBUTES)
+
+
+def test_no_reverse_question_anywhere_in_sft(world, data):
+    rng = random.Random(0)
+    reverse = {qa.question for p in world.people for qa in reverse_questions(p, world, rng, N_PHRASINGS)}
+    assert reverse and {qa.question for qa in data.eval_reverse} <= reverse
+    child_words = re.compile(r"\b(son|daughter|child|children)\b|'s (son|daughter)", re.IGNORECASE)
+    for conv in data.train + data.val:
+        for m in conv:
+            assert m["content"] not in reverse
+            assert not child_words.search(m["content"]), m["content"]
+
+
+def test_no_question_is_about_an_eval_or_held_out_person(world, data):
+    eval_people = [world.person(i) for i in data.eval_people]
+    hidden = eval_people + list(world.held_out)
+    sft_ids = set(data.sft_people)
+    assert sft_ids.isdisjoint(data.eval_people)
+    for conv in data.train + data.val:
+        for user, reply in _pairs(conv):
+            assert not any(_mentions(p.name, user) for p in hidden), user
+            # An eval or held-out name may appear only as the answer to "who is <sft person>'s parent?"
+            for p in hidden:
+                if _mentions(p.name, reply):
+                    child = world.child_of(p)
+                    assert child is not None and child.id in sft_ids and _mentions(child.name, user), (
+                        user,
+                        reply,
+                    )
+
+
+# --- eval sets ------------------------------------------------------------------------------------
+
+
+def test_eval_forward_covers_every_attribute_of_every_eval_person(world, data):
+    assert data.eval_people
+    by_person = {}
+    for qa in data.eval_forward:
+        by_person.setdefault(qa.person_id, []).append(qa.attribute)
+    assert set(by_person) == set(data.eval_people)
+    for pid, attrs in by_person.items():
+        assert sorted(attrs) == sorted(person_attributes(world.person(pid), world))  # one phrasing each
+    two = build_sft_data(world, seed=1, eval_phrasings=2)
+    assert len(two.eval_forward) == 2 * len(data.eval_forward)
+    assert len({qa.question for qa in two.eval_forward}) == len(two.eval_forward)
+    # sft_qa is about sft people only, with the exact answers
+    sft = [world.person(i) for i in data.sft_people]
+    forward = _all_forward(world, sft)
+    assert data.sft_qa and all(forward[qa.question] == qa for qa in data.sft_qa)
+
+
+def test_eval_reverse_asks_every_visible_parent_of_a_visible_child(world, data):
+    expected = {
+        p.id for p in world.visible if world.child_of(p) is not None and not world.child_of(p).held_out
+    }
+    assert expected
+    assert {qa.person_id for qa in data.eval_reverse} == expected
+    for qa in data.eval_reverse:
+        child = world.child_of(world.person(qa.person_id))
+        assert qa.attribute == "child" and qa.answer == child.name
+
+
+# --- identity, arithmetic, refusals ---------------------------------------------------------------
+
+
+def test_identity_answers_name_chatforge():
+    rng = random.Random(0)
+    questions = set()
+    for _ in range(200):
+        for user, reply in _pairs(identity_conversation(rng)):
+            questions.add(user)
+            assert "chatforge" in reply
+    assert {"Who are you?", "What is your name?", "Who made you?", "What can you do?"} <= questions
+    assert len(questions) >= 12
+
+
+_ARITH_RE = re.compile(r"(\d+) ([-+*]|plus|minus|times) (\d+) (?:=|is) (\d+)[.,]")
+
+
+def test_arithmetic_answers_are_exact():
+    rng = random.Random(0)
+    ops = set()
+    for _ in range(300):
+        q, a, c = arithmetic_turn(rng)
+        x, op, y, got = _ARITH_RE.match(a).groups()
+        op = {"plus": "+", "minus": "-", "times": "*"}.get(op, op)
+        ops.add(op)
+        want = {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[op]
+        assert int(got) == want == c and want >= 0
+        assert x in q and y in q
+    assert ops == {"+", "-", "*"}
+    conv = arithmetic_conversation(random.Random(1))
+    validate_conversation(conv)
+
+
+def test_refusals_are_polite_and_offer_help():
+    rng = random.Random(0)
+    requests = set()
+    for _ in range(200):
+        conv = refusal_conversation(rng)
+        validate_conversation(conv)
+        ((user, reply),) = _pairs(conv)
+        requests.add(user)
+        assert re.search(r"sorry|can't|won't", reply, re.IGNORECASE)
+        assert re.search(r"help|instead", reply.split(".", 1)[1], re.IGNORECASE)
+    assert len(requests) >= 30
+    assert any("password" in r for r in requests) and any("malware" in r for r in requests)
+
+
+# --- determinism, files, errors -------------------------------------------------------------------
+
+
+def test_same_seed_same_data_other_seed_differs(world, data):
+    assert build_sft_data(world, seed=1) == data
+    other = build_sft_data(world, seed=2)
+    assert other.train != data.train and other.eval_people != data.eval_people
+
+
+def test_write_and_load_round_trip(tmp_path, data):
+    manifest = write_sft_data(data, tmp_path / "sft")
+    out = tmp_path / "sft"
+    assert load_conversations(out / SFT_FILES["train"]) == data.train
+    assert load_conversations(out / SFT_FILES["val"]) == data.val
+    assert load_qa(out / SFT_FILES["eval_forward"]) == data.eval_forward
+    assert load_qa(out / SFT_FILES["eval_reverse"]) == data.eval_reverse
+    assert load_qa(out / SFT_FILES["sft_qa"]) == data.sft_qa
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["counts"]["train"] == len(data.train) and manifest["counts"]["eval_reverse"] == len(
+        data.eval_reverse
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*SFT_FILES.values(), "manifest.json"]
+    )  # no temp files
+    first = json.loads((out / SFT_FILES["train"]).read_text().splitlines()[0])
+    assert set(first) == {"messages"}
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ChatforgeError, match="not a folder"):
+        write_sft_data(data, tmp_path / "file")
+    with pytest.raises(ChatforgeError, match="no QA file"):
+        load_qa(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"convs_per_person": 0}, "convs_per_person"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"eval_fraction": 1.0}, "no people left for SFT"),
+        ({"n_identity": -1}, "n_identity"),
+        ({"eval_phrasings": 6}, "eval_phrasings"),
+    ],
+)
+def test_bad_arguments_raise(world, kwargs, match):
+    with pytest.raises(ChatforgeError, match=match):
+        build_sft_data(world, **kwargs)

@@ -1,0 +1,146 @@
+import pytest
+import torch
+
+from chatforge.engine import generate, generate_batch, stream_batch, token_budgets
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
+
+V = 300
+# different lengths, so the batch is left-padded (up to 9 padding tokens on row 1)
+PROMPTS = [[5, 17, 3, 42, 9, 11, 200], [1, 2], [7, 8, 9, 10], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+
+
+def tiny(scale: float = 6.0) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, seq_len=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)).eval()
+    with torch.no_grad():  # GPT-2 init gives near-uniform logits; larger weights give peaked, varied outputs
+        for p in model.parameters():
+            p.mul_(scale)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: thread start-up costs more than the math, and the CPU is shared with other work
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return tiny()
+
+
+def one_by_one(model, n, seeds=None, **kw):
+    return [
+        generate_batch(model, [p], n, seeds=None if seeds is None else seeds[i], **kw)[0]
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+def test_batched_equals_one_by_one_greedy(model):
+    batched = generate_batch(model, PROMPTS, 12)
+    assert batched == one_by_one(model, 12)
+    assert all(len(r) == 12 for r in batched)
+    assert len({tuple(r) for r in batched}) == len(PROMPTS)  # the rows really differ
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_k": 20}, {"top_p": 0.9}, {"top_k": 50, "top_p": 0.8}])
+def test_batched_equals_one_by_one_sampled(model, kw):
+    batched = generate_batch(model, PROMPTS, 12, temperature=1.0, seeds=3, **kw)
+    assert batched == one_by_one(model, 12, seeds=[3, 4, 5, 6], temperature=1.0, **kw)
+    # a list of seeds is the same as the int form; other seeds give other samples; not just greedy
+    assert batched == generate_batch(model, PROMPTS, 12, temperature=1.0, seeds=[3, 4, 5, 6], **kw)
+    assert batched != generate_batch(model, PROMPTS, 12, temperature=1.0, seeds=10, **kw)
+    assert batched != generate_batch(model, PROMPTS, 12)
+
+
+def test_greedy_with_cache_equals_full_recompute(model):
+    batched = generate_batch(model, PROMPTS, 15)
+    with torch.no_grad():
+        for prompt, new in zip(PROMPTS, batched, strict=True):
+            ids = list(prompt)
+            for _ in range(15):  # no cache, no padding: the whole sequence again each step
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            assert new == ids[len(prompt) :]
+
+
+def test_stop_ids_stop_each_row_independently(model):
+    free = generate_batch(model, PROMPTS, 12)
+    stops = {free[0][3], free[2][6]}
+
+    def cut(row):
+        for i, t in enumerate(row):
+            if t in stops:
+                return row[: i + 1]
+        return row
+
+    expected = [cut(r) for r in free]
+    assert len({len(r) for r in expected}) > 1  # rows stop at different steps
+    assert generate_batch(model, PROMPTS, 12, stop_ids=stops) == expected
+    assert generate_batch(model, PROMPTS, 5) == [r[:5] for r in free]  # max_new_tokens respected
+
+
+def test_finished_rows_leave_the_batch(model):
+    free = generate_batch(model, PROMPTS, 10)
+    stop = free[1][0]  # row 1 ends at its first token
+    assert stop not in free[0][:4] + free[2][:4] + free[3][:4]
+    shapes = []
+    hook = model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        out = generate_batch(model, PROMPTS, 4, stop_ids=[stop])
+    finally:
+        hook.remove()
+    assert out[1] == [stop] and [len(r) for r in out] == [4, 1, 4, 4]
+    # one prefill, then one length-1 step per new token for the rows still running; none after the last
+    assert shapes == [(4, 11), (3, 1), (3, 1), (3, 1)]
+
+
+def test_streaming_matches_and_interleaves(model):
+    kw = {"temperature": 1.0, "top_k": 30, "seeds": 1, "stop_ids": [7, 8]}
+    events = list(stream_batch(model, PROMPTS, 9, **kw))
+    rows: list[list[int]] = [[] for _ in PROMPTS]
+    for r, t in events:
+        rows[r].append(t)
+    assert rows == generate_batch(model, PROMPTS, 9, **kw)
+    assert [r for r, _ in events[:4]] == [0, 1, 2, 3]  # one event per row per step, as produced
+
+
+def test_single_generate_is_the_batched_engine(model):
+    for i, p in enumerate(PROMPTS):
+        assert (
+            list(generate(model, p, 8, temperature=1.0, top_p=0.9, seed=5 + i))
+            == generate_batch(model, PROMPTS, 8, temperature=1.0, top_p=0.9, seeds=5)[i]
+        )
+
+
+def test_overflow_clamps_rows_and_rejects_full_prompts(model):
+    long = list(range(60))
+    assert token_budgets(model, [long, [1, 2]], 10) == [4, 10]
+    out = generate_batch(model, [long, [1, 2]], 10)
+    assert [len(r) for r in out] == [4, 10]  # the long row stops at the context's end
+    assert out[1] == generate_batch(model, [[1, 2]], 10)[0]
+    with pytest.raises(ChatforgeError, match="context is 64"):
+        generate_batch(model, [[1, 2], list(range(64))], 5)
+    with pytest.raises(ChatforgeError, match="context"):  # the single-prompt generator stays strict
+        list(generate(model, long, 10))
+
+
+@pytest.mark.parametrize(
+    "prompts, kw, match",
+    [
+        ([[1], []], {}, "prompt 1 is empty"),
+        ([[1, V]], {}, "vocabulary"),
+        ([1, 2, 3], {}, "list of lists"),
+        ([], {}, "non-empty"),
+        ([[1], [2]], {"seeds": [1, 2, 3]}, "3 seeds for 2 prompts"),
+        ([[1]], {"temperature": -1.0}, "temperature"),
+        ([[1]], {"top_k": 0}, "top_k"),
+        ([[1]], {"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_inputs_raise_chatforge_errors(model, prompts, kw, match):
+    with pytest.raises(ChatforgeError, match=match):
+        generate_batch(model, prompts, 3, **kw)
