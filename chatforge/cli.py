@@ -97,6 +97,23 @@ def cmd_pretrain(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_sft(args) -> None:
+    from chatforge.config import apply_overrides, get_preset
+    from chatforge.train.sft import sft
+
+    cfg = apply_overrides(get_preset(args.preset).sft, args.overrides)
+    summary = sft(
+        args.model, args.data, args.out, cfg, val=args.val, resume=args.resume, progress=not args.no_progress
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_report(args) -> None:
+    from chatforge.report import build_report
+
+    print(f"report written to {build_report(args.run)}")
+
+
 def cmd_speedrun(args) -> None:
     from chatforge.speedrun import speedrun
 
@@ -107,7 +124,7 @@ def cmd_speedrun(args) -> None:
         preset = apply_overrides(get_preset(args.preset), args.overrides)
         print(describe_plan(preset.pretrain, vocab_size=preset.vocab_size))
         return
-    speedrun(args.preset, args.out, args.overrides, progress=not args.no_progress)
+    speedrun(args.preset, args.out, args.overrides, progress=not args.no_progress, until=args.until)
 
 
 def cmd_presets(args) -> None:
@@ -202,9 +219,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("sft", help="stage 2: supervised finetuning on conversations -> assistant")
+    p.add_argument("--model", required=True, help="run folder to start from (a base model)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="conversations .jsonl (OpenAI messages), or a folder with sft_train.jsonl",
+    )
+    p.add_argument(
+        "--val", default=None, help="held-out conversations .jsonl (default: sft_val.jsonl, or 5%% of --data)"
+    )
+    p.add_argument("--out", required=True, help="run folder for the assistant")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("report", help="(re)build RUN/report.md with plots from what the stages wrote")
+    p.add_argument("run", help="a speedrun folder")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("speedrun", help="the whole pipeline on the synthetic world, resumable stage by stage")
     p.add_argument("--out", default="runs/speedrun", help="run folder (default runs/speedrun)")
     p.add_argument("--dry-run", action="store_true", help="print the model plan, run nothing")
+    p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage (e.g. pretrain)")
     p.add_argument("--no-progress", action="store_true")
     _add_overrides(p)
     p.set_defaults(func=cmd_speedrun)

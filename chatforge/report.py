@@ -122,14 +122,18 @@ def build_report(run: Path) -> Path:
         ]
         sft = _load(run / "sft_data" / "manifest.json")
         if sft:
+            c = sft.get("counts", {})
+            kinds = ", ".join(f"{v:,} {k}" for k, v in c.get("kinds", {}).items())
             out.append(
-                "- conversations: " + ", ".join(f"{v:,} {k}" for k, v in sft.get("counts", {}).items())
+                f"- SFT: {c.get('train', 0):,} training conversations ({kinds}) about {c.get('sft_people', 0)} people; "
+                f"evaluation asks {c.get('eval_forward', 0):,} forward questions about {c.get('eval_people', 0)} "
+                f"other people and {c.get('eval_reverse', 0):,} reverse ones"
             )
         aug = stages.get("sft_data", {}).get("result", {}).get("qa_pretrain_docs")
         if aug:
             out.append(
-                f"- knowledge augmentation: {aug:,} question-answer documents about the SFT people "
-                "mixed into pretraining (never about the evaluation people)"
+                f"- knowledge augmentation: {aug:,} single-turn chats (ChatML, special tokens included) asking about "
+                "the SFT people, mixed into pretraining; none about the evaluation people"
             )
         index = _load(run / "data" / "index.json")
         if index:

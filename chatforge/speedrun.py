@@ -5,9 +5,14 @@
 Stages run in order, each writing into its own place in the run folder:
 
     world/            the synthetic world (people, biographies, stories, held-out docs)
-    tokenizer.json    BPE trained on the world's pretraining text
+    sft_data/         conversations for SFT, evaluation questions, and the question-answer
+                      text mixed into pretraining (knowledge augmentation)
+    tokenizer.json    BPE trained on the pretraining text
     data/             cleaned, tokenized shards
     base/             the pretrained base model (checkpoints, metrics, loss.png)
+    sft/              the assistant, finetuned on conversations
+    eval/             eval.json, eval.md, eval.png
+    report.md         the report card
 
 A stage whose output is complete is not redone, and an interrupted pretraining resumes
 from its newest checkpoint, so re-running the same command continues where it stopped.
@@ -34,19 +39,72 @@ def _stage_world(preset: Preset, out: Path, progress: bool) -> dict:
     )
 
 
-def _stage_tokenizer(preset: Preset, out: Path, progress: bool) -> dict:
-    from chatforge.data.sources import iter_documents
-    from chatforge.tokenizer import Tokenizer
+def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
+    """Conversations about half the visible people; questions about the other half for evaluation."""
+    import json
+    import random
 
-    tok = Tokenizer.train(iter_documents(str(out / "world")), preset.vocab_size, show_progress=progress)
+    from chatforge.conversations import build_sft_data, fact_turn, person_attributes, write_sft_data
+    from chatforge.fileio import atomic_write_text
+    from chatforge.world import load_world
+
+    d = preset.data
+    world = load_world(out / "world")
+    data = build_sft_data(
+        world, seed=preset.world.seed, eval_fraction=d.eval_fraction,
+        convs_per_person=d.convs_per_person, qa_phrasings=d.qa_phrasings,
+    )  # fmt: skip
+    manifest = write_sft_data(data, out / "sft_data")
+    convs = []
+    if d.qa_in_pretrain:
+        # single-turn chats about the SFT people, pretrained on in ChatML with their special tokens,
+        # so the route "chat question about X -> X's fact from the biographies" forms while the
+        # biographies are learned, and generalises to the people SFT never asks about
+        rng = random.Random(preset.world.seed)
+        for pid in data.sft_people:
+            person = world.person(pid)
+            for attribute in person_attributes(person, world):
+                for _ in range(d.qa_phrasings):
+                    qa, sentence = fact_turn(person, world, attribute, rng)
+                    convs.append(
+                        [{"role": "user", "content": qa.question}, {"role": "assistant", "content": sentence}]
+                    )
+        rng.shuffle(convs)
+    lines = "".join(json.dumps({"messages": c}) + "\n" for c in convs)
+    atomic_write_text(out / "sft_data" / "qa_pretrain.jsonl", lines)
+    return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(convs)}
+
+
+def _qa_conversations(out: Path) -> list[Path]:
+    path = out / "sft_data" / "qa_pretrain.jsonl"
+    return [path] if path.stat().st_size else []
+
+
+def _stage_tokenizer(preset: Preset, out: Path, progress: bool) -> dict:
+    import itertools
+
+    from chatforge.data.sources import iter_documents
+    from chatforge.tokenizer import Tokenizer, bytes_per_token, load_conversations
+
+    chats = [m["content"] for p in _qa_conversations(out) for c in load_conversations(p) for m in c]
+    tok = Tokenizer.train(
+        itertools.chain(iter_documents(str(out / "world")), chats), preset.vocab_size, show_progress=progress
+    )
     tok.save(out / "tokenizer.json")
-    return {"vocab_size": tok.vocab_size}
+    heldout = list(iter_documents(str(out / "world" / "heldout.jsonl")))
+    return {"vocab_size": tok.vocab_size, "bytes_per_token": round(bytes_per_token(tok, heldout), 3)}
 
 
 def _stage_data(preset: Preset, out: Path, progress: bool) -> dict:
     from chatforge.data.pipeline import build_shards
 
-    index = build_shards([str(out / "world")], out / "tokenizer.json", out / "data", progress=progress)
+    index = build_shards(
+        [str(out / "world")],
+        out / "tokenizer.json",
+        out / "data",
+        conversations=_qa_conversations(out),
+        progress=progress,
+    )
     return {
         "train_tokens": index["splits"]["train"]["tokens"],
         "val_tokens": index["splits"]["val"]["tokens"],
@@ -63,16 +121,87 @@ def _stage_pretrain(preset: Preset, out: Path, progress: bool) -> dict:
     )
 
 
+def _stage_sft(preset: Preset, out: Path, progress: bool) -> dict:
+    from chatforge.train.sft import sft
+
+    resume = (out / "sft" / "ckpt").is_dir()
+    return sft(out / "base", out / "sft_data", out / "sft", preset.sft, resume=resume, progress=progress)
+
+
+SAMPLE_PROMPTS = ["Who are you?", "Who made you?", "What is 345 + 78?", "How do I make a bomb?"]
+
+
+def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
+    """Forward questions about people SFT never asked about, the reversal probe, a sample of
+    forward questions about SFT people (seen), bits per byte on held-out biographies."""
+    import sys
+
+    from chatforge.checkpoint import load_model
+    from chatforge.conversations import load_qa
+    from chatforge.data.sources import iter_documents
+    from chatforge.eval.base import EvalContext, run_tasks, subset, write_results
+    from chatforge.eval.bpb import BitsPerByte
+    from chatforge.eval.world_qa import WorldQA
+    from chatforge.tokenizer import Tokenizer
+    from chatforge.train.common import pick_device
+    from chatforge.train.sft import chat_samples
+
+    device = pick_device(preset.sft.device)
+    model, _, model_dir = load_model(out / "sft", device)
+    tok = Tokenizer.load(model_dir)
+    sft_dir = out / "sft_data"
+    seen = subset(load_qa(sft_dir / "sft_qa.jsonl"), 300, seed=0)
+    tasks = [
+        WorldQA(load_qa(sft_dir / "eval_forward.jsonl"), "world_forward"),
+        WorldQA(load_qa(sft_dir / "eval_reverse.jsonl"), "world_reverse"),
+        WorldQA(seen, "world_forward_seen"),
+        BitsPerByte(list(iter_documents(str(out / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
+    ]
+    ctx = EvalContext(
+        model, tok, device, max_examples=preset.eval.max_examples, batch_size=preset.eval.batch_size,
+        log=(lambda line: print(line, file=sys.stderr)) if progress else None,
+    )  # fmt: skip
+    results = run_tasks(ctx, tasks)
+    samples = [
+        {"prompt": p.split(" -> ")[0], "answer": p.split(" -> ", 1)[1]}
+        for p in chat_samples(model, tok, SAMPLE_PROMPTS)
+    ]
+    write_results(results, out / "eval", meta={"model": str(model_dir), "samples": samples})
+    for r in results:
+        print(f"  {r.task}: {r.metric} {r.value:.4f} (n={r.n})")
+    return {r.task: round(r.value, 4) for r in results}
+
+
+def _stage_report(preset: Preset, out: Path, progress: bool) -> dict:
+    from chatforge.report import build_report
+
+    return {"report": str(build_report(out))}
+
+
 # name, function, the file whose existence marks the stage as finished
 STAGES = [
     ("world", _stage_world, "world/manifest.json"),
+    ("sft_data", _stage_sft_data, "sft_data/qa_pretrain.jsonl"),
     ("tokenizer", _stage_tokenizer, "tokenizer.json"),
     ("data", _stage_data, "data/index.json"),
     ("pretrain", _stage_pretrain, "base/pretrain_summary.json"),
+    ("sft", _stage_sft, "sft/sft_summary.json"),
+    ("eval", _stage_eval, "eval/eval.json"),
+    ("report", _stage_report, "report.md"),
 ]
 
 
-def speedrun(preset_name: str, out: Path, overrides: list[str] | None = None, progress: bool = True) -> dict:
+def speedrun(
+    preset_name: str,
+    out: Path,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    until: str | None = None,
+) -> dict:
+    """Run every stage (or those up to and including `until`) into the folder `out`."""
+    names = [name for name, _, _ in STAGES]
+    if until is not None and until not in names:
+        raise ChatforgeError(f"unknown stage {until!r} for --until; stages are: {', '.join(names)}")
     preset = apply_overrides(get_preset(preset_name), overrides or [])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +221,8 @@ def speedrun(preset_name: str, out: Path, overrides: list[str] | None = None, pr
     for name, run, done_marker in STAGES:
         if (out / done_marker).exists() and name in status:
             print(f"[{name}] done already ({status[name]['seconds']:.1f}s), skipping")
+            if name == until:
+                break
             continue
         print(f"[{name}] running")
         t0 = time.perf_counter()
@@ -99,4 +230,6 @@ def speedrun(preset_name: str, out: Path, overrides: list[str] | None = None, pr
         status[name] = {"seconds": round(time.perf_counter() - t0, 2), "result": result}
         atomic_write_json(status_path, status)
         print(f"[{name}] finished in {status[name]['seconds']:.1f}s")
+        if name == until:
+            break
     return status

@@ -370,3 +370,27 @@ def test_loader_errors(corpus):
         TokenLoader(out, "train", 2, 8).load_state_dict(state)
     with pytest.raises(ChatforgeError, match="loader state does not match these shards"):
         TokenLoader(out, "val", 2, 16).load_state_dict(state)
+
+
+def test_pretokenized_documents_are_written_verbatim(tmp_path):
+    """Rendered conversations arrive as token ids (special tokens included): stored after a BOS, as given."""
+    convo = [7, 200, 201, 9, 9, 250]
+    index = write_shards(
+        ["plain text one", convo, "plain text two"], encode, bos_id=BOS, vocab_size=VOCAB,
+        out_dir=tmp_path, val_fraction=0.0, progress=False,
+    )  # fmt: skip
+    stream = np.concatenate(
+        [
+            np.fromfile(tmp_path / s["file"], dtype=index["dtype"])
+            for sp in ("train", "val")
+            for s in index["splits"][sp]["shards"]
+        ]
+    ).tolist()
+    assert stream.count(BOS) == 3
+    start = stream.index(convo[0])
+    assert stream[start - 1] == BOS and stream[start : start + len(convo)] == convo
+    assert index["splits"]["train"]["bytes"] + index["splits"]["val"]["bytes"] == len("plain text one") + len(
+        "plain text two"
+    )
+    with pytest.raises(ChatforgeError, match="strings or lists of token ids"):
+        write_shards([3.5], encode, bos_id=BOS, vocab_size=VOCAB, out_dir=tmp_path / "x", progress=False)

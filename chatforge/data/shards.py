@@ -142,7 +142,7 @@ def _flatten(id_lists: list, bos_id: int, vocab_size: int, dtype: np.dtype) -> t
 
 
 def write_shards(
-    docs: Iterable[str],
+    docs: Iterable[str | list[int]],
     encode_batch: Callable[[list[str]], list[list[int]]],
     *,
     bos_id: int,
@@ -155,7 +155,9 @@ def write_shards(
 ) -> dict:
     """Tokenize `docs` into train/val shards under `out_dir`; returns the index (also written).
 
-    Empty strings are skipped. Documents go to val when a blake2b hash of their text falls
+    A document is a string, or a list of token ids already tokenized (e.g. a rendered
+    conversation with its special tokens; BOS is still prepended here).
+    Empty ones are skipped. Documents go to val when a blake2b hash of their text falls
     under `val_fraction`; with >= 2 documents and none hashed to val, the last one goes to val.
     """
     from tqdm import tqdm
@@ -193,15 +195,21 @@ def write_shards(
     try:
         it = iter(docs)
         while chunk := list(itertools.islice(it, chunk_docs)):
-            texts = []
+            texts, pretokenized = [], []
             for d in chunk:
-                if not isinstance(d, str):
-                    raise ChatforgeError(f"documents must be strings, got {type(d).__name__}")
-                if d:
-                    texts.append(d)
-            if not texts:
+                if isinstance(d, str):
+                    if d:
+                        texts.append(d)
+                elif isinstance(d, list) and all(isinstance(t, int) for t in d):
+                    if d:
+                        pretokenized.append(d)
+                else:
+                    raise ChatforgeError(
+                        f"documents must be strings or lists of token ids, got {type(d).__name__}"
+                    )
+            if not texts and not pretokenized:
                 continue
-            id_lists = encode_batch(texts)
+            id_lists = encode_batch(texts) if texts else []
             if len(id_lists) != len(texts):
                 raise ChatforgeError(
                     f"encode_batch returned {len(id_lists)} results for {len(texts)} documents"
@@ -210,11 +218,14 @@ def write_shards(
             for text, ids in zip(texts, id_lists, strict=True):
                 b = text.encode("utf-8", errors="surrogatepass")
                 items.append(("val" if _is_val(b, val_fraction) else "train", ids, len(b)))
+            for ids in pretokenized:  # e.g. rendered conversations: no text, so no bytes counted
+                key = np.asarray(ids, dtype=np.int64).tobytes()
+                items.append(("val" if _is_val(key, val_fraction) else "train", ids, 0))
             if pending is not None:
                 items.insert(0, pending)
             pending = items.pop()
             flush(items)
-            bar.update(len(texts))
+            bar.update(len(texts) + len(pretokenized))
             done = writers["train"].tokens + writers["val"].tokens
             bar.set_postfix_str(f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
         if pending is None:

@@ -1,0 +1,100 @@
+"""Stage 2: supervised finetuning on conversations -> an assistant.
+
+    chatforge sft --model runs/base --data convs.jsonl --out runs/sft
+
+Starts from a base run's weights and tokenizer, packs whole conversations into rows, and
+trains with the loss on the assistant's tokens only (the loader sets every other target to
+-1). Same loop, checkpoint format and resume as pretraining (train/loop.py).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from chatforge import checkpoint as ckpt
+from chatforge.config import TrainConfig
+from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
+from chatforge.engine import generate_batch
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT
+from chatforge.tokenizer import Tokenizer, load_conversations, render_prompt
+from chatforge.train.common import cleanup_distributed, setup_distributed
+from chatforge.train.loop import run_training
+
+SAMPLE_QUESTIONS = ["Who are you?", "What is 23 + 19?"]
+
+
+def chat_samples(
+    model: GPT, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int = 40
+) -> list[str]:
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    stops = [tokenizer.special_id("<|im_end|>")] if tokenizer.has_special("<|im_end|>") else []
+    room = min(max_new_tokens, model.cfg.seq_len - max(map(len, prompts)))
+    answers = generate_batch(model, prompts, room, temperature=0.0, stop_ids=stops)
+    return [
+        f"{q} -> {tokenizer.decode([t for t in a if t not in stops])}"
+        for q, a in zip(questions, answers, strict=True)
+    ]
+
+
+def resolve_sft_files(data: Path, val: Path | None) -> tuple[Path, Path | None]:
+    """A conversations jsonl, or a folder from the world's SFT data (sft_train.jsonl + sft_val.jsonl)."""
+    data = Path(data)
+    if data.is_dir():
+        if not (data / "sft_train.jsonl").is_file():
+            raise ChatforgeError(f"{data} has no sft_train.jsonl; pass a conversations .jsonl file")
+        return data / "sft_train.jsonl", val or (
+            (data / "sft_val.jsonl") if (data / "sft_val.jsonl").is_file() else None
+        )
+    if not data.is_file():
+        raise ChatforgeError(f"no such conversations file: {data}")
+    return data, val
+
+
+def sft(
+    base: Path,
+    data: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    *,
+    val: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Finetune the model in `base` on the conversations in `data`; returns a summary dict."""
+    train_file, val_file = resolve_sft_files(data, val)
+    dist = setup_distributed(cfg.device)
+    try:
+        model, base_meta, model_dir = ckpt.load_model(base, dist.device)
+        model.train()
+        tokenizer = Tokenizer.load(model_dir)
+        train_convs = load_conversations(train_file)
+        if val_file is not None:
+            val_convs = load_conversations(val_file)
+        else:  # hold out 5% of the training conversations, at least one
+            n_val = max(1, len(train_convs) // 20)
+            train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
+        torch.manual_seed(cfg.seed)
+        loader = SFTLoader(
+            train_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
+            rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
+        )  # fmt: skip
+        if loader.n_truncated and dist.is_main:
+            print(
+                f"note: {loader.n_truncated} conversations longer than {cfg.seq_len + 1} tokens were truncated"
+            )
+        eval_batches = partial(
+            iter_sft_eval_batches, val_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
+            rank=dist.rank, world_size=dist.world_size, max_batches=cfg.eval_batches, device=dist.device,
+        )  # fmt: skip
+        meta = {"data": str(train_file), "base": str(model_dir), "base_stage": base_meta.get("stage")}
+        return run_training(
+            "sft", cfg, Path(out_dir), model, tokenizer, loader, eval_batches,
+            partial(chat_samples, tokenizer=tokenizer, questions=SAMPLE_QUESTIONS), dist,
+            resume=resume, progress=progress, meta=meta,
+        )  # fmt: skip
+    finally:
+        cleanup_distributed()

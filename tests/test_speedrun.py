@@ -1,0 +1,151 @@
+"""Stage 2 and the main job: SFT from a base run, the smoke speedrun end to end, and its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge.checkpoint import load_model
+from chatforge.cli import main
+from chatforge.config import get_preset
+from chatforge.errors import ChatforgeError
+from chatforge.speedrun import STAGES, speedrun
+from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.train.common import read_metrics
+from chatforge.train.sft import sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("speedrun") / "run"
+    speedrun("smoke", out, progress=False)
+    return out
+
+
+def test_speedrun_runs_every_stage_and_writes_the_report(run):
+    status = json.loads((run / "stages.json").read_text())
+    assert list(status) == [name for name, _, _ in STAGES]
+    for path in ["world/manifest.json", "sft_data/sft_train.jsonl", "tokenizer.json", "data/index.json",
+                 "base/model.safetensors", "base/loss.png", "sft/model.safetensors", "sft/loss.png",
+                 "eval/eval.json", "eval/eval.md", "eval/eval.png", "report.md"]:  # fmt: skip
+        assert (run / path).is_file(), path
+    report = (run / "report.md").read_text()
+    for needle in ["## Pretraining", "## Supervised finetuning", "world_forward", "world_reverse",
+                   "reversal curse", "bits per byte", "![evaluation](eval/eval.png)", "knowledge augmentation"]:  # fmt: skip
+        assert needle in report, needle
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    tasks = {r["task"]: r for r in evaluation["results"]}
+    assert {"world_forward", "world_reverse", "world_forward_seen", "bpb_heldout_bios"} <= set(tasks)
+    assert tasks["world_forward"]["n"] == get_preset("smoke").eval.max_examples
+    assert len(evaluation["samples"]) >= 1
+
+
+def test_speedrun_sft_starts_from_the_base_and_learns(run):
+    base, _, _ = load_model(run / "base")
+    assistant, meta, _ = load_model(run / "sft")
+    assert meta["stage"] == "sft" and meta["base"].endswith("base")
+    assert base.cfg == assistant.cfg
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), assistant.parameters(), strict=True))
+    summary = json.loads((run / "sft" / "sft_summary.json").read_text())
+    assert summary["val_loss_end"] < summary["val_loss_start"]
+    losses = [r["loss"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
+def test_knowledge_augmentation_uses_only_sft_people(run):
+    people = json.loads((run / "sft_data" / "manifest.json").read_text())
+    eval_ids = set(people["eval_people"])
+    qa = [json.loads(line) for line in (run / "sft_data" / "sft_qa.jsonl").read_text().splitlines()]
+    assert qa and not {q["person_id"] for q in qa} & eval_ids
+    chats = [
+        json.loads(line)["messages"]
+        for line in (run / "sft_data" / "qa_pretrain.jsonl").read_text().splitlines()
+    ]
+    asked = {c[0]["content"] for c in chats}
+    forward = [
+        json.loads(line) for line in (run / "sft_data" / "eval_forward.jsonl").read_text().splitlines()
+    ]
+    assert chats and not any(f["question"] in asked for f in forward)
+    index = json.loads((run / "data" / "index.json").read_text())
+    assert index["conversations"]["count"] == len(chats)
+
+
+def test_rerun_skips_finished_stages_and_refuses_other_settings(run, capsys):
+    before = (run / "sft" / "model.safetensors").stat().st_mtime_ns
+    speedrun("smoke", run, progress=False)
+    out = capsys.readouterr().out
+    assert out.count("done already") == len(STAGES)
+    assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(ChatforgeError, match="different settings"):
+        speedrun("smoke", run, ["pretrain.max_steps=7"], progress=False)
+
+
+def test_report_rebuilds_from_the_files(run, tmp_path, capsys):
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert "reversal curse" in (run / "report.md").read_text()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_sft_loss_is_only_on_assistant_tokens(run):
+    """The SFT objective equals the model's loss on assistant tokens computed by hand."""
+    model, _, model_dir = load_model(run / "sft")
+    tok = Tokenizer.load(model_dir)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
+            {"role": "assistant", "content": "I am chatforge."}]  # fmt: skip
+    ids, mask = render_conversation(tok, conv)
+    x = torch.tensor([ids[:-1]])
+    y = torch.tensor([[t if m else -1 for t, m in zip(ids[1:], mask[1:], strict=True)]])
+    with torch.no_grad():
+        per_token = torch.nn.functional.cross_entropy(model(x)[0], torch.tensor(ids[1:]), reduction="none")
+        expected = per_token[torch.tensor(mask[1:], dtype=torch.bool)].mean()
+        assert torch.allclose(model(x, y), expected)
+
+
+def test_sft_command_errors(run, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(run / "base"),
+                "--data",
+                str(tmp_path / "none.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "no such conversations file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n'
+    )
+    assert main(["sft", "--model", str(run / "base"), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert (
+        main(["sft", "--model", str(run / "base"), "--data", str(no_answer), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert "no assistant turn" in capsys.readouterr().err
+
+
+def test_sft_cli_trains_and_resumes(run, tmp_path):
+    cfg = get_preset("smoke").sft
+    cfg.max_steps, cfg.ckpt_every = 6, 3
+    out = tmp_path / "sft"
+    first = sft(run / "base", run / "sft_data", out, cfg, progress=False)
+    assert first["steps"] == 6 and (out / "ckpt").is_dir()
+    cfg.max_steps = 9
+    again = sft(run / "base", run / "sft_data", out, cfg, resume=True, progress=False)
+    assert again["steps"] == 9
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1] == 9
