@@ -26,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.checkpoint import list_checkpoints, load_model  # noqa: E402
-from chatforge.conversations import load_qa  # noqa: E402
 from chatforge.engine import generate_batch  # noqa: E402
-from chatforge.eval.world_qa import contains_answer  # noqa: E402
+from chatforge.eval.world_qa import (
+    contains_answer,  # noqa: E402
+    load_qa_file,  # noqa: E402
+)
 from chatforge.fileio import atomic_write_json  # noqa: E402
 from chatforge.speedrun import speedrun  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
@@ -69,7 +71,7 @@ def main() -> None:
             "pretrain.keep_ckpts=1000", f"pretrain.device={args.device}", *args.overrides,
         ]  # fmt: skip
         speedrun(args.preset, run, overrides, progress=False, until="pretrain")
-        qas = load_qa(run / "sft_data" / "eval_forward.jsonl")[: args.max_questions]
+        qas = load_qa_file(run / "sft_data" / "eval_forward.jsonl")[: args.max_questions]
         times = {
             r["step"]: r["time_s"] for r in read_metrics(run / "base" / "metrics.jsonl") if "time_s" in r
         }

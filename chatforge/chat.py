@@ -287,8 +287,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=256,
-        help="longest answer in tokens (default 256; clamped to the context)",
+        default=None,
+        help="longest answer in tokens (default: 256, or what the context leaves; a larger value is clamped with a note)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
@@ -311,8 +311,10 @@ def _resolve_device(name: str) -> torch.device:
 def cmd_chat(args: argparse.Namespace) -> None:
     from chatforge.checkpoint import load_model
 
-    if args.max_new_tokens < 1:
-        raise ChatforgeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    asked = args.max_new_tokens  # None: the default, clamped to the context without a note
+    if asked is not None and asked < 1:
+        raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")
+    args.max_new_tokens = asked if asked is not None else 256
     model, _meta, model_dir = load_model(Path(args.model), _resolve_device(args.device))
     tok = Tokenizer.load(model_dir)
     if tok.vocab_size > model.cfg.vocab_size:
@@ -330,7 +332,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if n >= ctx:
             raise ChatforgeError(f"the prompt is {n} tokens but the model's context is {ctx}; shorten it")
         room = min(max_new, ctx - n)
-        if room < args.max_new_tokens:
+        if asked is not None and room < asked:
             print(f"chatforge: answer limited to {room} tokens by the {ctx}-token context", file=sys.stderr)
         text = chat_turn(
             model,

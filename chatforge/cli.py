@@ -72,6 +72,7 @@ def cmd_data(args) -> None:
         near_dup_threshold=None if args.no_near_dedup else args.near_dup_threshold,
         val_fraction=args.val_fraction,
         max_docs=args.max_docs,
+        conversations=args.conversations,
     )
     print(
         f"shards written to {args.out}: {index['splits']['train']['tokens']:,} train / {index['splits']['val']['tokens']:,} val tokens"
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-near-dedup", action="store_true", help="skip near-duplicate removal")
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument(
+        "--conversations", action="append", default=[], metavar="JSONL",
+        help="conversations (OpenAI messages jsonl) to pretrain on in ChatML, special tokens included (repeatable)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("pretrain", help="stage 1: next-token prediction on shards -> base model")

@@ -524,20 +524,3 @@ def write_sft_data(data: SFTData, out_dir: str | os.PathLike) -> dict:
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def load_qa(path: str | os.PathLike) -> list[QA]:
-    """Read a QA jsonl file written by `write_sft_data` (eval_forward.jsonl, eval_reverse.jsonl, ...)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ChatforgeError(f"no QA file at {p}; write one with `write_sft_data`")
-    out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            out.append(QA(str(d["question"]), str(d["answer"]), str(d["attribute"]), int(d["person_id"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ChatforgeError(f"{p.name} line {n}: not a QA record ({e}); rewrite the file") from None
-    return out

@@ -137,11 +137,10 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     import sys
 
     from chatforge.checkpoint import load_model
-    from chatforge.conversations import load_qa
     from chatforge.data.sources import iter_documents
     from chatforge.eval.base import EvalContext, run_tasks, subset, write_results
     from chatforge.eval.bpb import BitsPerByte
-    from chatforge.eval.world_qa import WorldQA
+    from chatforge.eval.world_qa import WorldQA, load_qa_file
     from chatforge.tokenizer import Tokenizer
     from chatforge.train.common import pick_device
     from chatforge.train.sft import chat_samples
@@ -150,10 +149,10 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     model, _, model_dir = load_model(out / "sft", device)
     tok = Tokenizer.load(model_dir)
     sft_dir = out / "sft_data"
-    seen = subset(load_qa(sft_dir / "sft_qa.jsonl"), 300, seed=0)
+    seen = subset(load_qa_file(sft_dir / "sft_qa.jsonl"), 300, seed=0)
     tasks = [
-        WorldQA(load_qa(sft_dir / "eval_forward.jsonl"), "world_forward"),
-        WorldQA(load_qa(sft_dir / "eval_reverse.jsonl"), "world_reverse"),
+        WorldQA(load_qa_file(sft_dir / "eval_forward.jsonl"), "world_forward"),
+        WorldQA(load_qa_file(sft_dir / "eval_reverse.jsonl"), "world_reverse"),
         WorldQA(seen, "world_forward_seen"),
         BitsPerByte(list(iter_documents(str(out / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
     ]
@@ -164,7 +163,7 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     results = run_tasks(ctx, tasks)
     samples = [
         {"prompt": p.split(" -> ")[0], "answer": p.split(" -> ", 1)[1]}
-        for p in chat_samples(model, tok, SAMPLE_PROMPTS)
+        for p in chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64)
     ]
     write_results(results, out / "eval", meta={"model": str(model_dir), "samples": samples})
     for r in results:

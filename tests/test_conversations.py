@@ -13,13 +13,13 @@ from chatforge.conversations import (
     build_sft_data,
     fact_conversation,
     identity_conversation,
-    load_qa,
     person_attributes,
     refusal_conversation,
     split_people,
     write_sft_data,
 )
 from chatforge.errors import ChatforgeError
+from chatforge.eval.world_qa import load_qa_file
 from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation, validate_conversation
 from chatforge.world import ATTRIBUTES, N_PHRASINGS, build_world, fact_questions, reverse_questions
 
@@ -265,9 +265,9 @@ def test_write_and_load_round_trip(tmp_path, data):
     out = tmp_path / "sft"
     assert load_conversations(out / SFT_FILES["train"]) == data.train
     assert load_conversations(out / SFT_FILES["val"]) == data.val
-    assert load_qa(out / SFT_FILES["eval_forward"]) == data.eval_forward
-    assert load_qa(out / SFT_FILES["eval_reverse"]) == data.eval_reverse
-    assert load_qa(out / SFT_FILES["sft_qa"]) == data.sft_qa
+    assert load_qa_file(out / SFT_FILES["eval_forward"]) == data.eval_forward
+    assert load_qa_file(out / SFT_FILES["eval_reverse"]) == data.eval_reverse
+    assert load_qa_file(out / SFT_FILES["sft_qa"]) == data.sft_qa
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["counts"]["train"] == len(data.train) and manifest["counts"]["eval_reverse"] == len(
         data.eval_reverse
@@ -280,8 +280,8 @@ def test_write_and_load_round_trip(tmp_path, data):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ChatforgeError, match="not a folder"):
         write_sft_data(data, tmp_path / "file")
-    with pytest.raises(ChatforgeError, match="no QA file"):
-        load_qa(tmp_path / "missing.jsonl")
+    with pytest.raises(ChatforgeError, match="no file at"):
+        load_qa_file(tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize(
