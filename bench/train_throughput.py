@@ -155,7 +155,7 @@ def main() -> None:
     device = pick_device(args.device)
     peak, peak_desc = (args.peak_flops, "given") if args.peak_flops else peak_flops(device)
     torch.manual_seed(0)
-    mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab, seq_len=cfg.seq_len, **dict(cfg.model))
+    mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab, seq_len=cfg.seq_len, overrides=cfg.model)
     model = GPT(mcfg).to(device)
     fpt = model.flops_per_token(cfg.seq_len)
     result = {

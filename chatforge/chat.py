@@ -19,13 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
 from chatforge.tokenizer import IM_END, Tokenizer, parse_assistant, render_prompt
+from chatforge.train.common import pick_device
 
 HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; no TEXT clears it), "
@@ -288,24 +287,10 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="longest answer in tokens (default: 256, or what the context leaves; a larger value is clamped with a note)",
+        help="longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ChatforgeError(f"unknown device {name!r}; use cpu, cuda or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ChatforgeError("--device cuda asked but no CUDA GPU is available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ChatforgeError("--device mps asked but MPS is not available; use --device cpu")
-    return device
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -315,7 +300,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if asked is not None and asked < 1:
         raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")
     args.max_new_tokens = asked if asked is not None else 256
-    model, _meta, model_dir = load_model(Path(args.model), _resolve_device(args.device))
+    model, _meta, model_dir = load_model(Path(args.model), pick_device(args.device))
     tok = Tokenizer.load(model_dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(

@@ -87,15 +87,20 @@ def save_checkpoint(
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving a step: move the old one aside first, so one always exists
+            old = root / f".old_step_{step:06d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
         os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp_step_*"):  # leftovers of a killed save
+    for stale in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:  # leftovers of a killed save
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -104,7 +109,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[5:]))  # by number: step_1000000 after step_999999
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

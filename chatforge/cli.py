@@ -11,7 +11,9 @@ from pathlib import Path
 from chatforge.errors import ChatforgeError
 
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
+def _add_overrides(
+    p: argparse.ArgumentParser, example: str = "--set max_steps=200 --set model.n_embd=384"
+) -> None:
     p.add_argument(
         "--preset", default="cpu", help="recipe to start from (see `chatforge presets`); default cpu"
     )
@@ -21,7 +23,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a config field, e.g. --set max_steps=200 --set model.n_embd=384 (repeatable)",
+        help=f"override a config field, e.g. {example} (repeatable)",
     )
 
 
@@ -249,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the model plan, run nothing")
     p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage (e.g. pretrain)")
     p.add_argument("--no-progress", action="store_true")
-    _add_overrides(p)
+    _add_overrides(p, "--set pretrain.max_steps=200 --set world.people=800 --set sft.lr=1e-4")
     p.set_defaults(func=cmd_speedrun)
 
     from chatforge.chat import add_chat_arguments, cmd_chat

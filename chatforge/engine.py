@@ -249,7 +249,7 @@ def generate(
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
+    temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,

@@ -14,7 +14,7 @@ from chatforge.train.common import GPU_PEAK_FLOPS
 
 
 def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> dict:
-    mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, seq_len=cfg.seq_len, **dict(cfg.model))
+    mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, seq_len=cfg.seq_len, overrides=cfg.model)
     with torch.device("meta"):  # shapes only, no memory
         model = GPT(mcfg)
     n = model.num_params()

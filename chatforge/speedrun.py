@@ -11,7 +11,7 @@ Stages run in order, each writing into its own place in the run folder:
     data/             cleaned, tokenized shards
     base/             the pretrained base model (checkpoints, metrics, loss.png)
     sft/              the assistant, finetuned on conversations
-    eval/             eval.json, eval.md, eval.png
+    eval/             eval.json, eval.md (and eval.png, drawn by the report)
     report.md         the report card
 
 A stage whose output is complete is not redone, and an interrupted pretraining resumes
@@ -226,7 +226,10 @@ def speedrun(
         print(f"[{name}] running")
         t0 = time.perf_counter()
         result = run(preset, out, progress)
-        status[name] = {"seconds": round(time.perf_counter() - t0, 2), "result": result}
+        earlier = status.get(name, {}).get(
+            "seconds", 0.0
+        )  # a stage resumed after a stop: add up its sessions
+        status[name] = {"seconds": round(earlier + time.perf_counter() - t0, 2), "result": result}
         atomic_write_json(status_path, status)
         print(f"[{name}] finished in {status[name]['seconds']:.1f}s")
         if name == until:

@@ -103,3 +103,10 @@ def test_bad_configs_raise_one_line_errors():
         GPTConfig(n_embd=64, n_head=4, n_kv_head=3)
     with pytest.raises(ChatforgeError, match="unknown model config"):
         GPTConfig.from_dict({"n_layer": 2, "bogus": 1})
+
+
+def test_depth_dial_rejects_unknown_or_data_owned_settings():
+    with pytest.raises(ChatforgeError, match="unknown model setting"):
+        GPTConfig.from_depth(2, 97, 32, n_embdd=64)
+    with pytest.raises(ChatforgeError, match="seq_len"):
+        GPTConfig.from_depth(2, 97, 32, overrides={"seq_len": 64})

@@ -498,3 +498,15 @@ def test_torchrun_two_ranks_and_grad_accum_match_single_process(smoke, tmp_path,
         torch.testing.assert_close(w["accum"][name], tensor, atol=1e-5, rtol=1e-4)
     # only rank 0 writes: one final checkpoint, no leftovers from rank 1
     assert [d.name for d in assert_checkpoints_sound(tmp_path / "ddp")] == [f"step_{steps:06d}"]
+
+
+def test_checkpoints_sort_by_step_number_and_bad_devices_are_one_line(tmp_path):
+    from chatforge.checkpoint import latest_checkpoint, list_checkpoints
+    from chatforge.train.common import pick_device
+
+    for step in (999_999, 1_000_000, 5):
+        (tmp_path / "ckpt" / f"step_{step:06d}").mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000005", "step_999999", "step_1000000"]
+    assert latest_checkpoint(tmp_path).name == "step_1000000"
+    with pytest.raises(ChatforgeError, match="unknown device"):
+        pick_device("gpu")

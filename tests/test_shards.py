@@ -353,7 +353,7 @@ def test_iter_eval_batches(corpus):
 def test_loader_errors(corpus):
     out, index = corpus
     tokens = index["splits"]["train"]["tokens"]
-    with pytest.raises(ChatforgeError, match=f"{tokens:,} tokens.*seq-len"):
+    with pytest.raises(ChatforgeError, match=f"{tokens:,} tokens.*seq_len"):
         TokenLoader(out, "train", 64, 512)
     n = num_rows(out, "train", 16)
     TokenLoader(out, "train", n, 16)  # exactly enough rows is fine

@@ -6,14 +6,13 @@ the shard index (`clean` section) and printed, so a user sees what happened to t
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from chatforge.data.clean import clean_documents, normalize_whitespace
-from chatforge.data.shards import read_index, write_shards
+from chatforge.data.shards import write_shards
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
-from chatforge.fileio import atomic_write_json
+from chatforge.fileio import atomic_write_text
 from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation
 
 
@@ -47,22 +46,16 @@ def build_shards(
             rendered.append(ids[1:] if ids and ids[0] == tokenizer.bos_id else ids)  # the writer adds BOS
     if rendered:
         print(f"{len(rendered):,} conversations rendered in ChatML")
-    write_shards(
-        [*kept, *rendered],
-        tokenizer.encode_batch,
-        bos_id=tokenizer.bos_id,
-        vocab_size=tokenizer.vocab_size,
-        out_dir=out_dir,
-        val_fraction=val_fraction,
-        progress=progress,
-    )
-    tok_path = Path(tokenizer_path)
-    tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
-    if tok_file.resolve() != (out_dir / "tokenizer.json").resolve():
-        shutil.copyfile(tok_file, out_dir / ".tokenizer.json.tmp")
-        (out_dir / ".tokenizer.json.tmp").replace(out_dir / "tokenizer.json")
-    index = read_index(out_dir)
-    index["clean"] = {"sources": [str(s) for s in sources], **stats.__dict__}
-    index["conversations"] = {"files": [str(c) for c in conversations], "count": len(rendered)}
-    atomic_write_json(out_dir / "index.json", index)
-    return index
+    # the tokenizer goes in first and index.json last (written by write_shards): a folder with an
+    # index is complete, and its tokenizer.json is the one its shards were made with
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "index.json").unlink(missing_ok=True)
+    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_json())
+    return write_shards(
+        [*kept, *rendered], tokenizer.encode_batch, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
+        out_dir=out_dir, val_fraction=val_fraction, progress=progress,
+        extra={
+            "clean": {"sources": [str(s) for s in sources], **stats.__dict__},
+            "conversations": {"files": [str(c) for c in conversations], "count": len(rendered)},
+        },
+    )  # fmt: skip

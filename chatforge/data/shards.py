@@ -152,6 +152,7 @@ def write_shards(
     shard_tokens: int = 50_000_000,
     chunk_docs: int = 2048,
     progress: bool = True,
+    extra: dict | None = None,
 ) -> dict:
     """Tokenize `docs` into train/val shards under `out_dir`; returns the index (also written).
 
@@ -248,6 +249,7 @@ def write_shards(
         "vocab_size": int(vocab_size),
         "bos_id": int(bos_id),
         "splits": splits,
+        **(extra or {}),  # what the caller wants recorded (cleaning stats, sources), written in the same file
     }
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2))
     # Shards of an earlier, larger run in the same folder are not part of this dataset.
@@ -282,11 +284,6 @@ def read_index(shard_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------- rows
-
-
-def tokens_per_row(seq_len: int) -> int:
-    """Tokens read per row: seq_len inputs plus the one extra target."""
-    return seq_len + 1
 
 
 def row_starts(tokens: np.ndarray, bos_id: int, seq_len: int) -> np.ndarray:
@@ -347,7 +344,7 @@ class _Split:
         return ChatforgeError(
             f"the {self.split} split has {self.tokens:,} tokens = {self.num_rows} rows of "
             f"{self.seq_len + 1} tokens, fewer than the {rows_needed} needed for {what} — "
-            "lower --seq-len / --batch-size or use a larger corpus"
+            "lower seq_len / device_batch_size (--set seq_len=... --set device_batch_size=...) or use a larger corpus"
         )
 
     def gather(self, rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

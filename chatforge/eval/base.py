@@ -11,7 +11,6 @@ Shared helpers live here too, so every task generates, subsets and reads files t
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import itertools
 import json
@@ -28,6 +27,7 @@ from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.tokenizer import Tokenizer
+from chatforge.train.common import autocast  # noqa: F401 (tasks import it from here)
 
 T = TypeVar("T")
 
@@ -217,13 +217,6 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 yield n, obj
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise ChatforgeError(f"{p} could not be read as UTF-8 text ({e}); is it the right file?") from None
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (as in training); plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def generate_greedy(

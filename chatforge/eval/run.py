@@ -130,11 +130,9 @@ def _parse_ids(text: str | None) -> list[int] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    device = args.device
-    if device == "auto":
-        from chatforge.train.common import pick_device
+    from chatforge.train.common import pick_device
 
-        device = str(pick_device("auto"))
+    device = str(pick_device(args.device))
     results = evaluate(
         args.model,
         [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,

@@ -57,13 +57,22 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int, seq_len: int, **overrides) -> GPTConfig:
+    def from_depth(
+        cls, depth: int, vocab_size: int, seq_len: int, overrides: dict | None = None, **kw
+    ) -> GPTConfig:
         """The one dial, as in nanochat: width = 64 * depth, heads of 64 dims (128 from depth 16 up).
 
         Every knob stays overridable: from_depth(4, ..., n_embd=384) keeps depth 4 but widens it.
         """
         if depth < 1:
             raise ChatforgeError(f"depth must be >= 1, got {depth}")
+        overrides = {**(overrides or {}), **kw}
+        settable = {f.name for f in fields(cls)} - {"vocab_size", "seq_len"}  # those two come from data
+        unknown = sorted(set(overrides) - settable)
+        if unknown:
+            raise ChatforgeError(
+                f"unknown model setting(s) {unknown}; model.* can set: {', '.join(sorted(settable))}"
+            )
         n_embd = overrides.pop("n_embd", 64 * depth)
         head_dim = 128 if n_embd >= 1024 else 64
         n_head = overrides.pop("n_head", max(1, n_embd // head_dim))

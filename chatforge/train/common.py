@@ -41,7 +41,12 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ChatforgeError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ChatforgeError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ChatforgeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def setup_distributed(device_name: str = "auto") -> Dist:
@@ -202,7 +207,7 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name} (bf16 dense)"
-        return 0.0, f"{name} (unknown peak: pass --peak-flops)"
+        return 0.0, f"{name} (peak FLOPs unknown, so no MFU; bench/train_throughput.py takes --peak-flops)"
     if device.type == "cpu":
         # fp32 FMA throughput: threads x GHz x (lanes x 2 flops x 2 FMA units)
         info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""

@@ -39,6 +39,7 @@ from chatforge.train.common import (
     lr_multiplier,
     peak_flops,
     plot_losses,
+    read_metrics,
     set_lr,
 )
 
@@ -133,7 +134,13 @@ def run_training(
     if cfg.compile:
         train_model = torch.compile(model)
     if dist.world_size > 1:
-        train_model = DDP(train_model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
+        # them at each forward would deadlock evaluation when ranks get different numbers of eval batches
+        train_model = DDP(
+            train_model,
+            device_ids=[dist.local_rank] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
 
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=device)
     meta = {"stage": stage, "train": dataclasses.asdict(cfg), **meta}
@@ -190,8 +197,13 @@ def run_training(
                 bar.write(f"step {step:5d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
         sample_now = (cfg.sample_every and step % cfg.sample_every == 0 and step > 0) or last
         if sample is not None and dist.is_main and sample_now:
-            for text in sample(model):
-                bar.write(f"  sample: {text!r}")
+            try:
+                for text in sample(model):
+                    bar.write(f"  sample: {text!r}")
+            except (
+                ChatforgeError
+            ) as e:  # e.g. a sample prompt that does not fit the context: training goes on
+                bar.write(f"  (no sample: {e})")
         if last:
             break
 
@@ -222,7 +234,7 @@ def run_training(
         tokens_seen += tokens_per_step
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.max_steps:
             # the only host sync in the step: reading the loss, every log_every steps
             loss_value = float(all_reduce_sum(loss_sum, dist)) / grad_accum / dist.world_size
             tok_s = tokens_per_step / dt
@@ -243,6 +255,11 @@ def run_training(
 
     if start_step < cfg.max_steps or latest is None:  # resuming a finished run: its checkpoint is this one
         save(cfg.max_steps)
+    if dist.is_main:
+        evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if "val_loss" in r]
+        if evals:  # the run's first and last evaluation, across resumed sessions
+            first = (evals[0]["val_loss"], evals[0]["val_bpb"])
+            last_eval = (evals[-1]["val_loss"], evals[-1]["val_bpb"])
     summary = {
         "params": model.num_params(),
         "steps": cfg.max_steps,

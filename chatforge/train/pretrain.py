@@ -72,7 +72,7 @@ def pretrain(
         check_tokenizer_matches(tokenizer, Path(tokenizer_path), data_dir)
         torch.manual_seed(cfg.seed)
         mcfg = GPTConfig.from_depth(
-            cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, **dict(cfg.model)
+            cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, overrides=cfg.model
         )
         model = GPT(mcfg).to(dist.device)
         loader = TokenLoader(
