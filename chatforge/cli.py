@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     from chatforge.chat import add_chat_arguments, cmd_chat
     from chatforge.model.io import add_import_arguments, cmd_import
 
-    p = sub.add_parser("import", help="import published weights (a GGUF file, or `smollm2`) into a run folder")
+    p = sub.add_parser(
+        "import", help="import published weights (a GGUF file, or `smollm2`) into a run folder"
+    )
     add_import_arguments(p)
     p.set_defaults(func=cmd_import)
     from chatforge.eval.run import add_eval_arguments, cmd_eval

@@ -80,7 +80,9 @@ def test_presets_lists_all_four_with_their_plans(capsys):
     for name, block in blocks.items():
         preset = PRESETS[name]
         t = preset.pretrain
-        cfg = GPTConfig.from_depth(t.depth, vocab_size=preset.vocab_size, seq_len=t.seq_len, overrides=t.model)
+        cfg = GPTConfig.from_depth(
+            t.depth, vocab_size=preset.vocab_size, seq_len=t.seq_len, overrides=t.model
+        )
         assert cfg.qk_norm is False
         n = expected_params(cfg.to_dict())
         assert f"params: {n / 1e6:.2f}M" in block, (name, n, block)
