@@ -53,11 +53,8 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = _filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy. Every row draws from `generator`."""
+    return _sample_rows(logits, temperature, top_k, top_p, [generator] * logits.size(0))
 
 
 def _sample_rows(

@@ -162,8 +162,7 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     )  # fmt: skip
     results = run_tasks(ctx, tasks)
     samples = [
-        {"prompt": p.split(" -> ")[0], "answer": p.split(" -> ", 1)[1]}
-        for p in chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64)
+        {"prompt": q, "answer": a} for q, a in chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64)
     ]
     write_results(results, out / "eval", meta={"model": str(model_dir), "samples": samples})
     for r in results:

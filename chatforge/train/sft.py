@@ -29,13 +29,14 @@ SAMPLE_QUESTIONS = ["Who are you?", "What is 23 + 19?"]
 
 def chat_samples(
     model: GPT, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int = 40
-) -> list[str]:
+) -> list[tuple[str, str]]:
+    """Greedy answers to single-turn questions, as (question, answer) pairs."""
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     stops = [tokenizer.special_id("<|im_end|>")] if tokenizer.has_special("<|im_end|>") else []
     room = min(max_new_tokens, model.cfg.seq_len - max(map(len, prompts)))
     answers = generate_batch(model, prompts, room, temperature=0.0, stop_ids=stops)
     return [
-        f"{q} -> {tokenizer.decode([t for t in a if t not in stops])}"
+        (q, tokenizer.decode([t for t in a if t not in stops]))
         for q, a in zip(questions, answers, strict=True)
     ]
 
@@ -93,7 +94,7 @@ def sft(
         meta = {"data": str(train_file), "base": str(model_dir), "base_stage": base_meta.get("stage")}
         return run_training(
             "sft", cfg, Path(out_dir), model, tokenizer, loader, eval_batches,
-            partial(chat_samples, tokenizer=tokenizer, questions=SAMPLE_QUESTIONS), dist,
+            lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist,
             resume=resume, progress=progress, meta=meta,
         )  # fmt: skip
     finally:
