@@ -79,8 +79,11 @@ _ESCAPED_RUN = re.compile("([\udc80-\udcff]+)")  # invalid UTF-8 bytes under sur
 class Tokenizer:
     """A thin wrapper over a HF `tokenizers.Tokenizer`, with chatforge's conventions."""
 
-    def __init__(self, inner: HFTokenizer):
+    def __init__(self, inner: HFTokenizer, *, add_bos: bool = True):
         self._tok = inner
+        # Whether a document / prompt starts with bos_id. Chatforge's own models always do;
+        # an imported model says in its config (SmolLM2's template adds nothing first).
+        self.add_bos = add_bos
         # Special-token strings inside text are encoded as ordinary text (see module doc).
         self._tok.encode_special_tokens = True
         added = self._tok.get_added_tokens_decoder()  # id -> AddedToken
@@ -143,9 +146,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load a `tokenizer.json` file, or a folder (e.g. a run folder) that contains one."""
+        """Load a `tokenizer.json` file, or a folder (e.g. a run folder) that contains one.
+
+        A run folder's config.json may say `"add_bos_token": false` (imported models whose chat
+        template starts with no BOS); the tokenizer then leaves it out of prompts and documents."""
         p = Path(path)
+        add_bos = True
         if p.is_dir():
+            add_bos = _run_adds_bos(p)
             p = p / "tokenizer.json"
         if not p.is_file():
             raise ChatforgeError(
@@ -155,7 +163,7 @@ class Tokenizer:
             inner = HFTokenizer.from_file(str(p))
         except Exception as e:  # the Rust side raises a plain Exception on bad JSON / unknown fields
             raise ChatforgeError(f"{p} is not a valid HF tokenizer.json ({str(e).splitlines()[0]})") from e
-        return cls(inner)
+        return cls(inner, add_bos=add_bos)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `tokenizer.json` atomically; `path` is the file, or a folder to put it in."""
@@ -227,6 +235,10 @@ class Tokenizer:
         """The document-start token: <|endoftext|>, else <s>, else <|begin_of_text|>, else None."""
         return self._bos_id
 
+    def start_ids(self) -> list[int]:
+        """What a prompt or document starts with: [bos_id], or [] when this model adds none."""
+        return [self._bos_id] if self.add_bos and self._bos_id is not None else []
+
     @property
     def special_ids(self) -> set[int]:
         return set(self._special_ids)
@@ -289,6 +301,15 @@ class Tokenizer:
             b2u = bytes_to_unicode()
             self._byte_ids = [self._tok.token_to_id(b2u[b]) for b in range(256)]
         return self._byte_ids
+
+
+def _run_adds_bos(folder: Path) -> bool:
+    """A run folder's `add_bos_token` (config.json); True when absent or unreadable."""
+    try:
+        meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return meta.get("add_bos_token", True) is not False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _is_byte_level(inner: HFTokenizer) -> bool:
@@ -491,8 +512,7 @@ def _render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) -> t
         ids.extend(part)
         mask.extend([m] * len(part))
 
-    if tok.bos_id is not None:
-        add([tok.bos_id], 0)
+    add(tok.start_ids(), 0)
     im_start, im_end, newline = _tag(tok, IM_START), _tag(tok, IM_END), tok.encode("\n")
     for msg in _with_tools(messages, tools):
         train = 1 if msg["role"] == "assistant" else 0
@@ -514,7 +534,7 @@ def render_conversation(
 ) -> tuple[list[int], list[int]]:
     """ChatML ids and a loss mask (1 only on assistant content, tool calls and its <|im_end|>).
 
-    Starts with the BOS id; each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
+    Starts with `tok.start_ids()` (the BOS, unless the model adds none); each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
     `max_len` cuts both lists (reporting the truncation is the caller's job)."""
     validate_conversation(messages)
     ids, mask = _render(tok, messages, tools)

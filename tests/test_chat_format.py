@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 
@@ -257,3 +258,34 @@ def test_load_conversations(tmp_path):
     empty.write_text("\n")
     with pytest.raises(ChatforgeError, match="holds no conversations"):
         load_conversations(empty)
+
+
+def test_run_without_bos_renders_none(tmp_path, tok):
+    """A run whose config.json says add_bos_token: false gets prompts with no BOS first."""
+    (tmp_path / "config.json").write_text(json.dumps({"add_bos_token": False}))
+    tok.save(tmp_path)
+    plain, no_bos = Tokenizer.load(tmp_path / "tokenizer.json"), Tokenizer.load(tmp_path)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert render_prompt(plain, msgs)[0] == plain.bos_id
+    assert render_prompt(no_bos, msgs) == render_prompt(plain, msgs)[1:]
+    assert no_bos.start_ids() == [] and plain.start_ids() == [plain.bos_id]
+
+
+def test_smollm2_prompt_equals_its_chat_template(smollm2_run):
+    """Our ChatML rendering of an imported model is token for token what its own template gives."""
+    jinja2 = pytest.importorskip("jinja2")
+    cfg = json.loads((smollm2_run / "config.json").read_text())
+    assert cfg["add_bos_token"] is False
+    tok = Tokenizer.load(smollm2_run)
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    text = jinja2.Template(cfg["chat_template"]).render(messages=msgs, add_generation_prompt=True)
+    specials = ["<|im_start|>", "<|im_end|>"]
+    expected: list[int] = []
+    for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        expected += [tok.special_id(piece)] if piece in specials else tok.encode(piece) if piece else []
+    assert render_prompt(tok, msgs) == expected

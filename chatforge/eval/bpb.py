@@ -101,7 +101,7 @@ class BitsPerByte:
     def run(self, ctx: EvalContext) -> TaskResult:
         tok: Tokenizer = ctx.tokenizer
         texts = subset(self.texts, ctx.max_examples, ctx.seed)
-        bos = [tok.bos_id] if tok.bos_id is not None else []
+        bos = tok.start_ids()
         x, y = pack_rows((bos + ids for ids in tok.encode_batch(texts)), ctx.seq_len)
         token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.int64)
         loss, bpb = bits_per_byte(ctx.model, _batches(x, y, ctx.batch_size), token_bytes, ctx.device)

@@ -70,7 +70,7 @@ def score_choices(
     """
     device = torch.device(device)
     seq_len = model.cfg.seq_len
-    bos = [tok.bos_id] if tok.bos_id is not None else []
+    bos = tok.start_ids()
     rows: list[tuple[list[int], int]] = []  # (ids, how many trailing ids are the choice)
     for ex in examples:
         ctx_ids = bos + tok.encode(ex.context)
