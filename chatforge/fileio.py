@@ -1,4 +1,6 @@
-"""Atomic file writes for single files: manifests, indexes, tokenizers, summaries, reports.
+"""File helpers every stage shares: atomic writes, and the one JSONL reader.
+
+Atomic writes are for single files: manifests, indexes, tokenizers, summaries, reports.
 
 (Multi-file checkpoints are folders renamed into place, in checkpoint.py; metrics.jsonl is
 appended to, and trimmed on resume through a temp file + rename, in train/common.py.)
@@ -10,10 +12,16 @@ old file or the new one, never a torn mix.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from chatforge.errors import ChatforgeError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -39,3 +47,44 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def open_text(path: str | os.PathLike):
+    """Open a UTF-8 text file for reading, transparently decompressing .gz / .bz2."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    if suffix == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a .jsonl(.gz/.bz2) file.
+
+    Every problem is a one-line ChatforgeError naming the file and line: a missing file, bad
+    JSON, a value that is not a JSON object (unless objects_only=False), unreadable bytes."""
+    p = Path(path)
+    if not p.is_file():
+        raise ChatforgeError(f"no file at {p}: check the path")
+    try:
+        with open_text(p) as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ChatforgeError(
+                        f"{p} line {n}: malformed JSON ({e.msg}); fix or remove the line"
+                    ) from None
+                if objects_only and not isinstance(obj, dict):
+                    raise ChatforgeError(f"{p} line {n}: expected a JSON object, got {type(obj).__name__}")
+                yield n, obj
+    except UnicodeDecodeError:
+        raise ChatforgeError(
+            f"{p} is not UTF-8 text; convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    except (OSError, EOFError) as e:  # includes a corrupt or truncated .gz
+        raise ChatforgeError(f"{p} could not be read ({e}); is it the right file?") from None

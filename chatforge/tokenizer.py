@@ -27,7 +27,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from chatforge.errors import ChatforgeError
-from chatforge.fileio import atomic_write_text
+from chatforge.fileio import atomic_write_text, read_jsonl
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",  # BOS / document separator: starts every document
@@ -586,18 +586,10 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     if not p.is_file():
         raise ChatforgeError(f"no conversations file at {p}")
     convs = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{p.name} line {n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatforgeError(f"{where}: malformed JSON ({e.msg}); fix or remove the line") from e
-            messages = obj.get("messages") if isinstance(obj, dict) else obj
-            validate_conversation(messages, where)
-            convs.append(messages)
+    for n, obj in read_jsonl(p, objects_only=False):
+        messages = obj.get("messages") if isinstance(obj, dict) else obj
+        validate_conversation(messages, f"{p} line {n}")
+        convs.append(messages)
     if not convs:
         raise ChatforgeError(f"{p} holds no conversations")
     return convs

@@ -95,13 +95,13 @@ def test_jsonl_bad_json_names_file_and_line(tmp_path):
     p.write_text('{"text": "ok"}\n{"text": "ok too"}\n{"text": oops}\n', encoding="utf-8")
     it = iter_documents(p)
     assert next(it) == "ok"
-    with pytest.raises(ChatforgeError, match=r"bad\.jsonl, line 3: bad JSON"):
+    with pytest.raises(ChatforgeError, match=r"bad\.jsonl line 3: malformed JSON"):
         list(it)
 
 
 def test_jsonl_missing_field_lists_keys(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"content": "b", "id": 7}])
-    with pytest.raises(ChatforgeError, match=r"d\.jsonl, line 2: no field 'text'.*'content', 'id'"):
+    with pytest.raises(ChatforgeError, match=r"d\.jsonl line 2: no field 'text'.*'content', 'id'"):
         list(iter_documents(p))
 
 

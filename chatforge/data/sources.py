@@ -13,14 +13,13 @@ JSON line) are raised when the stream reaches them, naming the file and line.
 
 from __future__ import annotations
 
-import gzip
 import itertools
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import read_jsonl
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -209,31 +208,15 @@ def _as_text(value: object, where: str, field: str) -> str | None:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatforgeError(f"{where}: bad JSON ({e.msg}); fix or remove it") from None
-                if not isinstance(row, dict):
-                    raise ChatforgeError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                if field not in row:
-                    keys = ", ".join(map(repr, row)) or "none"
-                    raise ChatforgeError(
-                        f"{where}: no field {field!r}; available keys: {keys} (choose one as the field)"
-                    )
-                text = _as_text(row[field], where, field)
-                if text is not None:
-                    yield text
-    except UnicodeDecodeError:
-        raise _not_utf8(path) from None
-    except (OSError, EOFError) as e:  # includes a corrupt or truncated .gz
-        raise ChatforgeError(f"{path}: cannot be read ({e})") from e
+    for lineno, row in read_jsonl(path):
+        if field not in row:
+            keys = ", ".join(map(repr, row)) or "none"
+            raise ChatforgeError(
+                f"{path} line {lineno}: no field {field!r}; available keys: {keys} (choose one as the field)"
+            )
+        text = _as_text(row[field], f"{path} line {lineno}", field)
+        if text is not None:
+            yield text
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:

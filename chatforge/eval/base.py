@@ -5,18 +5,16 @@ with `@register("name")` that builds its tasks from the user's inputs (`EvalInpu
 `run_tasks` runs a list of them; `results_markdown` / `write_results` report them.
 
 Shared helpers live here too, so every task generates, subsets and reads files the same way:
-`generate_greedy` (the one place that calls the engine), `subset`, `read_jsonl`, `autocast`.
+`generate_greedy` (the one place that calls the engine), `subset`, `autocast`.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -185,38 +183,6 @@ def subset(items: Sequence[T], max_examples: int | None, seed: int) -> list[T]:
         return list(items)
     keep = sorted(random.Random(seed).sample(range(len(items)), max_examples))
     return [items[i] for i in keep]
-
-
-def open_text(path: Path):
-    """Open a text file for reading, transparently decompressing .gz / .bz2."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".bz2":
-        return bz2.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; bad JSON is a ChatforgeError naming the line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ChatforgeError(f"no file at {p}: check the path")
-    try:
-        with open_text(p) as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ChatforgeError(
-                        f"{p} line {n}: malformed JSON ({e.msg}); fix or remove the line"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise ChatforgeError(f"{p} line {n}: expected a JSON object, got {type(obj).__name__}")
-                yield n, obj
-    except (UnicodeDecodeError, OSError, EOFError) as e:
-        raise ChatforgeError(f"{p} could not be read as UTF-8 text ({e}); is it the right file?") from None
 
 
 def generate_greedy(

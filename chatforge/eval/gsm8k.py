@@ -18,11 +18,11 @@ from chatforge.eval.base import (
     TaskResult,
     chat_stop_ids,
     generate_greedy,
-    read_jsonl,
     register,
     skipped_extra,
     subset,
 )
+from chatforge.fileio import read_jsonl
 from chatforge.tokenizer import render_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -34,11 +34,10 @@ from chatforge.eval.base import (
     TaskResult,
     accuracy_groups,
     autocast,
-    open_text,
-    read_jsonl,
     register,
     subset,
 )
+from chatforge.fileio import open_text, read_jsonl
 from chatforge.tokenizer import Tokenizer
 
 

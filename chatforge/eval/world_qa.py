@@ -21,11 +21,11 @@ from chatforge.eval.base import (
     accuracy_groups,
     chat_stop_ids,
     generate_greedy,
-    read_jsonl,
     register,
     skipped_extra,
     subset,
 )
+from chatforge.fileio import read_jsonl
 from chatforge.tokenizer import render_prompt
 from chatforge.world import QA, World, fact_questions, load_world, reverse_questions
 
