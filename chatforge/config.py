@@ -55,6 +55,12 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     seed: int = 1337
+    # LoRA (model/lora.py): rank > 0 freezes the model and trains low-rank adapters on the
+    # projections named in lora_targets ("all", "attn", "mlp" or a comma list like "q_proj,v_proj")
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "all"
+    lora_dropout: float = 0.0
 
 
 def sft_config(**kw) -> TrainConfig:
@@ -76,6 +82,11 @@ class DataConfig:
     # so the model learns during pretraining that facts in biographies answer questions
     qa_in_pretrain: bool = True
     qa_phrasings: int = 2
+    # calculator use (issue 5, in progress): SFT conversations that call the calculator, and
+    # more of them mixed into pretraining (copying numbers into a call is a skill 200 SFT steps
+    # do not teach). Off in the presets until a recipe keeps world accuracy (docs/status.md).
+    tool_use: bool = False
+    tool_chats_in_pretrain: int = 0
 
 
 @dataclass

@@ -17,14 +17,16 @@ probes of `eval_reverse`. Every maker takes an explicit `random.Random`; a seed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
+from chatforge.tokenizer import with_tools
 from chatforge.world import (
     ATTRIBUTES,
     N_PHRASINGS,
@@ -32,6 +34,7 @@ from chatforge.world import (
     Person,
     World,
     fact_questions,
+    format_date,
     reverse_questions,
 )
 
@@ -343,6 +346,123 @@ def refusal_conversation(rng: random.Random, *, system_prob: float = SYSTEM_PROB
 
 
 # ---------------------------------------------------------------------------------------------
+# Tool use: the calculator (issue 5)
+#
+# The assistant learns *when* to reach for the calculator: numbers too big to multiply in its
+# head, and word problems that need a fact it knows (a birth year) plus arithmetic. The turn
+# states the facts it recalled, calls the tool, reads the result, and answers with it. The
+# tool's result is a `tool` message, which the loss mask leaves out: the model must never learn
+# to invent results.
+
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "exact arithmetic",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+
+@dataclass
+class ToolProblem:
+    """A question whose right move is a calculator call, with everything a conversation needs."""
+
+    question: str
+    answer: str  # the exact result, as the calculator prints it
+    kind: str  # "arithmetic" or "word"
+    expression: str  # what to ask the calculator
+    lead: str = ""  # facts the assistant states before calling (word problems)
+    final: str = ""  # the answer sentence; contains `answer`
+    person_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _digits(rng: random.Random, lo: int, hi: int) -> int:
+    n = rng.randint(lo, hi)
+    return rng.randint(10 ** (n - 1), 10**n - 1)
+
+
+def big_arithmetic_problem(rng: random.Random) -> ToolProblem:
+    """Multiplication of two 3- to 5-digit numbers (60%), or adding / subtracting 4- to 6-digit ones."""
+    op = rng.choices("*+-", weights=(6, 2, 2))[0]
+    a, b = (_digits(rng, 3, 5), _digits(rng, 3, 5)) if op == "*" else (_digits(rng, 4, 6), _digits(rng, 4, 6))
+    if op == "-" and b > a:
+        a, b = b, a
+    c = {"+": a + b, "-": a - b, "*": a * b}[op]
+    template = rng.choice(_ARITH_SYMBOL_Q if rng.random() < 0.5 else _ARITH_WORD_Q[op])
+    fill = {"a": a, "b": b, "op": op, "word": _ARITH_WORD[op]}
+    return ToolProblem(
+        question=template.format(**fill),
+        answer=str(c),
+        kind="arithmetic",
+        expression=f"{a} {op} {b}",
+        final=rng.choice(("The result is {c}.", "It is {c}.", "The answer is {c}.")).format(c=c),
+    )
+
+
+def word_problem(person: Person, world: World, rng: random.Random) -> ToolProblem:
+    """A question about `person` that needs a birth year (a fact from the biographies) and arithmetic:
+    the year they turned N, how old they turned in a year, or (with a visible child) how many years
+    after them their child was born."""
+    year, name = person.birth_date.year, person.name
+    child = world.child_of(person)
+    kinds = ["turn", "age"] + (["gap"] if child is not None and not child.held_out else [])
+    kind = rng.choice(kinds)
+    # the lead states the date the way the biographies and fact answers do, so recalling it
+    # follows the route pretraining built ("X was born on <date>")
+    lead = f"{name} was born on {format_date(person.birth_date)}."
+    if kind == "turn":
+        n = rng.randint(10, 90)
+        q = rng.choice(("In what year did {X} turn {n}?", "In which year did {X} become {n} years old?"))
+        return ToolProblem(
+            q.format(X=name, n=n), str(year + n), "word", f"{year} + {n}", lead,
+            f"{name} turned {n} in {year + n}.", person.id,
+        )  # fmt: skip
+    if kind == "age":
+        when = year + rng.randint(5, 90)
+        q = rng.choice(("How old did {X} turn in {Y}?", "What age did {X} reach in {Y}?"))
+        return ToolProblem(
+            q.format(X=name, Y=when), str(when - year), "word", f"{when} - {year}", lead,
+            f"{name} turned {when - year} in {when}.", person.id,
+        )  # fmt: skip
+    assert child is not None
+    cyear = child.birth_date.year
+    q = rng.choice(
+        ("How many years after {X} was {C} born?", "{C} was born how many years after {X}?")
+    ).format(X=name, C=child.name)
+    return ToolProblem(
+        q, str(cyear - year), "word", f"{cyear} - {year}",
+        f"{name} was born on {format_date(person.birth_date)} and {child.name} on {format_date(child.birth_date)}.",
+        f"{child.name} was born {cyear - year} years after {name}.", person.id,
+    )  # fmt: skip
+
+
+def calculator_call(expression: str) -> dict:
+    """An OpenAI-form tool call of the calculator."""
+    return {"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}
+
+
+def tool_conversation(
+    problem: ToolProblem, rng: random.Random, *, system_prob: float = SYSTEM_PROB
+) -> Messages:
+    """The problem asked with the calculator available (shown in the system turn), solved by a call."""
+    messages = _maybe_system(rng, system_prob) + [
+        {"role": "user", "content": problem.question},
+        {"role": "assistant", "content": problem.lead, "tool_calls": [calculator_call(problem.expression)]},
+        {"role": "tool", "content": problem.answer},
+        {"role": "assistant", "content": problem.final},
+    ]
+    return with_tools(messages, [CALCULATOR_TOOL])
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole SFT data set
 
 
@@ -362,6 +482,11 @@ class SFTData:
       forward fact) or an eval person.
     - sft_qa: forward QA about sft_people, e.g. to mix into pretraining as QA text
       (`world.qa_document`, "knowledge augmentation"). Never about eval people.
+    - eval_tools: calculator problems no training conversation asks: big arithmetic, word
+      problems about eval people (kind "word"), and new word problems about sft people
+      (kind "word_seen": the birth years were drilled, the question was not).
+    - pretrain_tools: more calculator problems (new numbers, sft people) for the speedrun to mix
+      into pretraining as chats; eval_tools asks none of their questions either.
     """
 
     train: list[Messages]
@@ -369,6 +494,8 @@ class SFTData:
     eval_forward: list[QA]
     eval_reverse: list[QA]
     sft_qa: list[QA]
+    eval_tools: list[ToolProblem] = field(default_factory=list)
+    pretrain_tools: list[ToolProblem] = field(default_factory=list)  # to mix into pretraining
     sft_people: list[int] = field(default_factory=list)  # ids
     eval_people: list[int] = field(default_factory=list)  # ids
     seed: int = 0
@@ -393,11 +520,21 @@ def build_sft_data(
     val_fraction: float = 0.05,
     eval_phrasings: int = 1,
     qa_phrasings: int = 2,
+    tool_use: bool = False,
+    n_tool_arithmetic: int | None = None,
+    n_tool_word: int | None = None,
+    tools_shown_fraction: float = 0.2,
+    n_eval_tools: int = 200,
+    n_pretrain_tools: int = 0,
 ) -> SFTData:
     """Build SFT conversations and evaluation questions from `world` (see `SFTData`).
 
     Fact conversations: `convs_per_person` per sft person. Defaults scale with that count F:
-    identity max(16, F // 8), arithmetic max(16, F // 4), refusals max(16, F // 10).
+    identity max(16, F // 8), arithmetic max(16, F // 4), refusals max(16, F // 10). With
+    `tool_use`, calculator conversations: big arithmetic and world word problems, max(16, F // 4) each. A
+    `tools_shown_fraction` of fact conversations show the calculator but need no call (when
+    not to use a tool). `n_eval_tools` problems of each eval kind go to eval_tools;
+    `n_pretrain_tools` (half arithmetic, half word problems) to pretrain_tools.
     `eval_phrasings` phrasings per attribute in eval_forward / eval_reverse (a seeded choice);
     `qa_phrasings` per attribute in sft_qa.
     """
@@ -408,6 +545,12 @@ def build_sft_data(
     ):
         raise ChatforgeError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
     _check_count("convs_per_person", convs_per_person, 1)
+    if (
+        isinstance(tools_shown_fraction, bool)
+        or not isinstance(tools_shown_fraction, int | float)
+        or not 0 <= tools_shown_fraction <= 1
+    ):
+        raise ChatforgeError(f"tools_shown_fraction must be a number in [0, 1], got {tools_shown_fraction!r}")
     for name, v in (("eval_phrasings", eval_phrasings), ("qa_phrasings", qa_phrasings)):
         if _check_count(name, v, 1) > N_PHRASINGS:
             raise ChatforgeError(f"{name} must be between 1 and {N_PHRASINGS}, got {v}")
@@ -436,8 +579,21 @@ def build_sft_data(
     arithmetic = [arithmetic_conversation(rng) for _ in range(n_arithmetic)]
     rng = stream("refusal")
     refusal = [refusal_conversation(rng) for _ in range(n_refusal)]
+    if not tool_use:
+        n_tool_arithmetic = n_tool_word = n_eval_tools = n_pretrain_tools = 0
+        tools_shown_fraction = 0.0
+    n_tool_arithmetic = (
+        max(16, F // 4) if n_tool_arithmetic is None else _check_count("n_tool_arithmetic", n_tool_arithmetic)
+    )
+    n_tool_word = max(16, F // 4) if n_tool_word is None else _check_count("n_tool_word", n_tool_word)
+    rng = stream("tools")
+    tool_problems = [big_arithmetic_problem(rng) for _ in range(n_tool_arithmetic)]
+    tool_problems += [word_problem(rng.choice(sft_people), world, rng) for _ in range(n_tool_word)]
+    tools = [tool_conversation(p, rng, system_prob=0.0) for p in tool_problems]  # short: 128-token rows
+    for i in rng.sample(range(F), round(F * tools_shown_fraction)):
+        facts[i] = with_tools(facts[i], [CALCULATOR_TOOL])
 
-    convs = facts + identity + arithmetic + refusal
+    convs = facts + identity + arithmetic + refusal + tools
     rng = stream("split")
     rng.shuffle(convs)
     n_val = round(len(convs) * val_fraction)
@@ -457,6 +613,23 @@ def build_sft_data(
             eval_reverse.extend(reverse_questions(p, world, rng, n_phrasings=eval_phrasings))
     rng = stream("sft_qa")
     sft_qa = [qa for p in sft_people for qa in fact_questions(p, world, rng, n_phrasings=qa_phrasings)]
+    rng = stream("pretrain_tools")
+    pretrain_tools = [
+        big_arithmetic_problem(rng) if i % 2 else word_problem(rng.choice(sft_people), world, rng)
+        for i in range(_check_count("n_pretrain_tools", n_pretrain_tools))
+    ]
+    rng = stream("eval_tools")
+    asked = {p.question for p in tool_problems + pretrain_tools}
+    eval_tools = [big_arithmetic_problem(rng) for _ in range(n_eval_tools)]
+    eval_tools += [
+        word_problem(p, world, rng) for p in rng.sample(eval_people, min(n_eval_tools, len(eval_people)))
+    ]
+    seen = []
+    for p in rng.sample(sft_people, min(n_eval_tools, len(sft_people))):
+        problem = word_problem(p, world, rng)
+        if problem.question not in asked:  # held out: a question no training conversation asks
+            seen.append(dataclasses.replace(problem, kind="word_seen"))
+    eval_tools = [p for p in eval_tools if p.question not in asked] + seen
 
     return SFTData(
         train=train,
@@ -464,10 +637,19 @@ def build_sft_data(
         eval_forward=eval_forward,
         eval_reverse=eval_reverse,
         sft_qa=sft_qa,
+        eval_tools=eval_tools,
+        pretrain_tools=pretrain_tools,
         sft_people=[p.id for p in sft_people],
         eval_people=[p.id for p in eval_people],
         seed=seed,
-        counts={"fact": F, "identity": n_identity, "arithmetic": n_arithmetic, "refusal": n_refusal},
+        counts={
+            "fact": F,
+            "identity": n_identity,
+            "arithmetic": n_arithmetic,
+            "refusal": n_refusal,
+            "tool_arithmetic": n_tool_arithmetic,
+            "tool_word": n_tool_word,
+        },  # fmt: skip
     )
 
 
@@ -480,6 +662,7 @@ SFT_FILES = {
     "eval_forward": "eval_forward.jsonl",
     "eval_reverse": "eval_reverse.jsonl",
     "sft_qa": "sft_qa.jsonl",
+    "eval_tools": "eval_tools.jsonl",
 }
 
 
@@ -501,6 +684,7 @@ def write_sft_data(data: SFTData, out_dir: str | os.PathLike) -> dict:
         "eval_forward": _jsonl([qa.to_dict() for qa in data.eval_forward]),
         "eval_reverse": _jsonl([qa.to_dict() for qa in data.eval_reverse]),
         "sft_qa": _jsonl([qa.to_dict() for qa in data.sft_qa]),
+        "eval_tools": _jsonl([p.to_dict() for p in data.eval_tools]),
     }
     for key, text in texts.items():
         atomic_write_text(out / SFT_FILES[key], text)
@@ -515,6 +699,7 @@ def write_sft_data(data: SFTData, out_dir: str | os.PathLike) -> dict:
             "eval_forward": len(data.eval_forward),
             "eval_reverse": len(data.eval_reverse),
             "sft_qa": len(data.sft_qa),
+            "eval_tools": len(data.eval_tools),
             "sft_people": len(data.sft_people),
             "eval_people": len(data.eval_people),
             "kinds": dict(data.counts),

@@ -44,7 +44,13 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
     import json
     import random
 
-    from chatforge.conversations import build_sft_data, fact_turn, person_attributes, write_sft_data
+    from chatforge.conversations import (
+        build_sft_data,
+        fact_turn,
+        person_attributes,
+        tool_conversation,
+        write_sft_data,
+    )
     from chatforge.fileio import atomic_write_text
     from chatforge.world import load_world
 
@@ -53,14 +59,15 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
     data = build_sft_data(
         world, seed=preset.world.seed, eval_fraction=d.eval_fraction,
         convs_per_person=d.convs_per_person, qa_phrasings=d.qa_phrasings,
+        tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
     )  # fmt: skip
     manifest = write_sft_data(data, out / "sft_data")
     convs = []
+    rng = random.Random(preset.world.seed)
     if d.qa_in_pretrain:
         # single-turn chats about the SFT people, pretrained on in ChatML with their special tokens,
         # so the route "chat question about X -> X's fact from the biographies" forms while the
         # biographies are learned, and generalises to the people SFT never asks about
-        rng = random.Random(preset.world.seed)
         for pid in data.sft_people:
             person = world.person(pid)
             for attribute in person_attributes(person, world):
@@ -70,6 +77,9 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
                         [{"role": "user", "content": qa.question}, {"role": "assistant", "content": sentence}]
                     )
         rng.shuffle(convs)
+    # calculator chats (new numbers, SFT people; no question evaluation asks)
+    convs += [tool_conversation(p, rng, system_prob=0.0) for p in data.pretrain_tools]
+    rng.shuffle(convs)
     lines = "".join(json.dumps({"messages": c}) + "\n" for c in convs)
     atomic_write_text(out / "sft_data" / "qa_pretrain.jsonl", lines)
     return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(convs)}
@@ -84,9 +94,11 @@ def _stage_tokenizer(preset: Preset, out: Path, progress: bool) -> dict:
     import itertools
 
     from chatforge.data.sources import iter_documents
-    from chatforge.tokenizer import Tokenizer, bytes_per_token, load_conversations
+    from chatforge.tokenizer import Tokenizer, bytes_per_token, conversation_text, load_conversations
 
-    chats = [m["content"] for p in _qa_conversations(out) for c in load_conversations(p) for m in c]
+    # the chats too (contents, tool blocks, tool-call JSON), so they tokenize compactly
+    chat_files = [*_qa_conversations(out), out / "sft_data" / "sft_train.jsonl"]
+    chats = [piece for p in chat_files for c in load_conversations(p) for piece in conversation_text(c)]
     tok = Tokenizer.train(
         itertools.chain(iter_documents(str(out / "world")), chats), preset.vocab_size, show_progress=progress
     )

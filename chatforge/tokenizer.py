@@ -419,11 +419,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ==================================================================== chat (ChatML)
 
 ROLES = ("system", "user", "assistant", "tool")
-TOOLS_INSTRUCTION = (
-    "You can call the tools below. To call one, reply with "
-    '<tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>; '
-    "its result comes back in a tool message.\n\nTools:\n"
-)
+# How tools are shown in the system turn: a one-line call format, then one line per tool,
+# `name(arg: type, optional?: type): description`. Compact on purpose: the `cpu` preset's
+# model has a 128-token context, and full JSON schemas would not fit beside a conversation.
+TOOLS_INSTRUCTION = "Tools (call as <tool_call>{...}</tool_call>):"
 
 
 def validate_conversation(messages: Any, where: str = "", *, require_assistant: bool = True) -> None:
@@ -486,17 +485,47 @@ def _tool_call_json(call: dict) -> str:
     return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False, separators=(",", ":"))
 
 
-def _with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """Show the tool schemas in the system turn (extend the first system message, or add one)."""
+def tool_signature(tool: dict) -> str:
+    """An OpenAI tool schema as one line: `calculator(expression: string): exact arithmetic`."""
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ChatforgeError(
+            'each tool must be {"type": "function", "function": {"name", "description", "parameters"}}'
+        )
+    params = fn.get("parameters") or {}
+    props = params.get("properties") or {} if isinstance(params, dict) else {}
+    required = set(params.get("required") or []) if isinstance(params, dict) else set()
+    args = ", ".join(
+        f"{name}{'' if name in required else '?'}: {spec.get('type', 'any') if isinstance(spec, dict) else 'any'}"
+        for name, spec in props.items()
+    )
+    desc = fn.get("description")
+    return f"{fn['name']}({args})" + (f": {desc}" if desc else "")
+
+
+def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Show the tools in the system turn (extend the first system message, or add one)."""
     if not tools:
         return messages
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ChatforgeError("tools must be a list of OpenAI tool schemas (JSON objects)")
-    block = TOOLS_INSTRUCTION + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    block = "\n".join([TOOLS_INSTRUCTION, *(tool_signature(t) for t in tools)])
     if messages and messages[0]["role"] == "system":
-        first = dict(messages[0], content=messages[0]["content"] + "\n\n" + block)
+        first = dict(messages[0], content=messages[0]["content"] + "\n" + block)
         return [first, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
+
+
+def conversation_text(messages: list[dict], tools: list[dict] | None = None) -> list[str]:
+    """The text pieces the renderer shows for a conversation (contents, tool blocks, tool-call
+    JSON): what a tokenizer should be trained on so that chats tokenize compactly."""
+    pieces = []
+    for m in with_tools(messages, tools):
+        pieces.append(m["role"] + "\n")  # the header's role names, so they merge into one token each
+        if m.get("content"):
+            pieces.append(m["content"])
+        pieces += [_tool_call_json(c) for c in m.get("tool_calls") or []]
+    return pieces
 
 
 def _tag(tok: Tokenizer, tag: str) -> list[int]:
@@ -514,7 +543,7 @@ def _render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) -> t
 
     add(tok.start_ids(), 0)
     im_start, im_end, newline = _tag(tok, IM_START), _tag(tok, IM_END), tok.encode("\n")
-    for msg in _with_tools(messages, tools):
+    for msg in with_tools(messages, tools):
         train = 1 if msg["role"] == "assistant" else 0
         add(im_start + tok.encode(msg["role"] + "\n"), 0)  # header: never trained on
         body = tok.encode(msg["content"]) if msg.get("content") else []
@@ -581,14 +610,23 @@ def parse_assistant(text: str) -> dict:
 
 
 def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """Read a jsonl file: one conversation per line, a list of messages or {"messages": [...]}."""
+    """Read a jsonl file: one conversation per line, a list of messages or {"messages": [...]},
+    optionally with "tools" (OpenAI schemas, as in OpenAI's fine-tuning files): those are
+    folded into the system turn exactly as `render_prompt(..., tools=...)` shows them."""
     p = Path(path)
     if not p.is_file():
         raise ChatforgeError(f"no conversations file at {p}")
     convs = []
     for n, obj in read_jsonl(p, objects_only=False):
         messages = obj.get("messages") if isinstance(obj, dict) else obj
-        validate_conversation(messages, f"{p} line {n}")
+        where = f"{p} line {n}"
+        validate_conversation(messages, where)
+        tools = obj.get("tools") if isinstance(obj, dict) else None
+        if tools:
+            try:
+                messages = with_tools(messages, tools)
+            except ChatforgeError as e:
+                raise ChatforgeError(f"{where}: {e}") from None
         convs.append(messages)
     if not convs:
         raise ChatforgeError(f"{p} holds no conversations")

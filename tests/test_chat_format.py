@@ -14,6 +14,7 @@ from chatforge.tokenizer import (
     parse_assistant,
     render_conversation,
     render_prompt,
+    tool_signature,
     validate_conversation,
 )
 
@@ -135,20 +136,52 @@ def test_render_prompt(tok):
 
 def test_tools_in_system_turn(tok):
     tools = [{"type": "function", "function": {"name": "calc", "description": "math", "parameters": {}}}]
-    schema = json.dumps(tools[0], ensure_ascii=False)
     conv = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
     text = tok.decode(render_conversation(tok, conv, tools=tools)[0])
-    assert text.startswith("<|endoftext|><|im_start|>system\n" + TOOLS_INSTRUCTION + schema + "<|im_end|>\n")
+    assert text.startswith(
+        "<|endoftext|><|im_start|>system\n" + TOOLS_INSTRUCTION + "\ncalc(): math<|im_end|>\n"
+    )
     # An existing system message is extended, not duplicated.
     conv2 = [{"role": "system", "content": "Be brief."}, *conv]
     ids, mask = render_conversation(tok, conv2, tools=tools)
     text2 = tok.decode(ids)
-    assert text2.startswith("<|endoftext|><|im_start|>system\nBe brief.\n\n" + TOOLS_INSTRUCTION + schema)
+    assert text2.startswith(
+        "<|endoftext|><|im_start|>system\nBe brief.\n" + TOOLS_INSTRUCTION + "\ncalc(): math"
+    )
     assert text2.count("<|im_start|>system") == 1
     assert masked_runs(tok, ids, mask) == ["5<|im_end|>"]
     assert tok.decode(render_prompt(tok, conv2[:2], tools=tools)) == text2[: text2.index("5<|im_end|>")]
     with pytest.raises(ChatforgeError, match="tools"):
         render_conversation(tok, conv, tools=[["not", "a", "dict"]])
+    with pytest.raises(ChatforgeError, match="each tool must be"):
+        render_conversation(tok, conv, tools=[{"type": "function", "function": {"description": "no name"}}])
+
+
+def test_tool_signature_and_tools_in_files(tmp_path, tok):
+    calc = {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "exact arithmetic",
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string"}, "digits": {"type": "integer"}},
+                "required": ["expression"],
+            },
+        },
+    }
+    assert tool_signature(calc) == "calculator(expression: string, digits?: integer): exact arithmetic"
+    conv = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    p = tmp_path / "c.jsonl"
+    p.write_text(
+        json.dumps({"messages": conv, "tools": [calc]}) + "\n" + json.dumps({"messages": conv}) + "\n"
+    )
+    with_tools, without = load_conversations(p)
+    assert render_conversation(tok, with_tools) == render_conversation(tok, conv, tools=[calc])
+    assert without == conv
+    p.write_text(json.dumps({"messages": conv, "tools": [{"function": {}}]}) + "\n")
+    with pytest.raises(ChatforgeError, match="c.jsonl line 1: each tool must be"):
+        load_conversations(p)
 
 
 def test_max_len(tok):

@@ -7,15 +7,19 @@ import re
 import pytest
 
 from chatforge.conversations import (
+    CALCULATOR_TOOL,
     SFT_FILES,
     arithmetic_conversation,
     arithmetic_turn,
+    big_arithmetic_problem,
     build_sft_data,
     fact_conversation,
     identity_conversation,
     person_attributes,
     refusal_conversation,
     split_people,
+    tool_conversation,
+    word_problem,
     write_sft_data,
 )
 from chatforge.errors import ChatforgeError
@@ -92,7 +96,9 @@ def test_kinds_and_counts(world):
         world, seed=0, convs_per_person=2, n_identity=7, n_arithmetic=9, n_refusal=5, val_fraction=0.1
     )
     n_sft = len(d.sft_people)
-    assert d.counts == {"fact": 2 * n_sft, "identity": 7, "arithmetic": 9, "refusal": 5}
+    assert d.counts == {
+        "fact": 2 * n_sft, "identity": 7, "arithmetic": 9, "refusal": 5, "tool_arithmetic": 0, "tool_word": 0
+    }  # fmt: skip
     total = sum(d.counts.values())
     assert len(d.train) + len(d.val) == total
     assert len(d.val) == round(total * 0.1)
@@ -297,3 +303,47 @@ def test_write_and_load_round_trip(tmp_path, data):
 def test_bad_arguments_raise(world, kwargs, match):
     with pytest.raises(ChatforgeError, match=match):
         build_sft_data(world, **kwargs)
+
+
+# ---- tool use: calculator conversations -----------------------------------------------------
+
+
+def test_tool_problems_are_exact_and_calls_render_with_results_masked(world, tok):
+    rng = random.Random(3)
+    for _ in range(200):
+        p = big_arithmetic_problem(rng)
+        a, op, b = p.expression.split()
+        assert p.answer == str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op])
+        assert p.answer in p.final and 3 <= len(a) <= 6 and int(p.answer) >= 0
+    for person in world.visible[:30]:
+        p = word_problem(person, world, rng)
+        x, op, y = p.expression.split()
+        assert p.answer == str(int(x) + int(y) if op == "+" else int(x) - int(y))
+        assert str(person.birth_date.year) in p.expression and p.answer in p.final and person.name in p.lead
+        conv = tool_conversation(p, rng)
+        validate_conversation(conv)
+        assert CALCULATOR_TOOL["function"]["name"] in conv[0]["content"]  # shown in the system turn
+        ids, mask = render_conversation(tok, conv)
+        trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+        assert "calculator" in trained and p.final in trained
+        assert f"tool\n{p.answer}" not in trained  # the tool's result is never a training target
+
+
+def test_tool_use_data_holds_out_its_eval_questions(world):
+    off = build_sft_data(world, seed=1)
+    on = build_sft_data(world, seed=1, tool_use=True, n_pretrain_tools=100)
+    assert off.eval_tools == [] and off.pretrain_tools == []
+    assert (
+        on.counts["tool_arithmetic"] >= 16 and on.counts["tool_word"] >= 16 and len(on.pretrain_tools) == 100
+    )
+    asked = {m["content"] for c in on.train + on.val for m in c if m["role"] == "user"}
+    asked |= {p.question for p in on.pretrain_tools}
+    kinds = {p.kind for p in on.eval_tools}
+    assert kinds == {"arithmetic", "word", "word_seen"}
+    assert not asked & {p.question for p in on.eval_tools}
+    eval_ids = set(on.eval_people)
+    assert all(p.person_id in eval_ids for p in on.eval_tools if p.kind == "word")
+    assert all(p.person_id not in eval_ids for p in on.eval_tools if p.kind == "word_seen")
+    assert all(p.person_id not in eval_ids for p in on.pretrain_tools if p.person_id is not None)
+    with pytest.raises(ChatforgeError, match="tools_shown_fraction"):
+        build_sft_data(world, seed=1, tool_use=True, tools_shown_fraction=1.5)
