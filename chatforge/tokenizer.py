@@ -422,7 +422,8 @@ ROLES = ("system", "user", "assistant", "tool")
 # How tools are shown in the system turn: a one-line call format, then one line per tool,
 # `name(arg: type, optional?: type): description`. Compact on purpose: the `cpu` preset's
 # model has a 128-token context, and full JSON schemas would not fit beside a conversation.
-TOOLS_INSTRUCTION = "Tools (call as <tool_call>{...}</tool_call>):"
+# No <tool_call> tags in it: a tag is a special token only where the renderer puts one.
+TOOLS_INSTRUCTION = 'Tools (call one with {"name": ..., "arguments": {...}}):'
 
 
 def validate_conversation(messages: Any, where: str = "", *, require_assistant: bool = True) -> None:
