@@ -27,6 +27,7 @@ from pathlib import Path
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.tokenizer import with_tools
+from chatforge.tools.calculator import SCHEMA as CALCULATOR_SCHEMA
 from chatforge.world import (
     ATTRIBUTES,
     N_PHRASINGS,
@@ -354,17 +355,11 @@ def refusal_conversation(rng: random.Random, *, system_prob: float = SYSTEM_PROB
 # tool's result is a `tool` message, which the loss mask leaves out: the model must never learn
 # to invent results.
 
+# The calculator as the world assistant sees it: the real tool's parameters (tools/calculator.py)
+# with a two-word description, short enough for a 128-token context.
 CALCULATOR_TOOL = {
     "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "exact arithmetic",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
+    "function": {"name": "calculator", "description": "exact arithmetic", "parameters": CALCULATOR_SCHEMA},
 }
 
 

@@ -1,0 +1,461 @@
+"""The `python` tool: run the model's code in a separate, limited process and return what it printed.
+
+This is a teaching sandbox, not a container. It stacks cheap layers so that one missing layer
+(no root, an old kernel, a bypassed hook) does not leave the host open; every attack in
+tests/test_tools_sandbox.py is tried against all layers together AND against the kernel layers
+alone (the audit hook switched off). What each layer guards, and what it does not:
+
+- A fresh temp folder, copied in/out. The code runs in its own folder; files of the
+  conversation's folder (`workdir`) are copied in, and regular files it creates or changes are
+  copied back (never symlinks or hard links). Deleting a file in the sandbox does not delete it
+  in `workdir`.
+- A scrubbed environment and `python -I -S -B`: no inherited secrets in os.environ, no user
+  site-packages, no PYTHON* variables, no .pth files run.
+- rlimits (kernel): CPU seconds (SIGKILL at the limit), address space (a huge allocation gets a
+  MemoryError), file size (writing past it fails with EFBIG), open files, no core dumps, and the
+  process count of the sandbox user (RLIMIT_NPROC: root ignores it, so it binds only after the
+  uid drop below; tested). Not guarded: disk space in its own folder beyond files x file size
+  (only the time limit bounds how many files it writes), memory of a tmpfs (none is writable).
+- The host's reader: wall-clock limit (kills the process group, and the pid namespace with it),
+  and at most `max_output_bytes` of stdout+stderr read before the child is killed, so a flood
+  cannot fill the host's memory.
+- Namespaces, when started as root (Linux): a new network namespace (no interfaces but a down
+  loopback: no connection anywhere, not even to the host's 127.0.0.1), a new pid namespace (the
+  code is pid 1 there: when it ends or is killed, every process it started dies with it, even
+  ones that left the process group), a new mount namespace in which /tmp, /var/tmp and /dev/shm
+  are covered by empty read-only tmpfs (the work folder is bind-mounted back at its own path),
+  and directories others may not enter (e.g. /root) are covered the same way with only the
+  Python install bind-mounted back. Not root: an unprivileged user namespace is tried for the
+  network alone.
+- The uid drop (root only): the code runs as `nobody`, with no capabilities and no_new_privs,
+  so the kernel refuses writes outside its folder, signals to other users' processes, and reads
+  of files that are not world-readable. It CAN read world-readable files (the repository, /etc).
+- A Python audit hook (sys.addaudithook, installed before the code runs): refuses writes, renames
+  and deletions outside the folder (paths resolved with its own realpath), fork/exec/spawn/
+  subprocess/os.system, socket connect/bind/send and name lookups, importing ctypes, cffi and
+  _posixsubprocess (subprocess itself is imported with its process-starting function replaced,
+  so matplotlib still imports), gc/frame-walking tools and tracing that would reach the hook.
+  CPython documents that audit hooks are not a security boundary: anything that gets raw memory
+  access (a C extension bug) defeats them. They make attacks fail with a clear message; the kernel
+  layers above are what still hold when they are bypassed. Libraries that need ctypes (pandas)
+  cannot be imported.
+
+Without root and without user namespaces, only the rlimits, the reader's limits and the hook
+remain: then the code can write anywhere its user can. `SandboxResult.layers` says what applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_bytes
+from chatforge.tools.registry import ToolResult
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+PRIVATE = ".sandbox"  # TMPDIR and matplotlib's config folder, inside the sandbox folder; never listed
+MAX_CODE_CHARS = 100_000
+MAX_COPY_BYTES = 64 << 20  # at most this much is copied into and out of the sandbox per run
+HIDE = ["/tmp", "/var/tmp", "/dev/shm"]  # world-writable folders the mount namespace covers
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "code": {
+            "type": "string",
+            "description": "Python 3 source; the value of a final expression is printed, as in a REPL",
+        }
+    },
+    "required": ["code"],
+    "additionalProperties": False,
+}
+DESCRIPTION = (
+    "Run Python code in a sandbox (no network, limited time and memory) and get back what it printed. "
+    "Files written in the current folder are kept for later calls."
+)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    wall_s: float = 10.0  # wall-clock limit; the host kills the child at this point
+    cpu_s: int = 10  # CPU seconds (RLIMIT_CPU)
+    memory_mb: int = 1024  # address space (RLIMIT_AS): numpy + matplotlib need about 300 MB
+    file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
+    max_procs: int = 16  # processes + threads of the sandbox user (RLIMIT_NPROC), all its sandboxes together
+    open_files: int = 256
+    max_output_bytes: int = 1 << 20  # stdout + stderr read from the child before it is killed
+    shown_chars: int = 4000  # of each of stdout/stderr, in what the model sees
+    isolate: bool = True  # namespaces and mounts, where the kernel allows
+    drop_privileges: bool = True  # run as `user` when started as root
+    audit_hooks: bool = True  # the in-process Python layer (tests switch it off to test the rest)
+    user: str = "nobody"
+
+    def check(self) -> None:
+        bad = [
+            f"{k}={getattr(self, k)!r}"
+            for k in (
+                "wall_s",
+                "cpu_s",
+                "memory_mb",
+                "file_mb",
+                "max_procs",
+                "open_files",
+                "max_output_bytes",
+            )
+            if not getattr(self, k) > 0
+        ]
+        if bad:
+            raise ChatforgeError(f"sandbox limits must be > 0: {', '.join(bad)}")
+
+
+@dataclass
+class SandboxResult:
+    stdout: str
+    stderr: str
+    exit_code: int | None  # negative: killed by that signal; None: never started
+    killed: str | None  # why the host killed it ("time limit of 10 s", "output limit ..."), else None
+    files: list[str] = field(default_factory=list)  # created or changed, relative to the folder
+    layers: list[str] = field(default_factory=list)  # the protections that were in place
+    seconds: float = 0.0
+    output_bytes: int = 0  # stdout + stderr bytes read
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.killed is None
+
+    def text(self, shown_chars: int = 4000) -> str:
+        """What the model sees: stdout, then stderr, exit status, kill reason and new files."""
+        parts = []
+        if self.stdout:
+            parts.append(_clip(self.stdout, shown_chars))
+        if self.stderr:
+            parts.append("[stderr]\n" + _clip(self.stderr, shown_chars))
+        if self.killed:
+            parts.append(f"[killed: {self.killed}]")
+        elif self.exit_code:
+            parts.append(f"[exit status {self.exit_code}{_signal_note(self.exit_code)}]")
+        if self.files:
+            parts.append("[files: " + ", ".join(self.files) + "]")
+        return "\n".join(p.rstrip("\n") for p in parts) if parts else "(no output)"
+
+
+def _clip(s: str, n: int) -> str:
+    """Head and tail of a long text (a traceback's last line matters most), with a note of the cut."""
+    if len(s) <= n:
+        return s
+    head, tail = int(n * 0.6), n - int(n * 0.6)
+    return f"{s[:head]}\n[... {len(s) - n:,} characters cut ...]\n{s[-tail:]}"
+
+
+def _signal_note(code: int) -> str:
+    if code >= 0:
+        return ""
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+    why = " (the CPU time limit, or out of memory)" if -code == signal.SIGKILL else ""
+    return f": killed by {name}{why}"
+
+
+# ---- running code ----------------------------------------------------------------------------
+def run_python(
+    code: str,
+    *,
+    workdir: str | os.PathLike | None = None,
+    config: SandboxConfig = SandboxConfig(),
+    prelude: str = "",
+    epilogue: str = "",
+    echo: bool = True,
+) -> SandboxResult:
+    """Run `code` in the sandbox. `workdir` (created if missing) is the conversation's files folder:
+    its files are copied in, and files the code creates or changes are copied back. `prelude` and
+    `epilogue` run before/after the code in the same namespace (the chart tool saves the figure so).
+    Raises ChatforgeError only for bad arguments; whatever the code does comes back in the result."""
+    if not isinstance(code, str):
+        raise ChatforgeError(f"code must be a string, got {type(code).__name__}")
+    if len(code) > MAX_CODE_CHARS:
+        raise ChatforgeError(f"the code is {len(code):,} characters; the limit is {MAX_CODE_CHARS:,}")
+    if os.name != "posix":
+        raise ChatforgeError("the python sandbox needs a POSIX system (Linux for its full isolation)")
+    config.check()
+    t0 = time.monotonic()
+    box = Path(tempfile.mkdtemp(prefix="chatforge-sandbox-"))
+    try:
+        (box / PRIVATE / "tmp").mkdir(parents=True)
+        (box / PRIVATE / "mpl").mkdir()
+        if workdir is not None:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+            _copy_tree(Path(workdir), box)
+        before = _snapshot(box)
+        uid, gid = _sandbox_ids(config)
+        if uid is not None:
+            for p in [box, *box.rglob("*")]:
+                os.chown(p, uid, gid, follow_symlinks=False)
+        result = _spawn(code, box, config, uid, gid, prelude, epilogue, echo)
+        changed = sorted(rel for rel, sig in _snapshot(box).items() if before.get(rel) != sig)
+        if workdir is not None:
+            changed = _copy_back(box, Path(workdir), changed)
+        result.files = changed
+    finally:
+        shutil.rmtree(box, ignore_errors=True)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def python_tool(code: str, workdir: str | os.PathLike, config: SandboxConfig = SandboxConfig()) -> ToolResult:
+    """The registry's `python` tool: run_python in `workdir`, its text for the model, error on failure."""
+    r = run_python(code, workdir=workdir, config=config)
+    return ToolResult(
+        content=r.text(config.shown_chars), error=not r.ok, files=[str(Path(workdir) / f) for f in r.files]
+    )
+
+
+def _sandbox_ids(config: SandboxConfig) -> tuple[int | None, int | None]:
+    if not (config.drop_privileges and os.geteuid() == 0):
+        return None, None
+    try:
+        pw = pwd.getpwnam(config.user)
+    except KeyError:
+        raise ChatforgeError(
+            f"no user {config.user!r} to run the sandbox as; create it or set user"
+        ) from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _needed_paths() -> list[str]:
+    """What the sandbox user must be able to read: the interpreter, its libraries and this package."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, str(CHILD.parent)}
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        paths.add(sysconfig.get_paths()[key])
+    if libdir := sysconfig.get_config_var("LIBDIR"):
+        paths.add(libdir)
+    return sorted(p for p in paths if p and os.path.isdir(p))
+
+
+def _spawn(code, box: Path, config: SandboxConfig, uid, gid, prelude, epilogue, echo) -> SandboxResult:
+    report_r, report_w = os.pipe()
+    paths = sysconfig.get_paths()
+    setup = {
+        "workdir": str(box),
+        "limits": {
+            "cpu_s": config.cpu_s,
+            "memory_bytes": config.memory_mb << 20,
+            "file_bytes": config.file_mb << 20,
+            "open_files": config.open_files,
+            "max_procs": config.max_procs,
+        },
+        "isolate": config.isolate,
+        "drop_privileges": uid is not None,
+        "uid": uid,
+        "gid": gid,
+        "needed": _needed_paths(),
+        "hide": HIDE,
+        "report_fd": report_w,
+        "run": {
+            "workdir": str(box),
+            "sys_path": sorted({paths["purelib"], paths["platlib"]}),
+            "audit_hooks": config.audit_hooks,
+            "report_fd": report_w,
+        },
+    }
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(box),
+        "TMPDIR": str(box / PRIVATE / "tmp"),
+        "MPLCONFIGDIR": str(box / PRIVATE / "mpl"),
+        "MPLBACKEND": "Agg",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OPENBLAS_NUM_THREADS": "1",  # threads count against max_procs
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    payload = json.dumps({"code": code, "prelude": prelude, "epilogue": epilogue, "echo": echo}).encode()
+    argv = [sys.executable, "-I", "-S", "-B", str(CHILD), "setup", json.dumps(setup)]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=box,
+            pass_fds=(report_w,),
+            start_new_session=True,  # its own process group, so the whole group can be killed
+        )
+    finally:
+        os.close(report_w)
+    try:
+        out, err, killed = _communicate(proc, payload, config)
+    finally:
+        _kill_group(proc)
+        proc.wait()
+        layers = _read_report(report_r)
+    return SandboxResult(
+        stdout=out.decode("utf-8", errors="replace"),
+        stderr=err.decode("utf-8", errors="replace"),
+        exit_code=proc.returncode,
+        killed=killed,
+        layers=layers,
+        output_bytes=len(out) + len(err),
+    )
+
+
+def _communicate(
+    proc: subprocess.Popen, payload: bytes, config: SandboxConfig
+) -> tuple[bytes, bytes, str | None]:
+    """Feed stdin, read stdout/stderr until EOF, the wall-clock limit or the output limit."""
+    deadline = time.monotonic() + config.wall_s
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    total, killed, exited_at = 0, None, None
+    sel = selectors.DefaultSelector()
+    for f in (proc.stdout, proc.stderr):
+        sel.register(f, selectors.EVENT_READ)
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin, selectors.EVENT_WRITE)
+    pos = 0
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                killed = f"time limit of {config.wall_s:g} s"
+                break
+            if exited_at is None and _exited(proc.pid):
+                exited_at = now
+            if exited_at is not None and now - exited_at > 1.0:
+                break  # the child is gone but something it left holds the pipes open
+            for key, _ in sel.select(min(deadline - now, 0.25)):
+                if key.fileobj is proc.stdin:
+                    try:
+                        pos += os.write(proc.stdin.fileno(), payload[pos : pos + 65536])
+                    except BlockingIOError:
+                        pass
+                    except BrokenPipeError:  # it died before reading its code: stderr says why
+                        pos = len(payload)
+                    if pos >= len(payload):
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                fd = key.fileobj.fileno()
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                room = config.max_output_bytes - total
+                bufs[fd] += chunk[:room]
+                total += min(len(chunk), room)
+                if len(chunk) > room:
+                    killed = f"output limit of {config.max_output_bytes:,} bytes"
+                    break
+            if killed:
+                break
+    finally:
+        sel.close()
+        if not proc.stdin.closed:
+            proc.stdin.close()
+    return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), killed
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child has exited, without reaping it (so its pid, the group id, stays reserved)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM first: with a pid namespace, stage 1 then kills the namespace and reaps its pid 1
+    (killing both at once would leave pid 1 a zombie for the host's init to reap); SIGKILL to the
+    whole process group after that, or after half a second."""
+    if not _exited(proc.pid):
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end and not _exited(proc.pid):
+            time.sleep(0.005)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for f in (proc.stdout, proc.stderr):
+        f.close()
+
+
+def _read_report(fd: int) -> list[str]:
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    layers: list[str] = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            layers += [str(x) for x in json.loads(line)]
+        except ValueError:
+            pass
+    return layers
+
+
+# ---- the folder: copy in, list, copy back ------------------------------------------------------
+def _regular_files(root: Path):
+    """(relative path, lstat) of the regular, singly-linked files under root, never following links."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == Path("."):
+            dirnames[:] = [d for d in dirnames if d != PRIVATE]
+        for name in filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if (st.st_mode & 0o170000) == 0o100000 and st.st_nlink == 1:
+                yield (rel_dir / name).as_posix(), st
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {rel: (st.st_size, st.st_mtime_ns) for rel, st in _regular_files(root)}
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    budget = MAX_COPY_BYTES
+    for rel, st in _regular_files(src):
+        if st.st_size > budget:
+            continue  # too much to copy in: the code will not see it
+        budget -= st.st_size
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, target, follow_symlinks=False)
+
+
+def _copy_back(box: Path, workdir: Path, changed: list[str]) -> list[str]:
+    kept, budget = [], MAX_COPY_BYTES
+    for rel in changed:
+        try:
+            fd = os.open(box / rel, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_mode & 0o170000) != 0o100000 or st.st_nlink != 1 or st.st_size > budget:
+                continue
+            data = f.read(st.st_size + 1)
+        budget -= len(data)
+        atomic_write_bytes(workdir / rel, data)
+        kept.append(rel)
+    return kept
