@@ -3,11 +3,17 @@
 The pieces, from the inside out:
 - `chat_turn` renders the conversation as ChatML, generates one assistant answer through the
   engine and streams its text to a callback (whole characters only: see IncrementalDecoder).
+- `chat_turn_with_tools` does the same through `tools.runner.generate_with_tools`: the model may
+  call tools; their markup is hidden from the stream and each call is shown as one line,
+  `[calculator] 48213 * 739 -> 35629407`.
 - `ChatSession` holds a conversation and turns each input line into output: a user message, or a
   command (/reset, /system, /save, /quit, /help). It keeps the prompt inside the model's context
   by sliding a window over the oldest turns (the system prompt always stays). No TTY needed, so
   tests drive it directly.
-- `cmd_chat` is the CLI: `-p` prints only the answer; otherwise a `you> ` loop.
+- `cmd_chat` is the CLI: `-p` prints only the answer (tool lines go to stderr); otherwise a `you> `
+  loop. `--tools` shows the model calculator, python and chart (`tools.default_registry`; files
+  and charts land in `--files DIR`, default a new temporary folder), `--tools calculator` only the
+  calculator as the world models are trained to see it (short enough for a 128-token context).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -23,7 +30,9 @@ from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import IM_END, Tokenizer, parse_assistant, render_prompt
+from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer, parse_assistant, render_prompt
+from chatforge.tools.registry import ToolRegistry, default_registry
+from chatforge.tools.runner import generate_with_tools
 from chatforge.train.common import pick_device
 
 HELP = (
@@ -88,6 +97,111 @@ def chat_turn(
     return decoder.emitted
 
 
+class _HideCalls:
+    """Passes streamed assistant text through, minus the tool-call markup (the tool line replaces it).
+    A tail that may be the start of `<tool_call>` (split over tokens when it is not a special token)
+    waits until the next piece decides; `end()` returns what is still held when the message ends."""
+
+    def __init__(self) -> None:
+        self.held, self.hiding = "", False
+
+    def push(self, text: str) -> str:
+        if self.hiding:
+            return ""
+        text = self.held + text
+        k = text.find(TOOL_CALL_OPEN)
+        if k >= 0:
+            self.held, self.hiding = "", True
+            return text[:k]
+        tag = TOOL_CALL_OPEN
+        n = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+        self.held = text[len(text) - n :]
+        return text[: len(text) - n]
+
+    def end(self) -> str:
+        rest = "" if self.hiding else self.held
+        self.held, self.hiding = "", False
+        return rest
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ⏎ ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def tool_line(name: str | None, arguments: str | None, content: str, files: list[str]) -> str:
+    """One tool call as a line: `[calculator] 48213 * 739 -> 35629407`. A single string argument (an
+    expression, code) is shown bare, anything else as compact JSON; long text is clipped."""
+    try:
+        args = json.loads(arguments) if arguments else {}
+    except json.JSONDecodeError:
+        args = arguments
+    if isinstance(args, dict) and len(args) == 1 and isinstance(next(iter(args.values())), str):
+        shown = next(iter(args.values()))
+    elif isinstance(args, dict):
+        shown = json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+    else:
+        shown = str(args or "")
+    saved = f" (saved {', '.join(files)})" if files else ""
+    head = f"[{name}] {_clip(shown, 100)}" if name else "[tool call not understood]"
+    return f"{head} -> {_clip(content, 200)}{saved}"
+
+
+def chat_turn_with_tools(
+    model: GPT,
+    tok: Tokenizer,
+    messages: list[dict],
+    registry: ToolRegistry,
+    *,
+    max_new_tokens: int = 256,
+    max_calls: int = 4,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+    on_tool: Callable[[str], None] | None = None,
+) -> tuple[list[dict], str]:
+    """One assistant turn in which the model may call the tools of `registry`; returns the messages the
+    turn added (assistant calls, tool results, the answer) and how it ended ("stop", "length",
+    "limit" or "context": see `generate_with_tools`). `on_text` receives the assistant's text as it is
+    produced, tool-call markup left out; `on_tool` one `tool_line` per call once it has run."""
+    hide, reason = _HideCalls(), "stop"
+    call_args: list[str | None] = [None]  # the arguments of the call whose result comes next
+
+    def on_event(event: dict) -> None:
+        nonlocal reason
+        kind = event["type"]
+        if kind == "text":
+            shown = hide.push(event["text"])
+            if shown and on_text is not None:
+                on_text(shown)
+            return
+        rest = hide.end()  # any other event ends the message being streamed
+        if rest and on_text is not None:
+            on_text(rest)
+        if kind == "tool_call":
+            call_args[0] = event["arguments"]
+        elif kind == "tool_result":
+            args, call_args[0] = call_args[0], None
+            if on_tool is not None:
+                on_tool(tool_line(event["name"], args, event["content"], event["files"]))
+        elif kind == "done":
+            reason = event["reason"]
+
+    new = generate_with_tools(
+        model, tok, [messages], registry, max_calls=max_calls, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, on_event=on_event,
+    )[0]  # fmt: skip
+    return new, reason
+
+
+def final_answer(new: list[dict]) -> str:
+    """The content of the last assistant message of a turn ("" when the turn ended on a tool result)."""
+    last = new[-1] if new else {}
+    return (last.get("content") or "") if last.get("role") == "assistant" else ""
+
+
 class ChatSession:
     """One conversation with a model; `handle(line)` runs a command or answers a user message.
 
@@ -95,7 +209,9 @@ class ChatSession:
     returned by `handle`, so a caller without a terminal can inspect it. `messages` is the full
     transcript (what /save writes); the model sees `messages[window:]` plus the system prompt,
     where the window slides past the oldest turns when the prompt would no longer leave
-    min(max_new_tokens, context / 4) tokens for the answer."""
+    min(max_new_tokens, context / 4) tokens for the answer. With a `registry`, its tools are shown
+    in the system turn and the model may call them (at most `max_calls` per answer); the calls and
+    their results stay in the transcript."""
 
     def __init__(
         self,
@@ -110,6 +226,8 @@ class ChatSession:
         seed: int | None = None,
         out: TextIO | None = None,
         assistant_prefix: str = "assistant> ",
+        registry: ToolRegistry | None = None,
+        max_calls: int = 4,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
@@ -121,6 +239,9 @@ class ChatSession:
         self.seed = seed
         self.out = out if out is not None else sys.stdout
         self.assistant_prefix = assistant_prefix
+        self.registry = registry
+        self.max_calls = max_calls
+        self.tools = registry.schemas() if registry is not None else None
         self.messages: list[dict] = []  # user / assistant turns, the system prompt kept apart
         self.window = 0  # index of the oldest message the model still sees
         self.turns = 0  # answers generated, to vary the seed per answer
@@ -171,7 +292,7 @@ class ChatSession:
                 self._say("usage: /save PATH", buf)
                 return
             try:
-                path = save_conversation(Path(arg).expanduser(), self.conversation())
+                path = save_conversation(Path(arg).expanduser(), self.conversation(), self.tools)
             except ChatforgeError as e:
                 self._say(f"(not saved: {e})", buf)
                 return
@@ -188,7 +309,7 @@ class ChatSession:
         while True:
             head = [{"role": "system", "content": self.system}] if self.system else []
             visible = head + self.messages[self.window :]
-            n = len(render_prompt(self.tok, visible))
+            n = len(render_prompt(self.tok, visible, tools=self.tools))
             if n + self.reserve <= ctx:
                 break
             nxt = self.window + 1  # drop one turn: a user message and the replies after it
@@ -219,6 +340,9 @@ class ChatSession:
             return
         seed = None if self.seed is None else self.seed + self.turns
         self.turns += 1
+        if self.registry is not None:
+            self._answer_with_tools(visible, seed, buf)
+            return
         pieces: list[str] = []
 
         def on_token(delta: str) -> None:
@@ -247,16 +371,49 @@ class ChatSession:
             self._emit("\n", buf)
         self.messages.append(parse_assistant(text))
 
+    def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
+        at_start = [False]  # the cursor is at the start of a line (after a tool line)
 
-def save_conversation(path: Path, messages: list[dict]) -> Path:
-    """Append `messages` as one {"messages": [...]} JSON line to `path`, atomically (the file is
-    rewritten to a temp file beside it and renamed). `load_conversations` reads it back."""
+        def on_text(delta: str) -> None:
+            if at_start[0]:
+                delta = delta.lstrip()
+            if delta:
+                at_start[0] = False
+                self._emit(delta, buf)
+
+        def on_tool(line: str) -> None:
+            self._emit(("" if at_start[0] else "\n") + line + "\n", buf)
+            at_start[0] = True
+
+        self._emit(self.assistant_prefix, buf)
+        try:
+            new, reason = chat_turn_with_tools(
+                self.model, self.tok, visible, self.registry, max_new_tokens=self.max_new_tokens,
+                max_calls=self.max_calls, seed=seed, on_text=on_text, on_tool=on_tool, **self.sampling,
+            )  # fmt: skip
+        except KeyboardInterrupt:  # the runner keeps nothing of an interrupted turn: forget the question
+            self._emit("" if at_start[0] else "\n", buf)
+            self._say("(answer stopped; this question is forgotten)", buf)
+            self.messages.pop()
+            return
+        if not at_start[0]:
+            self._emit("\n", buf)
+        if reason == "context":
+            self._say("(the tool result filled the context: no answer; /reset to start over)", buf)
+        self.messages.extend(new)
+
+
+def save_conversation(path: Path, messages: list[dict], tools: list[dict] | None = None) -> Path:
+    """Append `messages` as one {"messages": [...]} JSON line (with "tools", the schemas shown, when
+    given) to `path`, atomically (the file is rewritten to a temp file beside it and renamed).
+    `load_conversations` reads it back."""
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatforgeError("nothing to save yet: the conversation has no answer")
     path = Path(path)
     if path.is_dir():
         raise ChatforgeError(f"{path} is a folder; give a file path such as {path / 'chats.jsonl'}")
-    line = json.dumps({"messages": messages}, ensure_ascii=False) + "\n"
+    record = {"messages": messages, **({"tools": tools} if tools else {})}
+    line = json.dumps(record, ensure_ascii=False) + "\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         old = path.read_bytes() if path.exists() else b""
@@ -290,7 +447,54 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
         help="longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument(
+        "--tools",
+        nargs="?",
+        const="all",
+        choices=["all", "calculator"],
+        default=None,
+        help="let the model call tools: calculator, python and chart (all, the default), or only the "
+        "calculator as the world models are trained to see it (calculator: fits a 128-token context)",
+    )
+    p.add_argument(
+        "--files",
+        metavar="DIR",
+        default=None,
+        help="with --tools: the folder python code sees and where files and charts are saved "
+        "(default: a new temporary folder, removed at the end if nothing was saved)",
+    )
+    p.add_argument("--max-calls", type=int, default=4, help="tool calls allowed per answer (default 4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+
+
+def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | None, Path | None, bool]:
+    """The registry for `--tools CHOICE [--files DIR]`: (registry, files folder, whether the folder is
+    a temporary one made here); (None, None, False) without --tools."""
+    if choice is None:
+        if files is not None:
+            raise ChatforgeError("--files is where tools save their files: it needs --tools")
+        return None, None, False
+    if choice == "calculator":
+        from chatforge.eval.tools import calculator_registry  # the one definition of the world's calculator
+
+        return calculator_registry(), None, False
+    if files is not None:
+        folder = Path(files).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ChatforgeError(f"--files {folder} is a file; give a folder for the tools' files")
+        return default_registry(folder), folder, False
+    folder = Path(tempfile.mkdtemp(prefix="chatforge-files-"))
+    return default_registry(folder), folder, True
+
+
+def _tidy_files(folder: Path | None, temporary: bool) -> None:
+    """Remove a temporary files folder nothing was saved in; otherwise say where the files are."""
+    if folder is None:
+        return
+    if temporary and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    elif folder.is_dir() and any(folder.iterdir()):
+        print(f"chatforge: the tools' files are in {folder}", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -299,6 +503,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     asked = args.max_new_tokens  # None: the default, clamped to the context without a note
     if asked is not None and asked < 1:
         raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")
+    if args.max_calls < 0:
+        raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
     model, _meta, model_dir = load_model(Path(args.model), pick_device(args.device))
     tok = Tokenizer.load(model_dir)
@@ -308,41 +514,64 @@ def cmd_chat(args: argparse.Namespace) -> None:
         )
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
-    if args.prompt is not None:
-        temperature = 0.0 if args.temperature is None else args.temperature
-        check_sampling(temperature, args.top_k, args.top_p)
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
-        n = len(render_prompt(tok, messages))
-        if n >= ctx:
-            raise ChatforgeError(f"the prompt is {n} tokens but the model's context is {ctx}; shorten it")
-        room = min(max_new, ctx - n)
-        if asked is not None and room < asked:
-            print(f"chatforge: answer limited to {room} tokens by the {ctx}-token context", file=sys.stderr)
-        text = chat_turn(
-            model,
-            tok,
-            messages,
-            max_new_tokens=room,
-            temperature=temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-        print(text.strip(), flush=True)
-        return
-    temperature = INTERACTIVE_TEMPERATURE if args.temperature is None else args.temperature
-    session = ChatSession(
-        model,
-        tok,
-        system=args.system,
-        max_new_tokens=max_new,
-        temperature=temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    run_interactive(session, f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})")
+    registry, folder, temporary = chat_tools(args.tools, args.files)
+    tools = registry.schemas() if registry is not None else None
+    try:
+        if args.prompt is not None:
+            _one_prompt(args, model, tok, registry, tools, max_new, asked)
+            return
+        if tools:  # the tool descriptions alone must leave room for a question and its answer
+            head = [{"role": "system", "content": args.system}] if args.system else []
+            n = len(render_prompt(tok, [*head, {"role": "user", "content": "?"}], tools=tools))
+            if n + min(max_new, ctx // 4) > ctx:
+                hint = "; try --tools calculator" if args.tools == "all" else ""
+                raise ChatforgeError(
+                    f"with the tool descriptions a one-word question is already {n} tokens and the model's "
+                    f"context is {ctx}: no room for an answer{hint}"
+                )
+        temperature = INTERACTIVE_TEMPERATURE if args.temperature is None else args.temperature
+        session = ChatSession(
+            model, tok, system=args.system, max_new_tokens=max_new, temperature=temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
+        )  # fmt: skip
+        banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
+        if registry is not None:
+            banner += f"\ntools: {', '.join(registry.names())}"
+            banner += f"; files and charts are saved in {folder}" if folder is not None else ""
+        run_interactive(session, banner)
+    finally:
+        _tidy_files(folder, temporary)
+
+
+def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None) -> None:
+    """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr."""
+    ctx = model.cfg.seq_len
+    temperature = 0.0 if args.temperature is None else args.temperature
+    check_sampling(temperature, args.top_k, args.top_p)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    n = len(render_prompt(tok, messages, tools=tools))
+    if n >= ctx:
+        hint = ""
+        if tools and args.tools == "all":
+            n_tools = n - len(render_prompt(tok, messages))
+            hint = f" (the tool descriptions take {n_tools}: try --tools calculator)"
+        raise ChatforgeError(f"the prompt is {n} tokens{hint} but the model's context is {ctx}; shorten it")
+    room = min(max_new, ctx - n)
+    if asked is not None and room < asked:
+        print(f"chatforge: answer limited to {room} tokens by the {ctx}-token context", file=sys.stderr)
+    sampling = {"temperature": temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    if registry is None:
+        text = chat_turn(model, tok, messages, max_new_tokens=room, **sampling)
+    else:
+        new, reason = chat_turn_with_tools(
+            model, tok, messages, registry, max_new_tokens=room, max_calls=args.max_calls,
+            on_tool=lambda line: print(line, file=sys.stderr, flush=True), **sampling,
+        )  # fmt: skip
+        if reason == "context":
+            print("chatforge: a tool result filled the context; no answer", file=sys.stderr)
+        text = final_answer(new)
+    print(text.strip(), flush=True)
 
 
 def run_interactive(session: ChatSession, banner: str) -> None:

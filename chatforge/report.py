@@ -70,6 +70,104 @@ def plot_eval_bars(results: list[dict], png: Path) -> Path | None:
     return png
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _tool_kinds(result: dict) -> dict[str, dict]:
+    """{kind: {"n", "accuracy", "call_rate"}} from a tool task's details, kinds in first-seen order,
+    plus "all" (the fact questions of the false call rate are not problems: left out)."""
+    rows: dict[str, list[dict]] = {}
+    for d in result.get("details", []):
+        if d.get("kind") != "fact":
+            rows.setdefault(d["kind"], []).append(d)
+    rows["all"] = [d for ds in rows.values() for d in ds]
+    return {
+        k: {
+            "n": len(ds),
+            "accuracy": sum(d["correct"] for d in ds) / len(ds),
+            "call_rate": sum(d["called"] for d in ds) / len(ds),
+        }
+        for k, ds in rows.items()
+        if ds
+    }
+
+
+def plot_tool_bars(on: dict[str, dict], off: dict[str, dict], png: Path) -> Path:
+    """Accuracy per kind of problem, with the calculator and without, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(on)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(kinds), 4))
+    for j, (label, table) in enumerate((("with calculator", on), ("without", off))):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(kinds))]
+        ax.bar(xs, [100 * table.get(k, {}).get("accuracy", 0.0) for k in kinds], 0.38, label=label)
+    ax.set_xticks(range(len(kinds)), kinds)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="calculator problems")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
+
+
+def _tools_section(results: list[dict], run: Path) -> list[str]:
+    """The same calculator problems with tools shown and without, side by side (eval/tools.py)."""
+    by_name = {r["task"]: r for r in results}
+    on, off = by_name.get("tools_on"), by_name.get("tools_off")
+    if on is None or off is None:
+        return []
+    kon, koff = _tool_kinds(on), _tool_kinds(off)
+    lines = [
+        "## Tool use",
+        "",
+        f"The same {on['n']:,} calculator problems asked with the calculator shown (tools on) and without "
+        "(tools off); correct = the exact result is a number of the final answer; call rate = share of "
+        "problems where the assistant called a tool.",
+        "",
+        "| problems | n | accuracy, tools on | accuracy, tools off | call rate, tools on | call rate, tools off |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind, row in kon.items():
+        other = koff.get(kind, {})
+        name = f"**{kind}**" if kind == "all" else kind
+        lines.append(
+            f"| {name} | {row['n']:,} | {_pct(row['accuracy'])} | {_pct(other.get('accuracy'))} | "
+            f"{_pct(row['call_rate'])} | {_pct(other.get('call_rate'))} |"
+        )
+    lines.append("")
+    extra = on.get("extra", {})
+    if "false_call_rate" in extra:
+        fwd = by_name.get("world_forward")
+        plain = f" (world_forward, no tools shown: {_pct(fwd['value'])})" if fwd else ""
+        lines += [
+            f"With the calculator shown, the assistant called a tool on {_pct(extra['false_call_rate'])} of "
+            f"{extra['fact_n']:,} plain fact questions that need none (false calls), and answered "
+            f"{_pct(extra['fact_accuracy'])} of them right{plain}"
+            + (
+                f"; {extra['fact_skipped']:,} of them did not fit the context."
+                if extra.get("fact_skipped")
+                else "."
+            ),
+            "",
+        ]
+    for r, label in ((on, "tools on"), (off, "tools off")):
+        if r.get("extra", {}).get("skipped"):
+            lines += [
+                f"{r['extra']['skipped']:,} problems did not fit the model's context ({label}) and count as wrong.",
+                "",
+            ]
+    png = plot_tool_bars(kon, koff, run / "eval" / "tools.png")
+    lines += [f"![tool use]({png.relative_to(run)})", ""]
+    return lines
+
+
 def _training_section(title: str, folder: Path, summary_name: str, run: Path) -> list[str]:
     summary = _load(folder / summary_name)
     if summary is None:
@@ -172,6 +270,7 @@ def build_report(run: Path) -> Path:
         png = plot_eval_bars(results, run / "eval" / "eval.png")
         if png:
             out += [f"![evaluation]({png.relative_to(run)})", ""]
+        out += _tools_section(results, run)
         samples = evaluation.get("samples")
         if samples:
             out += ["### Sample answers", ""]

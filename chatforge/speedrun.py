@@ -145,7 +145,8 @@ SAMPLE_PROMPTS = ["Who are you?", "Who made you?", "What is 345 + 78?", "How do 
 
 def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     """Forward questions about people SFT never asked about, the reversal probe, a sample of
-    forward questions about SFT people (seen), bits per byte on held-out biographies."""
+    forward questions about SFT people (seen), bits per byte on held-out biographies; with
+    data.tool_use, the calculator problems with the calculator shown and without."""
     import sys
 
     from chatforge.checkpoint import load_model
@@ -168,6 +169,11 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
         WorldQA(seen, "world_forward_seen"),
         BitsPerByte(list(iter_documents(str(out / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
     ]
+    if preset.data.tool_use and (sft_dir / "eval_tools.jsonl").exists():
+        from chatforge.eval.tools import load_tool_problems, tool_tasks
+
+        facts = load_qa_file(sft_dir / "eval_forward.jsonl")  # for the false call rate (tools shown)
+        tasks += tool_tasks(load_tool_problems(sft_dir / "eval_tools.jsonl"), facts)
     ctx = EvalContext(
         model, tok, device, max_examples=preset.eval.max_examples, batch_size=preset.eval.batch_size,
         log=(lambda line: print(line, file=sys.stderr)) if progress else None,

@@ -1,15 +1,37 @@
 import argparse
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from test_tools_runner import ScriptedGPT, calc_policy  # the scripted tool-calling GPT
 
-from chatforge.chat import ChatSession, add_chat_arguments, chat_turn, cmd_chat, stop_ids
+from chatforge.chat import (
+    ChatSession,
+    _HideCalls,
+    _tidy_files,
+    add_chat_arguments,
+    chat_tools,
+    chat_turn,
+    cmd_chat,
+    stop_ids,
+    tool_line,
+)
 from chatforge.checkpoint import save_model
 from chatforge.engine import IncrementalDecoder, generate_batch
 from chatforge.errors import ChatforgeError
+from chatforge.eval.tools import calculator_registry
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import IM_END, Tokenizer, load_conversations, render_prompt
+from chatforge.tokenizer import (
+    IM_END,
+    TOOL_CALL_OPEN,
+    Tokenizer,
+    conversation_text,
+    load_conversations,
+    render_conversation,
+    render_prompt,
+)
 
 TEXTS = [
     "Alice was born in Paris and works as a baker.",
@@ -192,3 +214,99 @@ def test_ctrl_c_stops_the_answer_but_keeps_the_session(tok, model):
     assert full.startswith(partial)
     s.handle("/reset")
     assert s.handle("Hello").startswith("assistant> ")  # still works after the interruption
+
+
+# ---- tools ---------------------------------------------------------------------------------
+
+
+def test_tool_markup_is_hidden_even_when_split_and_calls_are_one_line():
+    hide = _HideCalls()
+    pieces = ["Let me ", "check <", "tool", "_ca", 'll>{"name": "calculator"}', "</tool_call>"]
+    assert "".join(hide.push(p) for p in pieces) + hide.end() == "Let me check "
+    assert hide.push("a < b, and <tool") == "a < b, and " and hide.end() == "<tool"  # held, then released
+    assert tool_line("calculator", '{"expression": "48213 * 739"}', "35629407", []) == (
+        "[calculator] 48213 * 739 -> 35629407"
+    )
+    line = tool_line(
+        "chart", json.dumps({"code": "import x\nplot()"}), "saved chart_1.png", ["/f/chart_1.png"]
+    )
+    assert line == "[chart] import x ⏎ plot() -> saved chart_1.png (saved /f/chart_1.png)"
+    assert tool_line("python", '{"code": "' + "1+" * 100 + '1"}', "ok", []).count("…") == 1  # clipped
+    assert (
+        tool_line(None, None, "error: not valid JSON", [])
+        == "[tool call not understood] -> error: not valid JSON"
+    )
+
+
+def test_session_with_tools_streams_text_and_tool_lines(tok, tmp_path):
+    model = ScriptedGPT(tok, calc_policy)
+    out = io.StringIO()
+    s = ChatSession(model, tok, out=out, temperature=0.0, registry=calculator_registry())
+    reply = s.handle("What is 2 to the 64?")
+    lines = [line.rstrip() for line in reply.splitlines()]
+    assert lines == ["assistant> Let me compute.", f"[calculator] 2**64 -> {2**64}", f"It is {2**64}."]
+    assert TOOL_CALL_OPEN not in out.getvalue() and "GARBAGE" not in out.getvalue()
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "tool", "assistant"]
+    assert s.messages[-1] == {"role": "assistant", "content": f"It is {2**64}."}
+    path = tmp_path / "chat.jsonl"
+    s.handle(f"/save {path}")
+    saved = json.loads(path.read_text())
+    assert saved["tools"] == calculator_registry().schemas()
+    assert load_conversations(path)[0][0]["role"] == "system"  # the tools shown, folded back in
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory) -> Path:
+    """A tiny real model trained (a few seconds) on one conversation that calls the calculator."""
+    tools = calculator_registry().schemas()
+    conv = [
+        {"role": "user", "content": "What is 48213 * 739?"},
+        {"role": "assistant", "content": "Let me compute.", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "48213 * 739"}}}]},
+        {"role": "tool", "content": "35629407"},
+        {"role": "assistant", "content": "It is 35629407."},
+    ]  # fmt: skip
+    t = Tokenizer.train(TEXTS + conversation_text(conv, tools) * 10, 400)
+    ids, mask = render_conversation(t, conv, tools=tools)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=t.vocab_size, seq_len=160, n_layer=2, n_embd=48, n_head=4, n_kv_head=2))
+    x = torch.tensor([ids[:-1]])
+    y = torch.tensor([[i if m else -1 for i, m in zip(ids[1:], mask[1:], strict=True)]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(100):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    d = tmp_path_factory.mktemp("tool_run")
+    save_model(d, model.eval(), t.to_json(), {"stage": "test"})
+    return d
+
+
+def test_prompt_flag_with_tools_runs_the_calculator(tool_run, capsys, tmp_path):
+    argv = ["--model", str(tool_run), "-p", "What is 48213 * 739?", "--device", "cpu"]
+    cmd_chat(parse(*argv, "--tools", "calculator"))
+    captured = capsys.readouterr()
+    assert captured.out == "It is 35629407.\n"  # only the answer on stdout
+    assert "[calculator] 48213 * 739 -> 35629407" in captured.err
+    cmd_chat(parse(*argv))  # without tools the call is plain text, and nothing runs
+    captured = capsys.readouterr()
+    assert "35629407" not in captured.err and "[calculator]" not in captured.out
+    # the three default tools' descriptions do not fit a 160-token context: said, with the way out
+    with pytest.raises(ChatforgeError, match="try --tools calculator"):
+        cmd_chat(parse(*argv, "--tools", "--files", str(tmp_path / "files")))
+    with pytest.raises(ChatforgeError, match="no room for an answer; try --tools calculator"):
+        cmd_chat(parse("--model", str(tool_run), "--tools", "--device", "cpu"))  # interactive: said at once
+    with pytest.raises(ChatforgeError, match="needs --tools"):
+        cmd_chat(parse(*argv, "--files", str(tmp_path / "files")))
+
+
+def test_default_tools_get_a_files_folder_removed_when_unused(tmp_path):
+    registry, folder, temporary = chat_tools("all", None)
+    assert registry.names() == ["calculator", "python", "chart"] and temporary and folder.is_dir()
+    _tidy_files(folder, temporary)
+    assert not folder.exists()
+    registry, folder, temporary = chat_tools("all", str(tmp_path / "mine"))
+    assert folder == tmp_path / "mine" and not temporary
+    assert chat_tools(None, None) == (None, None, False)

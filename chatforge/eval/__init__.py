@@ -1,5 +1,6 @@
 """Evaluation: bits per byte, world QA (forward facts and the reversal probe), multiple choice
-by log-likelihood, GSM8K-style generation, and `chatforge eval` to run them.
+by log-likelihood, GSM8K-style generation, tool use (calculator problems with and without the
+calculator), and `chatforge eval` to run them.
 
 A task is one file: a class with `name` and `run(ctx) -> TaskResult`, plus a factory
 registered with `@register("name")`; import the module below so the registry sees it.
@@ -21,6 +22,7 @@ from chatforge.eval.bpb import BitsPerByte, bits_per_byte
 from chatforge.eval.gsm8k import GSM8K, extract_answer, load_gsm8k
 from chatforge.eval.multiple_choice import MCExample, MultipleChoice, load_mc, score_choices
 from chatforge.eval.run import add_eval_arguments, cmd_eval, evaluate
+from chatforge.eval.tools import ToolUse, calculator_registry, has_number, load_tool_problems, tool_tasks
 from chatforge.eval.world_qa import WorldQA, contains_answer, forward_qas, load_qa_file, reverse_qas
 
 __all__ = [
@@ -33,22 +35,27 @@ __all__ = [
     "MultipleChoice",
     "Task",
     "TaskResult",
+    "ToolUse",
     "WorldQA",
     "add_eval_arguments",
     "bits_per_byte",
     "build_tasks",
+    "calculator_registry",
     "cmd_eval",
     "contains_answer",
     "evaluate",
     "extract_answer",
     "forward_qas",
+    "has_number",
     "load_gsm8k",
     "load_mc",
     "load_qa_file",
+    "load_tool_problems",
     "register",
     "results_markdown",
     "reverse_qas",
     "run_tasks",
     "score_choices",
+    "tool_tasks",
     "write_results",
 ]

@@ -84,6 +84,7 @@ class EvalInputs:
     mc_files: list[Path] = field(default_factory=list)
     gsm8k_file: Path | None = None
     bpb_files: list[Path] = field(default_factory=list)  # texts for bits per byte (default: world held-out)
+    tools_file: Path | None = None  # calculator problems (eval_tools.jsonl) for the tools task
     max_new_tokens: int | None = None  # overrides each generation task's default
 
 

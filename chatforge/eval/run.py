@@ -2,6 +2,7 @@
 
 chatforge eval --model runs/sft --world world --tasks world_forward,world_reverse,bpb
 chatforge eval --model runs/base --mc data/arc/arc_easy.jsonl --max-examples 200
+chatforge eval --model runs/sft --tools-file runs/sft_data/eval_tools.jsonl   # tools_on + tools_off
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def default_tasks(inputs: EvalInputs) -> list[str]:
         names.append("mc")
     if inputs.gsm8k_file:
         names.append("gsm8k")
+    if inputs.tools_file:
+        names.append("tools")
     return names
 
 
@@ -52,6 +55,7 @@ def evaluate(
     mc_files: Sequence[str | Path] = (),
     gsm8k_file: str | Path | None = None,
     bpb_files: Sequence[str | Path] = (),
+    tools_file: str | Path | None = None,
     max_examples: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 16,
@@ -72,13 +76,15 @@ def evaluate(
         gsm8k_file=Path(gsm8k_file) if gsm8k_file is not None else None,
         bpb_files=[Path(p) for p in bpb_files],
         max_new_tokens=max_new_tokens,
+        tools_file=Path(tools_file) if tools_file is not None else None,
     )
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ChatforgeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     names = list(task_names) if task_names else default_tasks(inputs)
     if not names:
         raise ChatforgeError(
-            "nothing to evaluate: give --tasks, or inputs such as --world DIR, --mc FILE, --gsm8k FILE"
+            "nothing to evaluate: give --tasks, or inputs such as --world DIR, --mc FILE, --gsm8k FILE, "
+            "--tools-file FILE"
         )
     tasks = build_tasks(names, inputs)  # reads and checks every input before the model loads
     model, meta, resolved = load_model(Path(model_dir), device=device)
@@ -112,8 +118,21 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bpb-file", action="append", default=[], metavar="F", help="texts for bpb (default: world held-out)"
     )
+    p.add_argument(
+        "--tools-file",
+        default=None,
+        metavar="F",
+        help="calculator problems (eval_tools.jsonl) for the tools task: asked with the calculator "
+        "(tools_on) and without (tools_off); the false call rate asks --qa-file questions, else "
+        "eval_forward.jsonl beside F",
+    )
     p.add_argument("--max-examples", type=int, default=None, metavar="N", help="per task, picked by --seed")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (world 32, gsm8k 256)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation budget (world 32, gsm8k 256, tools 64 per message)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
@@ -142,6 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         mc_files=args.mc,
         gsm8k_file=args.gsm8k,
         bpb_files=args.bpb_file,
+        tools_file=args.tools_file,
         max_examples=args.max_examples,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
