@@ -140,17 +140,20 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="the laptop default: a 2M-parameter assistant that learns the world in about 25 minutes on 2 cores",
+        description="the laptop default: a 2M-parameter assistant that learns the world and to use a calculator in about 40 minutes on 2 cores",
         # 7 paraphrases per person and 128-token rows (about one biography each): measured on the
         # knowledge-augmentation bench, each roughly doubled held-out accuracy at equal tokens
         world=WorldConfig(people=500, heldout=40, paraphrases=7, seed=0),
+        # calculator chats in pretraining + 2x the steps: without the extra steps the chats crowd
+        # the biographies out (docs/status.md has the sweep)
+        data=DataConfig(tool_use=True, tool_chats_in_pretrain=4000),
         vocab_size=2048,
         pretrain=TrainConfig(
             depth=4,
             model={"n_embd": 192},  # 3 heads of 64
             seq_len=128,
             device_batch_size=16,
-            max_steps=1700,
+            max_steps=3400,
             warmup_steps=20,
             eval_every=100,
             eval_batches=20,
