@@ -280,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_arguments(p)
     p.set_defaults(func=cmd_chat)
 
+    from chatforge.serve.app import add_serve_arguments, cmd_serve
+    from chatforge.serve.feedback import add_feedback_arguments, cmd_feedback
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API server with a web chat page and a feedback store")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("feedback", help="list rated conversations; export them as sft / prefs data")
+    add_feedback_arguments(p)
+    p.set_defaults(func=cmd_feedback)
+
     p = sub.add_parser("presets", help="list presets with their model shapes, FLOPs and memory estimates")
     p.add_argument("name", nargs="?", help="show only this preset")
     p.set_defaults(func=cmd_presets)

@@ -1,0 +1,2 @@
+"""Serving: an OpenAI-compatible server with continuous batching (app.py, scheduler.py), a web chat
+page (web/), and the feedback store that turns rated conversations into training data (feedback.py)."""
