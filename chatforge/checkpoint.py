@@ -10,6 +10,10 @@ A run folder looks like this:
       ckpt/step_000200/    periodic checkpoints: the three files above + train_state.pt
                            (optimizer, RNG, data loader position, step)
 
+A LoRA run (model/lora.py) checkpoints only its adapter: adapter.safetensors and
+adapter_config.json take the place of model.safetensors, and the frozen base stays in the base
+run the config names. Its run root holds the adapter and the merged model.safetensors.
+
 Why a folder per checkpoint: a checkpoint is several files, and only a directory rename
 is atomic for all of them together. Each is written under a temporary name and renamed
 when complete, so a kill at any moment leaves either the previous checkpoint or the new
@@ -29,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from chatforge.errors import ChatforgeError
+from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
 
 CKPT_DIR = "ckpt"
@@ -50,8 +55,22 @@ def unwrap(model: torch.nn.Module) -> GPT:
     return model  # type: ignore[return-value]
 
 
+# keys of config.json that describe a run rather than its model's format (chat_template, add_bos_token, ...)
+RUN_KEYS = frozenset(
+    {"model", "stage", "step", "train", "summary", "data", "base", "base_stage", "lora", "adapter"}
+)
+
+
+def inherited_meta(meta: dict) -> dict:
+    """What a run started from another one keeps of its config.json: the chat format, token ids, name."""
+    return {k: v for k, v in meta.items() if k not in RUN_KEYS}
+
+
 def _write_model_files(folder: Path, model: GPT, tokenizer_json: str, meta: dict) -> None:
-    save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if lora.has_lora(unwrap(model)):  # only the adapter: the frozen base stays in the base run
+        lora.write_adapter_files(folder, unwrap(model), meta)
+    else:
+        save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     (folder / "config.json").write_text(
         json.dumps({"model": unwrap(model).cfg.to_dict(), **meta}, indent=2) + "\n", encoding="utf-8"
@@ -68,8 +87,15 @@ def save_model(run_dir: Path, model: GPT, tokenizer_json: str, meta: dict) -> No
         os.chmod(tmp, 0o755)
         _write_model_files(Path(tmp), model, tokenizer_json, meta)
         # weights first, config last: a reader that sees the new config also sees the new weights
-        for name in ("model.safetensors", "tokenizer.json", "config.json"):
-            os.replace(Path(tmp) / name, run_dir / name)
+        for name in (
+            "model.safetensors",
+            lora.ADAPTER_FILE,
+            lora.ADAPTER_CONFIG,
+            "tokenizer.json",
+            "config.json",
+        ):
+            if (Path(tmp) / name).exists():  # a LoRA model writes its adapter instead of the weights
+                os.replace(Path(tmp) / name, run_dir / name)
 
 
 def save_checkpoint(
@@ -123,7 +149,7 @@ def resolve_model_dir(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ChatforgeError(f"no such model folder: {path}")
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or (path / lora.ADAPTER_CONFIG).is_file():
         return path
     latest = latest_checkpoint(path)
     if latest is not None:
@@ -176,6 +202,15 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
     meta = read_config(model_dir)
     if "model" not in meta:
         raise ChatforgeError(f"{model_dir / 'config.json'} has no 'model' section; not a chatforge run")
+    if not (model_dir / "model.safetensors").is_file() and (model_dir / lora.ADAPTER_CONFIG).is_file():
+        # a LoRA checkpoint: its base run's weights + the adapter, merged into a plain GPT
+        base = lora.read_adapter_config(model_dir).get("base")
+        if not base:
+            raise ChatforgeError(
+                f"{model_dir / lora.ADAPTER_CONFIG} names no base run; use `chatforge merge --base`"
+            )
+        model = lora.merge_lora(lora.load_adapter(load_model(base)[0], model_dir))
+        return model.to(device).eval(), meta, model_dir
     model = GPT(GPTConfig.from_dict(meta["model"]))
     load_weights(model, model_dir)
     return model.to(device).eval(), meta, model_dir

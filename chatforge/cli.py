@@ -104,7 +104,10 @@ def cmd_sft(args) -> None:
     from chatforge.config import apply_overrides, get_preset
     from chatforge.train.sft import sft
 
-    cfg = apply_overrides(get_preset(args.preset).sft, args.overrides)
+    overrides = list(args.overrides)
+    if args.lora_rank is not None:
+        overrides.append(f"lora_rank={args.lora_rank}")
+    cfg = apply_overrides(get_preset(args.preset).sft, overrides)
     summary = sft(
         args.model, args.data, args.out, cfg, val=args.val, resume=args.resume, progress=not args.no_progress
     )
@@ -238,9 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="run folder for the assistant")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--lora-rank", type=int, default=None, metavar="R",
+        help="train only rank-R LoRA adapters (saved apart, plus a merged model); same as --set lora_rank=R",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     _add_overrides(p)
     p.set_defaults(func=cmd_sft)
+
+    from chatforge.model.lora import add_merge_arguments, cmd_merge
+
+    p = sub.add_parser("merge", help="merge LoRA adapters into their base model -> a plain run folder")
+    add_merge_arguments(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("report", help="(re)build RUN/report.md with plots from what the stages wrote")
     p.add_argument("run", help="a speedrun folder")
@@ -279,6 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a model, or answer one prompt with -p")
     add_chat_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    from chatforge.align.dpo import add_dpo_arguments, cmd_dpo
+    from chatforge.align.label import add_label_arguments, cmd_label
+    from chatforge.align.prefs import add_world_prefs_arguments, cmd_world_prefs
+    from chatforge.align.reward import add_reward_arguments, cmd_reward
+    from chatforge.align.rl import add_rl_arguments, cmd_rl
+
+    p = sub.add_parser("prefs", help="stage 3: comparisons (label, world pairs), reward model, DPO")
+    psub = p.add_subparsers(dest="prefs_command", required=True, metavar="ACTION")
+    for name, add, run, help_text in (
+        ("label", add_label_arguments, cmd_label, "label pairs of sampled answers in the terminal (optionally judge-assisted)"),
+        ("world", add_world_prefs_arguments, cmd_world_prefs, "write comparisons made from the synthetic world"),
+        ("reward", add_reward_arguments, cmd_reward, "train a reward model (Bradley-Terry) on comparisons"),
+        ("dpo", add_dpo_arguments, cmd_dpo, "direct preference optimisation against a frozen reference"),
+    ):  # fmt: skip
+        q = psub.add_parser(name, help=help_text)
+        add(q)
+        q.set_defaults(func=run)
+    p = sub.add_parser("rl", help="reinforcement learning from a checkable reward (GRPO)")
+    add_rl_arguments(p)
+    p.set_defaults(func=cmd_rl)
 
     from chatforge.serve.app import add_serve_arguments, cmd_serve
     from chatforge.serve.feedback import add_feedback_arguments, cmd_feedback

@@ -6,6 +6,10 @@ validation batches. The loop, top to bottom: resume if asked, then for each step
 evaluate (val loss, bits per byte) and sample, run `grad_accum` micro-batches
 forward/backward, clip, set the LR, step the optimizers, log, and checkpoint every
 `ckpt_every` steps. Under torchrun the model is wrapped in DDP.
+
+Only parameters with requires_grad train, so a model with LoRA adapters (model/lora.py) trains
+just those: its checkpoints hold the adapter, and the end of the run writes the adapter and
+the merged model (the model passed in is merged in place).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.bpb import bits_per_byte
 from chatforge.fileio import atomic_write_json
 from chatforge.model.gpt import GPT
+from chatforge.model.lora import ADAPTER_CONFIG, has_lora, load_adapter, merge_lora, save_adapter
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.common import (
     Dist,
@@ -101,7 +106,12 @@ def run_training(
 
     if cfg.seq_len > model.cfg.seq_len:
         raise ChatforgeError(f"seq_len {cfg.seq_len} is longer than the model's context {model.cfg.seq_len}")
-    optimizers = build_optimizers(model, cfg)
+    lora_run = has_lora(model)
+    if cfg.lora_rank and not lora_run:
+        raise ChatforgeError(
+            f"lora_rank is set, but {stage} trains every weight; LoRA is for `chatforge sft`"
+        )
+    optimizers = build_optimizers(model, cfg)  # sees only trainable parameters (the adapters, with LoRA)
     start_step = 0
     resumed_time, resumed_tokens = 0.0, 0
     latest = ckpt.latest_checkpoint(out_dir) if resume else None
@@ -110,7 +120,17 @@ def run_training(
     if latest is not None:
         if ckpt.read_config(latest).get("model") != model.cfg.to_dict():
             raise ChatforgeError(f"cannot resume: {latest} was trained with a different model config")
-        ckpt.load_weights(model, latest)
+        adapter_ckpt = (latest / ADAPTER_CONFIG).is_file()
+        if lora_run != adapter_ckpt:
+            have = "a LoRA adapter" if adapter_ckpt else "full weights"
+            raise ChatforgeError(
+                f"cannot resume: {latest} holds {have}, but this run {'uses' if lora_run else 'has no'} LoRA; "
+                "resume with the lora_rank it was started with, or use a new --out"
+            )
+        if lora_run:  # the frozen base came from the base run; the checkpoint has the adapter
+            load_adapter(model, latest)
+        else:
+            ckpt.load_weights(model, latest)
         state = ckpt.load_train_state(latest)
         for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
@@ -144,6 +164,8 @@ def run_training(
 
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=device)
     meta = {"stage": stage, "train": dataclasses.asdict(cfg), **meta}
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = model.num_params() - (n_trainable if lora_run else 0)  # the model's own size, adapters apart
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak, peak_desc = peak_flops(device)
     metrics = MetricsLog(
@@ -152,7 +174,9 @@ def run_training(
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(
-            f"model: {model.num_params() / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOPs/token | "
+            f"model: {n_params / 1e6:.2f}M params"
+            + (f" ({n_trainable / 1e6:.3f}M trainable LoRA)" if lora_run else "")
+            + f", {flops_per_token / 1e6:.1f} MFLOPs/token | "
             f"{tokens_per_step:,} tokens/step = {cfg.device_batch_size} rows x {cfg.seq_len} x "
             f"{dist.world_size} ranks x {grad_accum} accum | {cfg.max_steps} steps on {device} ({peak_desc})"
         )
@@ -261,7 +285,8 @@ def run_training(
             first = (evals[0]["val_loss"], evals[0]["val_bpb"])
             last_eval = (evals[-1]["val_loss"], evals[-1]["val_bpb"])
     summary = {
-        "params": model.num_params(),
+        "params": n_params,
+        "trainable_params": n_trainable,
         "steps": cfg.max_steps,
         "tokens": tokens_seen,
         "train_seconds": round(train_time, 2),
@@ -273,14 +298,15 @@ def run_training(
         "val_bpb_end": last_eval[1] if last_eval else None,
     }
     if dist.is_main:
-        ckpt.save_model(
-            out_dir, model, tokenizer.to_json(), {**meta, "step": cfg.max_steps, "summary": summary}
+        final_meta = {**meta, "step": cfg.max_steps, "summary": summary}
+        if lora_run:
+            save_adapter(model, out_dir, final_meta)  # the adapter apart, to share or merge elsewhere
+            merge_lora(model)  # and a plain model beside it, which chat, eval and serving load as is
+        ckpt.save_model(out_dir, model, tokenizer.to_json(), final_meta)
+        title = f"{stage}: {n_params / 1e6:.2f}M params" + (
+            f", {n_trainable / 1e6:.3f}M trainable (LoRA rank {cfg.lora_rank})" if lora_run else ""
         )
-        png = plot_losses(
-            out_dir / "metrics.jsonl",
-            out_dir / "loss.png",
-            f"{stage}: {model.num_params() / 1e6:.2f}M params",
-        )
+        png = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title)
         summary["loss_plot"] = str(png)
         atomic_write_json(out_dir / f"{stage}_summary.json", summary)
     return summary

@@ -5,6 +5,12 @@
 Starts from a base run's weights and tokenizer, packs whole conversations into rows, and
 trains with the loss on the assistant's tokens only (the loader sets every other target to
 -1). Same loop, checkpoint format and resume as pretraining (train/loop.py).
+
+With `--set sft.lora_rank=8` the base stays frozen and only low-rank adapters train
+(model/lora.py): checkpoints hold just the adapter, and the finished run folder holds the
+adapter (adapter.safetensors + adapter_config.json) and the merged model, so chat, eval and
+serving load it like any run. The base's chat format (chat_template, add_bos_token, ...) is
+kept in config.json either way, so imported models (SmolLM2) keep talking their own way.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
+from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
 from chatforge.tokenizer import Tokenizer, load_conversations, render_prompt
 from chatforge.train.common import cleanup_distributed, setup_distributed
 from chatforge.train.loop import run_training
@@ -34,7 +41,12 @@ def chat_samples(
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     stops = [tokenizer.special_id("<|im_end|>")] if tokenizer.has_special("<|im_end|>") else []
     room = min(max_new_tokens, model.cfg.seq_len - max(map(len, prompts)))
-    answers = generate_batch(model, prompts, room, temperature=0.0, stop_ids=stops)
+    was_training = model.training
+    model.eval()  # no dropout (LoRA's) while answering; training mode comes back after
+    try:
+        answers = generate_batch(model, prompts, room, temperature=0.0, stop_ids=stops)
+    finally:
+        model.train(was_training)
     return [
         (q, tokenizer.decode([t for t in a if t not in stops]))
         for q, a in zip(questions, answers, strict=True)
@@ -53,6 +65,23 @@ def resolve_sft_files(data: Path, val: Path | None) -> tuple[Path, Path | None]:
     if not data.is_file():
         raise ChatforgeError(f"no such conversations file: {data}")
     return data, val
+
+
+def lora_setup(model: GPT, cfg: TrainConfig) -> dict:
+    """Freeze `model` and put LoRA adapters on it as cfg asks; returns what config.json records."""
+    if cfg.lora_rank < 0:
+        raise ChatforgeError(f"lora_rank must be >= 0 (0 = train every weight), got {cfg.lora_rank}")
+    if cfg.optimizer != "adamw":
+        # Muon orthogonalises whole weight matrices; the rank-r factors of an adapter are not that
+        raise ChatforgeError(f"LoRA trains with AdamW, not {cfg.optimizer}: set sft.optimizer=adamw")
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+    return {
+        "rank": cfg.lora_rank,
+        "alpha": cfg.lora_alpha,
+        "targets": list(parse_targets(cfg.lora_targets)),
+        "trainable_params": trainable_parameters(model),
+        "adapter": ADAPTER_FILE,
+    }
 
 
 def sft(
@@ -78,7 +107,15 @@ def sft(
         else:  # hold out 5% of the training conversations, at least one
             n_val = max(1, len(train_convs) // 20)
             train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # before apply_lora: the adapters' random init is seeded too
+        lora_meta = {}
+        if cfg.lora_rank:
+            lora_meta = {"lora": lora_setup(model, cfg)}
+            if dist.is_main:
+                print(
+                    f"LoRA rank {cfg.lora_rank} on {', '.join(lora_meta['lora']['targets'])}: "
+                    f"{lora_meta['lora']['trainable_params']:,} trainable of {model.num_params():,} parameters"
+                )
         loader = SFTLoader(
             train_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
             rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
@@ -91,7 +128,15 @@ def sft(
             iter_sft_eval_batches, val_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
             rank=dist.rank, world_size=dist.world_size, max_batches=cfg.eval_batches, device=dist.device,
         )  # fmt: skip
-        meta = {"data": str(train_file), "base": str(model_dir), "base_stage": base_meta.get("stage")}
+        meta = {
+            **ckpt.inherited_meta(
+                base_meta
+            ),  # the chat format of the base (chat_template, add_bos_token, ...)
+            "data": str(train_file),
+            "base": str(model_dir),
+            "base_stage": base_meta.get("stage"),
+            **lora_meta,
+        }
         return run_training(
             "sft", cfg, Path(out_dir), model, tokenizer, loader, eval_batches,
             lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist,

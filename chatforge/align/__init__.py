@@ -1,0 +1,201 @@
+"""Stage 3: alignment. Comparisons, LLM-assisted labeling, a reward model, DPO, and GRPO.
+
+    prefs.py    the comparison format (jsonl), crash-safe appends, world-made comparisons,
+                Anthropic hh-rlhf import, and encoding pairs for the trainers
+    label.py    `chatforge prefs label`: a person picks A or B, optionally helped by a judge model
+    reward.py   `chatforge prefs reward`: GPT trunk + scalar head trained with a Bradley-Terry loss
+    dpo.py      `chatforge prefs dpo`: Direct Preference Optimization against a frozen reference
+    rewards.py  reward functions for RL: exact answer, number match, a reward model
+    rl.py       `chatforge rl`: GRPO (group-relative advantages, clipped ratio, optional k3 KL)
+
+This file holds what the three trainers share: how an answer is tokenised after its prompt (the
+mask covers that answer only), per-token log-probabilities, the final hidden states the reward
+model reads, and the checkpoint / resume / plot plumbing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+
+import torch
+
+from chatforge import checkpoint as ckpt
+from chatforge.config import TrainConfig
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT
+from chatforge.model.lora import has_lora, load_adapter
+from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt
+from chatforge.train.common import read_metrics
+
+# ---- tokenising an answer after its prompt ---------------------------------------------------
+
+
+def encode_answer(
+    tok: Tokenizer, messages: list[dict], answer: str | dict, max_len: int
+) -> tuple[list[int], list[int], bool]:
+    """ChatML ids of the prompt turns + one assistant answer, and a mask with 1 on that answer only
+    (its content and its <|im_end|>; earlier assistant turns of the prompt get 0). The ids end at
+    the answer's last token, so ids[-1] is where the reward model reads its score.
+
+    Too long for `max_len`: the prompt loses its oldest tokens first (down to half the room), then
+    the answer its last ones, as TRL does. Returns (ids, mask, truncated)."""
+    msg = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+    prompt = render_prompt(tok, messages)
+    ids, mask = render_conversation(tok, [*messages, msg])
+    if ids[: len(prompt)] != prompt:  # the renderer's contract; a custom tokenizer could break it
+        raise ChatforgeError("the prompt does not tokenize the same alone and before its answer")
+    answer_ids = ids[len(prompt) :]
+    answer_mask = mask[len(prompt) :]
+    end = max((i + 1 for i, m in enumerate(answer_mask) if m), default=0)  # drop the newline after it
+    answer_ids, answer_mask = answer_ids[:end], answer_mask[:end]
+    truncated = len(prompt) + len(answer_ids) > max_len
+    if truncated:
+        keep_prompt = min(len(prompt), max(max_len - len(answer_ids), max_len // 2))
+        prompt = prompt[len(prompt) - keep_prompt :]
+        answer_ids = answer_ids[: max_len - keep_prompt]
+        answer_mask = answer_mask[: max_len - keep_prompt]
+    return prompt + answer_ids, [0] * len(prompt) + answer_mask, truncated
+
+
+def pad_right(seqs: list[list[int]], device, value: int = 0) -> torch.Tensor:
+    """(B, T) int64, each row padded on the right. Causal attention never lets a real token see the
+    padding after it, so no attention mask is needed; losses mask the padding out."""
+    T = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+
+# ---- log-probabilities and hidden states -----------------------------------------------------
+
+
+def token_logps(model: torch.nn.Module, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) for t < T-1: (B, T-1) float32. Logits are divided by
+    `temperature` first, so RL scores tokens under the distribution it sampled them from."""
+    logits = model(ids[:, :-1]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = ids[:, 1:, None]
+    return (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)).float()
+
+
+def sequence_logps(
+    model: torch.nn.Module, seqs: list[list[int]], masks: list[list[int]], device
+) -> torch.Tensor:
+    """Summed log-probability of the masked (answer) tokens of each sequence: (B,)."""
+    ids = pad_right(seqs, device)
+    mask = pad_right(masks, device).float()
+    return (token_logps(model, ids) * mask[:, 1:]).sum(-1)
+
+
+def final_hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """The last layer's normalised hidden states (B, T, n_embd): GPT.forward without lm_head.
+
+    Runs the same modules as GPT.forward (embed -> blocks -> norm). When GPT.forward grows a
+    `return_hidden=True` option this defers to it, so the two can never drift apart."""
+    if "return_hidden" in inspect.signature(model.forward).parameters:
+        return model(ids, return_hidden=True)
+    cos, sin = model._rope(0, ids.size(1), None)
+    x = model.embed_tokens(ids)
+    for block in model.layers:
+        x = block(x, cos, sin, None, None)
+    return model.norm(x)
+
+
+# ---- training plumbing -------------------------------------------------------------------------
+
+
+def align_config(**kw) -> TrainConfig:
+    """Defaults for the preference trainers (reward model, DPO): small learning rates, short runs.
+    seq_len 0 means the model's own context."""
+    base = dict(
+        lr=1e-4, embed_lr=1e-4, weight_decay=0.0, warmup_steps=10, final_lr_frac=0.0, max_steps=200,
+        device_batch_size=16, seq_len=0, eval_every=25, ckpt_every=100, log_every=5,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def save_train_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: GPT,
+    tok: Tokenizer,
+    meta: dict,
+    optimizers: list[torch.optim.Optimizer],
+    extra: dict,
+    keep: int,
+) -> Path:
+    """RUN/ckpt/step_N with the weights (or the LoRA adapter), optimizer states, RNG and `extra`."""
+    from chatforge.train.loop import rng_state
+
+    state = {"step": step, "optimizers": [o.state_dict() for o in optimizers], "rng": rng_state(), **extra}
+    return ckpt.save_checkpoint(out_dir, step, model, tok.to_json(), meta, state, keep=keep)
+
+
+def resume_train(
+    out_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer], resume: bool, max_steps: int
+) -> tuple[int, dict]:
+    """(start step, train_state) after loading the newest checkpoint of out_dir into `model` and
+    `optimizers`; (0, {}) for a fresh run. A fresh run refuses a folder that has checkpoints."""
+    from chatforge.train.loop import set_rng_state
+
+    latest = ckpt.latest_checkpoint(out_dir) if resume else None
+    if latest is None:
+        if not resume and ckpt.list_checkpoints(out_dir):
+            raise ChatforgeError(
+                f"{out_dir} already has checkpoints: pass --resume to continue, or use a new --out"
+            )
+        if resume:
+            print(f"no checkpoint in {out_dir}: starting from scratch")
+        return 0, {}
+    if ckpt.read_config(latest).get("model") != model.cfg.to_dict():
+        raise ChatforgeError(f"cannot resume: {latest} was trained with a different model config")
+    if has_lora(model):
+        load_adapter(model, latest)
+    else:
+        ckpt.load_weights(model, latest)
+    state = ckpt.load_train_state(latest)
+    if state["step"] > max_steps:
+        raise ChatforgeError(
+            f"cannot resume: {latest} is at step {state['step']}, past the {max_steps} steps asked; "
+            "ask for more steps or use a new --out"
+        )
+    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    set_rng_state(state["rng"])
+    print(f"resuming from {latest} at step {state['step']}")
+    return state["step"], state
+
+
+def config_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def plot_metrics(metrics_path: Path, png_path: Path, panels: list[tuple[str, list[str]]], title: str) -> Path:
+    """One subplot per (y label, [metric keys]) panel, each key drawn against step; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                style = "o-" if key.startswith("val_") else "-"
+                ax.plot(*zip(*pts, strict=True), style, label=key, lw=1, ms=3)
+        ax.set(xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

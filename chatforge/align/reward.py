@@ -1,0 +1,369 @@
+"""A reward model: the SFT model's trunk plus a scalar head, trained on comparisons.
+
+    chatforge prefs reward --model runs/sft --data prefs.jsonl --out runs/rm
+
+r(prompt, answer) = head(final hidden state at the answer's last token). The trunk starts from
+the SFT run (it already reads conversations); the head starts at zero, so every reward starts
+at 0. Training minimises the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected): the model
+only learns differences, so the reward's zero point means nothing (GRPO's per-group
+normalisation does not care). Held-out pairwise accuracy, P(r_chosen > r_rejected) on prompts
+it never trained on, is the number to watch.
+
+The run folder is a normal one (config.json with "stage": "reward", model.safetensors,
+tokenizer.json) plus reward_head.safetensors; `load_reward_model` reads it back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from chatforge import checkpoint as ckpt
+from chatforge.align import (
+    align_config,
+    config_dict,
+    encode_answer,
+    final_hidden,
+    pad_right,
+    plot_metrics,
+    resume_train,
+    save_train_checkpoint,
+)
+from chatforge.align.prefs import (
+    EncodedPair,
+    accuracy_by_kind,
+    batch_indices,
+    encode_prefs,
+    load_prefs,
+    split_pairs,
+)
+from chatforge.config import TrainConfig, apply_overrides
+from chatforge.engine import generate_batch
+from chatforge.errors import ChatforgeError
+from chatforge.eval.base import chat_stop_ids
+from chatforge.fileio import atomic_write_bytes, atomic_write_json
+from chatforge.model.gpt import GPT
+from chatforge.tokenizer import Tokenizer, render_prompt
+from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk and a linear head from its final hidden state to one number."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.head = nn.Linear(gpt.cfg.n_embd, 1)
+        nn.init.zeros_(self.head.weight)  # every reward starts at 0; the head learns from the first step
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) right-padded, lengths (B,) -> rewards (B,), read at each row's last real token."""
+        h = final_hidden(self.gpt, ids)
+        last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]
+        return self.head(last.float()).squeeze(-1)
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), averaged over pairs."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def _rewards(rm: RewardModel, seqs: list[list[int]], device) -> torch.Tensor:
+    lengths = torch.tensor([len(s) for s in seqs], device=device)
+    return rm(pad_right(seqs, device), lengths)
+
+
+def pair_rewards(rm: RewardModel, pairs: list[EncodedPair], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) for a batch of pairs, in one forward pass over 2B rows."""
+    with autocast(torch.device(device)):  # bf16 on CUDA
+        r = _rewards(rm, [p.chosen for p in pairs] + [p.rejected for p in pairs], device).float()
+    return r[: len(pairs)], r[len(pairs) :]
+
+
+@torch.no_grad()
+def evaluate_pairs(rm: RewardModel, pairs: list[EncodedPair], batch_size: int, device) -> dict:
+    """Held-out BT loss, pairwise accuracy (ties count half) and mean margin r_chosen - r_rejected."""
+    was = rm.training
+    rm.eval()
+    losses, correct, margins = [], [], []
+    for i in range(0, len(pairs), batch_size):
+        rc, rr = pair_rewards(rm, pairs[i : i + batch_size], device)
+        losses.append(float(-F.logsigmoid(rc - rr).sum()))
+        correct += ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()
+        margins.append(float((rc - rr).sum()))
+    rm.train(was)
+    n = len(pairs)
+    by_kind = {f"val_acc_{k}": v for k, v in accuracy_by_kind(pairs, correct).items()}
+    return {
+        "val_loss": sum(losses) / n,
+        "val_acc": sum(correct) / n,
+        "val_margin": sum(margins) / n,
+        **by_kind,
+    }
+
+
+# ---- saving and loading ----------------------------------------------------------------------
+
+
+def save_reward_model(out_dir: Path, rm: RewardModel, tok: Tokenizer, meta: dict) -> Path:
+    """The trunk as a normal run folder (config.json last, so it vouches for the rest) + the head."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = {k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()}
+    atomic_write_bytes(out_dir / HEAD_FILE, safetensors_bytes(head, metadata={"format": "pt"}))
+    ckpt.save_model(out_dir, rm.gpt, tok.to_json(), {**meta, "stage": "reward", "reward_head": HEAD_FILE})
+    return out_dir
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
+    """(reward model in eval mode, its tokenizer) from a `chatforge prefs reward` run folder."""
+    path = Path(path)
+    gpt, meta, model_dir = ckpt.load_model(path, device)
+    if meta.get("stage") != "reward" or not (model_dir / HEAD_FILE).is_file():
+        raise ChatforgeError(
+            f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `chatforge prefs reward`"
+        )
+    rm = RewardModel(gpt)
+    try:
+        state = load_file(str(model_dir / HEAD_FILE))
+        rm.head.load_state_dict(state)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ChatforgeError(f"{model_dir / HEAD_FILE} is corrupt or does not fit the model ({e})") from None
+    return rm.to(device).eval(), Tokenizer.load(model_dir)
+
+
+# ---- using a reward model ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score(
+    rm: RewardModel, tok: Tokenizer, conversations: list[list[dict]], batch_size: int = 16
+) -> list[float]:
+    """The reward of each conversation's last (assistant) message, given the turns before it."""
+    device = next(rm.parameters()).device
+    seqs = []
+    for conv in conversations:
+        if not conv or conv[-1].get("role") != "assistant":
+            raise ChatforgeError("score() takes conversations that end with the assistant answer to score")
+        seqs.append(encode_answer(tok, conv[:-1], conv[-1], rm.gpt.cfg.seq_len)[0])
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        out += _rewards(rm, seqs[i : i + batch_size], device).tolist()
+    return out
+
+
+@torch.no_grad()
+def best_of_n(
+    policy: GPT,
+    rm: RewardModel,
+    tok: Tokenizer,
+    messages: list[dict],
+    n: int,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """Sample n answers from `policy` and keep the one the reward model scores highest.
+
+    Returns {"answer", "reward", "candidates": [(answer, reward), ...] best first}."""
+    if n < 1:
+        raise ChatforgeError(f"best_of_n needs n >= 1, got {n}")
+    prompt = render_prompt(tok, messages)
+    stops = chat_stop_ids(tok)
+    outs = generate_batch(
+        policy, [prompt] * n, max_new_tokens, temperature=temperature, top_p=top_p, seeds=seed, stop_ids=stops
+    )
+    answers = [tok.decode([t for t in o if t not in stops]).strip() for o in outs]
+    rewards = score(rm, tok, [[*messages, {"role": "assistant", "content": a}] for a in answers])
+    ranked = sorted(zip(answers, rewards, strict=True), key=lambda x: -x[1])
+    return {"answer": ranked[0][0], "reward": ranked[0][1], "candidates": ranked}
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def train_reward(
+    base: Path,
+    data: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    *,
+    val_fraction: float = 0.1,
+    val_data: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train a reward model from the run `base` on the comparisons in `data`; returns a summary."""
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gpt, base_meta, model_dir = ckpt.load_model(base, device)
+    tok = Tokenizer.load(model_dir)
+    max_len = min(cfg.seq_len or gpt.cfg.seq_len, gpt.cfg.seq_len)
+    pairs, n_trunc = encode_prefs(tok, load_prefs(data), max_len)
+    train, val = split_pairs(pairs, val_fraction, cfg.seed) if val_data is None else (pairs, [])
+    if val_data is not None:
+        val, n_val_trunc = encode_prefs(tok, load_prefs(val_data), max_len)
+        n_trunc += n_val_trunc
+    if not train:
+        raise ChatforgeError(
+            "no comparisons left for training after the validation split; lower --val-fraction"
+        )
+    print(
+        f"{len(train)} train / {len(val)} held-out comparisons"
+        + (f" ({n_trunc} truncated to {max_len} tokens)" if n_trunc else "")
+    )
+    rm = RewardModel(gpt).to(device).train()
+    optimizers = build_optimizers(rm, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start, state = resume_train(out_dir, rm.gpt, optimizers, resume, cfg.max_steps)
+    if state:
+        rm.head.load_state_dict(state["head"])
+    meta = {
+        **ckpt.inherited_meta(base_meta),
+        "stage": "reward",
+        "train": config_dict(cfg),
+        "data": str(data),
+        "base": str(model_dir),
+    }
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if state else None)
+    bs = cfg.device_batch_size
+    first_eval = None
+    t0, train_time = time.perf_counter(), state.get("train_seconds", 0.0)
+    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, disable=not progress)
+    for step in bar:
+        if val and (step % max(cfg.eval_every, 1) == 0 or step == cfg.max_steps):
+            ev = evaluate_pairs(rm, val, bs, device)
+            first_eval = first_eval or ev
+            metrics.log(step=step, **{k: round(v, 5) for k, v in ev.items()})
+            bar.write(f"step {step}: held-out accuracy {ev['val_acc']:.3f}, loss {ev['val_loss']:.4f}")
+        if step == cfg.max_steps:
+            break
+        batch = [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)]
+        set_lr(optimizers, lr_multiplier(step, cfg))
+        rc, rr = pair_rewards(rm, batch, device)
+        loss = bt_loss(rc, rr)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step % max(cfg.log_every, 1) == 0 or step + 1 == cfg.max_steps:
+            acc = float((rc > rr).float().mean())
+            metrics.log(step=step + 1, loss=round(float(loss.detach()), 5), acc=round(acc, 4))
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
+            extra = {"head": rm.head.state_dict(), "train_seconds": train_time + time.perf_counter() - t0}
+            save_train_checkpoint(out_dir, step + 1, rm.gpt, tok, meta, optimizers, extra, cfg.keep_ckpts)
+    bar.close()
+    train_time += time.perf_counter() - t0
+    if (
+        start < cfg.max_steps or not state
+    ):  # the finished run's checkpoint: --resume with more steps extends it
+        extra = {"head": rm.head.state_dict(), "train_seconds": train_time}
+        save_train_checkpoint(out_dir, cfg.max_steps, rm.gpt, tok, meta, optimizers, extra, cfg.keep_ckpts)
+    last = evaluate_pairs(rm, val, bs, device) if val else None
+    summary = {
+        "train_pairs": len(train),
+        "val_pairs": len(val),
+        "truncated_pairs": n_trunc,
+        "steps": cfg.max_steps,
+        "train_seconds": round(train_time, 2),
+        "val_acc_start": first_eval["val_acc"] if first_eval else None,
+        "val_acc_end": last["val_acc"] if last else None,
+        "val_loss_end": last["val_loss"] if last else None,
+        "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
+    }
+    save_reward_model(out_dir, rm, tok, {**meta, "step": cfg.max_steps, "summary": summary})
+    summary["plot"] = str(
+        plot_metrics(
+            out_dir / "metrics.jsonl",
+            out_dir / "reward.png",
+            [("Bradley-Terry loss", ["loss", "val_loss"]), ("pairwise accuracy", ["acc", "val_acc"])],
+            f"reward model from {Path(base).name}",
+        )
+    )
+    atomic_write_json(out_dir / "reward_summary.json", summary)
+    return summary
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+
+def add_pref_train_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """Arguments shared by `prefs reward` and `prefs dpo`."""
+    p.add_argument(
+        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
+    )
+    p.add_argument(
+        "--data", required=True, metavar="PREFS",
+        help="comparisons .jsonl (chatforge format or Anthropic hh-rlhf .jsonl[.gz])",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, metavar="RUN", help=f"run folder for the {what}")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=None, help="comparisons per step (default 16)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of --data's prompts held out (default 0.1)"
+    )
+    p.add_argument(
+        "--val", default=None, metavar="PREFS", help="held-out comparisons (then all of --data trains)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="any other training field, e.g. --set eval_every=10 --set warmup_steps=0 (repeatable)",
+    )  # fmt: skip
+
+
+def pref_train_config(args: argparse.Namespace) -> TrainConfig:
+    cfg = apply_overrides(align_config(), args.overrides)
+    for field, value in (
+        ("max_steps", args.steps),
+        ("lr", args.lr),
+        ("embed_lr", args.lr),
+        ("device_batch_size", args.batch_size),
+        ("seed", args.seed),
+        ("lora_rank", getattr(args, "lora_rank", None)),
+    ):
+        if value is not None:
+            setattr(cfg, field, value)
+    cfg.device = args.device
+    if cfg.max_steps < 1 or cfg.device_batch_size < 1:
+        raise ChatforgeError("--steps and --batch-size must be at least 1")
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
+    return cfg
+
+
+def add_reward_arguments(p: argparse.ArgumentParser) -> None:
+    add_pref_train_arguments(p, "reward model")
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    summary = train_reward(
+        Path(args.model), Path(args.data), Path(args.out), pref_train_config(args),
+        val_fraction=args.val_fraction, val_data=args.val, resume=args.resume,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2))

@@ -1,0 +1,539 @@
+"""Reinforcement learning from a verifiable reward: GRPO (Shao et al. 2024, DeepSeekMath).
+
+    chatforge rl --model runs/sft --problems world --world runs/demo/world --out runs/rl --steps 100
+
+Each step, for P problems: sample a group of G answers per problem (the engine, temperature T),
+score each with a reward function (rewards.py), and turn rewards into advantages relative to the
+group: A = (r - mean(group)) / (std(group) + eps). A group whose answers all score the same
+teaches nothing and gets A = 0. Then a few epochs of the clipped policy-gradient loss over the
+answer tokens (PPO's ratio to the policy that sampled them, clipped to [1 - eps, 1 + eps]):
+
+    loss_t = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A) + beta * KL_t
+
+with ratio_t = pi(token_t) / pi_old(token_t) and, when --kl-beta > 0, the k3 estimator of the KL
+to the starting model: KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (>= 0, unbiased). It is
+what keeps skills the problems never exercise: on the world demo, 60 steps on fact and arithmetic
+problems without it took refusals of harmful requests from 96% to 20%; with --kl-beta 0.1, 93%. Token
+losses are averaged within each answer, then over answers, as in the GRPO paper. Log-probs are
+taken at the sampling temperature, so the ratio is 1 on the first epoch.
+
+Every eval step greedy answers to held-out problems give pass@1 (the exact-answer check, when the
+problems have answers) and the mean reward; both are logged and plotted against step (rl.png).
+
+Problems: a .jsonl of {"messages": [...]} or {"question": ...}, with "answer" for the exact checks
+and "expression" for the calculator check (the world's eval_forward.jsonl works as is), or
+`world`: forward fact questions and arithmetic built from a world folder (--world). The
+training problems ask about the SFT people, the held-out ones about the evaluation people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from chatforge import checkpoint as ckpt
+from chatforge.align import pad_right, plot_metrics, resume_train, save_train_checkpoint, token_logps
+from chatforge.align.prefs import batch_indices
+from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
+from chatforge.config import TrainConfig
+from chatforge.conversations import arithmetic_turn, split_people
+from chatforge.engine import generate_batch
+from chatforge.errors import ChatforgeError
+from chatforge.eval.base import chat_stop_ids
+from chatforge.fileio import atomic_write_json, read_jsonl
+from chatforge.model.gpt import GPT
+from chatforge.tokenizer import Tokenizer, render_prompt, validate_conversation
+from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
+from chatforge.world import Person, World, fact_questions, load_world
+
+
+@dataclass
+class RLConfig:
+    steps: int = 100
+    prompts_per_step: int = 8  # P problems per step
+    group_size: int = 8  # G answers per problem
+    temperature: float = 1.0
+    top_p: float | None = None
+    max_new_tokens: int = 48
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    clip_eps: float = 0.2
+    kl_beta: float = 0.0  # > 0 keeps a frozen copy of the starting model for the k3 KL
+    epochs: int = 2  # optimisation passes over each rollout
+    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout
+    grad_clip: float = 1.0
+    adv_eps: float = 1e-4
+    eval_every: int = 10
+    eval_problems: int = 64
+    ckpt_every: int = 50
+    keep_ckpts: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer / schedule knobs in the form train/common.py takes."""
+        return TrainConfig(
+            lr=self.lr, embed_lr=self.lr, weight_decay=0.0, warmup_steps=self.warmup_steps,
+            final_lr_frac=1.0, max_steps=self.steps, grad_clip=self.grad_clip, seed=self.seed,
+        )  # fmt: skip
+
+
+# ---- GRPO, the math --------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(r - group mean) / (group std + eps) for rewards laid out group after group (N = P * G).
+    std is the sample standard deviation (n - 1), as TRL's GRPOTrainer uses."""
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ChatforgeError(
+            f"need groups of at least 2 answers that divide {rewards.numel()}, got {group_size}"
+        )
+    r = rewards.float().view(-1, group_size)
+    std = r.std(dim=1, keepdim=True)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (std + eps)
+    return torch.where(std > 0, adv, torch.zeros_like(adv)).view(-1)  # a tied group: exactly 0
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 (Schulman 2020)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    ref_logps: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective. logps/old_logps/ref_logps/mask: (N, T) over target tokens,
+    advantages (N,). Returns (loss, {"clip_frac", "kl", "ratio"}), stats over masked tokens."""
+    mask = mask.float()
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    kl = None
+    if ref_logps is not None and kl_beta > 0:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + kl_beta * kl
+    n_tokens = mask.sum(-1).clamp(min=1)
+    loss = ((per_token * mask).sum(-1) / n_tokens).mean()
+    with torch.no_grad():
+        total = mask.sum().clamp(min=1)
+        stats = {
+            "clip_frac": float((((ratio - 1).abs() > clip_eps).float() * mask).sum() / total),
+            "ratio": float((ratio * mask).sum() / total),
+            "kl": float((kl * mask).sum() / total) if kl is not None else 0.0,
+        }
+    return loss, stats
+
+
+# ---- problems ------------------------------------------------------------------------------------
+
+
+def load_problems(path: str | Path) -> list[dict]:
+    """Problems from .jsonl: {"messages": [...prompt turns]} or {"question": "..."}, plus any fields
+    the reward reads ("answer", "expression", ...). Rows are returned with "messages" filled in."""
+    p = Path(path)
+    out = []
+    for n, obj in read_jsonl(p):
+        where = f"{p} line {n}"
+        if "messages" in obj:
+            messages = obj["messages"]
+        elif isinstance(obj.get("question"), str) and obj["question"].strip():
+            messages = [{"role": "user", "content": obj["question"]}]
+        else:
+            raise ChatforgeError(f"{where}: a problem needs 'messages' (prompt turns) or a 'question' string")
+        validate_conversation(messages, where, require_assistant=False)
+        if messages[-1]["role"] == "assistant":
+            raise ChatforgeError(f"{where}: the prompt ends with an assistant turn; end it with the question")
+        if "answer" in obj and not isinstance(obj["answer"], str | int | float):
+            raise ChatforgeError(f"{where}: 'answer' must be a string or a number")
+        out.append({**obj, "messages": messages})
+    if not out:
+        raise ChatforgeError(f"{p} holds no problems")
+    return out
+
+
+_EXPR = re.compile(r"(\d+) (\+|-|\*|plus|minus|times) (\d+)")
+_WORD_OP = {"plus": "+", "minus": "-", "times": "*"}
+
+
+def arithmetic_problem(rng: random.Random) -> dict:
+    """One arithmetic question (conversations.arithmetic_turn) with its answer and expression."""
+    question, reference, result = arithmetic_turn(rng)
+    a, op, b = _EXPR.search(reference).groups()  # the reference answer states "a op b"
+    return {
+        "messages": [{"role": "user", "content": question}],
+        "answer": str(result),
+        "expression": f"{a} {_WORD_OP.get(op, op)} {b}",
+        "kind": "arithmetic",
+    }
+
+
+def world_problems(
+    world: World, people: list[Person], seed: int = 0, *, n_arithmetic: int | None = None
+) -> list[dict]:
+    """Checkable problems from the world: one forward question per attribute per person (one phrasing,
+    seeded) and `n_arithmetic` sums (default: as many as fact questions). Shuffled."""
+    rng = random.Random(f"chatforge-rl:{seed}")
+    out = []
+    for p in people:
+        for qa in fact_questions(p, world, rng, n_phrasings=1):
+            out.append(
+                {
+                    "messages": [{"role": "user", "content": qa.question}],
+                    "answer": qa.answer,
+                    "kind": qa.attribute,
+                    "person_id": qa.person_id,
+                }
+            )
+    out += [arithmetic_problem(rng) for _ in range(len(out) if n_arithmetic is None else n_arithmetic)]
+    rng.shuffle(out)
+    return out
+
+
+# ---- rollouts and evaluation -----------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    ids: list[list[int]]  # prompt + answer, one row per sample, group after group
+    masks: list[list[int]]  # 1 on the answer's tokens
+    texts: list[str]
+    rewards: torch.Tensor  # (N,)
+    answer_tokens: int
+
+
+def _answer_text(tok: Tokenizer, ids: list[int], stops: set[int]) -> str:
+    return tok.decode([t for t in ids if t not in stops]).strip()
+
+
+@torch.no_grad()
+def rollout(
+    policy: GPT,
+    tok: Tokenizer,
+    problems: list[dict],
+    reward: RewardFn,
+    cfg: RLConfig,
+    seed: int,
+) -> Rollout:
+    """G sampled answers for each problem (seeds seed, seed+1, ... per row), scored."""
+    G = cfg.group_size
+    stops = chat_stop_ids(tok)
+    prompts = [render_prompt(tok, p["messages"]) for p in problems for _ in range(G)]
+    was = policy.training
+    policy.eval()
+    outs = generate_batch(
+        policy,
+        prompts,
+        cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seeds=seed,
+        stop_ids=stops,
+    )
+    policy.train(was)
+    texts = [_answer_text(tok, o, set(stops)) for o in outs]
+    items = [(p["messages"], texts[i * G + j], p) for i, p in enumerate(problems) for j in range(G)]
+    rewards = torch.tensor(score_all(reward, items), dtype=torch.float32)
+    return Rollout(
+        ids=[pr + o for pr, o in zip(prompts, outs, strict=True)],
+        masks=[[0] * len(pr) + [1] * len(o) for pr, o in zip(prompts, outs, strict=True)],
+        texts=texts,
+        rewards=rewards,
+        answer_tokens=sum(len(o) for o in outs),
+    )
+
+
+@torch.no_grad()
+def evaluate_problems(
+    policy: GPT,
+    tok: Tokenizer,
+    problems: list[dict],
+    reward: RewardFn,
+    max_new_tokens: int,
+    batch_size: int = 64,
+) -> dict:
+    """Greedy answers to `problems`: mean reward, and pass@1 by the exact-answer check (when they have answers)."""
+    stops = chat_stop_ids(tok)
+    was = policy.training
+    policy.eval()
+    texts = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        outs = generate_batch(
+            policy, [render_prompt(tok, p["messages"]) for p in chunk], max_new_tokens, stop_ids=stops
+        )
+        texts += [_answer_text(tok, o, set(stops)) for o in outs]
+    policy.train(was)
+    items = [(p["messages"], t, p) for p, t in zip(problems, texts, strict=True)]
+    out = {"val_reward": sum(score_all(reward, items)) / len(items)}
+    if all("answer" in p for p in problems):
+        out["val_pass1"] = sum(exact_answer(*it) for it in items) / len(items)
+    out["sample"] = f"{problems[0]['messages'][-1]['content']} -> {texts[0]}"
+    return out
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+
+def _fits(problems: list[dict], tok: Tokenizer, seq_len: int, what: str) -> list[dict]:
+    kept = [p for p in problems if len(render_prompt(tok, p["messages"])) < seq_len - 1]
+    if not kept:
+        raise ChatforgeError(f"no {what} problem fits the model's {seq_len}-token context")
+    if len(kept) < len(problems):
+        print(
+            f"note: {len(problems) - len(kept)} {what} problems are too long for the context and were dropped"
+        )
+    return kept
+
+
+def grpo(
+    base: Path,
+    problems: list[dict],
+    val_problems: list[dict],
+    out_dir: Path,
+    cfg: RLConfig,
+    reward: RewardFn | str = "exact",
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    meta_extra: dict | None = None,
+) -> dict:
+    """GRPO-train the model in `base` on `problems`, evaluating on `val_problems`; returns a summary."""
+    if cfg.group_size < 2:
+        raise ChatforgeError(
+            f"--group-size must be at least 2 (advantages compare answers), got {cfg.group_size}"
+        )
+    if cfg.steps < 1 or cfg.prompts_per_step < 1 or cfg.epochs < 1:
+        raise ChatforgeError("--steps, --prompts-per-step and --epochs must be at least 1")
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    policy, base_meta, model_dir = ckpt.load_model(base, device)
+    tok = Tokenizer.load(model_dir)
+    reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
+    reward_fn = get_reward(reward, device) if isinstance(reward, str) else reward
+    problems = _fits(problems, tok, policy.cfg.seq_len, "training")
+    val_problems = _fits(val_problems, tok, policy.cfg.seq_len, "held-out")[: cfg.eval_problems]
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
+    tcfg = cfg.train_config()
+    policy.train()
+    optimizers = build_optimizers(policy, tcfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start, state = resume_train(out_dir, policy, optimizers, resume, cfg.steps)
+    meta = {
+        **ckpt.inherited_meta(base_meta),
+        "stage": "rl",
+        "rl": asdict(cfg),
+        "reward": reward_name,
+        "base": str(model_dir),
+        "base_stage": base_meta.get("stage"),
+        **(meta_extra or {}),
+    }
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if state else None)
+    print(
+        f"GRPO: {len(problems)} problems, {len(val_problems)} held out; {cfg.prompts_per_step} x {cfg.group_size} "
+        f"answers per step, reward {reward_name}, {cfg.steps} steps on {device}"
+    )
+    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    mb = cfg.minibatch_size or N
+    evals: list[dict] = []
+    t0, train_time = time.perf_counter(), state.get("train_seconds", 0.0)
+    bar = tqdm(range(start, cfg.steps + 1), initial=start, total=cfg.steps + 1, disable=not progress)
+    for step in bar:
+        if step % max(cfg.eval_every, 1) == 0 or step == cfg.steps:
+            ev = evaluate_problems(policy, tok, val_problems, reward_fn, cfg.max_new_tokens)
+            evals.append({"step": step, **ev})
+            metrics.log(step=step, **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in ev.items()})
+            bar.write(
+                f"step {step}: held-out reward {ev['val_reward']:.3f}"
+                + (f", pass@1 {ev['val_pass1']:.3f}" if "val_pass1" in ev else "")
+                + f" | {ev['sample'][:100]!r}"
+            )
+        if step == cfg.steps:
+            break
+        ts = time.perf_counter()
+        batch = [problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, cfg.seed)]
+        ro = rollout(
+            policy, tok, batch, reward_fn, cfg, seed=cfg.seed * 1_000_003 + step * N
+        )  # the engine, fp32 cache
+        adv = group_advantages(ro.rewards, G, cfg.adv_eps).to(device)
+        ids = pad_right(ro.ids, device)
+        mask = pad_right(ro.masks, device)[:, 1:]  # over target positions
+        with torch.no_grad(), autocast(device):
+            old = torch.cat([token_logps(policy, ids[i : i + mb], cfg.temperature) for i in range(0, N, mb)])
+            ref_lp = (
+                torch.cat([token_logps(ref, ids[i : i + mb], cfg.temperature) for i in range(0, N, mb)])
+                if ref is not None
+                else None
+            )
+        set_lr(optimizers, lr_multiplier(step, tcfg))
+        losses, stats = [], []
+        for _ in range(cfg.epochs):
+            for i in range(0, N, mb):
+                sl = slice(i, i + mb)
+                with autocast(device):
+                    lp = token_logps(policy, ids[sl], cfg.temperature)
+                loss, st = grpo_loss(
+                    lp, old[sl], adv[sl], mask[sl], cfg.clip_eps,
+                    ref_lp[sl] if ref_lp is not None else None, cfg.kl_beta,
+                )  # fmt: skip
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                for opt in optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                stats.append(st)
+        r = ro.rewards.view(-1, G)
+        record = {
+            "reward_mean": round(float(r.mean()), 5),
+            "reward_std": round(float(r.std(dim=1).mean()), 5),
+            "zero_std_groups": round(float((r.std(dim=1) == 0).float().mean()), 4),
+            "loss": round(sum(losses) / len(losses), 6),
+            "clip_frac": round(sum(s["clip_frac"] for s in stats) / len(stats), 5),
+            "kl": round(sum(s["kl"] for s in stats) / len(stats), 6),
+            "answer_tokens": round(ro.answer_tokens / N, 2),
+            "step_s": round(time.perf_counter() - ts, 3),
+        }
+        metrics.log(step=step + 1, **record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}")
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            extra = {"train_seconds": train_time + time.perf_counter() - t0}
+            save_train_checkpoint(out_dir, step + 1, policy, tok, meta, optimizers, extra, cfg.keep_ckpts)
+    bar.close()
+    train_time += time.perf_counter() - t0
+    if start < cfg.steps or not state:  # the finished run's checkpoint: --resume with more steps extends it
+        extra = {"train_seconds": train_time}
+        save_train_checkpoint(out_dir, cfg.steps, policy, tok, meta, optimizers, extra, cfg.keep_ckpts)
+    first, last = evals[0], evals[-1]
+    summary = {
+        "problems": len(problems),
+        "val_problems": len(val_problems),
+        "steps": cfg.steps,
+        "reward": reward_name,
+        "train_seconds": round(train_time, 2),
+        "val_reward_start": first["val_reward"],
+        "val_reward_end": last["val_reward"],
+        "val_pass1_start": first.get("val_pass1"),
+        "val_pass1_end": last.get("val_pass1"),
+        "sample_end": last["sample"],
+    }
+    ckpt.save_model(out_dir, policy, tok.to_json(), {**meta, "step": cfg.steps, "summary": summary})
+    summary["plot"] = str(
+        plot_metrics(
+            out_dir / "metrics.jsonl",
+            out_dir / "rl.png",
+            [
+                ("reward", ["reward_mean", "val_reward"]),
+                ("held-out pass@1 (greedy)", ["val_pass1"]),
+                ("KL to start / clipped share", ["kl", "clip_frac"]),
+            ],
+            f"GRPO from {Path(base).name}: {cfg.prompts_per_step}x{cfg.group_size} samples/step",
+        )
+    )
+    atomic_write_json(out_dir / "rl_summary.json", summary)
+    return summary
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+
+def add_rl_arguments(p: argparse.ArgumentParser) -> None:
+    d = RLConfig()
+    p.add_argument(
+        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
+    )
+    p.add_argument(
+        "--problems", required=True, metavar="FILE|world",
+        help="problems .jsonl ({messages|question, answer, ...}) or 'world' (needs --world)",
+    )  # fmt: skip
+    p.add_argument("--world", default=None, help="world folder, for --problems world")
+    p.add_argument(
+        "--val-problems", default=None, metavar="FILE",
+        help="held-out problems (default: the world's evaluation people, or 10%% of --problems)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder for the RL model")
+    p.add_argument(
+        "--reward", default="exact", help="exact (default), number, calculator, or rm:RUN (a reward model)"
+    )
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
+    p.add_argument("--group-size", type=int, default=d.group_size, help="answers sampled per problem")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--clip-eps", type=float, default=d.clip_eps)
+    p.add_argument(
+        "--kl-beta", type=float, default=d.kl_beta, help="weight of the KL to the starting model (0 = off)"
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs, help="optimisation passes over each rollout")
+    p.add_argument(
+        "--minibatch-size", type=int, default=d.minibatch_size, help="rows per optimizer step (0 = all)"
+    )
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-problems", type=int, default=d.eval_problems)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
+    """(train problems, held-out problems, what to record in config.json) from the CLI arguments."""
+    if args.problems == "world":
+        if not args.world:
+            raise ChatforgeError(
+                "--problems world needs --world DIR (the world folder the model was trained on)"
+            )
+        world = load_world(args.world)
+        sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
+        train = world_problems(world, sft_people, args.seed)
+        val = world_problems(world, eval_people or sft_people, args.seed + 1)
+        source = {"problems": "world", "world": str(args.world)}
+    else:
+        train, val = load_problems(args.problems), []
+        source = {"problems": str(args.problems)}
+    if args.val_problems:
+        val = load_problems(args.val_problems)
+        source["val_problems"] = str(args.val_problems)
+    elif not val:  # hold out 10% of the problems (at least one), by a seeded shuffle
+        if len(train) < 2:
+            raise ChatforgeError("need at least 2 problems (or --val-problems) to hold some out")
+        order = list(range(len(train)))
+        random.Random(f"chatforge-rl-split:{args.seed}").shuffle(order)
+        n_val = max(1, len(train) // 10)
+        val = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in order[n_val:]]
+    return train, val, source
+
+
+def cmd_rl(args: argparse.Namespace) -> None:
+    fields = {f: getattr(args, f) for f in RLConfig.__dataclass_fields__ if hasattr(args, f)}
+    cfg = RLConfig(**fields)
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
+    train, val, source = resolve_problems(args)
+    summary = grpo(
+        Path(args.model), train, val, Path(args.out), cfg, args.reward,
+        resume=args.resume, progress=not args.no_progress, meta_extra=source,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2))

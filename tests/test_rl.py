@@ -1,0 +1,180 @@
+"""GRPO: advantages, the clipped loss and the k3 KL against hand-computed values; reward functions;
+world problems; a toy task whose reward really rises; an end-to-end `rl` run from a world."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from chatforge.align.rewards import calculator_verified, exact_answer, get_reward, last_number, number_match
+from chatforge.align.rl import (
+    RLConfig,
+    add_rl_arguments,
+    cmd_rl,
+    group_advantages,
+    grpo,
+    grpo_loss,
+    k3_kl,
+    load_problems,
+    world_problems,
+)
+from chatforge.checkpoint import load_model, save_model
+from chatforge.conversations import split_people
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.tokenizer import Tokenizer
+from chatforge.world import build_world, write_world
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    texts = ["Where was Alice born? Alice was born in Valdren.", "What is 12 plus 30? 12 + 30 = 42."] * 30
+    tok = Tokenizer.train(texts, 300)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    path = tmp_path_factory.mktemp("rl") / "sft"
+    save_model(path, GPT(cfg), tok.to_json(), {"stage": "sft"})
+    return path
+
+
+# ---- the math, by hand -----------------------------------------------------------------------------
+
+
+def test_group_advantages_match_hand_computation():
+    adv = group_advantages(
+        torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0]), 4, eps=0.0
+    )
+    s = math.sqrt(1 / 3)  # group 1: mean 0.5, sample std sqrt(4 * 0.25 / 3)
+    assert adv[:4].tolist() == pytest.approx([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s])
+    assert adv[4:8].tolist() == [0.0] * 4  # all equal: nothing to learn, and no division by zero (0 / eps)
+    s3 = math.sqrt(2 / 3)  # group 3: mean 2, deviations 1, -1, 0, 0
+    assert adv[8:].tolist() == pytest.approx([1 / s3, -1 / s3, 0.0, 0.0])
+    assert group_advantages(torch.zeros(4), 2, eps=1e-4).abs().max() == 0
+    with pytest.raises(ChatforgeError):
+        group_advantages(torch.zeros(5), 2)
+
+
+def test_clipped_loss_matches_hand_computation():
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    # ratios: row 0 [1.5, 0.9, 1.0 (masked)], row 1 [0.6, 1.1, 1.0]
+    new = torch.log(torch.tensor([[0.75, 0.45, 0.5], [0.3, 0.55, 0.5]]))
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, stats = grpo_loss(new, old, adv, mask, clip_eps=0.2)
+    # row 0 (A=2):  token 1: min(1.5*2, 1.2*2) = 2.4; token 2: min(0.9*2, 0.9*2) = 1.8 -> mean -(2.4+1.8)/2 = -2.1
+    # row 1 (A=-1): min(0.6*-1, 0.8*-1) = -0.8; min(1.1*-1, 1.1*-1) = -1.1; min(-1, -1) = -1 -> mean (0.8+1.1+1)/3
+    expected = (-2.1 + (0.8 + 1.1 + 1.0) / 3) / 2
+    assert float(loss) == pytest.approx(expected, abs=1e-6)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)  # 1.5 and 0.6 are outside [0.8, 1.2]
+    # the gradient flows only through unclipped terms: d loss / d logp = -A * ratio / n_tokens / rows
+    new.requires_grad_(True)
+    grpo_loss(new, old, adv, mask, clip_eps=0.2)[0].backward()
+    g = new.grad
+    assert g[0, 0] == 0 and g[1, 0] == 0 and g[0, 2] == 0  # clipped, clipped, masked
+    assert float(g[0, 1]) == pytest.approx(-2 * 0.9 / 2 / 2) and float(g[1, 2]) == pytest.approx(
+        1 * 1.0 / 3 / 2
+    )
+
+
+def test_k3_kl_and_the_kl_term():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.2]]))
+    kl = k3_kl(logp, ref)
+    assert kl[0, 0] == pytest.approx(0.5 - math.log(0.5) - 1) and kl[0, 1] == 0  # r = 0.5: r - log r - 1
+    assert (k3_kl(torch.randn(50), torch.randn(50)) >= 0).all()
+    mask = torch.ones(1, 2)
+    base, _ = grpo_loss(logp, logp, torch.tensor([1.0]), mask)
+    with_kl, stats = grpo_loss(logp, logp, torch.tensor([1.0]), mask, ref_logps=ref, kl_beta=0.1)
+    assert float(with_kl - base) == pytest.approx(0.1 * float(kl.mean()), abs=1e-6)
+    assert stats["kl"] == pytest.approx(float(kl.mean()))
+
+
+# ---- rewards and problems -----------------------------------------------------------------------------
+
+
+def test_reward_functions():
+    ex = {"answer": "Port Vesk"}
+    assert exact_answer([], "She was born in Port Vesk.", ex) == 1.0
+    assert exact_answer([], "She was born in Port Veskland.", ex) == 0.0  # a whole phrase, not a prefix
+    num = {"answer": "42", "expression": "12 + 30"}
+    assert exact_answer([], "12 + 30 = 42.", num) == 1.0 and exact_answer([], "42 is 12 + 30", num) == 0.0
+    assert number_match([], "The answer is 1,234.", {"answer": "1234"}) == 1.0
+    assert last_number("no digits") is None and number_match([], "none", num) == 0.0
+    assert calculator_verified([], "= 42", num) == 1.0 and calculator_verified([], "= 41", num) == 0.0
+    assert (
+        calculator_verified([], "= 42", {"answer": "42", "expression": "12 + 31"}) == 0.0
+    )  # gold recomputed
+    with pytest.raises(ChatforgeError, match="unknown reward"):
+        get_reward("nope")
+    with pytest.raises(ChatforgeError, match="'answer'"):
+        exact_answer([], "x", {})
+
+
+def test_world_problems_are_checkable(tmp_path):
+    world = build_world(0, 40, 4)
+    people, _ = split_people(world)
+    problems = world_problems(world, people, seed=1)
+    arith = [p for p in problems if p["kind"] == "arithmetic"]
+    facts = [p for p in problems if p["kind"] != "arithmetic"]
+    assert len(arith) == len(facts) > 0
+    for p in arith:  # the calculator agrees with the stored answer
+        assert calculator_verified(p["messages"], f"= {p['answer']}", p) == 1.0
+    for p in facts:
+        person = world.person(p["person_id"])
+        assert person.name in p["messages"][0]["content"]
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps({"question": "Where?", "answer": "Here"}) + "\n" + '{"answer": 1}\n')
+    with pytest.raises(ChatforgeError, match="line 2: a problem needs"):
+        load_problems(path)
+
+
+# ---- learning ---------------------------------------------------------------------------------------------
+
+
+def test_grpo_raises_the_reward_on_a_toy_task(run_dir, tmp_path):
+    """Reward 1 when the answer contains the letter 'e'. The random model's greedy answers never do,
+    and about a third of its samples do; GRPO must raise both (seed-checked: 0 -> 1 greedy on seeds 0-4)."""
+
+    def contains_e(messages, text, example):
+        return float("e" in text)
+
+    problems = [{"messages": [{"role": "user", "content": f"Say something {i}."}]} for i in range(8)]
+    cfg = RLConfig(steps=12, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=3e-3, warmup_steps=0,
+                   eval_every=6, device="cpu", seed=0)  # fmt: skip
+    summary = grpo(run_dir, problems, problems[:4], tmp_path / "toy", cfg, contains_e, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    sampled = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    assert sum(sampled[-4:]) / 4 > sum(sampled[:4]) / 4 + 0.05
+    assert summary["val_reward_start"] == 0.0 and summary["val_reward_end"] >= 0.75
+
+
+def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
+    world_dir = tmp_path / "world"
+    write_world(build_world(0, 40, 4), world_dir, paraphrases=1, seed=0)
+    p = argparse.ArgumentParser()
+    add_rl_arguments(p)
+    argv = ["--model", run_dir, "--problems", "world", "--world", world_dir, "--out", tmp_path / "rl",
+            "--steps", 2, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6,
+            "--eval-every", 1, "--eval-problems", 8, "--kl-beta", 0.05, "--device", "cpu", "--no-progress"]  # fmt: skip
+    cmd_rl(p.parse_args([str(a) for a in argv]))
+    out = tmp_path / "rl"
+    model, meta, _ = load_model(out)
+    assert meta["stage"] == "rl" and meta["reward"] == "exact" and meta["problems"] == "world"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_pass1" in r] == [0, 1, 2]
+    assert all(r["kl"] >= 0 for r in rows if "kl" in r)
+    assert (out / "rl.png").stat().st_size > 1000
+    summary = json.loads((out / "rl_summary.json").read_text())
+    assert summary["val_problems"] == 8 and 0 <= summary["val_pass1_end"] <= 1
+    with pytest.raises(ChatforgeError, match="needs --world"):
+        cmd_rl(p.parse_args([str(a) for a in argv[:4] + ["--out", tmp_path / "x"]]))
