@@ -130,7 +130,7 @@ def _generators(seeds: int | Sequence[int] | None, n: int, device) -> list[torch
 
 
 # ---- generation ----------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()  # like no_grad, and also skips autograd's version counters on every tensor
 def stream_batch(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -178,9 +178,9 @@ def stream_batch(
         # or NaN, which would leak through the padding's keys/values since 0 weight x NaN is NaN)
         eye = torch.eye(L, dtype=torch.bool, device=device)
         mask = causal[None] & (key_ok[:, None, :L] | eye[None])
-        logits = model(idx, cache=cache, positions=positions, attn_mask=mask[:, None])[:, -1]
+        logits = model(idx, cache=cache, positions=positions, attn_mask=mask[:, None], last_only=True)[:, -1]
     else:
-        logits = model(idx, cache=cache)[:, -1]
+        logits = model(idx, cache=cache, last_only=True)[:, -1]
 
     rows = list(range(B))  # original prompt index of each live batch row
     for step in range(steps):

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 
 from chatforge.engine import generate, generate_batch, stream_batch, token_budgets
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.quant import decode_layout
 
 V = 300
 # different lengths, so the batch is left-padded (up to 9 padding tokens on row 1)
@@ -144,3 +147,48 @@ def test_overflow_clamps_rows_and_rejects_full_prompts(model):
 def test_bad_inputs_raise_chatforge_errors(model, prompts, kw, match):
     with pytest.raises(ChatforgeError, match=match):
         generate_batch(model, prompts, 3, **kw)
+
+
+@pytest.mark.parametrize("layout", ["as trained", "decode layout"])
+def test_decode_equals_naive_full_forward_greedy_loop(model, layout):
+    fast = decode_layout(copy.deepcopy(model)) if layout == "decode layout" else model
+    for prompt in PROMPTS[:2]:
+        new = list(generate(fast, prompt, 40))
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(40):  # no cache, no last_only, the plain model: everything recomputed each step
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert new == ids[len(prompt) :]
+
+
+def test_cache_is_allocated_once_and_filled_exactly(model):
+    calls = []
+
+    def record(mod, args, kwargs):
+        cache = kwargs["cache"]
+        calls.append((id(cache), cache.max_len, cache.pos, args[0].size(1)))
+
+    heads = []
+    hooks = [
+        model.register_forward_pre_hook(record, with_kwargs=True),
+        model.lm_head.register_forward_pre_hook(lambda mod, args: heads.append(args[0].size(1))),
+    ]
+    try:
+        out = generate_batch(model, PROMPTS, 9)
+    finally:
+        for h in hooks:
+            h.remove()
+    L = max(len(p) for p in PROMPTS)
+    assert [len(r) for r in out] == [9] * 4
+    assert len({c[0] for c in calls}) == 1  # one cache for the whole call
+    assert all(max_len == L + 9 - 1 for _, max_len, _, _ in calls)  # the last token is never fed back
+    _, max_len, pos, t = calls[-1]
+    assert pos + t == max_len  # filled to the last column, never past it
+    assert heads == [1] * 9  # the prefill projects only its last position onto the vocabulary
+
+
+def test_prompt_plus_new_tokens_at_the_context_edge(model):
+    prompt = list(range(1, 51))
+    assert len(list(generate(model, prompt, 64 - 50))) == 14  # exactly the context: fine
+    with pytest.raises(ChatforgeError, match="exceeds the model's context of 64 tokens"):
+        list(generate(model, prompt, 64 - 50 + 1))

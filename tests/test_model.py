@@ -3,7 +3,7 @@ import torch
 
 from chatforge.engine import generate, sample_next
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, GPTConfig, KVCache
+from chatforge.model.gpt import GPT, GPTConfig, KVCache, apply_rope, rope_tables
 
 
 def tiny(**kw) -> GPT:
@@ -110,3 +110,44 @@ def test_depth_dial_rejects_unknown_or_data_owned_settings():
         GPTConfig.from_depth(2, 97, 32, n_embdd=64)
     with pytest.raises(ChatforgeError, match="seq_len"):
         GPTConfig.from_depth(2, 97, 32, overrides={"seq_len": 64})
+
+
+def test_rope_matches_hf_rotate_half():
+    # HF Llama: q * cos + rotate_half(q) * sin, rotate_half(x) = cat(-x2, x1), with plain (unsigned) tables
+    model = tiny()
+    cfg = model.cfg
+    T, half = 12, cfg.head_dim // 2
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+    angles = torch.outer(torch.arange(T).float(), inv_freq)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    x = torch.randn(2, cfg.n_head, T, cfg.head_dim)
+    expected = x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    torch.testing.assert_close(apply_rope(x, *rope_tables(cfg, T)), expected)
+    torch.testing.assert_close(apply_rope(x, model.rope_cos[:T], model.rope_sin[:T]), expected)
+
+
+def test_last_only_gives_the_last_position():
+    model = tiny()
+    x = torch.randint(0, 97, (3, 16))
+    with torch.no_grad():
+        full = model(x)
+        last = model(x, last_only=True)
+        cache = KVCache(model.cfg, 3, 16)
+        prefill = model(x[:, :10], cache=cache, last_only=True)
+        step = model(x[:, 10:], cache=cache, last_only=True)  # a chunk after a prefix
+    assert last.shape == (3, 1, 97) and prefill.shape == (3, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prefill, full[:, 9:10], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_overflow_is_a_clear_error_and_leaves_the_cache_alone():
+    model = tiny()
+    cache = KVCache(model.cfg, 1, 8)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 6)), cache=cache)
+        with pytest.raises(ChatforgeError, match="context overflow: 9 tokens > cache size 8"):
+            model(torch.randint(0, 97, (1, 3)), cache=cache)
+        assert cache.pos == 6
+        model(torch.randint(0, 97, (1, 2)), cache=cache)  # exactly full is fine
+    assert cache.pos == 8

@@ -112,20 +112,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg: GPTConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (length, head_dim) in HF Llama's half-split layout."""
+    """cos and signed sin, each (length, head_dim), in HF Llama's half-split layout.
+
+    HF rotates with rotate_half(x) = (-x2, x1); the minus is folded into the first half of sin here, so
+    apply_rope is a roll and two multiplies (no slicing, negation or concatenation each call)."""
     inv_freq = 1.0 / (
         cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     )
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(device), angles.sin().to(device)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(device), torch.cat([-sin, sin], dim=-1).to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D) or (B, 1, T, D). Rotates pairs (i, i + D/2)."""
-    half = x.size(-1) // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x: (B, H, T, D); cos/sin from rope_tables: (T, D) or (B, 1, T, D). Rotates pairs (i, i + D/2):
+    x * cos + rotate_half(x) * sin, where roll gives (x2, x1) and the signed sin supplies the minus."""
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -278,12 +280,15 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        last_only: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V), or the loss if targets (B, T) are given (-1 = ignored).
 
         With a cache, idx holds the next T tokens after cache.pos; they are written to the cache and
         cache.pos advances. attn_mask (bool, True = may attend, broadcastable to (B, 1, T, keys)) is
         needed only when new tokens must not see some cached ones (padding, or T > 1 after a prefix).
+        last_only=True returns logits (B, 1, V) for the last position only: a prefill needs no others,
+        and the vocabulary projection is the largest matmul of a short sequence.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -298,10 +303,9 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.pos += T
-        x = self.norm(x)
         if targets is None:
-            return self.lm_head(x)
-        logits = self.lm_head(x).float()
+            return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        logits = self.lm_head(self.norm(x)).float()
         return F.cross_entropy(
             logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
         )
