@@ -75,6 +75,9 @@ def _write_model_files(folder: Path, model: GPT, tokenizer_json: str, meta: dict
     (folder / "config.json").write_text(
         json.dumps({"model": unwrap(model).cfg.to_dict(), **meta}, indent=2) + "\n", encoding="utf-8"
     )
+    for f in folder.iterdir():  # safetensors writes through a private temp file (0600): share like the rest
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def save_model(run_dir: Path, model: GPT, tokenizer_json: str, meta: dict) -> None:
