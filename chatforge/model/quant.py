@@ -1,0 +1,137 @@
+"""Inference weight formats for the one model, picked when a run is loaded for generation.
+
+    model, meta, model_dir = load_for_inference(RUN, quantize=None | "bf16" | "int8")
+
+- None (fp32): the weights as trained, each nn.Linear's weight re-laid column-major (`decode_layout`).
+  Same values, shape and module type; only the memory order changes, because one-token decoding is a
+  matrix-vector product that streams every weight once, and this CPU's BLAS streams (in, out)-ordered
+  memory faster than (out, in) (bench/infer.py measures it).
+- "bf16": weights, activations and the KV cache in bfloat16: half the memory. Fast only with bf16
+  math (AVX512-BF16 / AMX CPUs, GPUs); on an AVX2-only CPU torch converts in software, so decoding
+  (memory-bound) is about as fast as fp32 and prompts (compute-bound) are several times slower
+  (bench/infer.py measures both).
+- "int8": every nn.Linear (lm_head included) becomes an `Int8Linear`: int8 weights with one fp32
+  scale per output channel (symmetric: scale = max|row| / 127), a quarter of fp32's bytes. A decode
+  step (one row) runs fbgemm's int8 matmul, which also rounds that row's activations to 7 bits; a
+  prompt or an evaluation batch (several rows) runs the int8 weights times their scales in fp32. Why
+  not weight-only everywhere: on AVX2, `aten._weight_int8pack_mm`, dequantize-then-matmul and a
+  torch.compile'd dequantizing matmul were all slower than fp32 (measured), so only fbgemm's kernel
+  makes int8 faster. The quality cost of both paths is in bench/infer.py. CPU only.
+
+The model stays the one GPT class with the same module names; quantization swaps leaf modules only,
+so a quantized model is for generation and evaluation, not for training or saving.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT
+
+MODES = ("bf16", "int8")
+
+
+def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> (int8 weight, fp32 scale per output row), symmetric: w ~ q * scale."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear holding int8 weights with one fp32 scale per output channel.
+
+    One input row (a decode step): fbgemm's int8 matmul, which rounds that row's activations to 7 bits
+    (reduce_range: AVX2 sums int8 pairs in int16, which 8-bit activations could saturate). Several rows
+    (a prompt, an evaluation batch): the int8 weights times the scales, in fp32, activations unrounded.
+    Rounding a row's activations with its own range matters: a per-tensor range over a whole prompt is
+    set by a few huge activations (e.g. at the first token) and wipes out the rest (+0.58 bits per byte
+    on SmolLM2), while per row it costs about +0.025 (the int8 weights alone: +0.002)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ChatforgeError("int8: only bias-free nn.Linear layers are supported (GPT has no biases)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = int8_weights(linear.weight)
+        with warnings.catch_warnings():  # torch flags its quantized-tensor API as deprecated, but it is
+            warnings.simplefilter("ignore")  # what fbgemm's prepack takes: the one fast int8 matmul on AVX2
+            zero = torch.zeros(q.size(0), dtype=torch.long)
+            qw = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(), zero, 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)  # the only copy of the weights kept
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 (out, in) weight the int8 values and scales stand for."""
+        return torch.ops.quantized.linear_unpack(self._packed)[0].dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.size(-1):  # a single row
+            return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
+
+
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Store every nn.Linear weight column-major (same shape and values; weight.t() is contiguous).
+
+    F.linear(x, W) multiplies by W.t(); with this layout that is a plain row-major (in, out) matrix,
+    which MKL's matrix-vector path streams faster on this CPU. A tied lm_head keeps sharing its
+    Parameter with embed_tokens (an embedding lookup reads strided rows, a small cost)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and not module.weight.t().is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
+def quantize_model(model: GPT, mode: str) -> GPT:
+    """Convert a loaded model in place for inference: mode "bf16" or "int8" (see the module docstring)."""
+    if mode not in MODES:
+        raise ChatforgeError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} (or none)")
+    if mode == "bf16":
+        return model.to(torch.bfloat16)
+    if next(model.parameters()).device.type != "cpu":
+        raise ChatforgeError("int8 runs on the CPU only (fbgemm kernels); use bf16 on a GPU")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in linears:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Linear(linear))
+    return model
+
+
+def load_for_inference(
+    path: str | Path, quantize: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[GPT, dict, Path]:
+    """checkpoint.load_model + the inference format: None (fp32, decode layout), "bf16" or "int8".
+
+    Returns (model in eval mode, the config.json dict, the folder the weights came from)."""
+    from chatforge.checkpoint import load_model  # checkpoint imports gpt; keep this module light
+
+    if quantize is not None and quantize not in MODES:
+        raise ChatforgeError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)} (or none)")
+    model, meta, model_dir = load_model(Path(path), device)
+    if quantize is None:
+        model = decode_layout(model)
+    else:
+        model = quantize_model(model, quantize)
+        _release_freed_memory()
+    return model.eval(), meta, model_dir
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed fp32 weights back to the OS: glibc keeps freed heap pages otherwise, and an int8
+    model would show the fp32 model's memory (measured on SmolLM2: 770 MB resident -> 558 MB)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass

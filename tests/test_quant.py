@@ -1,0 +1,146 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from chatforge.checkpoint import model_state, save_model
+from chatforge.engine import generate, generate_batch
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig, KVCache
+from chatforge.model.quant import (
+    MODES,
+    Int8Linear,
+    decode_layout,
+    int8_weights,
+    load_for_inference,
+    quantize_model,
+)
+from chatforge.tokenizer import Tokenizer
+
+V = 300
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = {"vocab_size": V, "seq_len": 64, "n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, **kw}
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def stepwise(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """Logits one token per forward through the KV cache: the decode path."""
+    cache = KVCache(model.cfg, x.size(0), x.size(1), dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        return torch.cat([model(x[:, t : t + 1], cache=cache) for t in range(x.size(1))], dim=1)
+
+
+def test_int8_weights_round_trip_within_half_a_step():
+    w = torch.randn(48, 40) * torch.linspace(0.01, 3.0, 48)[:, None]  # rows of very different ranges
+    q, scale = int8_weights(w)
+    assert q.dtype == torch.int8 and scale.shape == (48,)
+    assert int(q.abs().max()) == 127  # each row's largest weight uses the full range
+    assert bool(((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all())
+    linear = nn.Linear(40, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    assert torch.equal(Int8Linear(linear).dequantized(), q.float() * scale[:, None])  # fbgemm's copy is exact
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_int8_logits_close_to_fp32(tie):
+    model = tiny(tie_embeddings=tie)
+    x = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        ref_full, ref_steps = model(x), stepwise(model, x)
+    q = quantize_model(copy.deepcopy(model), "int8")
+    linears = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 2 * 7 + 1 and not any(isinstance(m, nn.Linear) for m in q.modules())
+    assert q.embed_tokens.weight.dtype == torch.float32  # the lookup table stays exact
+    with torch.no_grad():
+        full = q(x)
+    steps_1 = torch.cat([stepwise(q, x[i : i + 1]) for i in range(2)])  # one row: fbgemm's int8 kernel
+    # bounded error on both paths, but not zero: the weights really are int8
+    assert 1e-5 < rel_err(full, ref_full) < 0.015
+    assert 1e-5 < rel_err(steps_1, ref_steps) < 0.03
+    assert rel_err(stepwise(q, x), ref_steps) < 0.015  # two rows: the prompt path, step by step
+
+
+def test_int8_greedy_generation_mostly_agrees_with_fp32():
+    model = tiny()
+    with torch.no_grad():  # larger weights: peaked, varied next-token choices instead of one repeated token
+        for p in model.parameters():
+            p.mul_(3.0)
+    q = quantize_model(copy.deepcopy(model), "int8")
+    prompts = [[5, 17, 3, 42, 9], [1, 2, 3], [250, 7, 7]]
+    fp32 = [t for p in prompts for t in generate(model, p, 12)]
+    int8 = [t for p in prompts for t in generate(q, p, 12)]
+    assert len(set(fp32)) > 10  # not a degenerate repeat, so agreement means something
+    assert sum(a == b for a, b in zip(fp32, int8, strict=True)) >= 18
+
+
+def test_bf16_weights_compute_and_cache():
+    model = tiny()
+    x = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        ref = model(x)
+    b = quantize_model(copy.deepcopy(model), "bf16")
+    assert {p.dtype for p in b.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = b(x)
+    assert out.dtype == torch.bfloat16 and 1e-5 < rel_err(out, ref) < 0.02
+    assert rel_err(stepwise(b, x), ref) < 0.02  # the KV cache takes the model's dtype
+    assert len(list(generate(b, [1, 2, 3], 5))) == 5
+
+
+@pytest.mark.parametrize("mode", ["int4", "fp16", "", "INT8"])
+def test_unknown_modes_are_refused_in_one_line(mode):
+    with pytest.raises(ChatforgeError, match="unknown quantization") as e:
+        quantize_model(tiny(), mode)
+    assert "\n" not in str(e.value) and "bf16, int8" in str(e.value)
+
+
+def test_decode_layout_keeps_values_names_and_ties():
+    model = tiny()
+    x = torch.randint(0, V, (3, 20))
+    with torch.no_grad():
+        ref = model(x)
+    before = {k: v.clone() for k, v in model_state(model).items()}
+    decode_layout(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is nn.Linear and m.weight.t().is_contiguous() for m in linears)
+    assert model.lm_head.weight is model.embed_tokens.weight  # still tied, one Parameter
+    after = model_state(model)  # what a save would write: same names, same values, contiguous
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_for_inference(tmp_path):
+    model = tiny()
+    tok = Tokenizer.train(["hello world, a tiny corpus for a tiny tokenizer"] * 20, vocab_size=V)
+    save_model(tmp_path / "run", model, tok.to_json(), {"stage": "test"})
+    prompt = [3, 1, 4, 1, 5]
+    expected = generate_batch(model, [prompt], 8)[0]
+    fp32, meta, folder = load_for_inference(tmp_path / "run")
+    assert meta["stage"] == "test" and folder == tmp_path / "run"
+    assert fp32.layers[0].mlp.up_proj.weight.t().is_contiguous()
+    assert generate_batch(fp32, [prompt], 8)[0] == expected
+    q, _, _ = load_for_inference(tmp_path / "run", "int8")
+    assert isinstance(q.lm_head, Int8Linear) and not q.training
+    b, _, _ = load_for_inference(tmp_path / "run", "bf16")
+    assert b.lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(ChatforgeError, match="unknown quantization 'int3'"):
+        load_for_inference(tmp_path / "run", "int3")
+    assert MODES == ("bf16", "int8")
