@@ -310,3 +310,44 @@ def test_default_tools_get_a_files_folder_removed_when_unused(tmp_path):
     registry, folder, temporary = chat_tools("all", str(tmp_path / "mine"))
     assert folder == tmp_path / "mine" and not temporary
     assert chat_tools(None, None) == (None, None, False)
+
+
+def test_openai_client_gets_the_tool_call_and_then_the_answer(tool_run):
+    """The official `openai` client against `chatforge serve` with a model that calls a tool: the call
+    comes back as tool_calls (plain and streamed); the client runs it, sends the result, gets the answer."""
+    openai = pytest.importorskip("openai")
+    from test_serve import serve  # uvicorn on a loopback port, in a thread
+
+    from chatforge.checkpoint import load_model
+    from chatforge.serve.app import create_app
+
+    model, _, model_dir = load_model(tool_run)
+    app = create_app(model, Tokenizer.load(model_dir), model_id="tool", max_batch=4)
+    tools = calculator_registry().schemas()
+    msgs = [{"role": "user", "content": "What is 48213 * 739?"}]
+    ask = {"model": "tool", "tools": tools, "temperature": 0, "max_tokens": 60}
+    with serve(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        choice = client.chat.completions.create(messages=msgs, **ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me compute."
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "calculator"
+        assert json.loads(call.function.arguments) == {"expression": "48213 * 739"}
+
+        streamed = {"content": "", "arguments": "", "finish": None}
+        for chunk in client.chat.completions.create(messages=msgs, stream=True, **ask):
+            delta = chunk.choices[0].delta
+            streamed["content"] += delta.content or ""
+            for c in delta.tool_calls or []:
+                streamed["arguments"] += c.function.arguments or ""
+            streamed["finish"] = chunk.choices[0].finish_reason or streamed["finish"]
+        assert streamed["content"] == "Let me compute." and streamed["finish"] == "tool_calls"
+        assert json.loads(streamed["arguments"]) == {"expression": "48213 * 739"}
+
+        result = calculator_registry().call(call.function.name, call.function.arguments).content
+        msgs += [
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": result},
+        ]
+        answer = client.chat.completions.create(messages=msgs, **{**ask, "max_tokens": 20}).choices[0]
+        assert answer.finish_reason == "stop" and answer.message.content == "It is 35629407."
