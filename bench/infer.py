@@ -408,7 +408,7 @@ def main() -> None:
     ap.add_argument(
         "--work", default="/tmp/chatforge_bench", help="where the import and HF export are cached"
     )
-    ap.add_argument("--out", default="bench/infer.json")
+    ap.add_argument("--out", default="docs/img/infer.json", help="JSON here, PNG beside it")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

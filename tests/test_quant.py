@@ -90,6 +90,23 @@ def test_int8_greedy_generation_mostly_agrees_with_fp32():
     assert sum(a == b for a, b in zip(fp32, int8, strict=True)) >= 18
 
 
+def test_int8_batch_equals_one_by_one():
+    # each decode row gets its own activation range, so a batch computes what each prompt computes alone
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    q = quantize_model(model, "int8")
+    prompts = [[5, 17, 3, 42, 9, 11, 200], [1, 2], [7, 8, 9, 10]]
+    for kw in ({}, {"temperature": 1.0, "top_k": 20, "seeds": 3}):
+        batched = generate_batch(q, prompts, 10, **kw)
+        seeds = [None] * 3 if not kw else [3, 4, 5]
+        alone = [
+            generate_batch(q, [p], 10, **{**kw, "seeds": s})[0] for p, s in zip(prompts, seeds, strict=True)
+        ]
+        assert batched == alone and len({tuple(r) for r in batched}) == 3
+
+
 def test_bf16_weights_compute_and_cache():
     model = tiny()
     x = torch.randint(0, V, (2, 24))

@@ -12,11 +12,11 @@
   (bench/infer.py measures both).
 - "int8": every nn.Linear (lm_head included) becomes an `Int8Linear`: int8 weights with one fp32
   scale per output channel (symmetric: scale = max|row| / 127), a quarter of fp32's bytes. A decode
-  step (one row) runs fbgemm's int8 matmul, which also rounds that row's activations to 7 bits; a
-  prompt or an evaluation batch (several rows) runs the int8 weights times their scales in fp32. Why
-  not weight-only everywhere: on AVX2, `aten._weight_int8pack_mm`, dequantize-then-matmul and a
-  torch.compile'd dequantizing matmul were all slower than fp32 (measured), so only fbgemm's kernel
-  makes int8 faster. The quality cost of both paths is in bench/infer.py. CPU only.
+  step runs fbgemm's int8 matmul, which also rounds each row's activations to 7 bits; a prompt runs
+  the int8 weights times their scales in fp32. Why not weight-only everywhere: on AVX2,
+  `aten._weight_int8pack_mm`, dequantize-then-matmul and a torch.compile'd dequantizing matmul were
+  all slower than fp32 (measured), so only fbgemm's kernel makes int8 decoding faster. The quality
+  cost of both paths is in bench/infer.py. CPU only.
 
 The model stays the one GPT class with the same module names; quantization swaps leaf modules only,
 so a quantized model is for generation and evaluation, not for training or saving.
@@ -49,12 +49,13 @@ def int8_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A bias-free nn.Linear holding int8 weights with one fp32 scale per output channel.
 
-    One input row (a decode step): fbgemm's int8 matmul, which rounds that row's activations to 7 bits
-    (reduce_range: AVX2 sums int8 pairs in int16, which 8-bit activations could saturate). Several rows
-    (a prompt, an evaluation batch): the int8 weights times the scales, in fp32, activations unrounded.
-    Rounding a row's activations with its own range matters: a per-tensor range over a whole prompt is
-    set by a few huge activations (e.g. at the first token) and wipes out the rest (+0.58 bits per byte
-    on SmolLM2), while per row it costs about +0.025 (the int8 weights alone: +0.002)."""
+    A decode step (one position per row): fbgemm's int8 matmul, once per row, which rounds the row's
+    activations to 7 bits over that row's own range (reduce_range: AVX2 sums int8 pairs in int16,
+    which 8-bit activations could saturate). One call per row because fbgemm takes one range per call:
+    over a whole prompt that range is set by a few huge activations (e.g. at the first token) and
+    wipes out the rest (+0.58 bits per byte on SmolLM2, against +0.025 per row), and per row a batch
+    computes exactly what its prompts compute one by one. A prompt or an evaluation batch (several
+    positions per row): the int8 weights times their scales in fp32, activations unrounded (+0.002)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -73,9 +74,11 @@ class Int8Linear(nn.Module):
         return torch.ops.quantized.linear_unpack(self._packed)[0].dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.size(-1):  # a single row
+        if x.size(-2) != 1:  # several positions per row: a prompt
+            return F.linear(x, self.dequantized().to(x.dtype))
+        if x.size(0) == 1:  # a decode step of one row
             return torch.ops.quantized.linear_dynamic(x, self._packed, True)
-        return F.linear(x, self.dequantized().to(x.dtype))
+        return torch.cat([torch.ops.quantized.linear_dynamic(row, self._packed, True) for row in x.split(1)])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
