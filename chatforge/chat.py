@@ -465,6 +465,10 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-calls", type=int, default=4, help="tool calls allowed per answer (default 4)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    p.add_argument(
+        "--quantize", choices=("bf16", "int8"), default=None,
+        help="run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
+    )  # fmt: skip
 
 
 def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | None, Path | None, bool]:
@@ -498,7 +502,7 @@ def _tidy_files(folder: Path | None, temporary: bool) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from chatforge.checkpoint import load_model
+    from chatforge.model.quant import load_for_inference
 
     asked = args.max_new_tokens  # None: the default, clamped to the context without a note
     if asked is not None and asked < 1:
@@ -506,7 +510,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.max_calls < 0:
         raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
-    model, _meta, model_dir = load_model(Path(args.model), pick_device(args.device))
+    model, _meta, model_dir = load_for_inference(Path(args.model), args.quantize, pick_device(args.device))
     tok = Tokenizer.load(model_dir)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
