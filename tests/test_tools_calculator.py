@@ -132,7 +132,7 @@ def test_refused(expr, message):
         CalculatorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")
     ):
         calculate(expr)
-    assert time.perf_counter() - t0 < 0.5  # refusals are decided before any big computation
+    assert time.perf_counter() - t0 < 5  # decided before any big computation (which would take hours)
 
 
 def test_limit_edges():
