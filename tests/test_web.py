@@ -6,10 +6,8 @@ a remote image."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
 import threading
 import time
 
@@ -26,6 +24,8 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the browser test needs `pip install playwright`"
 )
 uvicorn = pytest.importorskip("uvicorn")
+
+from test_serve import serve  # noqa: E402  (uvicorn on a loopback port, in a thread)
 
 from chatforge.chat import stop_ids  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
@@ -46,25 +46,6 @@ ARGS = [
 ]
 LEAK = "<img src=http://x/leak> <script>window.pwned = 1</script>"
 ALLOWED_TAGS = {"P", "BR", "STRONG", "EM", "CODE", "PRE", "UL", "OL", "LI", "A", "H3", "H4", "H5", "H6"}
-
-
-@contextlib.contextmanager
-def serve(app):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,8 @@ from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
     batch_indices,
-    encode_prefs,
     load_prefs,
-    split_pairs,
+    train_val_pairs,
 )
 from chatforge.align.reward import add_pref_train_arguments, pref_train_config
 from chatforge.config import TrainConfig
@@ -146,20 +145,8 @@ def dpo(
     model, base_meta, model_dir = ckpt.load_model(base, device)
     tok = Tokenizer.load(model_dir)
     max_len = min(cfg.seq_len or model.cfg.seq_len, model.cfg.seq_len)
-    rows = load_prefs(data)
-    pairs, n_trunc = encode_prefs(tok, rows, max_len)
-    train, val = split_pairs(pairs, val_fraction, cfg.seed) if val_data is None else (pairs, [])
-    if val_data is not None:
-        val, n_val_trunc = encode_prefs(tok, load_prefs(val_data), max_len)
-        n_trunc += n_val_trunc
-    if not train:
-        raise ChatforgeError(
-            "no comparisons left for training after the validation split; lower --val-fraction"
-        )
-    print(
-        f"{len(train)} train / {len(val)} held-out comparisons"
-        + (f" ({n_trunc} truncated to {max_len} tokens)" if n_trunc else "")
-    )
+    rows = load_prefs(data)  # its single-turn prompts give the end-of-run samples
+    train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
     lora_meta = {}
     if cfg.lora_rank:
         lora_meta = {"lora": lora_setup(model, cfg)}

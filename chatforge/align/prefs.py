@@ -458,3 +458,24 @@ def cmd_world_prefs(args) -> None:
     for r in rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
     print(f"{len(rows)} comparisons written to {args.out}: {kinds}")
+
+
+def train_val_pairs(
+    tok: Tokenizer, data, val_data, val_fraction: float, seed: int, max_len: int
+) -> tuple[list, list, int]:
+    """Encoded (train, held-out, number truncated) comparisons for the reward model and DPO:
+    `val_data` if given, else a `val_fraction` split by prompt; one stdout line says the counts."""
+    pairs, n_trunc = encode_prefs(tok, load_prefs(data), max_len)
+    train, val = split_pairs(pairs, val_fraction, seed) if val_data is None else (pairs, [])
+    if val_data is not None:
+        val, n_val_trunc = encode_prefs(tok, load_prefs(val_data), max_len)
+        n_trunc += n_val_trunc
+    if not train:
+        raise ChatforgeError(
+            "no comparisons left for training after the validation split; lower --val-fraction"
+        )
+    print(
+        f"{len(train)} train / {len(val)} held-out comparisons"
+        + (f" ({n_trunc} truncated to {max_len} tokens)" if n_trunc else "")
+    )
+    return train, val, n_trunc

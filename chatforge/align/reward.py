@@ -44,9 +44,7 @@ from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
     batch_indices,
-    encode_prefs,
-    load_prefs,
-    split_pairs,
+    train_val_pairs,
 )
 from chatforge.config import TrainConfig, apply_overrides
 from chatforge.engine import generate_batch
@@ -216,19 +214,7 @@ def train_reward(
     gpt, base_meta, model_dir = ckpt.load_model(base, device)
     tok = Tokenizer.load(model_dir)
     max_len = min(cfg.seq_len or gpt.cfg.seq_len, gpt.cfg.seq_len)
-    pairs, n_trunc = encode_prefs(tok, load_prefs(data), max_len)
-    train, val = split_pairs(pairs, val_fraction, cfg.seed) if val_data is None else (pairs, [])
-    if val_data is not None:
-        val, n_val_trunc = encode_prefs(tok, load_prefs(val_data), max_len)
-        n_trunc += n_val_trunc
-    if not train:
-        raise ChatforgeError(
-            "no comparisons left for training after the validation split; lower --val-fraction"
-        )
-    print(
-        f"{len(train)} train / {len(val)} held-out comparisons"
-        + (f" ({n_trunc} truncated to {max_len} tokens)" if n_trunc else "")
-    )
+    train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
     rm = RewardModel(gpt).to(device).train()
     optimizers = build_optimizers(rm, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
