@@ -73,6 +73,42 @@ def sft_config(**kw) -> TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO (align/rl.py); in a preset, the speedrun's rl stage (steps 0 = no RL)."""
+
+    steps: int = 100
+    prompts_per_step: int = 8  # P problems per step
+    group_size: int = 8  # G answers per problem
+    temperature: float = 1.0
+    top_p: float | None = None
+    max_new_tokens: int = 48  # per generated message (with tools, per message between calls)
+    tools: bool = False  # sample with the calculator (tools/runner.py); --problems tools turns it on
+    max_calls: int = 2  # tool calls per answer, with tools
+    tool_problems: int = 2000  # training problems made for --problems tools (and the speedrun)
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    clip_eps: float = 0.2
+    kl_beta: float = 0.0  # > 0 keeps a frozen copy of the starting model for the k3 KL
+    epochs: int = 2  # optimisation passes over each rollout
+    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout
+    grad_clip: float = 1.0
+    adv_eps: float = 1e-4
+    eval_every: int = 10
+    eval_problems: int = 64
+    ckpt_every: int = 50
+    keep_ckpts: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+    def train_config(self) -> TrainConfig:
+        """The optimizer / schedule knobs in the form train/common.py takes."""
+        return TrainConfig(
+            lr=self.lr, embed_lr=self.lr, weight_decay=0.0, warmup_steps=self.warmup_steps,
+            final_lr_frac=1.0, max_steps=self.steps, grad_clip=self.grad_clip, seed=self.seed,
+        )  # fmt: skip
+
+
+@dataclass
 class DataConfig:
     """What the speedrun feeds pretraining and SFT, made from the world."""
 
@@ -105,6 +141,8 @@ class Preset:
     sft: TrainConfig = field(default_factory=sft_config)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # RL after SFT on calculator problems, answered with the calculator (speedrun's rl stage)
+    rl: RLConfig = field(default_factory=lambda: RLConfig(steps=0))
 
 
 PRESETS: dict[str, Preset] = {

@@ -168,6 +168,55 @@ def _tools_section(results: list[dict], run: Path) -> list[str]:
     return lines
 
 
+def _rl_section(run: Path, results: list[dict]) -> list[str]:
+    """Before (the assistant, eval/) and after GRPO (rl/eval/): the same tasks, side by side."""
+    summary = _load(run / "rl" / "rl_summary.json")
+    after_eval = _load(run / "rl" / "eval" / "eval.json")
+    if summary is None or after_eval is None:
+        return []
+    cfg = (_load(run / "rl" / "config.json") or {}).get("rl", {})
+    before = {r["task"]: r for r in results}
+    after = {r["task"]: r for r in after_eval["results"]}
+    lines = [
+        "## Reinforcement learning (GRPO, with the calculator)",
+        "",
+        f"{summary['steps']} steps from the assistant: each step {cfg.get('prompts_per_step', '?')} new calculator "
+        f"problems about the SFT people, {cfg.get('group_size', '?')} answers sampled for each with the calculator, "
+        f"reward 1 when the final answer states the exact result ({summary['problems']:,} training problems, "
+        f"{summary['train_seconds'] / 60:.1f} min). Then the evaluation's tasks again:",
+        "",
+        "| task | assistant (SFT) | after RL | n |",
+        "|---|---:|---:|---:|",
+    ]
+    if "tools_on" in before and "tools_on" in after:
+        kb, ka = _tool_kinds(before["tools_on"]), _tool_kinds(after["tools_on"])
+        for kind, row in ka.items():
+            name = f"**calculator problems, {kind}**" if kind == "all" else f"calculator problems, {kind}"
+            lines.append(
+                f"| {name} | {_pct(kb.get(kind, {}).get('accuracy'))} | {_pct(row['accuracy'])} | {row['n']:,} |"
+            )
+        eb, ea = before["tools_on"].get("extra", {}), after["tools_on"].get("extra", {})
+        if "false_call_rate" in ea:
+            lines.append(
+                f"| tool called on a plain fact question | {_pct(eb.get('false_call_rate'))} | "
+                f"{_pct(ea['false_call_rate'])} | {ea['fact_n']:,} |"
+            )
+    if "world_forward" in before and "world_forward" in after:
+        lines.append(
+            f"| world_forward (no tools shown) | {_pct(before['world_forward']['value'])} | "
+            f"{_pct(after['world_forward']['value'])} | {after['world_forward']['n']:,} |"
+        )
+    lines += [
+        "",
+        f"Held-out pass@1 during training ({summary['val_problems']} of the calculator problems, greedy): "
+        f"{_pct(summary.get('val_pass1_start'))} → {_pct(summary.get('val_pass1_end'))}.",
+        "",
+    ]
+    if (run / "rl" / "rl.png").exists():
+        lines += ["![reinforcement learning](rl/rl.png)", ""]
+    return lines
+
+
 def _training_section(title: str, folder: Path, summary_name: str, run: Path) -> list[str]:
     summary = _load(folder / summary_name)
     if summary is None:
@@ -276,6 +325,7 @@ def build_report(run: Path) -> Path:
             out += ["### Sample answers", ""]
             out += [f"- **{s['prompt']}** → {s['answer']}" for s in samples]
             out.append("")
+        out += _rl_section(run, results)
     path = run / "report.md"
     atomic_write_text(path, "\n".join(out))
     return path

@@ -12,6 +12,8 @@ Stages run in order, each writing into its own place in the run folder:
     base/             the pretrained base model (checkpoints, metrics, loss.png)
     sft/              the assistant, finetuned on conversations
     eval/             eval.json, eval.md (and eval.png, drawn by the report)
+    rl/               with rl.steps > 0: the assistant after GRPO on calculator problems
+                      (rl.png, rl_summary.json) and rl/eval/ (the same tasks again)
     report.md         the report card
 
 A stage whose output is complete is not redone, and an interrupted pretraining resumes
@@ -147,6 +149,14 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     """Forward questions about people SFT never asked about, the reversal probe, a sample of
     forward questions about SFT people (seen), bits per byte on held-out biographies; with
     data.tool_use, the calculator problems with the calculator shown and without."""
+    return _evaluate(preset, out, out / "sft", out / "eval", progress)
+
+
+def _evaluate(
+    preset: Preset, out: Path, model_run: Path, eval_out: Path, progress: bool, *, full: bool = True
+) -> dict:
+    """Evaluate the model in `model_run` into `eval_out`. `full=False` (after RL): world_forward and
+    the calculator problems with tools on only, the tasks the report sets before/after."""
     import sys
 
     from chatforge.checkpoint import load_model
@@ -159,33 +169,73 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     from chatforge.train.sft import chat_samples
 
     device = pick_device(preset.sft.device)
-    model, _, model_dir = load_model(out / "sft", device)
+    model, _, model_dir = load_model(model_run, device)
     tok = Tokenizer.load(model_dir)
     sft_dir = out / "sft_data"
-    seen = subset(load_qa_file(sft_dir / "sft_qa.jsonl"), 300, seed=0)
-    tasks = [
-        WorldQA(load_qa_file(sft_dir / "eval_forward.jsonl"), "world_forward"),
-        WorldQA(load_qa_file(sft_dir / "eval_reverse.jsonl"), "world_reverse"),
-        WorldQA(seen, "world_forward_seen"),
-        BitsPerByte(list(iter_documents(str(out / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
-    ]
+    facts = load_qa_file(sft_dir / "eval_forward.jsonl")
+    tasks = [WorldQA(facts, "world_forward")]
+    if full:
+        seen = subset(load_qa_file(sft_dir / "sft_qa.jsonl"), 300, seed=0)
+        tasks += [
+            WorldQA(load_qa_file(sft_dir / "eval_reverse.jsonl"), "world_reverse"),
+            WorldQA(seen, "world_forward_seen"),
+            BitsPerByte(list(iter_documents(str(out / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
+        ]
     if preset.data.tool_use and (sft_dir / "eval_tools.jsonl").exists():
         from chatforge.eval.tools import load_tool_problems, tool_tasks
 
-        facts = load_qa_file(sft_dir / "eval_forward.jsonl")  # for the false call rate (tools shown)
-        tasks += tool_tasks(load_tool_problems(sft_dir / "eval_tools.jsonl"), facts)
+        # the fact questions give the false call rate (tools shown, none needed)
+        tool_use = tool_tasks(load_tool_problems(sft_dir / "eval_tools.jsonl"), facts)
+        tasks += tool_use if full else tool_use[:1]  # [tools_on, tools_off]
     ctx = EvalContext(
         model, tok, device, max_examples=preset.eval.max_examples, batch_size=preset.eval.batch_size,
         log=(lambda line: print(line, file=sys.stderr)) if progress else None,
     )  # fmt: skip
     results = run_tasks(ctx, tasks)
-    samples = [
-        {"prompt": q, "answer": a} for q, a in chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64)
-    ]
-    write_results(results, out / "eval", meta={"model": str(model_dir), "samples": samples})
+    samples = (
+        [{"prompt": q, "answer": a} for q, a in chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64)]
+        if full
+        else []
+    )
+    write_results(results, eval_out, meta={"model": str(model_dir), "samples": samples})
     for r in results:
         print(f"  {r.task}: {r.metric} {r.value:.4f} (n={r.n})")
     return {r.task: round(r.value, 4) for r in results}
+
+
+def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
+    """GRPO from the assistant (align/rl.py) on new calculator problems about the SFT people, answered
+    with the calculator; reward: the final answer states the exact result (rewards.number_stated).
+    Held out: the evaluation's calculator problems. Then the eval stage's tools-on and world_forward
+    tasks again on the RL model, for the report's before/after."""
+    import random
+
+    from chatforge.align.rl import grpo, load_problems, tool_problems
+    from chatforge.world import load_world
+
+    cfg = dataclasses.replace(preset.rl, tools=True)
+    if cfg.steps <= 0:
+        return {"skipped": "rl.steps is 0"}
+    sft_dir = out / "sft_data"
+    if not (sft_dir / "eval_tools.jsonl").exists():
+        return {"skipped": "no calculator problems (data.tool_use is off)"}
+    world = load_world(out / "world")
+    manifest = json.loads((sft_dir / "manifest.json").read_text())
+    people = [world.person(i) for i in manifest["sft_people"]]
+    held_out = load_problems(sft_dir / "eval_tools.jsonl")
+    asked = {p["question"] for p in held_out}
+    train = [
+        p for p in tool_problems(world, people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
+    ]
+    # the per-step held-out curve: a seeded sample across every kind (the file is sorted by kind)
+    val = random.Random(cfg.seed).sample(held_out, min(cfg.eval_problems, len(held_out)))
+    summary = grpo(
+        out / "sft", train, val, out / "rl", cfg, "stated",
+        resume=(out / "rl" / "ckpt").is_dir(), progress=progress,
+        meta_extra={"problems": "tools", "world": str(out / "world")},
+    )  # fmt: skip
+    after = _evaluate(preset, out, out / "rl", out / "rl" / "eval", progress, full=False)
+    return {**{k: v for k, v in summary.items() if k != "plot"}, "after": after}
 
 
 def _stage_report(preset: Preset, out: Path, progress: bool) -> dict:
@@ -203,6 +253,7 @@ STAGES = [
     ("pretrain", _stage_pretrain, "base/pretrain_summary.json"),
     ("sft", _stage_sft, "sft/sft_summary.json"),
     ("eval", _stage_eval, "eval/eval.json"),
+    ("rl", _stage_rl, "rl/eval/eval.json"),
     ("report", _stage_report, "report.md"),
 ]
 
@@ -235,7 +286,8 @@ def speedrun(
     status_path = out / "stages.json"
     status = json.loads(status_path.read_text()) if status_path.exists() else {}
     for name, run, done_marker in STAGES:
-        if (out / done_marker).exists() and name in status:
+        skipped = "skipped" in status.get(name, {}).get("result", {})  # off in this preset
+        if name in status and (skipped or (out / done_marker).exists()):
             print(f"[{name}] done already ({status[name]['seconds']:.1f}s), skipping")
             if name == until:
                 break

@@ -1,5 +1,6 @@
 """GRPO: advantages, the clipped loss and the k3 KL against hand-computed values; reward functions;
-world problems; a toy task whose reward really rises; an end-to-end `rl` run from a world."""
+world problems; a toy task whose reward really rises; rollouts through the calculator (the policy is
+trained on what it wrote, never on a tool's result); end-to-end `rl` runs from a world."""
 
 import argparse
 import json
@@ -7,8 +8,17 @@ import math
 
 import pytest
 import torch
+from test_tools_runner import USER, ScriptedGPT, calc_policy, tok  # noqa: F401 (tok: a fixture)
+from test_tools_runner import registry as tools_registry
 
-from chatforge.align.rewards import calculator_verified, exact_answer, get_reward, last_number, number_match
+from chatforge.align.rewards import (
+    calculator_verified,
+    exact_answer,
+    get_reward,
+    last_number,
+    number_match,
+    number_stated,
+)
 from chatforge.align.rl import (
     RLConfig,
     add_rl_arguments,
@@ -18,13 +28,15 @@ from chatforge.align.rl import (
     grpo_loss,
     k3_kl,
     load_problems,
+    sample_answers,
+    tool_problems,
     world_problems,
 )
 from chatforge.checkpoint import load_model, save_model
 from chatforge.conversations import split_people
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import Tokenizer
+from chatforge.tokenizer import Tokenizer, render_conversation
 from chatforge.world import build_world, write_world
 
 
@@ -39,11 +51,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     texts = ["Where was Alice born? Alice was born in Valdren.", "What is 12 plus 30? 12 + 30 = 42."] * 30
-    tok = Tokenizer.train(texts, 300)
+    t = Tokenizer.train(texts, 300)
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    cfg = GPTConfig(vocab_size=t.vocab_size, seq_len=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
     path = tmp_path_factory.mktemp("rl") / "sft"
-    save_model(path, GPT(cfg), tok.to_json(), {"stage": "sft"})
+    save_model(path, GPT(cfg), t.to_json(), {"stage": "sft"})
     return path
 
 
@@ -114,6 +126,11 @@ def test_reward_functions():
     assert (
         calculator_verified([], "= 42", {"answer": "42", "expression": "12 + 31"}) == 0.0
     )  # gold recomputed
+    assert number_stated([], "Ada turned 37 in 1974.", {"answer": "37"}) == 1.0  # not the last number
+    assert number_stated([], "Ada was born in 1937.", {"answer": "37"}) == 0.0  # a whole number only
+    assert get_reward("stated") is number_stated
+    with pytest.raises(ChatforgeError, match="numeric answer"):
+        number_stated([], "x", {"answer": "Valdren"})
     with pytest.raises(ChatforgeError, match="unknown reward"):
         get_reward("nope")
     with pytest.raises(ChatforgeError, match="'answer'"):
@@ -178,3 +195,70 @@ def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
     assert summary["val_problems"] == 8 and 0 <= summary["val_pass1_end"] <= 1
     with pytest.raises(ChatforgeError, match="needs --world"):
         cmd_rl(p.parse_args([str(a) for a in argv[:4] + ["--out", tmp_path / "x"]]))
+
+
+# ---- with tools ------------------------------------------------------------------------------------------
+
+
+def test_tool_rollout_trains_on_what_the_policy_wrote_never_on_the_tool_result(tok):  # noqa: F811
+    """The scripted policy calls the calculator for 2**64 and then states the result. The rendered
+    turn is exactly SFT's rendering of the same conversation, and the result's tokens in the tool
+    message are masked out while the same digits in the policy's answer are trained on."""
+    model, reg = ScriptedGPT(tok, calc_policy), tools_registry()
+    cfg = RLConfig(max_new_tokens=64, max_calls=2)
+    ids, masks, texts = sample_answers(
+        model, tok, [USER, USER], cfg, temperature=0.0, seed=None, registry=reg
+    )
+    result = str(2**64)
+    assert texts == [f"It is {result}."] * 2
+    conv = USER + [
+        {"role": "assistant", "content": "Let me compute.", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "2**64"}}}]},
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": f"It is {result}."},
+    ]  # fmt: skip
+    want_ids, want_mask = render_conversation(tok, conv, tools=reg.schemas())
+    assert ids[0] == want_ids and masks[0] == want_mask
+    trained = tok.decode([i for i, m in zip(ids[0], masks[0], strict=True) if m])
+    untrained = tok.decode([i for i, m in zip(ids[0], masks[0], strict=True) if not m])
+    assert "Let me compute." in trained and "2**64" in trained and trained.count(result) == 1  # the answer
+    assert untrained.count(result) == 1  # the tool's result: given, never trained on
+    assert "What is 2 to the 64?" in untrained
+
+
+def test_tool_problems_are_checkable():
+    world = build_world(0, 40, 4)
+    people, _ = split_people(world)
+    problems = tool_problems(world, people, 40, seed=3)
+    assert {p["kind"] for p in problems} == {"arithmetic", "word"}
+    names = {p.name for p in people}
+    for p in problems:
+        assert (
+            calculator_verified(p["messages"], f"= {p['answer']}", p) == 1.0
+        )  # the expression gives the answer
+        assert number_stated(p["messages"], p["final"], p) == 1.0  # the reference sentence states it
+        if p["kind"] == "word":
+            assert any(n in p["question"] for n in names)
+    assert tool_problems(world, people, 40, seed=3) == problems  # seeded
+
+
+def test_rl_cli_with_tools_writes_a_run(tmp_path):
+    """`--problems tools`: calculator problems about SFT people, held out about evaluation people,
+    answered through the calculator; reward `stated` by default."""
+    world_dir = tmp_path / "world"
+    write_world(build_world(0, 40, 4), world_dir, paraphrases=1, seed=0)
+    t = Tokenizer.train(["What is 12 * 30? In what year did Ada turn 37? calculator expression"] * 20, 300)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=t.vocab_size, seq_len=256, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+    save_model(tmp_path / "sft", GPT(cfg), t.to_json(), {"stage": "sft"})
+    p = argparse.ArgumentParser()
+    add_rl_arguments(p)
+    argv = ["--model", tmp_path / "sft", "--problems", "tools", "--world", world_dir, "--out", tmp_path / "rl",
+            "--steps", 1, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6,
+            "--eval-every", 1, "--eval-problems", 4, "--tool-problems", 20, "--device", "cpu", "--no-progress"]  # fmt: skip
+    cmd_rl(p.parse_args([str(a) for a in argv]))
+    _, meta, _ = load_model(tmp_path / "rl")
+    assert meta["reward"] == "stated" and meta["problems"] == "tools"
+    assert meta["rl"]["tools"] is True and meta["rl"]["tool_problems"] == 20
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_pass1" in r] == [0, 1]

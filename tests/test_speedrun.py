@@ -149,3 +149,27 @@ def test_sft_cli_trains_and_resumes(run, tmp_path):
     again = sft(run / "base", run / "sft_data", out, cfg, resume=True, progress=False)
     assert again["steps"] == 9
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1] == 9
+
+
+def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, capsys):
+    """rl.steps > 0: GRPO with the calculator after the evaluation, then the same tasks on the RL
+    model; the report has both columns and the reward / pass@1 plot. Off (rl.steps 0) in smoke."""
+    out = tmp_path / "run"
+    sets = ["data.tool_use=true", "pretrain.seq_len=192", "sft.seq_len=192", "eval.max_examples=6",
+            "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8",
+            "rl.eval_every=1", "rl.eval_problems=4", "rl.tool_problems=20"]  # fmt: skip
+    status = speedrun("smoke", out, sets, progress=False)
+    rl = status["rl"]["result"]
+    assert rl["steps"] == 2 and rl["val_problems"] == 4 and set(rl["after"]) == {"world_forward", "tools_on"}
+    _, meta, _ = load_model(out / "rl")
+    assert meta["stage"] == "rl" and meta["rl"]["tools"] is True and meta["reward"] == "stated"
+    report = (out / "report.md").read_text()
+    assert "## Reinforcement learning (GRPO, with the calculator)" in report
+    assert (
+        "| task | assistant (SFT) | after RL | n |" in report
+        and "![reinforcement learning](rl/rl.png)" in report
+    )
+    assert (out / "rl" / "rl.png").stat().st_size > 1000
+    capsys.readouterr()
+    speedrun("smoke", out, sets, progress=False)  # finished: skipped on a rerun, the off stage too
+    assert capsys.readouterr().out.count("done already") == len(STAGES)

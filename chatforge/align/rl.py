@@ -44,49 +44,20 @@ from tqdm import tqdm
 from chatforge import checkpoint as ckpt
 from chatforge.align import pad_right, plot_metrics, resume_train, save_train_checkpoint, token_logps
 from chatforge.align.prefs import batch_indices
-from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
-from chatforge.config import TrainConfig
-from chatforge.conversations import arithmetic_turn, split_people
+from chatforge.align.rewards import RewardFn, exact_answer, get_reward, number_stated, score_all
+from chatforge.config import RLConfig
+from chatforge.conversations import arithmetic_turn, big_arithmetic_problem, split_people, word_problem
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import chat_stop_ids
+from chatforge.eval.tools import calculator_registry
 from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_prompt, validate_conversation
+from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt, validate_conversation
+from chatforge.tools.registry import ToolRegistry
+from chatforge.tools.runner import generate_with_tools
 from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
 from chatforge.world import Person, World, fact_questions, load_world
-
-
-@dataclass
-class RLConfig:
-    steps: int = 100
-    prompts_per_step: int = 8  # P problems per step
-    group_size: int = 8  # G answers per problem
-    temperature: float = 1.0
-    top_p: float | None = None
-    max_new_tokens: int = 48
-    lr: float = 1e-4
-    warmup_steps: int = 5
-    clip_eps: float = 0.2
-    kl_beta: float = 0.0  # > 0 keeps a frozen copy of the starting model for the k3 KL
-    epochs: int = 2  # optimisation passes over each rollout
-    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout
-    grad_clip: float = 1.0
-    adv_eps: float = 1e-4
-    eval_every: int = 10
-    eval_problems: int = 64
-    ckpt_every: int = 50
-    keep_ckpts: int = 2
-    seed: int = 0
-    device: str = "auto"
-
-    def train_config(self) -> TrainConfig:
-        """The optimizer / schedule knobs in the form train/common.py takes."""
-        return TrainConfig(
-            lr=self.lr, embed_lr=self.lr, weight_decay=0.0, warmup_steps=self.warmup_steps,
-            final_lr_frac=1.0, max_steps=self.steps, grad_clip=self.grad_clip, seed=self.seed,
-        )  # fmt: skip
-
 
 # ---- GRPO, the math --------------------------------------------------------------------------------
 
@@ -206,13 +177,24 @@ def world_problems(
     return out
 
 
+def tool_problems(world: World, people: list[Person], n: int, seed: int = 0) -> list[dict]:
+    """`n` calculator problems (conversations.py): half 3-5 digit arithmetic, half world word problems
+    about `people` ("In what year did X turn 37?"), each with its answer and the expression to compute."""
+    rng = random.Random(f"chatforge-rl-tools:{seed}")
+    out = []
+    for i in range(n):
+        problem = big_arithmetic_problem(rng) if i % 2 else word_problem(rng.choice(people), world, rng)
+        out.append({"messages": [{"role": "user", "content": problem.question}], **problem.to_dict()})
+    return out
+
+
 # ---- rollouts and evaluation -----------------------------------------------------------------------
 
 
 @dataclass
 class Rollout:
     ids: list[list[int]]  # prompt + answer, one row per sample, group after group
-    masks: list[list[int]]  # 1 on the answer's tokens
+    masks: list[list[int]]  # 1 on the tokens the policy wrote (never on a tool's result)
     texts: list[str]
     rewards: torch.Tensor  # (N,)
     answer_tokens: int
@@ -220,6 +202,60 @@ class Rollout:
 
 def _answer_text(tok: Tokenizer, ids: list[int], stops: set[int]) -> str:
     return tok.decode([t for t in ids if t not in stops]).strip()
+
+
+def _final_text(messages: list[dict]) -> str:
+    """What a reward reads after a tool turn: the last assistant message's text."""
+    for m in reversed(messages):
+        if m["role"] == "assistant" and m.get("content"):
+            return m["content"].strip()
+    return ""
+
+
+def sample_answers(
+    policy: GPT,
+    tok: Tokenizer,
+    prompts: list[list[dict]],
+    cfg: RLConfig,
+    *,
+    temperature: float,
+    seed: int | None,
+    registry: ToolRegistry | None = None,
+) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """One answer per prompt conversation: (prompt + answer ids, mask of the policy's own tokens,
+    the reply text a reward reads).
+
+    Without tools: the engine's tokens as sampled. With a tool registry: the turn runs through
+    `generate_with_tools` (calls executed, results fed back), then the whole turn is rendered again
+    with `render_conversation`, whose mask is SFT's: 1 on assistant text, calls and <|im_end|>, 0 on
+    tool results, so the policy is never trained to write a result it was given. Re-encoding the
+    decoded text can split a token differently than sampling did; old and new log-probs are both
+    taken on the re-rendered ids, so the ratio stays consistent."""
+    was = policy.training
+    policy.eval()
+    try:
+        if registry is None:
+            stops = chat_stop_ids(tok)
+            ids = [render_prompt(tok, m) for m in prompts]
+            outs = generate_batch(
+                policy, ids, cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
+                seeds=seed, stop_ids=stops,
+            )  # fmt: skip
+            texts = [_answer_text(tok, o, set(stops)) for o in outs]
+            masks = [[0] * len(pr) + [1] * len(o) for pr, o in zip(ids, outs, strict=True)]
+            return [pr + o for pr, o in zip(ids, outs, strict=True)], masks, texts
+        new = generate_with_tools(
+            policy, tok, prompts, registry, max_calls=cfg.max_calls, max_new_tokens=cfg.max_new_tokens,
+            temperature=temperature, top_p=cfg.top_p, seed=seed,
+        )  # fmt: skip
+    finally:
+        policy.train(was)
+    schemas = registry.schemas()
+    rendered = [
+        render_conversation(tok, m + added, tools=schemas, max_len=policy.cfg.seq_len)
+        for m, added in zip(prompts, new, strict=True)
+    ]
+    return [r[0] for r in rendered], [r[1] for r in rendered], [_final_text(added) for added in new]
 
 
 @torch.no_grad()
@@ -230,33 +266,17 @@ def rollout(
     reward: RewardFn,
     cfg: RLConfig,
     seed: int,
+    registry: ToolRegistry | None = None,
 ) -> Rollout:
     """G sampled answers for each problem (seeds seed, seed+1, ... per row), scored."""
     G = cfg.group_size
-    stops = chat_stop_ids(tok)
-    prompts = [render_prompt(tok, p["messages"]) for p in problems for _ in range(G)]
-    was = policy.training
-    policy.eval()
-    outs = generate_batch(
-        policy,
-        prompts,
-        cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        seeds=seed,
-        stop_ids=stops,
+    prompts = [p["messages"] for p in problems for _ in range(G)]
+    ids, masks, texts = sample_answers(
+        policy, tok, prompts, cfg, temperature=cfg.temperature, seed=seed, registry=registry
     )
-    policy.train(was)
-    texts = [_answer_text(tok, o, set(stops)) for o in outs]
     items = [(p["messages"], texts[i * G + j], p) for i, p in enumerate(problems) for j in range(G)]
     rewards = torch.tensor(score_all(reward, items), dtype=torch.float32)
-    return Rollout(
-        ids=[pr + o for pr, o in zip(prompts, outs, strict=True)],
-        masks=[[0] * len(pr) + [1] * len(o) for pr, o in zip(prompts, outs, strict=True)],
-        texts=texts,
-        rewards=rewards,
-        answer_tokens=sum(len(o) for o in outs),
-    )
+    return Rollout(ids=ids, masks=masks, texts=texts, rewards=rewards, answer_tokens=sum(map(sum, masks)))
 
 
 @torch.no_grad()
@@ -265,25 +285,22 @@ def evaluate_problems(
     tok: Tokenizer,
     problems: list[dict],
     reward: RewardFn,
-    max_new_tokens: int,
+    cfg: RLConfig,
     batch_size: int = 64,
+    registry: ToolRegistry | None = None,
 ) -> dict:
-    """Greedy answers to `problems`: mean reward, and pass@1 by the exact-answer check (when they have answers)."""
-    stops = chat_stop_ids(tok)
-    was = policy.training
-    policy.eval()
+    """Greedy answers to `problems`: mean reward, and pass@1 when they have answers. pass@1 uses the
+    rule of the evaluation the problems come from: world QA's exact answer, or with tools the tool
+    evaluation's stated number (rewards.number_stated)."""
     texts = []
     for i in range(0, len(problems), batch_size):
-        chunk = problems[i : i + batch_size]
-        outs = generate_batch(
-            policy, [render_prompt(tok, p["messages"]) for p in chunk], max_new_tokens, stop_ids=stops
-        )
-        texts += [_answer_text(tok, o, set(stops)) for o in outs]
-    policy.train(was)
+        chunk = [p["messages"] for p in problems[i : i + batch_size]]
+        texts += sample_answers(policy, tok, chunk, cfg, temperature=0.0, seed=None, registry=registry)[2]
     items = [(p["messages"], t, p) for p, t in zip(problems, texts, strict=True)]
     out = {"val_reward": sum(score_all(reward, items)) / len(items)}
     if all("answer" in p for p in problems):
-        out["val_pass1"] = sum(exact_answer(*it) for it in items) / len(items)
+        check = number_stated if registry is not None else exact_answer
+        out["val_pass1"] = sum(check(*it) for it in items) / len(items)
     out["sample"] = f"{problems[0]['messages'][-1]['content']} -> {texts[0]}"
     return out
 
@@ -291,8 +308,10 @@ def evaluate_problems(
 # ---- training ------------------------------------------------------------------------------------------
 
 
-def _fits(problems: list[dict], tok: Tokenizer, seq_len: int, what: str) -> list[dict]:
-    kept = [p for p in problems if len(render_prompt(tok, p["messages"])) < seq_len - 1]
+def _fits(
+    problems: list[dict], tok: Tokenizer, seq_len: int, what: str, tools: list[dict] | None = None
+) -> list[dict]:
+    kept = [p for p in problems if len(render_prompt(tok, p["messages"], tools=tools)) < seq_len - 1]
     if not kept:
         raise ChatforgeError(f"no {what} problem fits the model's {seq_len}-token context")
     if len(kept) < len(problems):
@@ -328,8 +347,10 @@ def grpo(
     tok = Tokenizer.load(model_dir)
     reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
     reward_fn = get_reward(reward, device) if isinstance(reward, str) else reward
-    problems = _fits(problems, tok, policy.cfg.seq_len, "training")
-    val_problems = _fits(val_problems, tok, policy.cfg.seq_len, "held-out")[: cfg.eval_problems]
+    registry = calculator_registry() if cfg.tools else None
+    schemas = registry.schemas() if registry else None
+    problems = _fits(problems, tok, policy.cfg.seq_len, "training", schemas)
+    val_problems = _fits(val_problems, tok, policy.cfg.seq_len, "held-out", schemas)[: cfg.eval_problems]
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
     tcfg = cfg.train_config()
     policy.train()
@@ -357,7 +378,7 @@ def grpo(
     bar = tqdm(range(start, cfg.steps + 1), initial=start, total=cfg.steps + 1, disable=not progress)
     for step in bar:
         if step % max(cfg.eval_every, 1) == 0 or step == cfg.steps:
-            ev = evaluate_problems(policy, tok, val_problems, reward_fn, cfg.max_new_tokens)
+            ev = evaluate_problems(policy, tok, val_problems, reward_fn, cfg, registry=registry)
             evals.append({"step": step, **ev})
             metrics.log(step=step, **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in ev.items()})
             bar.write(
@@ -369,9 +390,7 @@ def grpo(
             break
         ts = time.perf_counter()
         batch = [problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, cfg.seed)]
-        ro = rollout(
-            policy, tok, batch, reward_fn, cfg, seed=cfg.seed * 1_000_003 + step * N
-        )  # the engine, fp32 cache
+        ro = rollout(policy, tok, batch, reward_fn, cfg, cfg.seed * 1_000_003 + step * N, registry)
         adv = group_advantages(ro.rewards, G, cfg.adv_eps).to(device)
         ids = pad_right(ro.ids, device)
         mask = pad_right(ro.masks, device)[:, 1:]  # over target positions
@@ -462,17 +481,30 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--problems", required=True, metavar="FILE|world",
-        help="problems .jsonl ({messages|question, answer, ...}) or 'world' (needs --world)",
+        help="problems .jsonl ({messages|question, answer, ...}), 'world' (fact questions and sums) or "
+        "'tools' (calculator problems, answered with the calculator); both need --world",
     )  # fmt: skip
-    p.add_argument("--world", default=None, help="world folder, for --problems world")
+    p.add_argument("--world", default=None, help="world folder, for --problems world|tools")
+    p.add_argument(
+        "--tool-problems",
+        type=int,
+        default=d.tool_problems,
+        help="training problems made for --problems tools",
+    )
+    p.add_argument(
+        "--tools", action="store_true",
+        help="answer with the calculator (tools/runner.py); on with --problems tools",
+    )  # fmt: skip
+    p.add_argument("--max-calls", type=int, default=d.max_calls, help="tool calls per answer, with tools")
     p.add_argument(
         "--val-problems", default=None, metavar="FILE",
         help="held-out problems (default: the world's evaluation people, or 10%% of --problems)",
     )  # fmt: skip
     p.add_argument("--out", required=True, metavar="RUN", help="run folder for the RL model")
     p.add_argument(
-        "--reward", default="exact", help="exact (default), number, calculator, or rm:RUN (a reward model)"
-    )
+        "--reward", default=None,
+        help="exact (the default), number, stated (the default with tools), calculator, or rm:RUN (a reward model)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
     p.add_argument("--group-size", type=int, default=d.group_size, help="answers sampled per problem")
@@ -499,16 +531,20 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
     """(train problems, held-out problems, what to record in config.json) from the CLI arguments."""
-    if args.problems == "world":
+    if args.problems in ("world", "tools"):
         if not args.world:
             raise ChatforgeError(
-                "--problems world needs --world DIR (the world folder the model was trained on)"
+                f"--problems {args.problems} needs --world DIR (the world folder the model was trained on)"
             )
         world = load_world(args.world)
         sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
-        train = world_problems(world, sft_people, args.seed)
-        val = world_problems(world, eval_people or sft_people, args.seed + 1)
-        source = {"problems": "world", "world": str(args.world)}
+        if args.problems == "world":
+            train = world_problems(world, sft_people, args.seed)
+            val = world_problems(world, eval_people or sft_people, args.seed + 1)
+        else:  # word problems about the SFT people to train on, about the evaluation people held out
+            train = tool_problems(world, sft_people, args.tool_problems, args.seed)
+            val = tool_problems(world, eval_people or sft_people, args.eval_problems, args.seed + 1)
+        source = {"problems": args.problems, "world": str(args.world)}
     else:
         train, val = load_problems(args.problems), []
         source = {"problems": str(args.problems)}
@@ -523,17 +559,24 @@ def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], 
         n_val = max(1, len(train) // 10)
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
+    held_out = {p["messages"][-1]["content"] for p in val}
+    train = [
+        p for p in train if p["messages"][-1]["content"] not in held_out
+    ]  # never train on a held-out question
+    if not train:
+        raise ChatforgeError("every training problem is also a held-out one; give different --val-problems")
     return train, val, source
 
 
 def cmd_rl(args: argparse.Namespace) -> None:
     fields = {f: getattr(args, f) for f in RLConfig.__dataclass_fields__ if hasattr(args, f)}
-    cfg = RLConfig(**fields)
+    cfg = RLConfig(**{**fields, "tools": args.tools or args.problems == "tools"})
+    reward = args.reward or ("stated" if cfg.tools else "exact")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
     train, val, source = resolve_problems(args)
     summary = grpo(
-        Path(args.model), train, val, Path(args.out), cfg, args.reward,
+        Path(args.model), train, val, Path(args.out), cfg, reward,
         resume=args.resume, progress=not args.no_progress, meta_extra=source,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
