@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     from chatforge.align.dpo import add_dpo_arguments, cmd_dpo
     from chatforge.align.label import add_label_arguments, cmd_label
     from chatforge.align.prefs import add_world_prefs_arguments, cmd_world_prefs
-    from chatforge.align.reward import add_reward_arguments, cmd_reward
+    from chatforge.align.reward import add_reward_arguments, add_winrate_arguments, cmd_reward, cmd_winrate
     from chatforge.align.rl import add_rl_arguments, cmd_rl
 
     p = sub.add_parser("prefs", help="stage 3: comparisons (label, world pairs), reward model, DPO")
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("world", add_world_prefs_arguments, cmd_world_prefs, "write comparisons made from the synthetic world"),
         ("reward", add_reward_arguments, cmd_reward, "train a reward model (Bradley-Terry) on comparisons"),
         ("dpo", add_dpo_arguments, cmd_dpo, "direct preference optimisation against a frozen reference"),
+        ("winrate", add_winrate_arguments, cmd_winrate, "how often a reward model prefers one model's sampled answers to another's"),
     ):  # fmt: skip
         q = psub.add_parser(name, help=help_text)
         add(q)

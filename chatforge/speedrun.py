@@ -208,8 +208,6 @@ def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     with the calculator; reward: the final answer states the exact result (rewards.number_stated).
     Held out: the evaluation's calculator problems. Then the eval stage's tools-on and world_forward
     tasks again on the RL model, for the report's before/after."""
-    import random
-
     from chatforge.align.rl import grpo, load_problems, tool_problems
     from chatforge.world import load_world
 
@@ -227,10 +225,8 @@ def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     train = [
         p for p in tool_problems(world, people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
     ]
-    # the per-step held-out curve: a seeded sample across every kind (the file is sorted by kind)
-    val = random.Random(cfg.seed).sample(held_out, min(cfg.eval_problems, len(held_out)))
     summary = grpo(
-        out / "sft", train, val, out / "rl", cfg, "stated",
+        out / "sft", train, held_out, out / "rl", cfg, "stated",
         resume=(out / "rl" / "ckpt").is_dir(), progress=progress,
         meta_extra={"problems": "tools", "world": str(out / "world")},
     )  # fmt: skip

@@ -1,5 +1,6 @@
 """Reward model and DPO: the losses against hand-computed values, answer-only log-probs, a reward
-model that learns a rigged pair, and tiny end-to-end runs that write loadable run folders."""
+model that learns a rigged pair (and judges a win rate by it), and tiny end-to-end runs that write
+loadable run folders."""
 
 import argparse
 import json
@@ -7,17 +8,21 @@ import math
 
 import pytest
 import torch
+from test_tools_runner import ScriptedGPT
 
 from chatforge.align import encode_answer, final_hidden, sequence_logps
 from chatforge.align.dpo import add_dpo_arguments, cmd_dpo, dpo_loss, pair_logps
 from chatforge.align.prefs import encode_prefs, load_prefs, world_prefs, write_prefs
 from chatforge.align.reward import (
     add_reward_arguments,
+    add_winrate_arguments,
     best_of_n,
     bt_loss,
     cmd_reward,
+    cmd_winrate,
     load_reward_model,
     score,
+    win_rate,
 )
 from chatforge.align.rewards import get_reward
 from chatforge.checkpoint import load_model, read_config, save_model
@@ -139,6 +144,28 @@ def test_reward_model_learns_a_rigged_pair(setup, tmp_path):
     assert best["reward"] == max(r for _, r in best["candidates"]) and len(best["candidates"]) == 4
     with pytest.raises(ChatforgeError, match="not a reward model"):
         load_reward_model(root / "sft")
+    # the reward model as a judge: one model always gives the chosen answer, the other the rejected
+    good_bot = ScriptedGPT(rtok, lambda turns: good, seq_len=96)
+    bad_bot = ScriptedGPT(rtok, lambda turns: bad, seq_len=96)
+    res = win_rate(rm, rtok, good_bot, bad_bot, [q] * 3, max_new_tokens=24, temperature=0.0)
+    assert (res["win_rate"], res["wins"], res["n"]) == (1.0, 3, 3) and res["examples"][0]["model"] == good
+    assert res["mean_reward_model"] == pytest.approx(r_good, abs=1e-4)
+    res = win_rate(rm, rtok, bad_bot, bad_bot, [q] * 2, max_new_tokens=24, temperature=0.0)
+    assert (res["win_rate"], res["ties"]) == (0.5, 2)  # the same answers: ties count half
+
+
+def test_winrate_cli(setup, tmp_path, capsys):
+    root, _ = setup
+    cmd_reward(parse(add_reward_arguments, "--model", root / "sft", "--data", root / "prefs.jsonl",
+                     "--out", tmp_path / "rm", "--steps", 1, "--no-progress", "--device", "cpu"))  # fmt: skip
+    argv = ["--model", root / "sft", "--against", root / "sft", "--rm", tmp_path / "rm", "--prompts",
+            root / "prefs.jsonl", "--n", 5, "--max-new-tokens", 8, "--device", "cpu", "--out", tmp_path / "w.json"]  # fmt: skip
+    cmd_winrate(parse(add_winrate_arguments, *argv))
+    result = json.loads((tmp_path / "w.json").read_text())
+    assert result["n"] == 5 and result["win_rate"] == 0.5 and result["ties"] == 5  # a model against itself
+    assert "win rate 0.500 over 5 prompts" in capsys.readouterr().out
+    with pytest.raises(ChatforgeError, match="--n must be at least 1"):
+        cmd_winrate(parse(add_winrate_arguments, *argv[:-4], "--n", 0))
 
 
 def test_reward_with_held_out_accuracy_and_resume(setup, tmp_path):

@@ -16,7 +16,6 @@ model reads, and the checkpoint / resume / plot plumbing.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from pathlib import Path
 
@@ -90,17 +89,8 @@ def sequence_logps(
 
 
 def final_hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
-    """The last layer's normalised hidden states (B, T, n_embd): GPT.forward without lm_head.
-
-    Runs the same modules as GPT.forward (embed -> blocks -> norm). When GPT.forward grows a
-    `return_hidden=True` option this defers to it, so the two can never drift apart."""
-    if "return_hidden" in inspect.signature(model.forward).parameters:
-        return model(ids, return_hidden=True)
-    cos, sin = model._rope(0, ids.size(1), None)
-    x = model.embed_tokens(ids)
-    for block in model.layers:
-        x = block(x, cos, sin, None, None)
-    return model.norm(x)
+    """The last layer's normalised hidden states (B, T, n_embd): GPT.forward without lm_head."""
+    return model(ids, return_hidden=True)
 
 
 # ---- training plumbing -------------------------------------------------------------------------

@@ -9,6 +9,9 @@ only learns differences, so the reward's zero point means nothing (GRPO's per-gr
 normalisation does not care). Held-out pairwise accuracy, P(r_chosen > r_rejected) on prompts
 it never trained on, is the number to watch.
 
+`chatforge prefs winrate --model DPO_RUN --against SFT_RUN --rm RM_RUN --prompts FILE` samples one
+answer per prompt from each model and reports how often the reward model prefers the first (`win_rate`).
+
 The run folder is a normal one (config.json with "stage": "reward", model.safetensors,
 tokenizer.json) plus reward_head.safetensors; `load_reward_model` reads it back.
 """
@@ -44,6 +47,8 @@ from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
     batch_indices,
+    load_prefs,
+    prompt_key,
     train_val_pairs,
 )
 from chatforge.config import TrainConfig, apply_overrides
@@ -191,6 +196,68 @@ def best_of_n(
     rewards = score(rm, tok, [[*messages, {"role": "assistant", "content": a}] for a in answers])
     ranked = sorted(zip(answers, rewards, strict=True), key=lambda x: -x[1])
     return {"answer": ranked[0][0], "reward": ranked[0][1], "candidates": ranked}
+
+
+@torch.no_grad()
+def win_rate(
+    rm: RewardModel,
+    tok: Tokenizer,
+    model: GPT,
+    baseline: GPT,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """Sample one answer per prompt from `model` and one from `baseline` (the same seed for both), let
+    the reward model score each, and count how often `model`'s answer scores higher (ties count half).
+
+    Both models and the reward model must share the tokenizer `tok` (true of an SFT run and the DPO or
+    RL runs made from it). Returns {"win_rate", "wins", "ties", "losses", "n", "mean_reward_model",
+    "mean_reward_baseline", "examples": the first 3 (prompt, answer, baseline answer, rewards)}."""
+    if not prompts:
+        raise ChatforgeError("win_rate needs at least one prompt")
+    stops = chat_stop_ids(tok)
+    answers: dict[str, list[str]] = {"model": [], "baseline": []}
+    for name, policy in (("model", model), ("baseline", baseline)):
+        was = policy.training
+        policy.eval()
+        for i in range(0, len(prompts), batch_size):
+            chunk = [render_prompt(tok, m) for m in prompts[i : i + batch_size]]
+            outs = generate_batch(
+                policy, chunk, max_new_tokens, temperature=temperature, seeds=seed + i, stop_ids=stops
+            )
+            answers[name] += [tok.decode([t for t in o if t not in stops]).strip() for o in outs]
+        policy.train(was)
+    r = {
+        name: score(
+            rm, tok, [[*m, {"role": "assistant", "content": a}] for m, a in zip(prompts, ans, strict=True)]
+        )
+        for name, ans in answers.items()
+    }
+    wins = sum(a > b for a, b in zip(r["model"], r["baseline"], strict=True))
+    ties = sum(a == b for a, b in zip(r["model"], r["baseline"], strict=True))
+    n = len(prompts)
+    return {
+        "win_rate": (wins + 0.5 * ties) / n,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+        "mean_reward_model": sum(r["model"]) / n,
+        "mean_reward_baseline": sum(r["baseline"]) / n,
+        "examples": [
+            {
+                "prompt": prompts[i][-1]["content"],
+                "model": answers["model"][i],
+                "baseline": answers["baseline"][i],
+                "rewards": [round(r["model"][i], 4), round(r["baseline"][i], 4)],
+            }
+            for i in range(min(3, n))
+        ],
+    }
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -344,6 +411,72 @@ def pref_train_config(args: argparse.Namespace) -> TrainConfig:
 
 def add_reward_arguments(p: argparse.ArgumentParser) -> None:
     add_pref_train_arguments(p, "reward model")
+
+
+def add_winrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="RUN", help="the model to judge (e.g. a DPO run)")
+    p.add_argument(
+        "--against", required=True, metavar="RUN", help="the baseline (e.g. the SFT run it started from)"
+    )
+    p.add_argument("--rm", required=True, metavar="RM_RUN", help="the reward model that judges")
+    p.add_argument(
+        "--prompts", required=True, metavar="FILE",
+        help="comparisons .jsonl (their prompts, once each) or conversations / problems .jsonl",
+    )  # fmt: skip
+    p.add_argument("--n", type=int, default=200, help="prompts to use, at most (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the result here")
+
+
+def _judge_prompts(path: Path) -> list[list[dict]]:
+    """The prompts of a comparisons file (each once), or of a problems file (rl.load_problems)."""
+    from chatforge.align.rl import load_problems
+    from chatforge.fileio import read_jsonl
+
+    first = next((obj for _, obj in read_jsonl(path)), {})
+    if "chosen" not in first:
+        return [row["messages"] for row in load_problems(path)]
+    seen, prompts = set(), []
+    for row in load_prefs(path):
+        if (key := prompt_key(row["messages"])) not in seen:
+            seen.add(key)
+            prompts.append(row["messages"])
+    return prompts
+
+
+def cmd_winrate(args: argparse.Namespace) -> None:
+    if args.n < 1:
+        raise ChatforgeError(f"--n must be at least 1, got {args.n}")
+    device = pick_device(args.device)
+    rm, tok = load_reward_model(args.rm, device)
+    model, _, model_dir = ckpt.load_model(Path(args.model), device)
+    baseline, _, base_dir = ckpt.load_model(Path(args.against), device)
+    for run, name in ((model_dir, "--model"), (base_dir, "--against")):
+        if Tokenizer.load(run).to_json() != tok.to_json():
+            raise ChatforgeError(
+                f"{name} {run} has another tokenizer than the reward model; judge runs of one family"
+            )
+    prompts = _judge_prompts(Path(args.prompts))[: args.n]
+    fits = [m for m in prompts if len(render_prompt(tok, m)) + args.max_new_tokens <= model.cfg.seq_len]
+    if not fits:
+        raise ChatforgeError(
+            f"no prompt in {args.prompts} leaves {args.max_new_tokens} tokens of room in the context"
+        )
+    result = win_rate(
+        rm, tok, model, baseline, fits, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, seed=args.seed,
+    )  # fmt: skip
+    result = {"model": str(model_dir), "against": str(base_dir), "rm": str(args.rm), **result}
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    print(
+        f"win rate {result['win_rate']:.3f} over {result['n']} prompts "
+        f"({result['wins']} wins, {result['ties']} ties, {result['losses']} losses)"
+    )
 
 
 def cmd_reward(args: argparse.Namespace) -> None:

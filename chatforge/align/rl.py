@@ -350,7 +350,9 @@ def grpo(
     registry = calculator_registry() if cfg.tools else None
     schemas = registry.schemas() if registry else None
     problems = _fits(problems, tok, policy.cfg.seq_len, "training", schemas)
-    val_problems = _fits(val_problems, tok, policy.cfg.seq_len, "held-out", schemas)[: cfg.eval_problems]
+    val_problems = _fits(val_problems, tok, policy.cfg.seq_len, "held-out", schemas)
+    if len(val_problems) > cfg.eval_problems:  # a seeded sample: problem files are often sorted by kind
+        val_problems = random.Random(cfg.seed).sample(val_problems, cfg.eval_problems)
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
     tcfg = cfg.train_config()
     policy.train()

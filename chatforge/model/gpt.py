@@ -281,6 +281,7 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V), or the loss if targets (B, T) are given (-1 = ignored).
 
@@ -289,6 +290,8 @@ class GPT(nn.Module):
         needed only when new tokens must not see some cached ones (padding, or T > 1 after a prefix).
         last_only=True returns logits (B, 1, V) for the last position only: a prefill needs no others,
         and the vocabulary projection is the largest matmul of a short sequence.
+        return_hidden=True returns the final normalised hidden states (B, T, n_embd) instead of
+        logits: what a reward model's scalar head reads.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -303,6 +306,8 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.pos += T
+        if return_hidden:
+            return self.norm(x)
         if targets is None:
             return self.lm_head(self.norm(x[:, -1:] if last_only else x))
         logits = self.lm_head(self.norm(x)).float()
