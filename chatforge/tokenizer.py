@@ -595,8 +595,8 @@ def parse_assistant(text: str) -> dict:
         try:
             obj = json.loads(m.group(1))
             name, args = obj["name"], obj.get("arguments", {})
-            if not isinstance(name, str) or not isinstance(args, dict):
-                raise ValueError
+            if not isinstance(name, str) or not name or not isinstance(args, dict):
+                raise ValueError  # what validate_conversation would refuse stays text
         except (ValueError, KeyError, TypeError):
             continue  # malformed: left in the content
         kept.append(text[pos : m.start()])

@@ -202,6 +202,9 @@ def test_parse_assistant_inverts_rendering(tok):
     assert only_call["content"] is None and len(only_call["tool_calls"]) == 1
     broken = parse_assistant("x <tool_call>{not json</tool_call>")
     assert "tool_calls" not in broken and broken["content"] == "x <tool_call>{not json</tool_call>"
+    nameless = parse_assistant('<tool_call>{"name": "", "arguments": {}}</tool_call>')  # sampled by RL once
+    assert "tool_calls" not in nameless
+    validate_conversation([{"role": "user", "content": "hi"}, nameless])  # what parses, renders
 
 
 def test_imported_tokenizer_without_tool_tags(tmp_path):
