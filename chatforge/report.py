@@ -180,10 +180,14 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
     lines = [
         "## Reinforcement learning (GRPO, with the calculator)",
         "",
-        f"{summary['steps']} steps from the assistant: each step {cfg.get('prompts_per_step', '?')} new calculator "
-        f"problems about the SFT people, {cfg.get('group_size', '?')} answers sampled for each with the calculator, "
-        f"reward 1 when the final answer states the exact result ({summary['problems']:,} training problems, "
-        f"{summary['train_seconds'] / 60:.1f} min). Then the evaluation's tasks again:",
+        f"{summary['steps']} steps of GRPO from the assistant, with the calculator shown: each step "
+        f"{cfg.get('prompts_per_step', '?')} problems ({summary['problems']:,} in all: forward fact questions "
+        f"about the SFT people and small sums), {cfg.get('group_size', '?')} answers sampled for each, reward 1 "
+        f"when the answer states the right one; {summary['train_seconds'] / 60:.1f} min. Held-out pass@1 "
+        f"({summary['val_problems']} problems of the same kinds about the evaluation people, greedy): "
+        f"**{_pct(summary.get('val_pass1_start'))} → {_pct(summary.get('val_pass1_end'))}**.",
+        "",
+        "The evaluation's tasks again, on the RL model:",
         "",
         "| task | assistant (SFT) | after RL | n |",
         "|---|---:|---:|---:|",
@@ -206,12 +210,7 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
             f"| world_forward (no tools shown) | {_pct(before['world_forward']['value'])} | "
             f"{_pct(after['world_forward']['value'])} | {after['world_forward']['n']:,} |"
         )
-    lines += [
-        "",
-        f"Held-out pass@1 during training ({summary['val_problems']} of the calculator problems, greedy): "
-        f"{_pct(summary.get('val_pass1_start'))} → {_pct(summary.get('val_pass1_end'))}.",
-        "",
-    ]
+    lines.append("")
     if (run / "rl" / "rl.png").exists():
         lines += ["![reinforcement learning](rl/rl.png)", ""]
     return lines

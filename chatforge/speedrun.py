@@ -12,8 +12,9 @@ Stages run in order, each writing into its own place in the run folder:
     base/             the pretrained base model (checkpoints, metrics, loss.png)
     sft/              the assistant, finetuned on conversations
     eval/             eval.json, eval.md (and eval.png, drawn by the report)
-    rl/               with rl.steps > 0: the assistant after GRPO on calculator problems
-                      (rl.png, rl_summary.json) and rl/eval/ (the same tasks again)
+    rl/               with rl.steps > 0: the assistant after GRPO on the world's fact questions
+                      and sums, calculator shown (rl.png, rl_summary.json), and rl/eval/ (the
+                      eval stage's world_forward and tools-on tasks again)
     report.md         the report card
 
 A stage whose output is complete is not redone, and an interrupted pretraining resumes
@@ -204,31 +205,26 @@ def _evaluate(
 
 
 def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
-    """GRPO from the assistant (align/rl.py) on new calculator problems about the SFT people, answered
-    with the calculator; reward: the final answer states the exact result (rewards.number_stated).
-    Held out: the evaluation's calculator problems. Then the eval stage's tools-on and world_forward
-    tasks again on the RL model, for the report's before/after."""
-    from chatforge.align.rl import grpo, load_problems, tool_problems
+    """GRPO from the assistant (align/rl.py) on the world's checkable problems, answered with the
+    calculator shown: forward fact questions about the SFT people and small sums; reward 1 when the
+    answer states the right one (rewards.exact_answer). Held out: the same kinds of problems about
+    the evaluation people, and new sums. Then the eval stage's world_forward and tools-on tasks again
+    on the RL model, for the report's before/after."""
+    from chatforge.align.rl import grpo, world_problems
     from chatforge.world import load_world
 
     cfg = dataclasses.replace(preset.rl, tools=True)
     if cfg.steps <= 0:
         return {"skipped": "rl.steps is 0"}
-    sft_dir = out / "sft_data"
-    if not (sft_dir / "eval_tools.jsonl").exists():
-        return {"skipped": "no calculator problems (data.tool_use is off)"}
     world = load_world(out / "world")
-    manifest = json.loads((sft_dir / "manifest.json").read_text())
-    people = [world.person(i) for i in manifest["sft_people"]]
-    held_out = load_problems(sft_dir / "eval_tools.jsonl")
-    asked = {p["question"] for p in held_out}
-    train = [
-        p for p in tool_problems(world, people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
-    ]
+    manifest = json.loads((out / "sft_data" / "manifest.json").read_text())
+    sft_people = [world.person(i) for i in manifest["sft_people"]]
+    eval_people = [world.person(i) for i in manifest["eval_people"]] or sft_people
     summary = grpo(
-        out / "sft", train, held_out, out / "rl", cfg, "stated",
+        out / "sft", world_problems(world, sft_people, cfg.seed),
+        world_problems(world, eval_people, cfg.seed + 1), out / "rl", cfg, "exact",
         resume=(out / "rl" / "ckpt").is_dir(), progress=progress,
-        meta_extra={"problems": "tools", "world": str(out / "world")},
+        meta_extra={"problems": "world", "world": str(out / "world")},
     )  # fmt: skip
     after = _evaluate(preset, out, out / "rl", out / "rl" / "eval", progress, full=False)
     return {**{k: v for k, v in summary.items() if k != "plot"}, "after": after}

@@ -17,7 +17,6 @@ from chatforge.align.rewards import (
     get_reward,
     last_number,
     number_match,
-    number_stated,
 )
 from chatforge.align.rl import (
     RLConfig,
@@ -119,18 +118,16 @@ def test_reward_functions():
     assert exact_answer([], "She was born in Port Vesk.", ex) == 1.0
     assert exact_answer([], "She was born in Port Veskland.", ex) == 0.0  # a whole phrase, not a prefix
     num = {"answer": "42", "expression": "12 + 30"}
-    assert exact_answer([], "12 + 30 = 42.", num) == 1.0 and exact_answer([], "42 is 12 + 30", num) == 0.0
+    assert exact_answer([], "12 + 30 = 42.", num) == 1.0 and exact_answer([], "42 is 12 + 30", num) == 1.0
     assert number_match([], "The answer is 1,234.", {"answer": "1234"}) == 1.0
     assert last_number("no digits") is None and number_match([], "none", num) == 0.0
     assert calculator_verified([], "= 42", num) == 1.0 and calculator_verified([], "= 41", num) == 0.0
     assert (
         calculator_verified([], "= 42", {"answer": "42", "expression": "12 + 31"}) == 0.0
     )  # gold recomputed
-    assert number_stated([], "Ada turned 37 in 1974.", {"answer": "37"}) == 1.0  # not the last number
-    assert number_stated([], "Ada was born in 1937.", {"answer": "37"}) == 0.0  # a whole number only
-    assert get_reward("stated") is number_stated
-    with pytest.raises(ChatforgeError, match="numeric answer"):
-        number_stated([], "x", {"answer": "Valdren"})
+    assert exact_answer([], "Ada turned 37 in 1974.", {"answer": "37"}) == 1.0  # stated, not the last number
+    assert exact_answer([], "Ada was born in 1937.", {"answer": "37"}) == 0.0  # a whole number only
+    assert number_match([], "42 is 12 + 30", num) == 0.0  # the strict rule: the last number
     with pytest.raises(ChatforgeError, match="unknown reward"):
         get_reward("nope")
     with pytest.raises(ChatforgeError, match="'answer'"):
@@ -236,7 +233,7 @@ def test_tool_problems_are_checkable():
         assert (
             calculator_verified(p["messages"], f"= {p['answer']}", p) == 1.0
         )  # the expression gives the answer
-        assert number_stated(p["messages"], p["final"], p) == 1.0  # the reference sentence states it
+        assert exact_answer(p["messages"], p["final"], p) == 1.0  # the reference sentence states it
         if p["kind"] == "word":
             assert any(n in p["question"] for n in names)
     assert tool_problems(world, people, 40, seed=3) == problems  # seeded
@@ -244,7 +241,7 @@ def test_tool_problems_are_checkable():
 
 def test_rl_cli_with_tools_writes_a_run(tmp_path):
     """`--problems tools`: calculator problems about SFT people, held out about evaluation people,
-    answered through the calculator; reward `stated` by default."""
+    answered through the calculator."""
     world_dir = tmp_path / "world"
     write_world(build_world(0, 40, 4), world_dir, paraphrases=1, seed=0)
     t = Tokenizer.train(["What is 12 * 30? In what year did Ada turn 37? calculator expression"] * 20, 300)
@@ -258,7 +255,7 @@ def test_rl_cli_with_tools_writes_a_run(tmp_path):
             "--eval-every", 1, "--eval-problems", 4, "--tool-problems", 20, "--device", "cpu", "--no-progress"]  # fmt: skip
     cmd_rl(p.parse_args([str(a) for a in argv]))
     _, meta, _ = load_model(tmp_path / "rl")
-    assert meta["reward"] == "stated" and meta["problems"] == "tools"
+    assert meta["reward"] == "exact" and meta["problems"] == "tools"
     assert meta["rl"]["tools"] is True and meta["rl"]["tool_problems"] == 20
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_pass1" in r] == [0, 1]

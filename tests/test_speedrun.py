@@ -162,7 +162,7 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
     rl = status["rl"]["result"]
     assert rl["steps"] == 2 and rl["val_problems"] == 4 and set(rl["after"]) == {"world_forward", "tools_on"}
     _, meta, _ = load_model(out / "rl")
-    assert meta["stage"] == "rl" and meta["rl"]["tools"] is True and meta["reward"] == "stated"
+    assert meta["stage"] == "rl" and meta["rl"]["tools"] is True and meta["reward"] == "exact"
     report = (out / "report.md").read_text()
     assert "## Reinforcement learning (GRPO, with the calculator)" in report
     assert (

@@ -4,16 +4,15 @@
 `example` the problem it answers (a dict; checkable problems carry "answer", arithmetic ones
 also "expression"). Verifiable rewards return 1.0 or 0.0:
 
-    exact_answer         the reply states the gold answer (a phrase match; for a number, the
-                         reply's last number equals it)
+    exact_answer         the reply states the gold answer: the gold as a whole phrase, or for a
+                         number, one of the reply's whole numbers ("37" in "X turned 37 in 1974",
+                         not in "1937"); the rules world QA and the tool evaluation score by
     number_match         the reply's last number equals example["answer"]
-    number_stated        example["answer"] (a number) is one of the reply's whole numbers: the
-                         rule the tool evaluation scores by ("37" in "X turned 37 in 1974")
     calculator_verified  the reply's last number equals what the calculator tool computes for
                          example["expression"], so the gold is recomputed, not trusted
     RewardModelReward    a learned reward: a `chatforge prefs reward` model's score (not 0/1)
 
-`get_reward("exact" | "number" | "stated" | "calculator" | "rm:PATH")` picks one by name (the CLI's --reward).
+`get_reward("exact" | "number" | "calculator" | "rm:PATH")` picks one by name (the CLI's --reward).
 A reward may also offer `batch(items) -> list[float]` (the reward model does): RL calls it for a
 whole rollout at once.
 """
@@ -62,23 +61,15 @@ def number_match(messages: list[dict], answer_text: str, example: dict) -> float
     return float(last_number(answer_text) == gold)
 
 
-def number_stated(messages: list[dict], answer_text: str, example: dict) -> float:
-    """1.0 when example["answer"] is one of the reply's whole numbers ("37" in "X turned 37 in 1974",
-    not in "1937"): eval/tools.py's `has_number`, so RL optimises what the tool evaluation scores."""
-    from chatforge.eval.tools import has_number
-
-    gold = _gold(example)
-    if _as_number(gold) is None:
-        raise ChatforgeError(f"number_stated needs a numeric answer, got {gold!r}")
-    return float(has_number(answer_text, gold))
-
-
 def exact_answer(messages: list[dict], answer_text: str, example: dict) -> float:
-    """1.0 when the reply states the gold answer: its last number for a numeric gold, else the gold
-    as a whole phrase (eval.world_qa.contains_answer, the rule world evaluation scores by)."""
+    """1.0 when the reply states the gold answer: a numeric gold as one of its whole numbers
+    (eval.tools.has_number, the tool evaluation's rule), else the gold as a whole phrase
+    (eval.world_qa.contains_answer, world QA's rule). So RL optimises what evaluation scores."""
+    from chatforge.eval.tools import has_number  # eval.tools imports the runner; keep this module light
+
     gold = _gold(example)
     if _as_number(gold) is not None:
-        return number_match(messages, answer_text, example)
+        return float(has_number(answer_text, gold))
     return float(contains_answer(answer_text, gold))
 
 
@@ -115,13 +106,12 @@ class RewardModelReward:
 REWARDS: dict[str, RewardFn] = {
     "exact": exact_answer,
     "number": number_match,
-    "stated": number_stated,
     "calculator": calculator_verified,
 }
 
 
 def get_reward(spec: str, device: str | torch.device = "cpu") -> RewardFn:
-    """A reward by name: exact, number, stated, calculator, or rm:PATH (a reward model run folder)."""
+    """A reward by name: exact, number, calculator, or rm:PATH (a reward model run folder)."""
     if spec.startswith("rm:"):
         return RewardModelReward(spec[3:], device)
     if spec not in REWARDS:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from chatforge import checkpoint as ckpt
 from chatforge.align import pad_right, plot_metrics, resume_train, save_train_checkpoint, token_logps
 from chatforge.align.prefs import batch_indices
-from chatforge.align.rewards import RewardFn, exact_answer, get_reward, number_stated, score_all
+from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
 from chatforge.config import RLConfig
 from chatforge.conversations import arithmetic_turn, big_arithmetic_problem, split_people, word_problem
 from chatforge.engine import generate_batch
@@ -289,9 +289,8 @@ def evaluate_problems(
     batch_size: int = 64,
     registry: ToolRegistry | None = None,
 ) -> dict:
-    """Greedy answers to `problems`: mean reward, and pass@1 when they have answers. pass@1 uses the
-    rule of the evaluation the problems come from: world QA's exact answer, or with tools the tool
-    evaluation's stated number (rewards.number_stated)."""
+    """Greedy answers to `problems`: mean reward, and pass@1 when they have answers (rewards.exact_answer:
+    the reply states the answer, by the rules world QA and the tool evaluation score by)."""
     texts = []
     for i in range(0, len(problems), batch_size):
         chunk = [p["messages"] for p in problems[i : i + batch_size]]
@@ -299,8 +298,7 @@ def evaluate_problems(
     items = [(p["messages"], t, p) for p, t in zip(problems, texts, strict=True)]
     out = {"val_reward": sum(score_all(reward, items)) / len(items)}
     if all("answer" in p for p in problems):
-        check = number_stated if registry is not None else exact_answer
-        out["val_pass1"] = sum(check(*it) for it in items) / len(items)
+        out["val_pass1"] = sum(exact_answer(*it) for it in items) / len(items)
     out["sample"] = f"{problems[0]['messages'][-1]['content']} -> {texts[0]}"
     return out
 
@@ -349,6 +347,12 @@ def grpo(
     reward_fn = get_reward(reward, device) if isinstance(reward, str) else reward
     registry = calculator_registry() if cfg.tools else None
     schemas = registry.schemas() if registry else None
+    held_out = {p["messages"][-1]["content"] for p in val_problems}
+    problems = [
+        p for p in problems if p["messages"][-1]["content"] not in held_out
+    ]  # a small sum can be in both
+    if not problems:
+        raise ChatforgeError("every training problem is also a held-out one; give other held-out problems")
     problems = _fits(problems, tok, policy.cfg.seq_len, "training", schemas)
     val_problems = _fits(val_problems, tok, policy.cfg.seq_len, "held-out", schemas)
     if len(val_problems) > cfg.eval_problems:  # a seeded sample: problem files are often sorted by kind
@@ -505,7 +509,7 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder for the RL model")
     p.add_argument(
         "--reward", default=None,
-        help="exact (the default), number, stated (the default with tools), calculator, or rm:RUN (a reward model)",
+        help="exact (the default), number, calculator, or rm:RUN (a reward model)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
@@ -561,19 +565,13 @@ def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], 
         n_val = max(1, len(train) // 10)
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
-    held_out = {p["messages"][-1]["content"] for p in val}
-    train = [
-        p for p in train if p["messages"][-1]["content"] not in held_out
-    ]  # never train on a held-out question
-    if not train:
-        raise ChatforgeError("every training problem is also a held-out one; give different --val-problems")
     return train, val, source
 
 
 def cmd_rl(args: argparse.Namespace) -> None:
     fields = {f: getattr(args, f) for f in RLConfig.__dataclass_fields__ if hasattr(args, f)}
     cfg = RLConfig(**{**fields, "tools": args.tools or args.problems == "tools"})
-    reward = args.reward or ("stated" if cfg.tools else "exact")
+    reward = args.reward or "exact"
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
     train, val, source = resolve_problems(args)
