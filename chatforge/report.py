@@ -182,7 +182,7 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
         "",
         f"{summary['steps']} steps of GRPO from the assistant, with the calculator shown: each step "
         f"{cfg.get('prompts_per_step', '?')} problems ({summary['problems']:,} in all: forward fact questions "
-        f"about the SFT people and small sums), {cfg.get('group_size', '?')} answers sampled for each, reward 1 "
+        f"about the SFT people, small sums, calculator problems), {cfg.get('group_size', '?')} answers sampled for each, reward 1 "
         f"when the answer states the right one; {summary['train_seconds'] / 60:.1f} min. Held-out pass@1 "
         f"({summary['val_problems']} problems of the same kinds about the evaluation people, greedy): "
         f"**{_pct(summary.get('val_pass1_start'))} → {_pct(summary.get('val_pass1_end'))}**.",
