@@ -4,6 +4,7 @@ comparisons, and the labeling loop (scripted keys, the judge, resume, Ctrl-C in 
 import gzip
 import json
 import os
+import platform
 import random
 import re
 import select
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,6 +318,22 @@ def _read_until(proc, marker: str, timeout: float = 60.0) -> str:
     return buf.decode(errors="replace")
 
 
+def _wait_until_reading(pid: int, timeout: float = 20.0) -> None:
+    """Until process `pid` sits in the read(2) system call (Linux x86-64: number 0), else 1 s."""
+    if platform.machine() != "x86_64" or not Path(f"/proc/{pid}/syscall").exists():
+        time.sleep(1.0)
+        return
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if Path(f"/proc/{pid}/syscall").read_text().split()[0] == "0":
+                return
+        except (OSError, IndexError):
+            break
+        time.sleep(0.02)
+    time.sleep(1.0)
+
+
 def test_ctrl_c_while_labelling_keeps_every_label(tmp_path, run_dir, cli_env):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": f"What is {i} + 1?"}) + "\n" for i in range(5)))
@@ -334,6 +352,9 @@ def test_ctrl_c_while_labelling_keeps_every_label(tmp_path, run_dir, cli_env):
             proc.stdin.write(b"because\n")
             proc.stdin.flush()
         _read_until(proc, "> ")  # the third pair is on screen, waiting for a key
+        # A signal that lands after the prompt is printed but before read(2) starts waits for the
+        # next input (a person's Ctrl-C comes while it waits): send it once the child blocks in read
+        _wait_until_reading(proc.pid)
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=60)
     finally:
