@@ -340,9 +340,12 @@ def test_ctrl_c_while_labelling_keeps_every_label(tmp_path, run_dir, cli_env):
     out = tmp_path / "prefs.jsonl"
     cmd = [sys.executable, "-m", "chatforge.align.label", "--model", str(run_dir), "--prompts", str(prompts),
            "--out", str(out), "--max-new-tokens", "6", "--device", "cpu"]  # fmt: skip
+    # a job started in the background by a non-interactive shell (`cmd &`, as CI may run us) inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt: give the child the default back
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env
-    )
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         for key in ("a", "b"):
             _read_until(proc, "> ")
