@@ -11,8 +11,8 @@ Everything here is a `chatforge` command's function, run in order on the speedru
 2. reward model: `chatforge prefs reward` -> held-out pairwise accuracy, overall and per kind;
 3. DPO: `chatforge prefs dpo` -> held-out preference accuracy, then `chatforge prefs winrate`: one
    sampled answer per held-out prompt from the DPO model and from the assistant, judged by (2);
-4. RL: `chatforge rl --problems tools` -> held-out pass@1 of the evaluation's calculator problems
-   (sft_data/eval_tools.jsonl), greedy, with the calculator, before and after.
+4. RL: the speedrun's rl stage recipe (`rl.speedrun_problems`: fact questions, small sums and
+   calculator problems, calculator shown) -> held-out pass@1 before and after.
 
 Results: align_world.json in --out (and each stage's run folder with its plot).
 """
@@ -20,6 +20,7 @@ Results: align_world.json in --out (and each stage's run folder with its plot).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,12 +33,14 @@ from chatforge import checkpoint as ckpt  # noqa: E402
 from chatforge.align import align_config  # noqa: E402
 from chatforge.align.dpo import dpo  # noqa: E402
 from chatforge.align.prefs import encode_prefs, prompt_key, split_pairs, world_prefs, write_prefs  # noqa: E402
-from chatforge.align.reward import _judge_prompts, load_reward_model, train_reward, win_rate  # noqa: E402
-from chatforge.align.rl import grpo, load_problems, tool_problems  # noqa: E402
-from chatforge.config import RLConfig  # noqa: E402
+from chatforge.align.reward import judge_prompts, load_reward_model, train_reward, win_rate  # noqa: E402
+from chatforge.align.rl import grpo, load_problems, speedrun_problems  # noqa: E402
+from chatforge.config import get_preset  # noqa: E402
 from chatforge.fileio import atomic_write_json  # noqa: E402
 from chatforge.train.common import pick_device  # noqa: E402
 from chatforge.world import load_world  # noqa: E402
+
+PAIR_KEYS = ("train_pairs", "val_pairs", "steps", "val_acc_start", "val_acc_end", "val_acc_by_kind")
 
 
 def log(msg: str) -> None:
@@ -59,10 +62,11 @@ def main() -> None:
     ap.add_argument("--dpo-lr", type=float, default=2e-5)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--winrate-prompts", type=int, default=300)
-    ap.add_argument("--rl-steps", type=int, default=60)
-    ap.add_argument("--rl-lr", type=float, default=1e-4)
-    ap.add_argument("--rl-kl", type=float, default=0.05)
-    ap.add_argument("--rl-eval", type=int, default=300, help="held-out calculator problems per evaluation")
+    # RL: the cpu preset's rl settings unless given
+    ap.add_argument("--rl-steps", type=int, default=None)
+    ap.add_argument("--rl-lr", type=float, default=None)
+    ap.add_argument("--rl-kl", type=float, default=None)
+    ap.add_argument("--rl-eval", type=int, default=None, help="held-out problems per evaluation")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -95,17 +99,7 @@ def main() -> None:
         )
         summary = train_reward(sft, prefs, out / "rm", cfg, val_fraction=args.val_fraction, progress=False)
         result["reward_model"] = {
-            **{
-                k: summary[k]
-                for k in (
-                    "train_pairs",
-                    "val_pairs",
-                    "steps",
-                    "val_acc_start",
-                    "val_acc_end",
-                    "val_acc_by_kind",
-                )
-            },
+            **{k: summary[k] for k in PAIR_KEYS},
             "lr": args.rm_lr,
             "seconds": round(time.time() - t0, 1),
         }
@@ -121,17 +115,7 @@ def main() -> None:
             sft, prefs, out / "dpo", cfg, beta=args.beta, val_fraction=args.val_fraction, progress=False
         )
         entry = {
-            **{
-                k: summary[k]
-                for k in (
-                    "train_pairs",
-                    "val_pairs",
-                    "steps",
-                    "val_acc_start",
-                    "val_acc_end",
-                    "val_acc_by_kind",
-                )
-            },
+            **{k: summary[k] for k in PAIR_KEYS},
             "lr": args.dpo_lr,
             "beta": args.beta,
             "seconds": round(time.time() - t0, 1),
@@ -144,39 +128,29 @@ def main() -> None:
             # held-out prompts: the split DPO and the reward model both held out (same seed, same rule)
             _, val = split_pairs(encode_prefs(tok, rows, model.cfg.seq_len)[0], args.val_fraction, cfg.seed)
             val_keys = {p.key for p in val}
-            prompts = [m for m in _judge_prompts(prefs) if prompt_key(m) in val_keys][: args.winrate_prompts]
+            prompts = [m for m in judge_prompts(prefs) if prompt_key(m) in val_keys][: args.winrate_prompts]
             wr = win_rate(rm, tok, model, baseline, prompts, max_new_tokens=48, temperature=1.0, seed=0)
             entry["win_rate_vs_sft"] = {k: wr[k] for k in ("win_rate", "wins", "ties", "losses", "n")}
         result["dpo"] = entry
         log(f"dpo: {json.dumps(entry)}")
         atomic_write_json(result_path, result)
 
-    if "rl" in only:
-        held_out = load_problems(run / "sft_data" / "eval_tools.jsonl")
-        asked = {p["question"] for p in held_out}
-        cfg = RLConfig(
-            steps=args.rl_steps, lr=args.rl_lr, kl_beta=args.rl_kl, tools=True, eval_every=10,
-            eval_problems=args.rl_eval, device=args.device,
-        )  # fmt: skip
-        train = [
-            p for p in tool_problems(world, people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
-        ]
-        summary = grpo(sft, train, held_out, out / "rl", cfg, "exact", progress=False)
-        result["rl"] = {
-            **{
-                k: summary[k]
-                for k in (
-                    "problems",
-                    "val_problems",
-                    "steps",
-                    "train_seconds",
-                    "val_pass1_start",
-                    "val_pass1_end",
-                )
-            },
+    if "rl" in only:  # the speedrun's rl stage recipe (rl.speedrun_problems), on this run
+        given = {
+            "steps": args.rl_steps,
             "lr": args.rl_lr,
             "kl_beta": args.rl_kl,
+            "eval_problems": args.rl_eval,
         }
+        cfg = dataclasses.replace(
+            get_preset("cpu").rl, device=args.device, **{k: v for k, v in given.items() if v is not None}
+        )
+        asked = {p["question"] for p in load_problems(run / "sft_data" / "eval_tools.jsonl")}
+        eval_people = [world.person(i) for i in manifest["eval_people"]]
+        train, val = speedrun_problems(world, people, eval_people, cfg, asked)
+        summary = grpo(sft, train, val, out / "rl", cfg, "exact", progress=False)
+        keys = ("problems", "val_problems", "steps", "train_seconds", "val_pass1_start", "val_pass1_end")
+        result["rl"] = {**{k: summary[k] for k in keys}, "lr": cfg.lr, "kl_beta": cfg.kl_beta}
         log(f"rl: {json.dumps(result['rl'])}")
         atomic_write_json(result_path, result)
     print(json.dumps(result, indent=2))

@@ -141,7 +141,7 @@ class Preset:
     sft: TrainConfig = field(default_factory=sft_config)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # RL after SFT on calculator problems, answered with the calculator (speedrun's rl stage)
+    # GRPO after SFT, calculator shown (the speedrun's rl stage; steps 0 = off)
     rl: RLConfig = field(default_factory=lambda: RLConfig(steps=0))
 
 
@@ -198,7 +198,7 @@ PRESETS: dict[str, Preset] = {
             ckpt_every=100,
             log_every=10,
         ),
-        # GRPO after SFT, calculator shown: fact questions and small sums (docs/benchmarks.md)
+        # GRPO after SFT, calculator shown: fact questions, small sums, calculator problems (docs/benchmarks.md)
         rl=RLConfig(
             steps=60, lr=2e-4, kl_beta=0.05, eval_every=10, eval_problems=300, tools=True, tool_problems=1500
         ),

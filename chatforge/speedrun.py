@@ -206,13 +206,10 @@ def _evaluate(
 
 def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     """GRPO from the assistant (align/rl.py) on the world's checkable problems, answered with the
-    calculator shown: forward fact questions about the SFT people, small sums, and (with
-    data.tool_use) calculator problems (big arithmetic, word problems about the SFT people); reward 1
-    when the answer states the right one (rewards.exact_answer). Without the calculator problems
-    RL learns "a question about a person needs no tool" and word problems collapse (measured:
-    97.5% -> 55.3%). Held out: fact questions about the evaluation people and new sums. Then the eval
-    stage's world_forward and tools-on tasks again on the RL model, for the report's before/after."""
-    from chatforge.align.rl import grpo, tool_problems, world_problems
+    calculator shown (rl.speedrun_problems); reward 1 when the answer states the right one
+    (rewards.exact_answer). Then the eval stage's world_forward and tools-on tasks again on the RL
+    model, for the report's before/after."""
+    from chatforge.align.rl import grpo, speedrun_problems
     from chatforge.fileio import read_jsonl
     from chatforge.world import load_world
 
@@ -222,18 +219,14 @@ def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     world = load_world(out / "world")
     sft_dir = out / "sft_data"
     manifest = json.loads((sft_dir / "manifest.json").read_text())
-    sft_people = [world.person(i) for i in manifest["sft_people"]]
-    eval_people = [world.person(i) for i in manifest["eval_people"]] or sft_people
-    train = world_problems(world, sft_people, cfg.seed)
-    if (sft_dir / "eval_tools.jsonl").exists():
-        asked = {obj["question"] for _, obj in read_jsonl(sft_dir / "eval_tools.jsonl")}  # evaluation's
-        train += [
-            p
-            for p in tool_problems(world, sft_people, cfg.tool_problems, cfg.seed)
-            if p["question"] not in asked
-        ]
+    tools_file = sft_dir / "eval_tools.jsonl"
+    train, val = speedrun_problems(
+        world, [world.person(i) for i in manifest["sft_people"]],
+        [world.person(i) for i in manifest["eval_people"]], cfg,
+        {obj["question"] for _, obj in read_jsonl(tools_file)} if tools_file.exists() else set(),
+    )  # fmt: skip
     summary = grpo(
-        out / "sft", train, world_problems(world, eval_people, cfg.seed + 1), out / "rl", cfg, "exact",
+        out / "sft", train, val, out / "rl", cfg, "exact",
         resume=(out / "rl" / "ckpt").is_dir(), progress=progress,
         meta_extra={"problems": "world+tools", "world": str(out / "world")},
     )  # fmt: skip

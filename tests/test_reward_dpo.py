@@ -37,12 +37,7 @@ def nll_sigmoid(x: float) -> float:
     return math.log1p(math.exp(-x))  # -log sigmoid(x)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from chatforge.align.rl import (
     k3_kl,
     load_problems,
     sample_answers,
+    speedrun_problems,
     tool_problems,
     world_problems,
 )
@@ -38,13 +39,7 @@ from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer, render_conversation
 from chatforge.world import build_world, write_world
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +232,13 @@ def test_tool_problems_are_checkable():
         if p["kind"] == "word":
             assert any(n in p["question"] for n in names)
     assert tool_problems(world, people, 40, seed=3) == problems  # seeded
+    # the speedrun's mix: facts + sums + calculator problems, never one the evaluation asks
+    _, others = split_people(world)
+    asked = {problems[0]["question"]}
+    train, val = speedrun_problems(world, people, others, RLConfig(tool_problems=40, seed=3), asked)
+    assert {"arithmetic", "word"} <= {p["kind"] for p in train}
+    assert asked.isdisjoint(p["messages"][-1]["content"] for p in train)
+    assert {p["person_id"] for p in val if p.get("person_id") is not None} <= {p.id for p in others}
 
 
 def test_rl_cli_with_tools_writes_a_run(tmp_path):

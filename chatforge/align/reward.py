@@ -431,7 +431,7 @@ def add_winrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="JSON", help="also write the result here")
 
 
-def _judge_prompts(path: Path) -> list[list[dict]]:
+def judge_prompts(path: Path) -> list[list[dict]]:
     """The prompts of a comparisons file (each once), or of a problems file (rl.load_problems)."""
     from chatforge.align.rl import load_problems
     from chatforge.fileio import read_jsonl
@@ -459,7 +459,7 @@ def cmd_winrate(args: argparse.Namespace) -> None:
             raise ChatforgeError(
                 f"{name} {run} has another tokenizer than the reward model; judge runs of one family"
             )
-    prompts = _judge_prompts(Path(args.prompts))[: args.n]
+    prompts = judge_prompts(Path(args.prompts))[: args.n]
     fits = [m for m in prompts if len(render_prompt(tok, m)) + args.max_new_tokens <= model.cfg.seq_len]
     if not fits:
         raise ChatforgeError(
