@@ -8,6 +8,7 @@ from chatforge.checkpoint import model_state, save_model
 from chatforge.engine import generate, generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig, KVCache
+from chatforge.model.lora import apply_lora
 from chatforge.model.quant import (
     MODES,
     Int8Linear,
@@ -128,20 +129,37 @@ def test_unknown_modes_are_refused_in_one_line(mode):
     assert "\n" not in str(e.value) and "bf16, int8" in str(e.value)
 
 
-def test_decode_layout_keeps_values_names_and_ties():
+def test_decode_layout_fuses_projections_and_keeps_values_names_and_ties():
     model = tiny()
     x = torch.randint(0, V, (3, 20))
     with torch.no_grad():
         ref = model(x)
     before = {k: v.clone() for k, v in model_state(model).items()}
     decode_layout(model)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    # one matrix each for q/k/v and gate/up; the projections' weights are views into it (no copy)
+    assert attn.qkv_weight.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert mlp.gate_up_weight.shape == (2 * mlp.up_proj.out_features, 64)
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
+    # the faster memory order per shape: column-major when wider than tall, row-major otherwise
+    assert attn.qkv_weight.t().is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    assert mlp.down_proj.weight.is_contiguous() and attn.o_proj.weight.is_contiguous()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is nn.Linear and m.weight.t().is_contiguous() for m in linears)
+    assert linears and all(type(m) is nn.Linear for m in linears)
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied, one Parameter
-    after = model_state(model)  # what a save would write: same names, same values, contiguous
+    after = model_state(model)  # what a save would write: same names, same values
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert "layers.0.self_attn.qkv_weight" not in model.state_dict()  # derived, never saved
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layout_leaves_lora_projections_unfused():
+    model = tiny()
+    apply_lora(model, rank=2, alpha=4.0)
+    decode_layout(model)
+    assert model.layers[0].self_attn.qkv_weight is None and model.layers[0].mlp.gate_up_weight is None
 
 
 def test_load_for_inference(tmp_path):
@@ -152,7 +170,7 @@ def test_load_for_inference(tmp_path):
     expected = generate_batch(model, [prompt], 8)[0]
     fp32, meta, folder = load_for_inference(tmp_path / "run")
     assert meta["stage"] == "test" and folder == tmp_path / "run"
-    assert fp32.layers[0].mlp.up_proj.weight.t().is_contiguous()
+    assert fp32.layers[0].mlp.gate_up_weight is not None  # decode_layout applied
     assert generate_batch(fp32, [prompt], 8)[0] == expected
     q, _, _ = load_for_inference(tmp_path / "run", "int8")
     assert isinstance(q.lm_head, Int8Linear) and not q.training

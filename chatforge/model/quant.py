@@ -2,14 +2,16 @@
 
     model, meta, model_dir = load_for_inference(RUN, quantize=None | "bf16" | "int8")
 
-- None (fp32): the weights as trained, each nn.Linear's weight re-laid column-major (`decode_layout`).
-  Same values, shape and module type; only the memory order changes, because one-token decoding is a
-  matrix-vector product that streams every weight once, and this CPU's BLAS streams (in, out)-ordered
-  memory faster than (out, in) (bench/infer.py measures it).
+- None (fp32): the weights as trained, laid out for one-token decoding (`decode_layout`): q/k/v fused
+  into one matrix and gate/up into another (5 matmuls per layer become 2), each matrix in the memory
+  order this CPU's BLAS streams fastest for its shape. Same values and module names; only the memory
+  changes, because one-token decoding is a matrix-vector product per projection that streams every
+  weight once, plus a fixed cost per call (bench/infer.py measures both).
 - "bf16": weights, activations and the KV cache in bfloat16: half the memory. Fast only with bf16
   math (AVX512-BF16 / AMX CPUs, GPUs); on an AVX2-only CPU torch converts in software, so decoding
   (memory-bound) is about as fast as fp32 and prompts (compute-bound) are several times slower
-  (bench/infer.py measures both).
+  (bench/infer.py measures both). bf16 keeps torch's layout: column-major bf16 weights decoded 6x
+  slower on AVX2 (measured), and fusing them gained nothing.
 - "int8": every nn.Linear (lm_head included) becomes an `Int8Linear`: int8 weights with one fp32
   scale per output channel (symmetric: scale = max|row| / 127), a quarter of fp32's bytes. A decode
   step runs fbgemm's int8 matmul, which also rounds each row's activations to 7 bits; a prompt runs
@@ -33,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT
+from chatforge.model.gpt import GPT, MLP, Attention
 
 MODES = ("bf16", "int8")
 
@@ -84,16 +86,55 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
 
 
-def decode_layout(model: nn.Module) -> nn.Module:
-    """Store every nn.Linear weight column-major (same shape and values; weight.t() is contiguous).
+def _streaming_order(weight: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) values in the memory order a one-token matmul streams fastest on this CPU:
+    column-major (weight.t() contiguous) for a matrix wider than it is tall (out > in: q/k/v, gate/up,
+    lm_head), row-major otherwise (down_proj: 10.4 GB/s against 8.2 column-major). bench/infer.py's
+    kernels section measures both orders."""
+    if weight.size(0) > weight.size(1):
+        return weight.t().contiguous().t()
+    return weight.contiguous()
 
-    F.linear(x, W) multiplies by W.t(); with this layout that is a plain row-major (in, out) matrix,
-    which MKL's matrix-vector path streams faster on this CPU. A tied lm_head keeps sharing its
-    Parameter with embed_tokens (an embedding lookup reads strided rows, a small cost)."""
+
+def _fuse(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
+    """One (sum of outs, in) matrix holding the named projections' weights stacked; each projection's
+    weight becomes a view into it (no second copy). None when a projection is not a plain nn.Linear
+    (LoRA, int8), which then keep their own matmuls."""
+    linears = [getattr(module, n) for n in names]
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    fused = _streaming_order(torch.cat([m.weight for m in linears]))
+    start = 0
+    for m in linears:
+        m.weight.data = fused[start : start + m.out_features]
+        start += m.out_features
+    return fused
+
+
+def decode_layout(model: nn.Module) -> nn.Module:
+    """Lay the weights out for one-token decoding, which is a matrix-vector product per projection,
+    bound by streaming each weight from memory once, plus a fixed cost per call:
+    - q, k and v become one matrix (Attention.qkv_weight), gate and up another (MLP.gate_up_weight):
+      3 + 2 matmuls become 1 + 1, and a wider matrix streams faster than two narrow ones;
+    - every matrix is stored in its faster memory order (`_streaming_order`).
+    Same values, names and module types (q_proj.weight etc. are views into the fused matrices), so
+    the model computes what it did; it is for generation, not for training or saving. A tied lm_head
+    keeps sharing its Parameter with embed_tokens (an embedding lookup then reads strided rows)."""
     with torch.no_grad():
+        fused_parts: set[int] = set()
         for module in model.modules():
-            if isinstance(module, nn.Linear) and not module.weight.t().is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
+            if isinstance(module, Attention):
+                module.qkv_weight = _fuse(module, ("q_proj", "k_proj", "v_proj"))
+                parts = ("q_proj", "k_proj", "v_proj") if module.qkv_weight is not None else ()
+            elif isinstance(module, MLP):
+                module.gate_up_weight = _fuse(module, ("gate_proj", "up_proj"))
+                parts = ("gate_proj", "up_proj") if module.gate_up_weight is not None else ()
+            else:
+                continue
+            fused_parts.update(id(getattr(module, n)) for n in parts)
+        for module in model.modules():
+            if type(module) is nn.Linear and id(module) not in fused_parts:
+                module.weight.data = _streaming_order(module.weight.data)
     return model
 
 
