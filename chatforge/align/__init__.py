@@ -75,8 +75,13 @@ def token_logps(model: torch.nn.Module, ids: torch.Tensor, temperature: float = 
     logits = model(ids[:, :-1]).float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = ids[:, 1:, None]
-    return (logits.gather(-1, targets).squeeze(-1) - logits.logsumexp(-1)).float()
+    return logps_of_targets(logits, ids[:, 1:])
+
+
+def logps_of_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] at each position: logits (B, T, V), targets (B, T) -> (B, T) float32."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def sequence_logps(

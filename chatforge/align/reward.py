@@ -6,10 +6,10 @@ r(prompt, answer) = head(final hidden state at the answer's last token)
                    + likelihood_weight * mean log p(answer token) under the trunk's own LM head.
 The trunk starts from the SFT run (it already reads conversations and knows its world); the head
 starts at zero and likelihood_weight at 1, so at step 0 the reward is how likely the SFT model
-finds the answer (RewardModel says why that term is there). Training minimises the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected): the model
-only learns differences, so the reward's zero point means nothing (GRPO's per-group
-normalisation does not care). Held-out pairwise accuracy, P(r_chosen > r_rejected) on prompts
-it never trained on, is the number to watch.
+finds the answer (RewardModel says why that term is there). Training minimises the Bradley-Terry
+loss -log sigmoid(r_chosen - r_rejected): the model only learns differences, so the reward's
+zero point means nothing (GRPO's per-group normalisation does not care). Held-out pairwise
+accuracy, P(r_chosen > r_rejected) on prompts it never trained on, is the number to watch.
 
 `chatforge prefs winrate --model DPO_RUN --against SFT_RUN --rm RM_RUN --prompts FILE` samples one
 answer per prompt from each model and reports how often the reward model prefers the first (`win_rate`).
@@ -40,6 +40,7 @@ from chatforge.align import (
     config_dict,
     encode_answer,
     final_hidden,
+    logps_of_targets,
     pad_right,
     plot_metrics,
     resume_train,
@@ -84,7 +85,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.gpt = gpt
         self.head = nn.Linear(gpt.cfg.n_embd, 1)
-        nn.init.zeros_(self.head.weight)  # the head starts at 0: at step 0 the reward is log p(answer)
+        nn.init.zeros_(self.head.weight)  # the head starts at 0: at step 0 the reward is the likelihood
         nn.init.zeros_(self.head.bias)
         self.likelihood_weight = nn.Parameter(torch.ones(()))
 
@@ -93,8 +94,8 @@ class RewardModel(nn.Module):
         The head reads each row's last real token; the log-likelihood is averaged over the answer's tokens."""
         h = final_hidden(self.gpt, ids)
         last = h[torch.arange(ids.size(0), device=ids.device), lengths - 1]
-        logits = self.gpt.lm_head(h[:, :-1]).float()  # the same hidden states, one more matmul
-        token_logp = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+        # the same hidden states through the LM head: one more matmul, not a second forward
+        token_logp = logps_of_targets(self.gpt.lm_head(h[:, :-1]), ids[:, 1:])
         mask = answer_mask[:, 1:].float()
         answer_logp = (token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return self.head(last.float()).squeeze(-1) + self.likelihood_weight * answer_logp

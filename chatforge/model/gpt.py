@@ -157,7 +157,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
-        # inference only (quant.fuse_projections): q, k and v weights in one matrix, one matmul instead
+        # inference only (quant.decode_layout): q, k and v weights in one matrix, one matmul instead
         # of three; q/k/v_proj.weight then view into it. Not saved, and never trained through.
         self.register_buffer("qkv_weight", None, persistent=False)
 
@@ -206,7 +206,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
-        # inference only (quant.fuse_projections): gate and up in one matrix, as Attention.qkv_weight
+        # inference only (quant.decode_layout): gate and up in one matrix, as Attention.qkv_weight
         self.register_buffer("gate_up_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

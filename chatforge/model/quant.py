@@ -121,20 +121,14 @@ def decode_layout(model: nn.Module) -> nn.Module:
     the model computes what it did; it is for generation, not for training or saving. A tied lm_head
     keeps sharing its Parameter with embed_tokens (an embedding lookup then reads strided rows)."""
     with torch.no_grad():
-        fused_parts: set[int] = set()
         for module in model.modules():
+            if type(module) is nn.Linear:
+                module.weight.data = _streaming_order(module.weight.data)
+        for module in model.modules():  # then stack the projections (their weights become views)
             if isinstance(module, Attention):
                 module.qkv_weight = _fuse(module, ("q_proj", "k_proj", "v_proj"))
-                parts = ("q_proj", "k_proj", "v_proj") if module.qkv_weight is not None else ()
             elif isinstance(module, MLP):
                 module.gate_up_weight = _fuse(module, ("gate_proj", "up_proj"))
-                parts = ("gate_proj", "up_proj") if module.gate_up_weight is not None else ()
-            else:
-                continue
-            fused_parts.update(id(getattr(module, n)) for n in parts)
-        for module in model.modules():
-            if type(module) is nn.Linear and id(module) not in fused_parts:
-                module.weight.data = _streaming_order(module.weight.data)
     return model
 
 
