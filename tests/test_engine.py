@@ -149,9 +149,11 @@ def test_bad_inputs_raise_chatforge_errors(model, prompts, kw, match):
         generate_batch(model, prompts, 3, **kw)
 
 
-@pytest.mark.parametrize("layout", ["as trained", "decode layout"])
+@pytest.mark.parametrize("layout", ["as trained", "decode layout", "decode layout in 2 parts"])
 def test_decode_equals_naive_full_forward_greedy_loop(model, layout):
-    fast = decode_layout(copy.deepcopy(model)) if layout == "decode layout" else model
+    fast = model
+    if layout != "as trained":
+        fast = decode_layout(copy.deepcopy(model), parts=2 if "parts" in layout else 1)
     for prompt in PROMPTS[:2]:
         new = list(generate(fast, prompt, 40))
         ids = list(prompt)

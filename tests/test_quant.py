@@ -12,6 +12,7 @@ from chatforge.model.lora import apply_lora
 from chatforge.model.quant import (
     MODES,
     Int8Linear,
+    SplitLinear,
     decode_layout,
     int8_weights,
     load_for_inference,
@@ -153,6 +154,40 @@ def test_decode_layout_fuses_projections_and_keeps_values_names_and_ties():
     assert "layers.0.self_attn.qkv_weight" not in model.state_dict()  # derived, never saved
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"tie_embeddings": False, "n_kv_head": 4}])
+def test_decode_layout_in_parts_computes_what_the_model_computes(kw):
+    model = tiny(**kw)
+    before = {k: v.clone() for k, v in model_state(model).items()}
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # two lengths: a padded batch, then batched decoding
+    x = torch.randint(0, V, (3, 20))
+    with torch.no_grad():
+        ref_logits = model(x)
+        ref_cache = KVCache(model.cfg, 3, 21)
+        model(x, cache=ref_cache)
+        ref_step = model(x[:, :1], cache=ref_cache)
+    expected = generate_batch(model, prompts, 12)
+    decode_layout(model, parts=3)  # 3 does not divide every width: each matrix takes the most that do
+    attn = model.layers[0].self_attn
+    if kw.get("qk_norm"):  # the q/k norms sit between the projections and RoPE: q/k/v stay apart
+        assert attn.qkv_weight is None and isinstance(attn.q_proj, SplitLinear)
+    else:  # q 64 + k/v 2 x 32 (or 2 x 64) outputs: 128 in 2 parts (or 192 in 3), views of one memory
+        parts = 3 if kw.get("n_kv_head") == 4 else 2
+        assert attn.qkv_weight.shape == (parts, 64, 64)
+        assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    assert isinstance(model.lm_head, SplitLinear) and model.lm_head.parts_weight.shape == (3, 64, V // 3)
+    if model.cfg.tie_embeddings:
+        assert model.lm_head.weight is model.embed_tokens.weight  # still one Parameter
+    after = model_state(model)  # what a save would write: same names, same values
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any("parts_weight" in k for k in model.state_dict())  # derived, never saved
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref_logits, atol=1e-5, rtol=1e-5)
+        cache = KVCache(model.cfg, 3, 21)
+        model(x, cache=cache)
+        torch.testing.assert_close(model(x[:, :1], cache=cache), ref_step, atol=1e-5, rtol=1e-5)
+    assert generate_batch(model, prompts, 12) == expected
 
 
 def test_decode_layout_leaves_lora_projections_unfused():

@@ -130,6 +130,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. weight is (out, in), or (parts, in, out / parts) as quant.decode_layout splits it
+    for decoding on a CPU: then one batched matmul whose parts run on separate cores, because torch's
+    matrix-vector product (a decode step's matmul) runs on one core, and one core cannot draw the
+    memory bandwidth two can (bench/infer.py measures both)."""
+    if weight.dim() == 2:
+        return F.linear(x, weight)
+    parts, n_in, n_out = weight.shape
+    y = torch.bmm(x.reshape(1, -1, n_in).expand(parts, -1, -1), weight)  # (parts, rows, out / parts)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], parts * n_out)
+
+
 class KVCache:
     """Pre-allocated keys/values for every layer; generation writes in place, never concatenates."""
 
@@ -157,8 +169,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
-        # inference only (quant.decode_layout): q, k and v weights in one matrix, one matmul instead
-        # of three; q/k/v_proj.weight then view into it. Not saved, and never trained through.
+        # inference only (quant.decode_layout): q, k and v weights in one matrix (2-D, or split in parts
+        # for `linear`), one matmul instead of three; q/k/v_proj.weight then view into it. Not saved,
+        # and never trained through.
         self.register_buffer("qkv_weight", None, persistent=False)
 
     def forward(
@@ -171,17 +184,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.cfg
-        if self.qkv_weight is not None:
-            q_size, kv_size = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-            q, k, v = F.linear(x, self.qkv_weight).split([q_size, kv_size, kv_size], dim=-1)
+        H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        if self.qkv_weight is not None:  # decode layout (never with qk_norm): one matmul, one RoPE call
+            heads = linear(x, self.qkv_weight).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            q, k = apply_rope(heads[:, : H + KV], cos, sin).split([H, KV], dim=1)
+            v = heads[:, H + KV :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
-        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # write this step's keys/values into the cache, attend over everything so far
             start = cache.pos
@@ -189,13 +203,13 @@ class Attention(nn.Module):
             cache.v[self.layer_idx, :, :, start : start + T] = v
             k = cache.k[self.layer_idx, :, :, : start + T]
             v = cache.v[self.layer_idx, :, :, : start + T]
-        gqa = cfg.n_kv_head != cfg.n_head
+        gqa = KV != H
         if attn_mask is None:
             # a fresh sequence, or one new token that may see the whole cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
@@ -211,7 +225,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

@@ -4,8 +4,9 @@
 
 - None (fp32): the weights as trained, laid out for one-token decoding (`decode_layout`): q/k/v fused
   into one matrix and gate/up into another (5 matmuls per layer become 2), each matrix in the memory
-  order this CPU's BLAS streams fastest for its shape. Same values and module names; only the memory
-  changes, because one-token decoding is a matrix-vector product per projection that streams every
+  order this CPU's BLAS streams fastest for its shape, and on a CPU split into one block of outputs
+  per core (torch's matrix-vector product uses one core). Same values and module names; only the
+  memory and the matmul calls change, because one-token decoding is a matrix-vector product per projection that streams every
   weight once, plus a fixed cost per call (bench/infer.py measures both).
 - "bf16": weights, activations and the KV cache in bfloat16: half the memory. Fast only with bf16
   math (AVX512-BF16 / AMX CPUs, GPUs); on an AVX2-only CPU torch converts in software, so decoding
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, MLP, Attention
+from chatforge.model.gpt import linear as gpt_linear
 
 MODES = ("bf16", "int8")
 
@@ -111,24 +113,78 @@ def _fuse(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
     return fused
 
 
-def decode_layout(model: nn.Module) -> nn.Module:
+def _split(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """An (out, in) weight in either streaming order -> a (parts, in, out / parts) view of the same
+    memory, the layout gpt.linear multiplies as one batched matmul: part p computes outputs
+    p * out / parts up to (p + 1) * out / parts."""
+    n_out, n_in = weight.shape
+    if weight.stride(0) == 1:  # column-major: the memory is (in, out)
+        return weight.t().view(n_in, parts, n_out // parts).permute(1, 0, 2)
+    return weight.view(parts, n_out // parts, n_in).transpose(1, 2)
+
+
+def _parts_for(n_out: int, parts: int) -> int:
+    """The most parts, up to `parts`, that split n_out outputs evenly."""
+    while n_out % parts:
+        parts -= 1
+    return parts
+
+
+class SplitLinear(nn.Module):
+    """A bias-free nn.Linear for decoding on a CPU: the same weight Parameter (same name; still shared
+    with a tied embedding), multiplied in `parts` blocks of outputs by one batched matmul (gpt.linear),
+    a block per core."""
+
+    def __init__(self, linear: nn.Linear, parts: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_buffer("parts_weight", _split(linear.weight.data, parts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gpt_linear(x, self.parts_weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.parts_weight.size(0)}"
+
+
+def decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
     """Lay the weights out for one-token decoding, which is a matrix-vector product per projection,
     bound by streaming each weight from memory once, plus a fixed cost per call:
     - q, k and v become one matrix (Attention.qkv_weight), gate and up another (MLP.gate_up_weight):
       3 + 2 matmuls become 1 + 1, and a wider matrix streams faster than two narrow ones;
-    - every matrix is stored in its faster memory order (`_streaming_order`).
-    Same values, names and module types (q_proj.weight etc. are views into the fused matrices), so
+    - every matrix is stored in its faster memory order (`_streaming_order`);
+    - on a CPU, every matrix is split into `parts` blocks of outputs (default: torch's thread count)
+      multiplied by one batched matmul, a block per core (`SplitLinear`, gpt.linear): torch's
+      matrix-vector product runs on one core, which streams memory slower than two.
+    Same values, names and parameters (q_proj.weight etc. are views into the fused matrices), so
     the model computes what it did; it is for generation, not for training or saving. A tied lm_head
     keeps sharing its Parameter with embed_tokens (an embedding lookup then reads strided rows)."""
+    if parts is None:
+        parts = torch.get_num_threads()
+    if next(model.parameters()).device.type != "cpu":
+        parts = 1  # a GPU's matmuls already use the whole device
     with torch.no_grad():
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.weight.data = _streaming_order(module.weight.data)
         for module in model.modules():  # then stack the projections (their weights become views)
-            if isinstance(module, Attention):
+            if isinstance(module, Attention) and not module.cfg.qk_norm:  # q/k norms sit between
                 module.qkv_weight = _fuse(module, ("q_proj", "k_proj", "v_proj"))
             elif isinstance(module, MLP):
                 module.gate_up_weight = _fuse(module, ("gate_proj", "up_proj"))
+        if parts == 1:
+            return model
+        for module in model.modules():
+            for name in ("qkv_weight", "gate_up_weight"):
+                fused = getattr(module, name, None)
+                if fused is not None and _parts_for(fused.size(0), parts) > 1:
+                    setattr(module, name, _split(fused, _parts_for(fused.size(0), parts)))
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear and _parts_for(module.out_features, parts) > 1:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, SplitLinear(module, _parts_for(module.out_features, parts)))
     return model
 
 
