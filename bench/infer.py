@@ -1,5 +1,9 @@
 """Inference speed on CPU: chatforge's engine (fp32, bf16, int8) beside HF transformers `generate`.
 
+Engines: chatforge (fp32, decode_layout: every matmul split across the threads), chatforge-1core
+(fp32 with each matmul on one core, as torch runs a matrix-vector product), chatforge-bf16,
+chatforge-int8, hf.
+
     python bench/infer.py --model smollm2 --new-tokens 128 --threads 2
     python bench/infer.py --model runs/demo --engines chatforge,hf --runs 3 --rounds 2
 
@@ -36,8 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ENGINES = ("chatforge", "chatforge-bf16", "chatforge-int8", "hf")
-QUANT = {"chatforge": None, "chatforge-bf16": "bf16", "chatforge-int8": "int8"}
+ENGINES = ("chatforge", "chatforge-1core", "chatforge-bf16", "chatforge-int8", "hf")
+# chatforge-1core: fp32 with each matmul on one core (decode_layout(parts=1)), as torch's own
+QUANT = {"chatforge": None, "chatforge-1core": None, "chatforge-bf16": "bf16", "chatforge-int8": "int8"}
 DATA = Path("/work/shared/data")
 DEFAULT_TEXT = [DATA / "tinystories/tinystories_val.txt", DATA / "python_docs/_sources/glossary.rst.txt"]
 DEFAULT_PROMPT = (
@@ -177,7 +182,8 @@ def worker(spec: dict) -> dict:
         from chatforge.engine import generate
         from chatforge.model.quant import load_for_inference
 
-        model, _, _ = load_for_inference(spec["run"], QUANT[engine])
+        parts = 1 if engine == "chatforge-1core" else None
+        model, _, _ = load_for_inference(spec["run"], QUANT[engine], parts=parts)
 
         def run_once() -> tuple[list[float], list[int]]:
             times, tokens = [], []
@@ -224,7 +230,7 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from chatforge.model.quant import Int8Linear, int8_weights
+    from chatforge.model.quant import Int8Linear, SplitLinear, int8_weights
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -236,11 +242,15 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fbgemm = [Int8Linear(lin) for lin in lins]
+    for lin, w in zip(lins, col_major, strict=True):
+        lin.weight.data = w
+    split = [SplitLinear(lin, threads) for lin in lins]  # decode_layout's column-major weight, in parts
     pack = [(a, s) for a, s in q] if hasattr(torch.ops.aten, "_weight_int8pack_mm") else None
     x = torch.randn(1, n_in)
     ways = {
         "fp32 F.linear, weight (out,in) row-major": lambda i: F.linear(x, row_major[i]),
-        "fp32 F.linear, weight column-major (decode_layout)": lambda i: F.linear(x, col_major[i]),
+        "fp32 F.linear, weight column-major": lambda i: F.linear(x, col_major[i]),
+        f"fp32 column-major in {threads} parts, one bmm (decode_layout)": lambda i: split[i](x),
         "int8 dequantize then F.linear": lambda i: F.linear(x, q[i][0].float()) * q[i][1],
         "int8 fbgemm dynamic (Int8Linear)": lambda i: fbgemm[i](x),
     }

@@ -204,9 +204,13 @@ def quantize_model(model: GPT, mode: str) -> GPT:
 
 
 def load_for_inference(
-    path: str | Path, quantize: str | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    quantize: str | None = None,
+    device: str | torch.device = "cpu",
+    parts: int | None = None,
 ) -> tuple[GPT, dict, Path]:
     """checkpoint.load_model + the inference format: None (fp32, decode layout), "bf16" or "int8".
+    parts: fp32 only, decode_layout's blocks per matrix (default: torch's thread count).
 
     Returns (model in eval mode, the config.json dict, the folder the weights came from)."""
     from chatforge.checkpoint import load_model  # checkpoint imports gpt; keep this module light
@@ -215,7 +219,7 @@ def load_for_inference(
         raise ChatforgeError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)} (or none)")
     model, meta, model_dir = load_model(Path(path), device)
     if quantize is None:
-        model = decode_layout(model)
+        model = decode_layout(model, parts)
     else:
         model = quantize_model(model, quantize)
         _release_freed_memory()
