@@ -958,14 +958,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_server_app(args: argparse.Namespace):
     """Load the run and build the app `cmd_serve` runs (separate so tests can call it)."""
-    from chatforge.checkpoint import load_model
+    from chatforge.model.quant import load_for_inference
     from chatforge.train.common import pick_device
 
     if args.max_batch < 1:
         raise ChatforgeError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 1 <= args.port <= 65535:
         raise ChatforgeError(f"--port must be in 1..65535, got {args.port}")
-    model, _meta, model_dir = load_model(Path(args.model), pick_device(args.device))
+    # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
+    model, _meta, model_dir = load_for_inference(Path(args.model), None, pick_device(args.device))
     tok = Tokenizer.load(model_dir)  # the run's chat format (add_bos_token) comes with it
     run = Path(args.model).resolve()
     store = FeedbackStore(Path(args.db) if args.db else run / "feedback.sqlite")
