@@ -134,7 +134,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. weight is (out, in), or (parts, in, out / parts) as quant.decode_layout splits it
     for decoding on a CPU: then one batched matmul whose parts run on separate cores, because torch's
     matrix-vector product (a decode step's matmul) runs on one core, and one core cannot draw the
-    memory bandwidth two can (bench/infer.py measures both)."""
+    memory bandwidth two can (bench/matvec_cores.py measures both)."""
     if weight.dim() == 2:
         return F.linear(x, weight)
     parts, n_in, n_out = weight.shape

@@ -6,8 +6,9 @@
   into one matrix and gate/up into another (5 matmuls per layer become 2), each matrix in the memory
   order this CPU's BLAS streams fastest for its shape, and on a CPU split into one block of outputs
   per core (torch's matrix-vector product uses one core). Same values and module names; only the
-  memory and the matmul calls change, because one-token decoding is a matrix-vector product per projection that streams every
-  weight once, plus a fixed cost per call (bench/infer.py measures both).
+  memory and the matmul calls change, because one-token decoding is a matrix-vector product per
+  projection that streams every weight once, plus a fixed cost per call (bench/infer.py and
+  bench/matvec_cores.py measure both).
 - "bf16": weights, activations and the KV cache in bfloat16: half the memory. Fast only with bf16
   math (AVX512-BF16 / AMX CPUs, GPUs); on an AVX2-only CPU torch converts in software, so decoding
   (memory-bound) is about as fast as fp32 and prompts (compute-bound) are several times slower
@@ -175,16 +176,18 @@ def decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
                 module.gate_up_weight = _fuse(module, ("gate_proj", "up_proj"))
         if parts == 1:
             return model
-        for module in model.modules():
+        for module in model.modules():  # the fused matrices: split in place of the 2-D buffer
             for name in ("qkv_weight", "gate_up_weight"):
                 fused = getattr(module, name, None)
-                if fused is not None and _parts_for(fused.size(0), parts) > 1:
-                    setattr(module, name, _split(fused, _parts_for(fused.size(0), parts)))
-        for name, module in list(model.named_modules()):
-            if type(module) is nn.Linear and _parts_for(module.out_features, parts) > 1:
+                n = _parts_for(fused.size(0), parts) if fused is not None else 1
+                if n > 1:
+                    setattr(module, name, _split(fused, n))
+        for name, module in list(model.named_modules()):  # the other linears: SplitLinear
+            n = _parts_for(module.out_features, parts) if type(module) is nn.Linear else 1
+            if n > 1:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, SplitLinear(module, _parts_for(module.out_features, parts)))
+                setattr(parent, child, SplitLinear(module, n))
     return model
 
 
