@@ -7,10 +7,12 @@ import torch.nn as nn
 from chatforge.checkpoint import model_state, save_model
 from chatforge.engine import generate, generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, GPTConfig, KVCache
+from chatforge.model.gpt import GPT, MLP, Attention, GPTConfig, KVCache
 from chatforge.model.lora import apply_lora
 from chatforge.model.quant import (
     MODES,
+    FusedAttention,
+    FusedMLP,
     Int8Linear,
     SplitLinear,
     decode_layout,
@@ -138,6 +140,7 @@ def test_decode_layout_fuses_projections_and_keeps_values_names_and_ties():
     before = {k: v.clone() for k, v in model_state(model).items()}
     decode_layout(model)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert isinstance(attn, FusedAttention) and isinstance(mlp, FusedMLP)
     # one matrix each for q/k/v and gate/up; the projections' weights are views into it (no copy)
     assert attn.qkv_weight.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, 64)
     assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
@@ -171,7 +174,7 @@ def test_decode_layout_in_parts_computes_what_the_model_computes(kw):
     decode_layout(model, parts=3)  # 3 does not divide every width: each matrix takes the most that do
     attn = model.layers[0].self_attn
     if kw.get("qk_norm"):  # the q/k norms sit between the projections and RoPE: q/k/v stay apart
-        assert attn.qkv_weight is None and isinstance(attn.q_proj, SplitLinear)
+        assert type(attn) is Attention and isinstance(attn.q_proj, SplitLinear)
     else:  # q 64 + k/v 2 x 32 (or 2 x 64) outputs: 128 in 2 parts (or 192 in 3), views of one memory
         parts = 3 if kw.get("n_kv_head") == 4 else 2
         assert attn.qkv_weight.shape == (parts, 64, 64)
@@ -194,7 +197,7 @@ def test_decode_layout_leaves_lora_projections_unfused():
     model = tiny()
     apply_lora(model, rank=2, alpha=4.0)
     decode_layout(model)
-    assert model.layers[0].self_attn.qkv_weight is None and model.layers[0].mlp.gate_up_weight is None
+    assert type(model.layers[0].self_attn) is Attention and type(model.layers[0].mlp) is MLP
 
 
 def test_load_for_inference(tmp_path):
@@ -205,7 +208,7 @@ def test_load_for_inference(tmp_path):
     expected = generate_batch(model, [prompt], 8)[0]
     fp32, meta, folder = load_for_inference(tmp_path / "run")
     assert meta["stage"] == "test" and folder == tmp_path / "run"
-    assert fp32.layers[0].mlp.gate_up_weight is not None  # decode_layout applied
+    assert isinstance(fp32.layers[0].mlp, FusedMLP)  # decode_layout applied
     assert generate_batch(fp32, [prompt], 8)[0] == expected
     q, _, _ = load_for_inference(tmp_path / "run", "int8")
     assert isinstance(q.lm_head, Int8Linear) and not q.training

@@ -130,18 +130,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. weight is (out, in), or (parts, in, out / parts) as quant.decode_layout splits it
-    for decoding on a CPU: then one batched matmul whose parts run on separate cores, because torch's
-    matrix-vector product (a decode step's matmul) runs on one core, and one core cannot draw the
-    memory bandwidth two can (bench/matvec_cores.py measures both)."""
-    if weight.dim() == 2:
-        return F.linear(x, weight)
-    parts, n_in, n_out = weight.shape
-    y = torch.bmm(x.reshape(1, -1, n_in).expand(parts, -1, -1), weight)  # (parts, rows, out / parts)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], parts * n_out)
-
-
 class KVCache:
     """Pre-allocated keys/values for every layer; generation writes in place, never concatenates."""
 
@@ -169,10 +157,21 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
-        # inference only (quant.decode_layout): q, k and v weights in one matrix (2-D, or split in parts
-        # for `linear`), one matmul instead of three; q/k/v_proj.weight then view into it. Not saved,
-        # and never trained through.
-        self.register_buffer("qkv_weight", None, persistent=False)
+
+    def heads(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, n_embd) -> q (B, H, T, D), k and v (B, KV, T, D), RoPE applied to q and k.
+        A method of its own so the decode layout (quant.FusedAttention) can replace it with one matmul."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(
         self,
@@ -183,19 +182,8 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        cfg = self.cfg
-        H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        if self.qkv_weight is not None:  # decode layout (never with qk_norm): one matmul, one RoPE call
-            heads = linear(x, self.qkv_weight).view(B, T, H + 2 * KV, D).transpose(1, 2)
-            q, k = apply_rope(heads[:, : H + KV], cos, sin).split([H, KV], dim=1)
-            v = heads[:, H + KV :]
-        else:
-            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
-            k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)
-            v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)
-            if cfg.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        q, k, v = self.heads(x, cos, sin)
         if cache is not None:
             # write this step's keys/values into the cache, attend over everything so far
             start = cache.pos
@@ -220,15 +208,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
-        # inference only (quant.decode_layout): gate and up in one matrix, as Attention.qkv_weight
-        self.register_buffer("gate_up_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

@@ -22,8 +22,9 @@
   all slower than fp32 (measured), so only fbgemm's kernel makes int8 decoding faster. The quality
   cost of both paths is in bench/infer.py. CPU only.
 
-The model stays the one GPT class with the same module names; quantization swaps leaf modules only,
-so a quantized model is for generation and evaluation, not for training or saving.
+The model stays the one GPT class with the same parameter names; each format swaps in its own modules
+(FusedAttention, FusedMLP and SplitLinear for fp32, Int8Linear for int8), so gpt.py stays the training
+reference, and a converted model is for generation and evaluation, not for training or saving.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, MLP, Attention
-from chatforge.model.gpt import linear as gpt_linear
+from chatforge.model.gpt import GPT, MLP, Attention, apply_rope
 
 MODES = ("bf16", "int8")
 
@@ -99,24 +99,21 @@ def _streaming_order(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous()
 
 
-def _fuse(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
-    """One (sum of outs, in) matrix holding the named projections' weights stacked; each projection's
-    weight becomes a view into it (no second copy). None when a projection is not a plain nn.Linear
-    (LoRA, int8), which then keep their own matmuls."""
-    linears = [getattr(module, n) for n in names]
-    if not all(type(m) is nn.Linear for m in linears):
-        return None
-    fused = _streaming_order(torch.cat([m.weight for m in linears]))
-    start = 0
-    for m in linears:
-        m.weight.data = fused[start : start + m.out_features]
-        start += m.out_features
-    return fused
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. weight is (out, in), or (parts, in, out / parts) as `_split` lays it out for
+    decoding on a CPU: then one batched matmul whose parts run on separate cores, because torch's
+    matrix-vector product (a decode step's matmul) runs on one core, and one core cannot draw the
+    memory bandwidth two can (bench/matvec_cores.py measures both)."""
+    if weight.dim() == 2:
+        return F.linear(x, weight)
+    parts, n_in, n_out = weight.shape
+    y = torch.bmm(x.reshape(1, -1, n_in).expand(parts, -1, -1), weight)  # (parts, rows, out / parts)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], parts * n_out)
 
 
 def _split(weight: torch.Tensor, parts: int) -> torch.Tensor:
     """An (out, in) weight in either streaming order -> a (parts, in, out / parts) view of the same
-    memory, the layout gpt.linear multiplies as one batched matmul: part p computes outputs
+    memory, the layout `linear` multiplies as one batched matmul: part p computes outputs
     p * out / parts up to (p + 1) * out / parts."""
     n_out, n_in = weight.shape
     if weight.stride(0) == 1:  # column-major: the memory is (in, out)
@@ -131,9 +128,63 @@ def _parts_for(n_out: int, parts: int) -> int:
     return parts
 
 
+def _fuse(module: nn.Module, names: tuple[str, ...], parts: int) -> torch.Tensor | None:
+    """One (sum of outs, in) matrix holding the named projections' weights stacked, in as many parts
+    (up to `parts`) as divide it evenly; each projection's weight becomes a view into it (no second
+    copy). None when a projection is not a plain nn.Linear (LoRA, int8), which then keep their own
+    matmuls."""
+    linears = [getattr(module, n) for n in names]
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    fused = _streaming_order(torch.cat([m.weight for m in linears]))
+    start = 0
+    for m in linears:
+        m.weight.data = fused[start : start + m.out_features]
+        start += m.out_features
+    n = _parts_for(fused.size(0), parts)
+    return _split(fused, n) if n > 1 else fused
+
+
+class FusedAttention(Attention):
+    """Attention whose q, k and v come from one matrix (`qkv_weight`, 2-D or in parts for `linear`):
+    one matmul and one RoPE call instead of three and two. It keeps the trained module's projections,
+    whose weights are views into qkv_weight, so names and values are unchanged. Not for qk_norm models:
+    the norms sit between the projections and RoPE."""
+
+    def __init__(self, attn: Attention, qkv_weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)  # not Attention.__init__: keep attn's projections, allocate none
+        self.cfg, self.layer_idx = attn.cfg, attn.layer_idx
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.register_buffer("qkv_weight", qkv_weight, persistent=False)  # derived: never saved
+        self.train(attn.training)
+
+    def heads(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        H, KV, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        heads = linear(x, self.qkv_weight).view(B, T, H + 2 * KV, D).transpose(1, 2)
+        q, k = apply_rope(heads[:, : H + KV], cos, sin).split([H, KV], dim=1)
+        return q, k, heads[:, H + KV :]
+
+
+class FusedMLP(MLP):
+    """The SwiGLU MLP with gate and up in one matrix (`gate_up_weight`), as FusedAttention."""
+
+    def __init__(self, mlp: MLP, gate_up_weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)  # not MLP.__init__: keep mlp's projections, allocate none
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.register_buffer("gate_up_weight", gate_up_weight, persistent=False)  # derived: never saved
+        self.train(mlp.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
 class SplitLinear(nn.Module):
     """A bias-free nn.Linear for decoding on a CPU: the same weight Parameter (same name; still shared
-    with a tied embedding), multiplied in `parts` blocks of outputs by one batched matmul (gpt.linear),
+    with a tied embedding), multiplied in `parts` blocks of outputs by one batched matmul (`linear`),
     a block per core."""
 
     def __init__(self, linear: nn.Linear, parts: int) -> None:
@@ -143,20 +194,26 @@ class SplitLinear(nn.Module):
         self.register_buffer("parts_weight", _split(linear.weight.data, parts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gpt_linear(x, self.parts_weight)
+        return linear(x, self.parts_weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, parts={self.parts_weight.size(0)}"
 
 
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in place of the submodule called `name`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
     """Lay the weights out for one-token decoding, which is a matrix-vector product per projection,
     bound by streaming each weight from memory once, plus a fixed cost per call:
-    - q, k and v become one matrix (Attention.qkv_weight), gate and up another (MLP.gate_up_weight):
-      3 + 2 matmuls become 1 + 1, and a wider matrix streams faster than two narrow ones;
+    - q, k and v become one matrix (FusedAttention), gate and up another (FusedMLP): 3 + 2 matmuls
+      become 1 + 1, and a wider matrix streams faster than two narrow ones;
     - every matrix is stored in its faster memory order (`_streaming_order`);
     - on a CPU, every matrix is split into `parts` blocks of outputs (default: torch's thread count)
-      multiplied by one batched matmul, a block per core (`SplitLinear`, gpt.linear): torch's
+      multiplied by one batched matmul, a block per core (`linear`, `SplitLinear`): torch's
       matrix-vector product runs on one core, which streams memory slower than two.
     Same values, names and parameters (q_proj.weight etc. are views into the fused matrices), so
     the model computes what it did; it is for generation, not for training or saving. A tied lm_head
@@ -169,25 +226,19 @@ def decode_layout(model: nn.Module, parts: int | None = None) -> nn.Module:
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.weight.data = _streaming_order(module.weight.data)
-        for module in model.modules():  # then stack the projections (their weights become views)
-            if isinstance(module, Attention) and not module.cfg.qk_norm:  # q/k norms sit between
-                module.qkv_weight = _fuse(module, ("q_proj", "k_proj", "v_proj"))
-            elif isinstance(module, MLP):
-                module.gate_up_weight = _fuse(module, ("gate_proj", "up_proj"))
-        if parts == 1:
-            return model
-        for module in model.modules():  # the fused matrices: split in place of the 2-D buffer
-            for name in ("qkv_weight", "gate_up_weight"):
-                fused = getattr(module, name, None)
-                n = _parts_for(fused.size(0), parts) if fused is not None else 1
-                if n > 1:
-                    setattr(module, name, _split(fused, n))
+        for name, module in list(model.named_modules()):  # then stack the projections (weights become views)
+            if type(module) is Attention and not module.cfg.qk_norm:  # q/k norms sit between
+                weight = _fuse(module, ("q_proj", "k_proj", "v_proj"), parts)
+                if weight is not None:
+                    _swap(model, name, FusedAttention(module, weight))
+            elif type(module) is MLP:
+                weight = _fuse(module, ("gate_proj", "up_proj"), parts)
+                if weight is not None:
+                    _swap(model, name, FusedMLP(module, weight))
         for name, module in list(model.named_modules()):  # the other linears: SplitLinear
             n = _parts_for(module.out_features, parts) if type(module) is nn.Linear else 1
             if n > 1:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, SplitLinear(module, n))
+                _swap(model, name, SplitLinear(module, n))
     return model
 
 
@@ -199,10 +250,9 @@ def quantize_model(model: GPT, mode: str) -> GPT:
         return model.to(torch.bfloat16)
     if next(model.parameters()).device.type != "cpu":
         raise ChatforgeError("int8 runs on the CPU only (fbgemm kernels); use bf16 on a GPU")
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in linears:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Linear(linear))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            _swap(model, name, Int8Linear(module))
     return model
 
 
