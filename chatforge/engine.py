@@ -1,16 +1,19 @@
 """The one generation engine: batched KV-cache decoding with temperature, top-k and top-p sampling.
 
-Chat, evaluation, RL and the server all generate through here. How a batch runs:
+Chat, evaluation, RL and the server all generate through here. The core is `BatchDecoder`: rows of
+one KV cache that advance together, one forward per step. `stream_batch` (and `generate_batch` /
+`generate` on it) admits all its prompts at once and steps until every row has finished; the
+server's scheduler (serve/scheduler.py) admits requests as they arrive and frees the rows of
+finished or cancelled ones. How a batch runs:
 
     prompts of different lengths --left-pad--> one (B, L) tensor
-    one prefill forward (per-row RoPE positions, a mask hiding the padding)
+    one prefill forward (per-row RoPE positions, a mask hiding the padding, last position's logits)
     then one forward of length 1 per step for the rows still running
 
-The KV cache is allocated once per call (never concatenated per token). Padding goes on the
-left so every row's next token sits in the same column; RoPE positions start at 0 on each
-row's first real token, so a row computes what it would compute alone. When a row finishes
-(a stop id or its token budget), it is dropped from the batch and from the cache, so the
-remaining rows do not pay for it.
+The KV cache is allocated once (never concatenated per token). Padding goes on the left so every
+row's next token sits in the same column; RoPE positions start at 0 on each row's first real
+token, so a row computes what it would compute alone. When a row finishes (a stop id or its token
+budget), it leaves the batch and the cache, so the remaining rows do not pay for it.
 
 Reproducibility: each row samples with its own `torch.Generator` (seed s + row index, or a
 seed per row), so a batch produces the same tokens as running its prompts one by one.
@@ -18,7 +21,9 @@ seed per row), so a batch produces the same tokens as running its prompts one by
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -129,6 +134,184 @@ def _generators(seeds: int | Sequence[int] | None, n: int, device) -> list[torch
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+# ---- the batch decoder -----------------------------------------------------------------------
+@dataclass(eq=False, kw_only=True)  # compared by identity: each is one live sequence
+class Row:
+    """One sequence for a BatchDecoder: its prompt, how many new tokens it may take, how it samples."""
+
+    prompt: Sequence[int]
+    budget: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None  # None: the global RNG
+    stop_ids: frozenset[int] = frozenset()
+    generated: int = 0  # new tokens so far, counted by the decoder
+
+
+def _sample_each(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Next ids (B,) for rows with their own settings: one `_sample_rows` call per distinct setting."""
+    groups: dict[tuple, list[int]] = {}
+    for j, r in enumerate(rows):
+        key = (r.temperature, r.top_k, r.top_p) if r.temperature > 0 else (0.0, None, None)
+        groups.setdefault(key, []).append(j)
+    if len(groups) == 1:
+        return _sample_rows(logits, *next(iter(groups)), [r.generator for r in rows])
+    out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    for key, js in groups.items():
+        sel = torch.tensor(js, device=logits.device)
+        out[sel] = _sample_rows(logits[sel], *key, [rows[j].generator for j in js])
+    return out
+
+
+class BatchDecoder:
+    """Rows of one KV cache that advance together: `admit` prefills new rows, `step` gives every
+    live row its next token with one forward, `remove` frees rows. A row also leaves by itself when
+    it samples one of its stop ids or reaches its budget.
+
+    The cache is allocated once: `capacity` rows x `max_len` columns. Live rows are packed in rows
+    0..B-1 in admission order; each forward runs on a view of those rows (`self.cache`, the one
+    object the model is handed). All rows write their next key/value into the same column `col`, so
+    row r's tokens occupy columns [start_r, col): left padding, generalised to rows that join at
+    different times. Attention does not care where a key sits, only about its RoPE position (each
+    row passes its own, 0 at its first token) and the mask (a row sees columns >= start_r), so a row
+    computes what it would compute alone. When a joining prompt is longer than `col`, the rows move
+    right to make room; when `col` reaches the end, they move left so the oldest starts at column 0.
+    A row never holds more than the model's context, so `seq_len` columns always fit."""
+
+    def __init__(self, model: GPT, capacity: int, max_len: int) -> None:
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
+        self.pool = KVCache(model.cfg, capacity, max_len, device=param.device, dtype=param.dtype)
+        self.cache = copy.copy(self.pool)  # handed to the model: k and v become views into the pool
+        self.rows: list[Row] = []
+        self.start: list[int] = []  # each live row's first column
+        self.col = 0  # the column every row writes next
+        self.next_token = torch.zeros(0, dtype=torch.long, device=param.device)  # each row's, fed next step
+        self.shifts = 0  # times the rows' columns moved (a long prompt joined, or the columns ran out)
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        """Recompute what the live rows' starts imply: their padding mask, and whether any is padded."""
+        self.step_view = False  # self.cache no longer views the live rows
+        self.padded = any(self.start)
+        self.start_t = torch.tensor(self.start, dtype=torch.long, device=self.device)
+        cols = torch.arange(self.pool.max_len, device=self.device)
+        self.key_ok = cols[None, :] >= self.start_t[:, None]  # (B, max_len): a row's own columns
+
+    def _view(self, rows: slice, first_col: int, pos: int) -> KVCache:
+        """The cache for a forward: `rows` of the pool from column `first_col` on, filled up to `pos`."""
+        c = self.cache
+        c.k, c.v = self.pool.k[:, rows, :, first_col:], self.pool.v[:, rows, :, first_col:]
+        c.max_len, c.pos = self.pool.max_len - first_col, pos
+        return c
+
+    def admit(self, rows: list[Row]) -> list[tuple[Row, int, bool]]:
+        """Prefill the rows' prompts in one forward (left-padded to the longest; only the last position
+        is projected onto the vocabulary) into columns ending at `col`, and sample each one's first
+        token. Returns (row, token, finished) per row; a finished row has already left."""
+        B, n, L = len(self.rows), len(rows), max(len(r.prompt) for r in rows)
+        if B + n > self.pool.k.size(1) or L > self.pool.max_len:
+            raise ChatforgeError(f"{n} prompts of up to {L} tokens do not fit the decoder's free rows")
+        if B == 0:
+            self.col = L
+        elif self.col < L:  # not enough columns left of the write column: move every row right
+            self._shift(L - self.col)
+        pad = [L - len(r.prompt) for r in rows]
+        idx = torch.tensor(
+            [[0] * k + [int(t) for t in r.prompt] for k, r in zip(pad, rows, strict=True)], device=self.device
+        )
+        cache, self.step_view = self._view(slice(B, B + n), self.col - L, 0), False
+        if any(pad):
+            pad_t = torch.tensor(pad, device=self.device)
+            cols = torch.arange(L, device=self.device)
+            key_ok = cols[None, :] >= pad_t[:, None]  # (n, L): real prompt tokens
+            positions = (cols[None, :] - pad_t[:, None]).clamp(min=0)  # 0 at each row's first real token
+            causal = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
+            # a padding query sees only itself: SDPA kernels disagree on an all-hidden row (zeros, garbage,
+            # or NaN, which would leak through the padding's keys/values since 0 weight x NaN is NaN)
+            eye = torch.eye(L, dtype=torch.bool, device=self.device)
+            mask = causal[None] & (key_ok[:, None, :] | eye[None])
+            logits = self.model(idx, cache=cache, positions=positions, attn_mask=mask[:, None], last_only=True)
+        else:
+            logits = self.model(idx, cache=cache, last_only=True)
+        self.rows += rows
+        self.start += [self.col - L + k for k in pad]
+        self._rows_changed()
+        return self._sample(logits[:, -1], B)
+
+    def step(self) -> list[tuple[Row, int, bool]]:
+        """One forward for every live row (each feeds its last token) and one new token per row.
+        Returns (row, token, finished) per row in batch order; finished rows have already left."""
+        B = len(self.rows)
+        if self.col >= self.pool.max_len:  # out of columns: move all rows left, the oldest to column 0
+            self._shift(-min(self.start))
+        if self.step_view:  # the live rows are as at the last step: only the write column moved
+            cache, cache.pos = self.cache, self.col
+        else:
+            cache, self.step_view = self._view(slice(0, B), 0, self.col), True
+        tokens = self.next_token.view(B, 1)
+        if self.padded:
+            positions = (self.col - self.start_t).view(B, 1)
+            mask = self.key_ok[:, None, None, : self.col + 1]
+            logits = self.model(tokens, cache=cache, positions=positions, attn_mask=mask)
+        else:
+            logits = self.model(tokens, cache=cache)
+        self.col += 1
+        return self._sample(logits[:, -1], 0)
+
+    def _sample(self, logits: torch.Tensor, first: int) -> list[tuple[Row, int, bool]]:
+        """Sample rows first.. (one per logits row), count them, and remove the finished ones."""
+        rows = self.rows[first:]
+        tokens = _sample_each(logits, rows)
+        self.next_token = torch.cat([self.next_token[:first], tokens]) if first else tokens
+        events = []
+        for row, t in zip(rows, tokens.tolist(), strict=True):
+            row.generated += 1
+            events.append((row, t, t in row.stop_ids or row.generated >= row.budget))
+        finished = [row for row, _, done in events if done]
+        if finished:
+            self.remove(finished)
+        return events
+
+    def remove(self, rows: Iterable[Row]) -> None:
+        """Free these rows. The rows after the first freed one move up, so the live rows stay packed
+        in admission order (which also keeps the global RNG's draws in row order)."""
+        gone = {id(r) for r in rows}
+        keep = [j for j, r in enumerate(self.rows) if id(r) not in gone]
+        first = next((j for j, k in enumerate(keep) if j != k), len(keep))  # rows before it stay put
+        if first < len(keep):
+            sel = torch.tensor(keep[first:], device=self.device)
+            n = len(keep)
+            for t in (self.pool.k, self.pool.v):
+                t[:, first:n, :, : self.col] = t[:, :, :, : self.col].index_select(1, sel)
+        self.next_token = self.next_token[torch.tensor(keep, dtype=torch.long, device=self.device)]
+        self.rows = [self.rows[j] for j in keep]
+        self.start = [self.start[j] for j in keep]
+        if not self.rows:
+            self.col = 0
+        self._rows_changed()
+
+    def reset(self) -> None:
+        """Drop every row (after a failed forward the cache's contents are not trusted)."""
+        self.rows, self.start, self.col = [], [], 0
+        self.next_token = self.next_token[:0]
+        self._rows_changed()
+
+    def _shift(self, d: int) -> None:
+        """Move every live row's columns by d (right if d > 0, left if d < 0)."""
+        B, c = len(self.rows), self.col
+        for t in (self.pool.k, self.pool.v):
+            if d > 0:
+                t[:, :B, :, d : c + d] = t[:, :B, :, :c].clone()
+            else:
+                t[:, :B, :, : c + d] = t[:, :B, :, -d:c].clone()
+        self.start = [s + d for s in self.start]
+        self.col = c + d
+        self.shifts += 1
+        self._rows_changed()
+
+
 # ---- generation ----------------------------------------------------------------------------
 @torch.inference_mode()  # like no_grad, and also skips autograd's version counters on every tensor
 def stream_batch(
@@ -152,63 +335,24 @@ def stream_batch(
     """
     budgets = token_budgets(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    gens = _generators(seeds, len(prompts), device)
-    stops = {int(s) for s in stop_ids if s is not None}
-    steps = max(budgets)
-    if steps == 0:
+    gens = _generators(seeds, len(prompts), next(model.parameters()).device)
+    stops = frozenset(int(s) for s in stop_ids if s is not None)
+    if max(budgets) == 0:
         return
-
-    B, L = len(prompts), max(len(p) for p in prompts)
-    pad = [L - len(p) for p in prompts]
-    idx = torch.tensor(
-        [[0] * n + [int(t) for t in p] for n, p in zip(pad, prompts, strict=True)], device=device
-    )
-    # the last sampled token is never fed back, so the cache needs L + steps - 1 columns
-    cache = KVCache(model.cfg, B, L + steps - 1, device=device, dtype=dtype)
-    pad_t = torch.tensor(pad, device=device)
-    padded = any(pad)
-    if padded:
-        cols = torch.arange(cache.max_len, device=device)
-        key_ok = cols[None, :] >= pad_t[:, None]  # (B, cache len): real prompt tokens and all new ones
-        positions = (cols[None, :L] - pad_t[:, None]).clamp(min=0)  # 0 at each row's first real token
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        # a padding query sees only itself: SDPA kernels disagree on an all-hidden row (zeros, garbage,
-        # or NaN, which would leak through the padding's keys/values since 0 weight x NaN is NaN)
-        eye = torch.eye(L, dtype=torch.bool, device=device)
-        mask = causal[None] & (key_ok[:, None, :L] | eye[None])
-        logits = model(idx, cache=cache, positions=positions, attn_mask=mask[:, None], last_only=True)[:, -1]
-    else:
-        logits = model(idx, cache=cache, last_only=True)[:, -1]
-
-    rows = list(range(B))  # original prompt index of each live batch row
-    for step in range(steps):
-        tokens = _sample_rows(logits, temperature, top_k, top_p, [gens[r] for r in rows])
-        keep = []
-        for j, (r, t) in enumerate(zip(rows, tokens.tolist(), strict=True)):
-            yield r, t
-            if t not in stops and step + 1 < budgets[r]:
-                keep.append(j)
-        if not keep:
+    rows = [
+        Row(prompt=p, budget=b, temperature=temperature, top_k=top_k, top_p=top_p, generator=g, stop_ids=stops)
+        for p, b, g in zip(prompts, budgets, gens, strict=True)
+    ]
+    index = {id(r): i for i, r in enumerate(rows)}
+    # the last sampled token is never fed back, so the cache needs L + budget - 1 columns
+    decoder = BatchDecoder(model, len(rows), max(len(p) for p in prompts) + max(budgets) - 1)
+    events = decoder.admit(rows)
+    while True:
+        for row, token, _ in events:
+            yield index[id(row)], token
+        if not decoder.rows:
             return
-        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-            sel = torch.tensor(keep, device=device)
-            cache.k, cache.v = cache.k.index_select(1, sel), cache.v.index_select(1, sel)
-            tokens, pad_t, rows = tokens[sel], pad_t[sel], [rows[j] for j in keep]
-            if padded:
-                key_ok = key_ok[sel]
-                padded = bool(pad_t.any())
-        pos = cache.pos
-        if padded:
-            logits = model(
-                tokens.view(-1, 1),
-                cache=cache,
-                positions=(pos - pad_t).view(-1, 1),
-                attn_mask=key_ok[:, None, None, : pos + 1],
-            )[:, -1]
-        else:
-            logits = model(tokens.view(-1, 1), cache=cache)[:, -1]
+        events = decoder.step()
 
 
 def generate_batch(

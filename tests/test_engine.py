@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from chatforge.engine import generate, generate_batch, stream_batch, token_budgets
+from chatforge.engine import BatchDecoder, Row, generate, generate_batch, stream_batch, token_budgets
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.quant import decode_layout
@@ -194,3 +194,48 @@ def test_prompt_plus_new_tokens_at_the_context_edge(model):
     assert len(list(generate(model, prompt, 64 - 50))) == 14  # exactly the context: fine
     with pytest.raises(ChatforgeError, match="exceeds the model's context of 64 tokens"):
         list(generate(model, prompt, 64 - 50 + 1))
+
+
+def test_batch_decoder_rows_join_and_leave_at_any_step_and_match_generate(model):
+    """Rows admitted while others run, a long prompt that moves the rows right, columns that run out
+    and move them left, a row removed from the middle: each row's tokens are what it gets alone,
+    and the live rows stay in admission order."""
+    specs = [  # prompt, budget, sampling: greedy and seeded rows with their own settings
+        ([3, 4, 5], 30, {}),
+        (list(range(20, 45)), 20, {"temperature": 1.0, "top_k": 20}),
+        ([9], 25, {"temperature": 0.8, "top_p": 0.9}),
+        (list(range(100, 130)), 12, {}),
+    ]
+    rows = [
+        Row(prompt=p, budget=b, generator=torch.Generator().manual_seed(i) if s else None, **s)
+        for i, (p, b, s) in enumerate(specs)
+    ]
+    decoder = BatchDecoder(model, capacity=3, max_len=48)  # fewer columns than the rows span together
+    out: dict[int, list[int]] = {id(r): [] for r in rows}
+
+    def record(events):
+        for row, token, finished in events:
+            out[id(row)].append(token)
+            assert finished == (len(out[id(row)]) == row.budget)  # no stop ids: only the budget ends a row
+            assert (row in decoder.rows) != finished
+
+    with torch.inference_mode():
+        record(decoder.admit(rows[:1]))
+        for _ in range(5):
+            record(decoder.step())
+        record(decoder.admit(rows[1:3]))  # 25 tokens join a batch written up to column 8: move right
+        assert decoder.shifts == 1
+        while len(out[id(rows[2])]) < 10:
+            record(decoder.step())
+        decoder.remove([rows[1]])  # leaves from the middle of the batch, unfinished
+        assert decoder.rows == [rows[0], rows[2]]
+        record(decoder.admit(rows[3:]))
+        while decoder.rows:
+            record(decoder.step())
+    assert decoder.shifts >= 2  # the columns ran out at least once, so the rows moved left
+    for i, (prompt, budget, s) in enumerate(specs):
+        alone = generate_batch(model, [prompt], budget, seeds=i if s else None, **s)[0]
+        got = out[id(rows[i])]
+        assert got == (alone[: len(got)] if i == 1 else alone) and len(got) == (10 if i == 1 else budget)
+    with pytest.raises(ChatforgeError, match="free rows"):
+        BatchDecoder(model, capacity=1, max_len=48).admit([Row(prompt=[1], budget=2), Row(prompt=[2], budget=2)])
