@@ -292,12 +292,6 @@ class BatchDecoder:
             self.col = 0
         self._rows_changed()
 
-    def reset(self) -> None:
-        """Drop every row (after a failed forward the cache's contents are not trusted)."""
-        self.rows, self.start, self.col = [], [], 0
-        self.next_token = self.next_token[:0]
-        self._rows_changed()
-
     def _shift(self, d: int) -> None:
         """Move every live row's columns by d (right if d > 0, left if d < 0)."""
         B, c = len(self.rows), self.col

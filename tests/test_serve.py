@@ -341,6 +341,35 @@ def test_scheduler_batched_equals_engine_generate(model):
     assert st.shifts > 0  # a long prompt joined a batch whose column was smaller, or the columns ran out
 
 
+def test_a_failed_forward_fails_its_jobs_not_the_scheduler(model):
+    sched = Scheduler(model, max_batch=2, max_queue=4)
+    events: list[list[tuple[str, object]]] = [[], [], []]
+    ended = threading.Semaphore(0)
+
+    def on_event(i):
+        def f(kind, value):
+            events[i].append((kind, value))
+            if kind != "token":
+                ended.release()
+
+        return f
+
+    step = sched.decoder.step
+    sched.decoder.step = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # the next forward fails
+    sched.submit(*(Job(prompt=[1, 2, 3], max_new_tokens=5, on_event=on_event(i)) for i in range(2)))
+    sched.start_thread()
+    for _ in range(2):
+        assert ended.acquire(timeout=10)
+    assert [e[-1] for e in events[:2]] == [("error", "generation failed: RuntimeError: out of memory")] * 2
+    assert all(len(e) == 2 for e in events[:2])  # the first token, then one error each
+    sched.decoder.step = step
+    sched.submit(Job(prompt=[1, 2, 3], max_new_tokens=5, on_event=on_event(2)))  # the server goes on
+    assert ended.acquire(timeout=10)
+    sched.shutdown()
+    assert events[2][-1] == ("done", "length") and sched.load()["active"] == 0
+    assert [v for k, v in events[2] if k == "token"] == list(generate(model, [1, 2, 3], 5))
+
+
 def test_concurrent_http_requests_are_batched_and_exact(server, model, tok):
     url, srv = server
     prompts = [

@@ -177,7 +177,7 @@ class Scheduler:
                     admitted = {id(job) for job in admit}
                     for job in [*admit, *(j for j in self.active if id(j) not in admitted)]:
                         job.on_event("error", message)
-                    self.decoder.reset()
+                    self.decoder.remove(self.active)
             for job in [*self.active, *self.waiting]:  # shutting down: tell whoever is still waiting
                 job.on_event("error", "the server is shutting down")
 
