@@ -648,6 +648,36 @@ def build_sft_data(
     )
 
 
+def pretrain_chats(
+    world: World, data: SFTData, *, seed: int, qa_phrasings: int, qa: bool = True
+) -> list[Messages]:
+    """Chats to mix into pretraining, rendered there in ChatML with their special tokens.
+
+    With `qa`, single-turn fact questions about the SFT people (`qa_phrasings` per attribute), so
+    the route "chat question about X -> X's fact from the biographies" forms while the biographies
+    are learned and generalises to the people SFT never asks about (knowledge augmentation). Then
+    the calculator chats of `data.pretrain_tools`, which no evaluation question asks.
+    """
+    rng = random.Random(seed)
+    chats: list[Messages] = []
+    if qa:
+        for pid in data.sft_people:
+            person = world.person(pid)
+            for attribute in person_attributes(person, world):
+                for _ in range(qa_phrasings):
+                    asked, sentence = fact_turn(person, world, attribute, rng)
+                    chats.append(
+                        [
+                            {"role": "user", "content": asked.question},
+                            {"role": "assistant", "content": sentence},
+                        ]
+                    )
+        rng.shuffle(chats)
+    chats += [tool_conversation(p, rng, system_prob=0.0) for p in data.pretrain_tools]
+    rng.shuffle(chats)
+    return chats
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -663,6 +693,22 @@ SFT_FILES = {
 
 def _jsonl(records: list) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_conversations(conversations: list[Messages], path: str | os.PathLike) -> None:
+    """One {"messages": [...]} per line (readable by `tokenizer.load_conversations`), atomically."""
+    atomic_write_text(Path(path), _jsonl([{"messages": m} for m in conversations]))
+
+
+def read_people_split(sft_dir: str | os.PathLike, world: World) -> tuple[list[Person], list[Person]]:
+    """The (sft_people, eval_people) that `write_sft_data` recorded in `sft_dir`'s manifest.json."""
+    path = Path(sft_dir) / "manifest.json"
+    if not path.is_file():
+        raise ChatforgeError(f"no {path}; build the SFT data first (the speedrun's sft_data stage)")
+    manifest = json.loads(path.read_text())
+    return [world.person(i) for i in manifest["sft_people"]], [
+        world.person(i) for i in manifest["eval_people"]
+    ]
 
 
 def write_sft_data(data: SFTData, out_dir: str | os.PathLike) -> dict:

@@ -1,11 +1,12 @@
-"""Raw text -> token shards: read sources, normalise, deduplicate, tokenize, write shards.
+"""Raw text -> a tokenizer and token shards: read, normalise, deduplicate, tokenize, write shards.
 
-This is `chatforge data`; the speedrun calls it too. What cleaning removed is stored in
+`build_shards` is `chatforge data`; the speedrun calls it and `train_tokenizer` too. What cleaning removed is stored in
 the shard index (`clean` section) and printed, so a user sees what happened to the corpus.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from chatforge.data.clean import clean_documents, normalize_whitespace
@@ -13,7 +14,27 @@ from chatforge.data.shards import write_shards
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
-from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation
+from chatforge.tokenizer import Tokenizer, conversation_text, load_conversations, render_conversation
+
+
+def train_tokenizer(
+    sources: list[str],
+    out_path: Path,
+    vocab_size: int,
+    *,
+    conversations: list[str | Path] = (),  # type: ignore[assignment]
+    progress: bool = True,
+) -> Tokenizer:
+    """BPE trained on the text sources and on the text of the conversations (contents, tool blocks,
+    tool-call JSON), so chats tokenize compactly too; saved to `out_path`."""
+    chats = (
+        piece for path in conversations for c in load_conversations(path) for piece in conversation_text(c)
+    )
+    tok = Tokenizer.train(
+        itertools.chain(iter_many(list(sources)), chats), vocab_size, show_progress=progress
+    )
+    tok.save(out_path)
+    return tok
 
 
 def build_shards(
