@@ -347,7 +347,7 @@ def refusal_conversation(rng: random.Random, *, system_prob: float = SYSTEM_PROB
 
 
 # ---------------------------------------------------------------------------------------------
-# Tool use: the calculator (issue 5)
+# Tool use: the calculator
 #
 # The assistant learns *when* to reach for the calculator: numbers too big to multiply in its
 # head, and word problems that need a fact it knows (a birth year) plus arithmetic. The turn

@@ -5,7 +5,7 @@ university, employer, job, hobby) and parent links. From it come:
 
 - pretraining text: each visible person's biography in several paraphrases, plus
   arithmetic lines and short stories (`write_world`);
-- held-out biographies, never in pretraining, for retrieval (RAG) later;
+- held-out biographies, never in pretraining, to measure bits per byte on unseen text;
 - questions with exact answers for SFT, evaluation and RL (`fact_questions`);
 - reversal-curse probes (`reverse_questions`): a biography names the person's
   parent but never their child, and in every text the child is named before the

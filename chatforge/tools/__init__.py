@@ -1,4 +1,4 @@
-"""Tools the assistant can call (issue 5).
+"""Tools the assistant can call.
 
 - `registry.py`: `Tool`, `ToolResult`, `ToolRegistry` (register a function and its JSON schema; `.schemas()`
   for the prompt; `.call()` never raises), `default_registry(workdir)` with the three tools below.
