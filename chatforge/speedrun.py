@@ -162,11 +162,11 @@ def _evaluate(
 
     from chatforge.checkpoint import load_model
     from chatforge.data.sources import iter_documents
+    from chatforge.device import pick_device
     from chatforge.eval.base import EvalContext, run_tasks, subset, write_results
     from chatforge.eval.bpb import BitsPerByte
     from chatforge.eval.world_qa import WorldQA, load_qa_file
     from chatforge.tokenizer import Tokenizer
-    from chatforge.train.common import pick_device
     from chatforge.train.sft import chat_samples
 
     device = pick_device(preset.sft.device)
@@ -209,7 +209,8 @@ def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     calculator shown (rl.speedrun_problems); reward 1 when the answer states the right one
     (rewards.exact_answer). Then the eval stage's world_forward and tools-on tasks again on the RL
     model, for the report's before/after."""
-    from chatforge.align.rl import grpo, speedrun_problems
+    from chatforge.align.problems import speedrun_problems
+    from chatforge.align.rl import grpo
     from chatforge.fileio import read_jsonl
     from chatforge.world import load_world
 

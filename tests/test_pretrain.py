@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from chatforge import checkpoint as ckpt
 from chatforge.config import TrainConfig, apply_overrides, get_preset
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import lr_multiplier, read_metrics
+from chatforge.train.metrics import read_metrics
+from chatforge.train.optim import lr_multiplier
 from chatforge.train.pretrain import pretrain
 
 # tiny and quiet: eval off, a metrics line every step
@@ -502,7 +503,7 @@ def test_torchrun_two_ranks_and_grad_accum_match_single_process(smoke, tmp_path,
 
 def test_checkpoints_sort_by_step_number_and_bad_devices_are_one_line(tmp_path):
     from chatforge.checkpoint import latest_checkpoint, list_checkpoints
-    from chatforge.train.common import pick_device
+    from chatforge.device import pick_device
 
     for step in (999_999, 1_000_000, 5):
         (tmp_path / "ckpt" / f"step_{step:06d}").mkdir(parents=True)

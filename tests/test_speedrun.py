@@ -14,7 +14,7 @@ from chatforge.config import get_preset
 from chatforge.errors import ChatforgeError
 from chatforge.speedrun import STAGES, speedrun
 from chatforge.tokenizer import Tokenizer, render_conversation
-from chatforge.train.common import read_metrics
+from chatforge.train.metrics import read_metrics
 from chatforge.train.sft import sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
