@@ -17,6 +17,8 @@ from chatforge.errors import ChatforgeError
 
 @dataclass
 class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 outside torchrun) and its device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -25,6 +27,11 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def single_process(device: torch.device) -> Dist:
+    """The Dist of a run outside torchrun."""
+    return Dist(0, 1, 0, device)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -48,7 +55,7 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     """Single process, or one rank of a torchrun job (env RANK/WORLD_SIZE/LOCAL_RANK set by torchrun)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Dist(0, 1, 0, pick_device(device_name))
+        return single_process(pick_device(device_name))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -111,8 +118,3 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
             f"CPU {threads} threads x {ghz:.2f} GHz x {per_cycle} fp32 flops/cycle",
         )
     return 0.0, f"{device.type} (unknown peak)"
-
-
-def single_process(device: torch.device) -> Dist:
-    """The Dist of a run outside torchrun."""
-    return Dist(0, 1, 0, device)

@@ -314,7 +314,9 @@ def train_reward(
     bs = cfg.device_batch_size
 
     def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
-        rc, rr = pair_rewards(module, [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)], device)
+        rc, rr = pair_rewards(
+            module, [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)], device
+        )
         return bt_loss(rc, rr), {"acc": float((rc > rr).float().mean())}
 
     def summarize(first: dict | None, last: dict | None) -> dict:

@@ -20,9 +20,13 @@ taken at the sampling temperature, so the ratio is 1 on the first epoch.
 Every eval step greedy answers to held-out problems give pass@1 (the exact-answer check, when the
 problems have answers) and the mean reward; both are logged and plotted against step (rl.png).
 
-Problems: a .jsonl of {"messages": [...]} or {"question": ...}, with "answer" for the exact checks
-and "expression" for the calculator check (the world's eval_forward.jsonl works as is), or
-`world`: forward fact questions and arithmetic built from a world folder (--world), or `tools`:
+In the training loop (train/loop.py) a GRPO step is a rollout (GRPOStep.rollout: sample, score,
+advantages, old and reference log-probs) and then epochs x minibatches optimizer updates, each the
+loss of one minibatch (GRPOStep.loss); the loop does the LR, clipping, checkpoints and logging.
+
+Problems (problems.py): a .jsonl of {"messages": [...]} or {"question": ...}, with "answer" for the
+exact checks and "expression" for the calculator check (the world's eval_forward.jsonl works as is),
+or `world`: forward fact questions and arithmetic built from a world folder (--world), or `tools`:
 calculator problems (3-5 digit arithmetic, word problems). The training problems ask about the SFT
 people, the held-out ones about the evaluation people; a held-out question is never trained on.
 
@@ -324,7 +328,11 @@ def grpo(
     )  # fmt: skip
     # every step logged: a step is a whole rollout
     tcfg = dataclasses.replace(
-        cfg.train_config(), log_every=1, eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, keep_ckpts=cfg.keep_ckpts
+        cfg.train_config(),
+        log_every=1,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+        keep_ckpts=cfg.keep_ckpts,
     )
     return run_training(stage, tcfg, out_dir, tok, single_process(device), resume=resume, progress=progress)
 
@@ -349,10 +357,15 @@ class GRPOStep:
         return self.cfg.minibatch_size or self.cfg.prompts_per_step * self.cfg.group_size
 
     def rollout(self, step: int) -> tuple[int, dict]:
-        cfg, policy, device = self.cfg, self.policy, self.policy.lm_head.weight.device
+        cfg, policy = self.cfg, self.policy
+        device = next(policy.parameters()).device
         G, N, mb = cfg.group_size, cfg.prompts_per_step * cfg.group_size, self.minibatch
-        batch = [self.problems[i] for i in batch_indices(len(self.problems), cfg.prompts_per_step, step, cfg.seed)]
-        ro = rollout(policy, self.tok, batch, self.reward, cfg, cfg.seed * 1_000_003 + step * N, self.registry)
+        batch = [
+            self.problems[i] for i in batch_indices(len(self.problems), cfg.prompts_per_step, step, cfg.seed)
+        ]
+        ro = rollout(
+            policy, self.tok, batch, self.reward, cfg, cfg.seed * 1_000_003 + step * N, self.registry
+        )
         ids = pad_right(ro.ids, device)
         with torch.no_grad(), autocast(device):
             old = torch.cat([token_logps(policy, ids[i : i + mb], cfg.temperature) for i in range(0, N, mb)])

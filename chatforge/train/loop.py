@@ -68,7 +68,8 @@ class Stage:
     sample: Callable[[GPT], list[str]] | None = None  # a few generations to print, to watch it learn
     state: Callable[[], dict] = dict  # more resumable state, saved in each checkpoint
     load_state: Callable[[dict], None] = lambda state: None
-    save_final: Callable[[dict], None] | None = None  # (final meta) -> writes the run; default ckpt.save_model
+    # (final meta) -> writes the finished run; by default ckpt.save_model
+    save_final: Callable[[dict], None] | None = None
     header: str = ""  # what the start-up line says about the batch
 
 
@@ -103,7 +104,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def resume_run(
-    out_dir: Path, stage: Stage, optimizers: list[torch.optim.Optimizer], max_steps: int, resume: bool, dist: Dist
+    out_dir: Path,
+    stage: Stage,
+    optimizers: list[torch.optim.Optimizer],
+    max_steps: int,
+    resume: bool,
+    dist: Dist,
 ) -> tuple[int, dict, Path | None]:
     """(start step, train state, checkpoint) after loading the newest checkpoint of out_dir into the
     stage's model, the optimizers, the RNG and the stage's own state; (0, {}, None) for a fresh run.
@@ -192,7 +198,9 @@ def run_training(
     trained = stage.trained or model
     lora_run = has_lora(model)
     if cfg.lora_rank and not lora_run:
-        raise ChatforgeError(f"lora_rank is set, but {stage.name} trains every weight; LoRA is for sft and dpo")
+        raise ChatforgeError(
+            f"lora_rank is set, but {stage.name} trains every weight; LoRA is for sft and dpo"
+        )
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     optimizers = build_optimizers(trained, cfg)  # sees only trainable parameters (the adapters, with LoRA)
@@ -202,7 +210,9 @@ def run_training(
     n_params = model.num_params() - (n_trainable if lora_run else 0)  # the model's own size, adapters apart
     flops_per_token = model.flops_per_token(cfg.seq_len) if stage.tokens_per_step else 0
     peak, peak_desc = peak_flops(dist.device)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if latest else None, enabled=dist.is_main)
+    metrics = MetricsLog(
+        out_dir / "metrics.jsonl", resume_step=start_step if latest else None, enabled=dist.is_main
+    )
     if dist.is_main:
         print(
             f"model: {n_params / 1e6:.2f}M params"
@@ -247,7 +257,7 @@ def run_training(
             try:
                 for text in stage.sample(model):
                     bar.write(f"  sample: {text!r}")
-            except ChatforgeError as e:  # e.g. a sample prompt that does not fit the context: training goes on
+            except ChatforgeError as e:  # a sample prompt too long for the context: training goes on
                 bar.write(f"  (no sample: {e})")
         if last:
             break
@@ -285,10 +295,14 @@ def run_training(
     if start_step < cfg.max_steps or latest is None:  # resuming a finished run: its checkpoint is this one
         save(cfg.max_steps)
     if dist.is_main and last_eval is not None:  # the run's first evaluation, across resumed sessions
-        first_eval = next((r for r in read_metrics(out_dir / "metrics.jsonl") if set(last_eval) <= set(r)), first_eval)
+        evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if set(last_eval) <= set(r)]
+        first_eval = {k: evals[0][k] for k in last_eval} if evals else first_eval
     summary = {"params": n_params, "trainable_params": n_trainable, "steps": cfg.max_steps}
     if stage.tokens_per_step:
-        summary |= {"tokens": tokens_seen, "tokens_per_second": round(tokens_seen / train_time, 1) if train_time else None}
+        summary |= {
+            "tokens": tokens_seen,
+            "tokens_per_second": round(tokens_seen / train_time, 1) if train_time else None,
+        }
     summary |= {"train_seconds": round(train_time, 2), **stage.summarize(first_eval, last_eval)}
     if dist.is_main:
         _finish(stage, cfg, out_dir, tokenizer, summary, n_params, n_trainable)
@@ -329,7 +343,13 @@ def _optimize(
 
 
 def _finish(
-    stage: Stage, cfg: TrainConfig, out_dir: Path, tokenizer: Tokenizer, summary: dict, n_params: int, n_trainable: int
+    stage: Stage,
+    cfg: TrainConfig,
+    out_dir: Path,
+    tokenizer: Tokenizer,
+    summary: dict,
+    n_params: int,
+    n_trainable: int,
 ) -> None:
     """The finished run: the LoRA adapter and the merged model (or the stage's own save), the plot
     and NAME_summary.json."""
