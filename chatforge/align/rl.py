@@ -20,7 +20,7 @@ taken at the sampling temperature, so the ratio is 1 on the first epoch.
 Every eval step greedy answers to held-out problems give pass@1 (the exact-answer check, when the
 problems have answers) and the mean reward; both are logged and plotted against step (rl.png).
 
-In the training loop (train/loop.py) a GRPO step is a rollout (GRPOStep.rollout: sample, score,
+In the training loop (train/loop.py) a GRPO step is a rollout (GRPOStep.begin_step: sample, score,
 advantages, old and reference log-probs) and then epochs x minibatches optimizer updates, each the
 loss of one minibatch (GRPOStep.loss); the loop does the LR, clipping, checkpoints and logging.
 
@@ -291,7 +291,7 @@ def grpo(
         val_problems = random.Random(cfg.seed).sample(val_problems, cfg.eval_problems)
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
     policy.train()
-    step = GRPOStep(policy, ref, tok, problems, reward_fn, cfg, registry)
+    grpo_step = GRPOStep(policy, ref, tok, problems, reward_fn, cfg, registry)
 
     def summarize(first: dict | None, last: dict | None) -> dict:
         return {
@@ -320,7 +320,7 @@ def grpo(
         ("KL to start / clipped share", ["kl", "clip_frac"]),
     ]
     stage = Stage(
-        name="rl", model=policy, step=step.loss, begin_step=step.rollout, meta=meta, summarize=summarize,
+        name="rl", model=policy, step=grpo_step.loss, begin_step=grpo_step.begin_step, meta=meta, summarize=summarize,
         evaluate=lambda module: evaluate_problems(policy, tok, val_problems, reward_fn, cfg, registry=registry),
         plot=("rl.png", panels), plot_title=f"GRPO from {Path(base).name}: {cfg.prompts_per_step}x{cfg.group_size} samples/step",
         header=f"GRPO: {len(problems)} problems, {len(val_problems)} held out; {cfg.prompts_per_step} x "
@@ -338,8 +338,19 @@ def grpo(
 
 
 @dataclass
+class RolloutBatch:
+    """A step's rollout as the updates read it, rows group after group."""
+
+    ids: torch.Tensor  # (N, T) prompt + answer, right-padded
+    mask: torch.Tensor  # (N, T-1) over target positions: 1 on the tokens the policy wrote
+    advantages: torch.Tensor  # (N,)
+    old_logps: torch.Tensor  # (N, T-1) under the policy that sampled them
+    ref_logps: torch.Tensor | None  # (N, T-1) under the starting model, for the KL term
+
+
+@dataclass
 class GRPOStep:
-    """GRPO's step for the training loop: `rollout(step)` samples and scores a group of answers per
+    """GRPO's step for the training loop: `begin_step(step)` samples and scores a group of answers per
     problem and takes the old (and reference) log-probs; then `loss(module, step, update)` is the
     clipped objective on one minibatch, `cfg.epochs` passes over the rollout in all."""
 
@@ -350,13 +361,13 @@ class GRPOStep:
     reward: RewardFn
     cfg: RLConfig
     registry: ToolRegistry | None
-    batch: dict | None = None  # this step's rollout: ids, mask, advantages, old and reference log-probs
+    batch: RolloutBatch | None = None  # this step's rollout
 
     @property
     def minibatch(self) -> int:
         return self.cfg.minibatch_size or self.cfg.prompts_per_step * self.cfg.group_size
 
-    def rollout(self, step: int) -> tuple[int, dict]:
+    def begin_step(self, step: int) -> tuple[int, dict]:
         cfg, policy = self.cfg, self.policy
         device = next(policy.parameters()).device
         G, N, mb = cfg.group_size, cfg.prompts_per_step * cfg.group_size, self.minibatch
@@ -374,13 +385,13 @@ class GRPOStep:
                 if self.ref is not None
                 else None
             )
-        self.batch = {
-            "ids": ids,
-            "mask": pad_right(ro.masks, device)[:, 1:],  # over target positions
-            "adv": group_advantages(ro.rewards, G, cfg.adv_eps).to(device),
-            "old": old,
-            "ref": ref_lp,
-        }
+        self.batch = RolloutBatch(
+            ids=ids,
+            mask=pad_right(ro.masks, device)[:, 1:],
+            advantages=group_advantages(ro.rewards, G, cfg.adv_eps).to(device),
+            old_logps=old,
+            ref_logps=ref_lp,
+        )
         r = ro.rewards.view(-1, G)
         stats = {
             "reward_mean": float(r.mean()),
@@ -392,13 +403,13 @@ class GRPOStep:
 
     def loss(self, module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
         cfg, b, mb = self.cfg, self.batch, self.minibatch
-        n_minibatches = math.ceil(b["ids"].size(0) / mb)
+        n_minibatches = math.ceil(b.ids.size(0) / mb)
         sl = slice((update % n_minibatches) * mb, (update % n_minibatches + 1) * mb)
-        with autocast(b["ids"].device):
-            lp = token_logps(module, b["ids"][sl], cfg.temperature)
+        with autocast(b.ids.device):
+            lp = token_logps(module, b.ids[sl], cfg.temperature)
         loss, st = grpo_loss(
-            lp, b["old"][sl], b["adv"][sl], b["mask"][sl], cfg.clip_eps,
-            b["ref"][sl] if b["ref"] is not None else None, cfg.kl_beta,
+            lp, b.old_logps[sl], b.advantages[sl], b.mask[sl], cfg.clip_eps,
+            b.ref_logps[sl] if b.ref_logps is not None else None, cfg.kl_beta,
         )  # fmt: skip
         return loss, {"clip_frac": st["clip_frac"], "kl": st["kl"]}
 
