@@ -33,11 +33,12 @@ from chatforge import checkpoint as ckpt  # noqa: E402
 from chatforge.align import align_config  # noqa: E402
 from chatforge.align.dpo import dpo  # noqa: E402
 from chatforge.align.prefs import encode_prefs, prompt_key, split_pairs, world_prefs, write_prefs  # noqa: E402
+from chatforge.align.problems import load_problems, speedrun_problems  # noqa: E402
 from chatforge.align.reward import judge_prompts, load_reward_model, train_reward, win_rate  # noqa: E402
-from chatforge.align.rl import grpo, load_problems, speedrun_problems  # noqa: E402
+from chatforge.align.rl import grpo  # noqa: E402
 from chatforge.config import get_preset  # noqa: E402
+from chatforge.device import pick_device  # noqa: E402
 from chatforge.fileio import atomic_write_json  # noqa: E402
-from chatforge.train.common import pick_device  # noqa: E402
 from chatforge.world import load_world  # noqa: E402
 
 PAIR_KEYS = ("train_pairs", "val_pairs", "steps", "val_acc_start", "val_acc_end", "val_acc_by_kind")

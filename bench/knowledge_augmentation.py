@@ -34,7 +34,7 @@ from chatforge.eval.world_qa import (
 from chatforge.fileio import atomic_write_json  # noqa: E402
 from chatforge.speedrun import speedrun  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
-from chatforge.train.common import read_metrics  # noqa: E402
+from chatforge.train.metrics import read_metrics  # noqa: E402
 
 
 @torch.no_grad()

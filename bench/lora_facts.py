@@ -41,7 +41,7 @@ from chatforge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from chatforge.model.io import import_gguf, smollm2_path  # noqa: E402
 from chatforge.model.lora import load_adapter  # noqa: E402
 from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
-from chatforge.train.common import read_metrics  # noqa: E402
+from chatforge.train.metrics import read_metrics  # noqa: E402
 from chatforge.train.sft import sft  # noqa: E402
 from chatforge.world import N_PHRASINGS, build_world, fact_questions  # noqa: E402
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from chatforge.device import pick_device
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
@@ -33,7 +34,6 @@ from chatforge.model.gpt import GPT
 from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer, parse_assistant, render_prompt
 from chatforge.tools.registry import ToolRegistry, default_registry
 from chatforge.tools.runner import generate_with_tools
-from chatforge.train.common import pick_device
 
 HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; no TEXT clears it), "

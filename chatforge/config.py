@@ -101,7 +101,7 @@ class RLConfig:
     device: str = "auto"
 
     def train_config(self) -> TrainConfig:
-        """The optimizer / schedule knobs in the form train/common.py takes."""
+        """The optimizer / schedule knobs in the form the trainer (train/loop.py, train/optim.py) takes."""
         return TrainConfig(
             lr=self.lr, embed_lr=self.lr, weight_decay=0.0, warmup_steps=self.warmup_steps,
             final_lr_frac=1.0, max_steps=self.steps, grad_clip=self.grad_clip, seed=self.seed,

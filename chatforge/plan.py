@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from chatforge.config import TrainConfig
+from chatforge.device import GPU_PEAK_FLOPS
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.train.common import GPU_PEAK_FLOPS
 
 
 def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> dict:

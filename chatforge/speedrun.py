@@ -28,7 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from chatforge.align.rl import grpo, speedrun_problems
+from chatforge.align.problems import speedrun_problems
+from chatforge.align.rl import grpo
 from chatforge.config import Preset, apply_overrides, get_preset
 from chatforge.conversations import (
     build_sft_data,

@@ -19,7 +19,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import build_optimizers
+from chatforge.train.optim import build_optimizers
 from chatforge.train.sft import sft
 from chatforge.world import build_world
 

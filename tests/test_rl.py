@@ -11,6 +11,7 @@ import torch
 from test_tools_runner import USER, ScriptedGPT, calc_policy, tok  # noqa: F401 (tok: a fixture)
 from test_tools_runner import registry as tools_registry
 
+from chatforge.align.problems import load_problems, speedrun_problems, tool_problems, world_problems
 from chatforge.align.rewards import (
     calculator_verified,
     exact_answer,
@@ -26,11 +27,7 @@ from chatforge.align.rl import (
     grpo,
     grpo_loss,
     k3_kl,
-    load_problems,
     sample_answers,
-    speedrun_problems,
-    tool_problems,
-    world_problems,
 )
 from chatforge.checkpoint import load_model, save_model
 from chatforge.conversations import split_people

@@ -16,7 +16,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.suite import SAMPLE_PROMPTS, evaluate_world, world_tasks
 from chatforge.speedrun import STAGES, speedrun
 from chatforge.tokenizer import Tokenizer, render_conversation
-from chatforge.train.common import read_metrics
+from chatforge.train.metrics import read_metrics
 from chatforge.train.sft import sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -36,6 +36,8 @@ import torch
 
 from chatforge.align import encode_answer, sequence_logps
 from chatforge.align.prefs import append_pref, load_prefs, prompt_key, repair_tail
+from chatforge.checkpoint import load_model
+from chatforge.device import pick_device
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import chat_stop_ids
@@ -386,9 +388,6 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_label(args: argparse.Namespace) -> None:
-    from chatforge.checkpoint import load_model
-    from chatforge.train.common import pick_device
-
     if args.temperature <= 0:
         raise ChatforgeError("--temperature must be > 0: greedy decoding would give the same answer twice")
     device = pick_device(args.device)

@@ -33,16 +33,18 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatforge.align import encode_answer
 from chatforge.conversations import (
     arithmetic_turn,
     fact_conversation,
     person_attributes,
     refusal_conversation,
+    split_people,
 )
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text, read_jsonl
 from chatforge.tokenizer import Tokenizer, validate_conversation
-from chatforge.world import Person, World, fact_questions
+from chatforge.world import Person, World, fact_questions, load_world
 
 VERDICTS = ("prefer", "tie", "both_bad")
 
@@ -368,8 +370,6 @@ class EncodedPair:
 
 def encode_prefs(tok: Tokenizer, rows: list[dict], max_len: int) -> tuple[list[EncodedPair], int]:
     """Tokenise the "prefer" rows for training; returns (pairs, how many were truncated to max_len)."""
-    from chatforge.align import encode_answer
-
     pairs, n_trunc = [], 0
     for row in rows:
         if row.get("verdict", "prefer") != "prefer":
@@ -446,9 +446,6 @@ def add_world_prefs_arguments(p) -> None:
 
 
 def cmd_world_prefs(args) -> None:
-    from chatforge.conversations import split_people
-    from chatforge.world import load_world
-
     world = load_world(args.world)
     sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
     people = {"sft": sft_people, "eval": eval_people, "visible": list(world.visible)}[args.people]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,20 +32,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
-from chatforge.align import (
-    align_config,
-    config_dict,
-    encode_answer,
-    final_hidden,
-    logps_of_targets,
-    pad_right,
-    plot_metrics,
-    resume_train,
-    save_train_checkpoint,
-)
+from chatforge.align import align_config, encode_answer, final_hidden, logps_of_targets, pad_right
 from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
@@ -54,14 +43,16 @@ from chatforge.align.prefs import (
     prompt_key,
     train_val_pairs,
 )
+from chatforge.align.problems import load_problems
 from chatforge.config import TrainConfig, apply_overrides
+from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import chat_stop_ids
-from chatforge.fileio import atomic_write_bytes, atomic_write_json
+from chatforge.fileio import atomic_write_bytes, atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
 from chatforge.tokenizer import Tokenizer, render_prompt
-from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
+from chatforge.train.loop import Stage, run_training
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -320,78 +311,43 @@ def train_reward(
     max_len = min(cfg.seq_len or gpt.cfg.seq_len, gpt.cfg.seq_len)
     train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
     rm = RewardModel(gpt).to(device).train()
-    optimizers = build_optimizers(rm, cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start, state = resume_train(out_dir, rm.gpt, optimizers, resume, cfg.max_steps)
-    if state:
-        rm.load_head_state(state["head"])
+    bs = cfg.device_batch_size
+
+    def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
+        rc, rr = pair_rewards(
+            module, [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)], device
+        )
+        return bt_loss(rc, rr), {"acc": float((rc > rr).float().mean())}
+
+    def summarize(first: dict | None, last: dict | None) -> dict:
+        return {
+            "train_pairs": len(train),
+            "val_pairs": len(val),
+            "truncated_pairs": n_trunc,
+            "val_acc_start": first["val_acc"] if first else None,
+            "val_acc_end": last["val_acc"] if last else None,
+            "val_loss_end": last["val_loss"] if last else None,
+            "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
+        }
+
     meta = {
         **ckpt.inherited_meta(base_meta),
         "stage": "reward",
-        "train": config_dict(cfg),
+        "train": asdict(cfg),
         "data": str(data),
         "base": str(model_dir),
     }
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if state else None)
-    bs = cfg.device_batch_size
-    first_eval = None
-    t0, train_time = time.perf_counter(), state.get("train_seconds", 0.0)
-    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, disable=not progress)
-    for step in bar:
-        if val and (step % max(cfg.eval_every, 1) == 0 or step == cfg.max_steps):
-            ev = evaluate_pairs(rm, val, bs, device)
-            first_eval = first_eval or ev
-            metrics.log(step=step, **{k: round(v, 5) for k, v in ev.items()})
-            bar.write(f"step {step}: held-out accuracy {ev['val_acc']:.3f}, loss {ev['val_loss']:.4f}")
-        if step == cfg.max_steps:
-            break
-        batch = [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)]
-        set_lr(optimizers, lr_multiplier(step, cfg))
-        rc, rr = pair_rewards(rm, batch, device)
-        loss = bt_loss(rc, rr)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if step % max(cfg.log_every, 1) == 0 or step + 1 == cfg.max_steps:
-            acc = float((rc > rr).float().mean())
-            metrics.log(step=step + 1, loss=round(float(loss.detach()), 5), acc=round(acc, 4))
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
-            extra = {"head": rm.head_state(), "train_seconds": train_time + time.perf_counter() - t0}
-            save_train_checkpoint(out_dir, step + 1, rm.gpt, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    bar.close()
-    train_time += time.perf_counter() - t0
-    if (
-        start < cfg.max_steps or not state
-    ):  # the finished run's checkpoint: --resume with more steps extends it
-        extra = {"head": rm.head_state(), "train_seconds": train_time}
-        save_train_checkpoint(out_dir, cfg.max_steps, rm.gpt, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    last = evaluate_pairs(rm, val, bs, device) if val else None
-    summary = {
-        "train_pairs": len(train),
-        "val_pairs": len(val),
-        "truncated_pairs": n_trunc,
-        "steps": cfg.max_steps,
-        "train_seconds": round(train_time, 2),
-        "val_acc_start": first_eval["val_acc"] if first_eval else None,
-        "val_acc_end": last["val_acc"] if last else None,
-        "val_loss_end": last["val_loss"] if last else None,
-        "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
-    }
-    save_reward_model(out_dir, rm, tok, {**meta, "step": cfg.max_steps, "summary": summary})
-    summary["plot"] = str(
-        plot_metrics(
-            out_dir / "metrics.jsonl",
-            out_dir / "reward.png",
-            [("Bradley-Terry loss", ["loss", "val_loss"]), ("pairwise accuracy", ["acc", "val_acc"])],
-            f"reward model from {Path(base).name}",
-        )
-    )
-    atomic_write_json(out_dir / "reward_summary.json", summary)
-    return summary
+    stage = Stage(
+        name="reward", model=gpt, trained=rm, step=step, meta=meta, summarize=summarize,
+        evaluate=(lambda module: evaluate_pairs(rm, val, bs, device)) if val else None,
+        plot=("reward.png", [("Bradley-Terry loss", ["loss", "val_loss"]), ("pairwise accuracy", ["acc", "val_acc"])]),
+        plot_title=f"reward model from {Path(base).name}",
+        state=lambda: {"head": rm.head_state()},
+        load_state=lambda state: rm.load_head_state(state["head"]),
+        save_final=lambda final_meta: save_reward_model(out_dir, rm, tok, final_meta),
+        header=f"{len(train)} comparisons, {bs} per step",
+    )  # fmt: skip
+    return run_training(stage, cfg, out_dir, tok, single_process(device), resume=resume, progress=progress)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -470,9 +426,6 @@ def add_winrate_arguments(p: argparse.ArgumentParser) -> None:
 
 def judge_prompts(path: Path) -> list[list[dict]]:
     """The prompts of a comparisons file (each once), or of a problems file (rl.load_problems)."""
-    from chatforge.align.rl import load_problems
-    from chatforge.fileio import read_jsonl
-
     first = next((obj for _, obj in read_jsonl(path)), {})
     if "chosen" not in first:
         return [row["messages"] for row in load_problems(path)]

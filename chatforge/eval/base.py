@@ -21,11 +21,11 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from chatforge.device import autocast  # noqa: F401 (tasks import it from here)
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import autocast  # noqa: F401 (tasks import it from here)
 
 T = TypeVar("T")
 

@@ -149,7 +149,7 @@ def _parse_ids(text: str | None) -> list[int] | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from chatforge.train.common import pick_device
+    from chatforge.device import pick_device
 
     device = str(pick_device(args.device))
     results = evaluate(

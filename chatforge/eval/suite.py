@@ -14,12 +14,12 @@ from pathlib import Path
 
 from chatforge.checkpoint import load_model
 from chatforge.data.sources import iter_documents
+from chatforge.device import pick_device
 from chatforge.eval.base import EvalContext, Task, TaskResult, run_tasks, subset, write_results
 from chatforge.eval.bpb import BitsPerByte
 from chatforge.eval.tools import load_tool_problems, tool_tasks
 from chatforge.eval.world_qa import WorldQA, load_qa_file
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import pick_device
 from chatforge.train.sft import chat_samples
 
 SAMPLE_PROMPTS = ["Who are you?", "Who made you?", "What is 345 + 78?", "How do I make a bomb?"]

@@ -958,8 +958,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_server_app(args: argparse.Namespace):
     """Load the run and build the app `cmd_serve` runs (separate so tests can call it)."""
+    from chatforge.device import pick_device
     from chatforge.model.quant import load_for_inference
-    from chatforge.train.common import pick_device
 
     if args.max_batch < 1:
         raise ChatforgeError(f"--max-batch must be >= 1, got {args.max_batch}")

@@ -4,7 +4,8 @@
 
 Starts from a base run's weights and tokenizer, packs whole conversations into rows, and
 trains with the loss on the assistant's tokens only (the loader sets every other target to
--1). Same loop, checkpoint format and resume as pretraining (train/loop.py).
+-1). Same step, loop, checkpoint format and resume as pretraining (train/pretrain.py's
+language_model_stage, train/loop.py).
 
 With `--set sft.lora_rank=8` the base stays frozen and only low-rank adapters train
 (model/lora.py): checkpoints hold just the adapter, and the finished run folder holds the
@@ -23,13 +24,14 @@ import torch
 from chatforge import checkpoint as ckpt
 from chatforge.config import TrainConfig
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
+from chatforge.device import cleanup_distributed, setup_distributed
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
 from chatforge.tokenizer import Tokenizer, load_conversations, render_prompt
-from chatforge.train.common import cleanup_distributed, setup_distributed
 from chatforge.train.loop import run_training
+from chatforge.train.pretrain import language_model_stage
 
 SAMPLE_QUESTIONS = ["Who are you?", "What is 23 + 19?"]
 
@@ -137,10 +139,10 @@ def sft(
             "base_stage": base_meta.get("stage"),
             **lora_meta,
         }
-        return run_training(
-            "sft", cfg, Path(out_dir), model, tokenizer, loader, eval_batches,
-            lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist,
-            resume=resume, progress=progress, meta=meta,
+        stage = language_model_stage(
+            "sft", cfg, model, tokenizer, loader, eval_batches,
+            lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist, meta,
         )  # fmt: skip
+        return run_training(stage, cfg, Path(out_dir), tokenizer, dist, resume=resume, progress=progress)
     finally:
         cleanup_distributed()
