@@ -96,8 +96,9 @@ def _qa_conversations(out: Path) -> list[Path]:
 def _stage_tokenizer(preset: Preset, out: Path, progress: bool) -> dict:
     import itertools
 
+    from chatforge.chat_format import conversation_text, load_conversations
     from chatforge.data.sources import iter_documents
-    from chatforge.tokenizer import Tokenizer, bytes_per_token, conversation_text, load_conversations
+    from chatforge.tokenizer import Tokenizer, bytes_per_token
 
     # the chats too (contents, tool blocks, tool-call JSON), so they tokenize compactly
     chat_files = [*_qa_conversations(out), out / "sft_data" / "sft_train.jsonl"]

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model
 from chatforge.cli import main
 from chatforge.config import get_preset
 from chatforge.errors import ChatforgeError
 from chatforge.speedrun import STAGES, speedrun
-from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.common import read_metrics
 from chatforge.train.sft import sft
 

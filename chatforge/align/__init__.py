@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from chatforge import checkpoint as ckpt
+from chatforge.chat_format import render_conversation, render_prompt
 from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import has_lora, load_adapter
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.common import read_metrics
 
 # ---- tokenising an answer after its prompt ---------------------------------------------------

@@ -54,13 +54,13 @@ from chatforge.align.prefs import (
     prompt_key,
     train_val_pairs,
 )
+from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.config import TrainConfig, apply_overrides
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_prompt
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
 
 HEAD_FILE = "reward_head.safetensors"
@@ -225,7 +225,7 @@ def best_of_n(
     if n < 1:
         raise ChatforgeError(f"best_of_n needs n >= 1, got {n}")
     prompt = render_prompt(tok, messages)
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
     outs = generate_batch(
         policy, [prompt] * n, max_new_tokens, temperature=temperature, top_p=top_p, seeds=seed, stop_ids=stops
     )
@@ -256,7 +256,7 @@ def win_rate(
     "mean_reward_baseline", "examples": the first 3 (prompt, answer, baseline answer, rewards)}."""
     if not prompts:
         raise ChatforgeError("win_rate needs at least one prompt")
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
     answers: dict[str, list[str]] = {"model": [], "baseline": []}
     for name, policy in (("model", model), ("baseline", baseline)):
         was = policy.training

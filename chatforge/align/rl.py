@@ -50,15 +50,15 @@ from chatforge import checkpoint as ckpt
 from chatforge.align import pad_right, plot_metrics, resume_train, save_train_checkpoint, token_logps
 from chatforge.align.prefs import batch_indices
 from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
+from chatforge.chat_format import render_conversation, render_prompt, turn_end_ids, validate_conversation
 from chatforge.config import RLConfig
 from chatforge.conversations import arithmetic_turn, big_arithmetic_problem, split_people, word_problem
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
-from chatforge.eval.tools import calculator_registry
 from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt, validate_conversation
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.builtin import calculator_registry
 from chatforge.tools.registry import ToolRegistry
 from chatforge.tools.runner import generate_with_tools
 from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
@@ -259,7 +259,7 @@ def sample_answers(
     policy.eval()
     try:
         if registry is None:
-            stops = chat_stop_ids(tok)
+            stops = turn_end_ids(tok)
             ids = [render_prompt(tok, m) for m in prompts]
             outs = generate_batch(
                 policy, ids, cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
