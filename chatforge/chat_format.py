@@ -269,10 +269,12 @@ class ToolCallScanner:
     the tokenizer has no special token for them); text after a finished call is shown again.
     Finished blocks, tags included, collect in `calls`; `call_end` marks the end of the first
     `</tool_call>`, opened or not: where a turn that makes one call stops. `end()` releases a held
-    tail that was plain text after all; an unfinished call is never shown (`open_call` holds it)."""
+    tail that was plain text after all; an unfinished call is never shown (`open_call` holds it).
+    With `one_call` the text ends at the first finished call: what follows is dropped."""
 
-    def __init__(self) -> None:
-        self.text = ""  # everything pushed
+    def __init__(self, *, one_call: bool = False) -> None:
+        self.one_call = one_call
+        self.text = ""  # everything pushed (with one_call: up to the first call's end)
         self.calls: list[str] = []
         self.call_end: int | None = None
         self._done = 0  # text[:_done] is settled: shown, or inside a finished call
@@ -283,6 +285,8 @@ class ToolCallScanner:
         return "" if self._open is None else self.text[self._open :]
 
     def push(self, piece: str) -> str:
+        if self.one_call and self.calls:
+            return ""
         before = len(self.text)
         self.text += piece
         if self.call_end is None:
@@ -305,6 +309,9 @@ class ToolCallScanner:
             end = close + len(TOOL_CALL_CLOSE)
             self.calls.append(self.text[self._open : end])
             self._open, self._done = None, end
+            if self.one_call:
+                self.text = self.text[:end]
+                return "".join(shown)
 
     def end(self) -> str:
         """The text ends here: what was held back as a possible tag start ("" inside a call)."""

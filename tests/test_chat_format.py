@@ -390,6 +390,10 @@ def test_scanner_several_calls_and_text_between():
         assert scanner.call_end == len("A" + CALL_TEXT)  # the first call's end
     parsed = parse_assistant("".join(scanner.calls))
     assert [c["function"]["name"] for c in parsed["tool_calls"]] == ["calc", "clock", "clock"]
+    for k in range(len(text) + 1):  # a turn that makes one call ends at its </tool_call>
+        scanner = ToolCallScanner(one_call=True)
+        shown = "".join(scanner.push(p) for p in splits(text, k)) + scanner.end()
+        assert shown == "A" and scanner.calls == [CALL_TEXT] and scanner.text == "A" + CALL_TEXT, k
 
 
 def test_scanner_unfinished_call_and_stray_close():
