@@ -12,6 +12,7 @@ from chatforge.chat_format import (
     ToolCallScanner,
     load_conversations,
     parse_assistant,
+    partial_tag_len,
     render_conversation,
     render_prompt,
     tool_signature,
@@ -408,3 +409,10 @@ def test_scanner_unfinished_call_and_stray_close():
         assert scanner.call_end == len("no call " + TOOL_CALL_CLOSE)  # where a one-call turn stops
     shown, scanner = scan(["<tool_call", "<tool_call>x</tool_call>"])  # a false start, then a call
     assert shown == "<tool_call" and scanner.calls == ["<tool_call>x</tool_call>"]
+
+
+def test_partial_tag_len_counts_a_possible_tag_start():
+    assert partial_tag_len("abc <too", [TOOL_CALL_OPEN]) == 4
+    assert partial_tag_len("abc " + TOOL_CALL_OPEN, [TOOL_CALL_OPEN]) == 0  # a whole tag is no start
+    assert partial_tag_len("say STO", ["STOP", "<tool_call>", "O"]) == 3  # the longest of several
+    assert partial_tag_len("", ["STOP"]) == 0 and partial_tag_len("x", []) == 0
