@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.chat import chat_turn  # noqa: E402
+from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.checkpoint import load_model  # noqa: E402
 from chatforge.model.io import GGUF_DTYPES, export_gguf, import_gguf, smollm2_path  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 

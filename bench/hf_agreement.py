@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.checkpoint import load_model  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
 from chatforge.model.hf import export_hf  # noqa: E402
 from chatforge.model.io import import_gguf, smollm2_path  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -272,7 +272,8 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
 
 def prepare(args) -> tuple[Path, Path | None, list[int]]:
     """The chatforge run folder (importing SmolLM2 once), its HF export, and the prompt ids."""
-    from chatforge.tokenizer import Tokenizer, render_prompt
+    from chatforge.chat_format import render_prompt
+    from chatforge.tokenizer import Tokenizer
 
     work = Path(args.work)
     if args.model == "smollm2":

@@ -11,9 +11,9 @@ The pieces, from the inside out:
   by sliding a window over the oldest turns (the system prompt always stays). No TTY needed, so
   tests drive it directly.
 - `cmd_chat` is the CLI: `-p` prints only the answer (tool lines go to stderr); otherwise a `you> `
-  loop. `--tools` shows the model calculator, python and chart (`tools.default_registry`; files
-  and charts land in `--files DIR`, default a new temporary folder), `--tools calculator` only the
-  calculator as the world models are trained to see it (short enough for a 128-token context).
+  loop. `--tools` shows the model calculator, python and chart (`tools.builtin.default_registry`;
+  files and charts land in `--files DIR`, default a new temporary folder), `--tools calculator` only
+  the calculator as the world models are trained to see it (short enough for a 128-token context).
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from chatforge.chat_format import ToolCallScanner, parse_assistant, render_prompt, turn_end_ids
 from chatforge.device import pick_device
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer, parse_assistant, render_prompt
-from chatforge.tools.registry import ToolRegistry, default_registry
+from chatforge.model.quant import load_for_inference
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.builtin import calculator_registry, default_registry
+from chatforge.tools.registry import ToolRegistry
 from chatforge.tools.runner import generate_with_tools
 
 HELP = (
@@ -40,14 +43,6 @@ HELP = (
     "/save PATH (append the conversation as a JSON line), /quit (or Ctrl-D); Ctrl-C stops an answer"
 )
 INTERACTIVE_TEMPERATURE = 0.7  # some variety when talking; -p is greedy (0) so scripts get one answer
-
-
-def stop_ids(tok: Tokenizer) -> list[int]:
-    """An answer ends at <|im_end|>; <|endoftext|> (BOS) also ends it, for models that emit it instead."""
-    ids = [tok.special_id(IM_END)] if tok.has_special(IM_END) else []
-    if tok.bos_id is not None:
-        ids.append(tok.bos_id)
-    return ids
 
 
 def chat_turn(
@@ -74,7 +69,7 @@ def chat_turn(
             f"the conversation is {len(ids)} tokens but the model's context is {model.cfg.seq_len}; "
             "shorten it"
         )
-    stops = set(stop_ids(tok))
+    stops = set(turn_end_ids(tok))
     decoder = IncrementalDecoder(tok.decode)
     for _, tid in stream_batch(
         model,
@@ -95,33 +90,6 @@ def chat_turn(
     if rest and on_token is not None:
         on_token(rest)
     return decoder.emitted
-
-
-class _HideCalls:
-    """Passes streamed assistant text through, minus the tool-call markup (the tool line replaces it).
-    A tail that may be the start of `<tool_call>` (split over tokens when it is not a special token)
-    waits until the next piece decides; `end()` returns what is still held when the message ends."""
-
-    def __init__(self) -> None:
-        self.held, self.hiding = "", False
-
-    def push(self, text: str) -> str:
-        if self.hiding:
-            return ""
-        text = self.held + text
-        k = text.find(TOOL_CALL_OPEN)
-        if k >= 0:
-            self.held, self.hiding = "", True
-            return text[:k]
-        tag = TOOL_CALL_OPEN
-        n = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
-        self.held = text[len(text) - n :]
-        return text[: len(text) - n]
-
-    def end(self) -> str:
-        rest = "" if self.hiding else self.held
-        self.held, self.hiding = "", False
-        return rest
 
 
 def _clip(text: str, n: int) -> str:
@@ -166,18 +134,19 @@ def chat_turn_with_tools(
     turn added (assistant calls, tool results, the answer) and how it ended ("stop", "length",
     "limit" or "context": see `generate_with_tools`). `on_text` receives the assistant's text as it is
     produced, tool-call markup left out; `on_tool` one `tool_line` per call once it has run."""
-    hide, reason = _HideCalls(), "stop"
+    scanner, reason = ToolCallScanner(), "stop"
     call_args: list[str | None] = [None]  # the arguments of the call whose result comes next
 
     def on_event(event: dict) -> None:
-        nonlocal reason
+        nonlocal reason, scanner
         kind = event["type"]
         if kind == "text":
-            shown = hide.push(event["text"])
+            shown = scanner.push(event["text"])
             if shown and on_text is not None:
                 on_text(shown)
             return
-        rest = hide.end()  # any other event ends the message being streamed
+        rest = scanner.end()  # any other event ends the message being streamed
+        scanner = ToolCallScanner()
         if rest and on_text is not None:
             on_text(rest)
         if kind == "tool_call":
@@ -479,8 +448,6 @@ def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | No
             raise ChatforgeError("--files is where tools save their files: it needs --tools")
         return None, None, False
     if choice == "calculator":
-        from chatforge.eval.tools import calculator_registry  # the one definition of the world's calculator
-
         return calculator_registry(), None, False
     if files is not None:
         folder = Path(files).expanduser()
@@ -502,8 +469,6 @@ def _tidy_files(folder: Path | None, temporary: bool) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from chatforge.model.quant import load_for_inference
-
     asked = args.max_new_tokens  # None: the default, clamped to the context without a note
     if asked is not None and asked < 1:
         raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")

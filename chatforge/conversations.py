@@ -24,10 +24,10 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from chatforge.chat_format import with_tools
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
-from chatforge.tokenizer import with_tools
-from chatforge.tools.calculator import SCHEMA as CALCULATOR_SCHEMA
+from chatforge.tools.calculator import CALCULATOR_TOOL
 from chatforge.world import (
     ATTRIBUTES,
     N_PHRASINGS,
@@ -354,13 +354,6 @@ def refusal_conversation(rng: random.Random, *, system_prob: float = SYSTEM_PROB
 # states the facts it recalled, calls the tool, reads the result, and answers with it. The
 # tool's result is a `tool` message, which the loss mask leaves out: the model must never learn
 # to invent results.
-
-# The calculator as the world assistant sees it: the real tool's parameters (tools/calculator.py)
-# with a two-word description, short enough for a 128-token context.
-CALCULATOR_TOOL = {
-    "type": "function",
-    "function": {"name": "calculator", "description": "exact arithmetic", "parameters": CALCULATOR_SCHEMA},
-}
 
 
 @dataclass
@@ -713,7 +706,7 @@ def read_people_split(sft_dir: str | os.PathLike, world: World) -> tuple[list[Pe
 
 def write_sft_data(data: SFTData, out_dir: str | os.PathLike) -> dict:
     """Write sft_train.jsonl / sft_val.jsonl ({"messages": [...]} per line, readable by
-    `tokenizer.load_conversations`), eval_forward.jsonl / eval_reverse.jsonl / sft_qa.jsonl
+    `chat_format.load_conversations`), eval_forward.jsonl / eval_reverse.jsonl / sft_qa.jsonl
     (`QA.to_dict()` per line) and manifest.json, atomically. Returns the manifest."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from chatforge.chat_format import load_conversations, render_conversation, validate_conversation
 from chatforge.conversations import (
-    CALCULATOR_TOOL,
     SFT_FILES,
     arithmetic_conversation,
     arithmetic_turn,
@@ -27,7 +27,8 @@ from chatforge.conversations import (
 )
 from chatforge.errors import ChatforgeError
 from chatforge.eval.world_qa import load_qa_file
-from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation, validate_conversation
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.calculator import CALCULATOR_TOOL
 from chatforge.world import ATTRIBUTES, N_PHRASINGS, build_world, fact_questions, reverse_questions
 
 

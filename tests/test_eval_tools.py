@@ -13,23 +13,25 @@ import pytest
 import torch
 from test_tools_runner import ScriptedGPT, call
 
+from chatforge.chat_format import render_prompt, tool_signature
 from chatforge.checkpoint import save_model
 from chatforge.config import get_preset
-from chatforge.conversations import CALCULATOR_TOOL, ToolProblem, build_sft_data, write_sft_data
+from chatforge.conversations import ToolProblem, build_sft_data, write_sft_data
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import EvalContext
 from chatforge.eval.run import add_eval_arguments, cmd_eval, evaluate
 from chatforge.eval.tools import (
     KINDS,
     ToolUse,
-    calculator_registry,
     has_number,
     load_tool_problems,
     tool_tasks,
 )
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.speedrun import speedrun
-from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer, render_prompt, tool_signature
+from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
+from chatforge.tools.builtin import calculator_registry
+from chatforge.tools.calculator import CALCULATOR_TOOL
 from chatforge.world import QA, build_world
 
 CORPUS = [

@@ -17,9 +17,10 @@ import httpx
 import pytest
 import torch
 
+from chatforge.chat_format import load_conversations
 from chatforge.errors import ChatforgeError
 from chatforge.serve.feedback import FeedbackStore, add_feedback_arguments, cmd_feedback
-from chatforge.tokenizer import Tokenizer, load_conversations
+from chatforge.tokenizer import Tokenizer
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731

@@ -16,6 +16,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the `gguf` package is needed to import GGUF files")
 
+from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.checkpoint import load_model, save_model  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
@@ -27,7 +28,7 @@ from chatforge.model.io import (  # noqa: E402
     smollm2_path,
     unpermute_qk,
 )
-from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TEXT = "the cat sat on the mat and the dog ran after the cat in the park"

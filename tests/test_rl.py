@@ -29,11 +29,12 @@ from chatforge.align.rl import (
     k3_kl,
     sample_answers,
 )
+from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model, save_model
 from chatforge.conversations import split_people
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.tokenizer import Tokenizer
 from chatforge.world import build_world, write_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread

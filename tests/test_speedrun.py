@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model
 from chatforge.cli import main
 from chatforge.config import get_preset
@@ -15,7 +16,7 @@ from chatforge.data.pipeline import train_tokenizer
 from chatforge.errors import ChatforgeError
 from chatforge.eval.suite import SAMPLE_PROMPTS, evaluate_world, world_tasks
 from chatforge.speedrun import STAGES, speedrun
-from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.metrics import read_metrics
 from chatforge.train.sft import sft
 

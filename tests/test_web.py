@@ -27,13 +27,14 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from test_serve import serve  # noqa: E402  (uvicorn on a loopback port, in a thread)
 
-from chatforge.chat import stop_ids  # noqa: E402
+from chatforge.chat_format import render_prompt  # noqa: E402
+from chatforge.chat_format import turn_end_ids as stop_ids  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
 from chatforge.serve.feedback import FeedbackStore, add_feedback_arguments, cmd_feedback  # noqa: E402
 from chatforge.serve.scheduler import Job  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
 
 ARGS = [
     "--headless",

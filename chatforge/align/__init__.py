@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from chatforge.chat_format import render_conversation, render_prompt
 from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt
+from chatforge.tokenizer import Tokenizer
 
 # ---- tokenising an answer after its prompt ---------------------------------------------------
 

@@ -36,14 +36,14 @@ import torch
 
 from chatforge.align import encode_answer, sequence_logps
 from chatforge.align.prefs import append_pref, load_prefs, prompt_key, repair_tail
+from chatforge.chat_format import render_prompt, turn_end_ids, validate_conversation
 from chatforge.checkpoint import load_model
 from chatforge.device import pick_device
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
 from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_prompt, validate_conversation
+from chatforge.tokenizer import Tokenizer
 
 DEFAULT_INSTRUCTIONS = (
     "You are a careful judge of assistant replies. The better reply answers the user's question "
@@ -190,7 +190,7 @@ class Judge:
         pick = "A" if score >= 0 else "B"
         prefix = f"Reply {pick} is better because"
         prompt = render_prompt(self.tok, q_ab) + self.tok.encode(prefix)
-        stops = chat_stop_ids(self.tok)
+        stops = turn_end_ids(self.tok)
         out = generate_batch(self.model, [prompt], self.critique_tokens, stop_ids=stops)[0]
         critique = prefix + self.tok.decode([t for t in out if t not in stops])
         return Judgement(pick, p_a, " ".join(critique.split()))
@@ -343,7 +343,7 @@ def make_sampler(
 ) -> Callable[[list[dict]], tuple[str, str] | None]:
     """Two sampled answers per prompt, seeded by the prompt itself, so a resumed session (or a rerun)
     shows the same pair. Up to three tries to get two different answers."""
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
 
     def sample(messages: list[dict]) -> tuple[str, str] | None:
         prompt = render_prompt(tok, messages)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.align import encode_answer
+from chatforge.chat_format import validate_conversation
 from chatforge.conversations import (
     arithmetic_turn,
     fact_conversation,
@@ -43,7 +44,7 @@ from chatforge.conversations import (
 )
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text, read_jsonl
-from chatforge.tokenizer import Tokenizer, validate_conversation
+from chatforge.tokenizer import Tokenizer
 from chatforge.world import Person, World, fact_questions, load_world
 
 VERDICTS = ("prefer", "tie", "both_bad")

@@ -44,14 +44,14 @@ from chatforge.align.prefs import (
     train_val_pairs,
 )
 from chatforge.align.problems import load_problems
+from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.config import TrainConfig, apply_overrides
 from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
 from chatforge.fileio import atomic_write_bytes, atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_prompt
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Stage, run_training
 
 HEAD_FILE = "reward_head.safetensors"
@@ -216,7 +216,7 @@ def best_of_n(
     if n < 1:
         raise ChatforgeError(f"best_of_n needs n >= 1, got {n}")
     prompt = render_prompt(tok, messages)
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
     outs = generate_batch(
         policy, [prompt] * n, max_new_tokens, temperature=temperature, top_p=top_p, seeds=seed, stop_ids=stops
     )
@@ -247,7 +247,7 @@ def win_rate(
     "mean_reward_baseline", "examples": the first 3 (prompt, answer, baseline answer, rewards)}."""
     if not prompts:
         raise ChatforgeError("win_rate needs at least one prompt")
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
     answers: dict[str, list[str]] = {"model": [], "baseline": []}
     for name, policy in (("model", model), ("baseline", baseline)):
         was = policy.training

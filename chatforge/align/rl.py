@@ -53,15 +53,15 @@ from chatforge.align import pad_right, token_logps
 from chatforge.align.prefs import batch_indices
 from chatforge.align.problems import load_problems, tool_problems, world_problems
 from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
+from chatforge.chat_format import render_conversation, render_prompt, turn_end_ids
 from chatforge.config import RLConfig
 from chatforge.conversations import split_people
 from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
-from chatforge.eval.tools import calculator_registry
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.builtin import calculator_registry
 from chatforge.tools.registry import ToolRegistry
 from chatforge.tools.runner import generate_with_tools
 from chatforge.train.loop import Stage, run_training
@@ -167,7 +167,7 @@ def sample_answers(
     policy.eval()
     try:
         if registry is None:
-            stops = chat_stop_ids(tok)
+            stops = turn_end_ids(tok)
             ids = [render_prompt(tok, m) for m in prompts]
             outs = generate_batch(
                 policy, ids, cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from chatforge.chat_format import conversation_text, load_conversations, render_conversation
 from chatforge.data.clean import clean_documents, normalize_whitespace
 from chatforge.data.shards import write_shards
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
-from chatforge.tokenizer import Tokenizer, conversation_text, load_conversations, render_conversation
+from chatforge.tokenizer import Tokenizer
 
 
 def train_tokenizer(

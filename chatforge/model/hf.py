@@ -331,11 +331,12 @@ def import_hf(folder: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 
 def chatml_template(bos_token: str | None) -> str:
-    """A Jinja chat template that renders the text `tokenizer.render_prompt` / `render_conversation`
+    """A Jinja chat template that renders the text `chat_format.render_prompt` / `render_conversation`
     encode: BOS (when the model starts prompts with one), tools as one-line signatures in the system
-    turn (`tokenizer.with_tools`), `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, tool calls
+    turn (`chat_format.with_tools`), `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, tool calls
     as compact `<tool_call>{"name":..,"arguments":..}</tool_call>`. tests/test_hf.py checks the ids."""
-    from chatforge.tokenizer import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOLS_INSTRUCTION
+    from chatforge.chat_format import TOOLS_INSTRUCTION
+    from chatforge.tokenizer import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
     def lit(s: str) -> str:  # a Jinja string literal (JSON's escapes are also Jinja's)
         return json.dumps(s)
@@ -424,8 +425,9 @@ def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a chatforge run (or checkpoint) folder as an HF Llama folder at out_dir; returns out_dir."""
     from safetensors.torch import save_file
 
+    from chatforge.chat_format import turn_end_ids
     from chatforge.checkpoint import load_model, read_config, resolve_model_dir
-    from chatforge.tokenizer import IM_END, Tokenizer
+    from chatforge.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
     model_dir = resolve_model_dir(Path(run))
@@ -446,11 +448,9 @@ def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     # chatforge starts documents and prompts with tok.start_ids(); HF's tokenizer(text) should do the same
     add_bos = bool(tok.start_ids())
     bos_id = tok.bos_id if add_bos else recorded("bos_token_id", tok.bos_id)
-    # the stop ids chatforge's chat uses (chat.stop_ids): <|im_end|>, then the BOS / <|endoftext|>
-    stops = [tok.special_id(IM_END)] if tok.has_special(IM_END) else []
+    stops = turn_end_ids(tok)  # the ids chatforge's chat stops at: <|im_end|>, then the BOS
     if meta.get("eos_token_id") is not None:
         stops.insert(0, meta["eos_token_id"])
-    stops += [tok.bos_id] if tok.bos_id is not None else []
     stops = list(dict.fromkeys(stops))  # de-duplicated, first = the primary EOS
     eos_id = stops[0] if stops else None
     pad_id = recorded("padding_token_id", tok.bos_id if tok.bos_id is not None else eos_id)

@@ -58,13 +58,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatforge.chat import stop_ids as chat_stop_ids
+from chatforge.chat_format import parse_assistant, render_prompt
+from chatforge.chat_format import turn_end_ids as chat_stop_ids
 from chatforge.engine import IncrementalDecoder
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.scheduler import Job, QueueFull, Scheduler
-from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer, parse_assistant, render_prompt
+from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 
 WEB_DIR = Path(__file__).parent / "web"
 WEB_FILES = {  # name -> media type; the page is these files and nothing else

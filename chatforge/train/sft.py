@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from chatforge import checkpoint as ckpt
+from chatforge.chat_format import load_conversations, render_prompt, turn_end_ids
 from chatforge.config import TrainConfig
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
 from chatforge.device import cleanup_distributed, setup_distributed
@@ -29,7 +30,7 @@ from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
-from chatforge.tokenizer import Tokenizer, load_conversations, render_prompt
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import run_training
 from chatforge.train.pretrain import language_model_stage
 
@@ -41,7 +42,7 @@ def chat_samples(
 ) -> list[tuple[str, str]]:
     """Greedy answers to single-turn questions, as (question, answer) pairs."""
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-    stops = [tokenizer.special_id("<|im_end|>")] if tokenizer.has_special("<|im_end|>") else []
+    stops = turn_end_ids(tokenizer)
     room = min(max_new_tokens, model.cfg.seq_len - max(map(len, prompts)))
     was_training = model.training
     model.eval()  # no dropout (LoRA's) while answering; training mode comes back after
