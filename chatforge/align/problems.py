@@ -8,11 +8,11 @@ import random
 import re
 from pathlib import Path
 
+from chatforge.chat_format import validate_conversation
 from chatforge.config import RLConfig
 from chatforge.conversations import arithmetic_turn, big_arithmetic_problem, word_problem
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import read_jsonl
-from chatforge.tokenizer import validate_conversation
 from chatforge.world import Person, World, fact_questions
 
 
