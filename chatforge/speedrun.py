@@ -31,6 +31,8 @@ from pathlib import Path
 from chatforge.config import Preset, apply_overrides, get_preset
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_json
+from chatforge.options import SpeedrunOptions
+from chatforge.plan import describe_plan
 
 
 def _stage_world(preset: Preset, out: Path, progress: bool) -> dict:
@@ -300,3 +302,11 @@ def speedrun(
         if name == until:
             break
     return status
+
+
+def cmd_speedrun(opts: SpeedrunOptions) -> None:
+    if opts.dry_run:
+        preset = apply_overrides(get_preset(opts.preset), opts.overrides)
+        print(describe_plan(preset.pretrain, vocab_size=preset.vocab_size))
+        return
+    speedrun(opts.preset, opts.out, opts.overrides, progress=not opts.no_progress, until=opts.until)

@@ -101,16 +101,6 @@ def final_hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
 # ---- training plumbing -------------------------------------------------------------------------
 
 
-def align_config(**kw) -> TrainConfig:
-    """Defaults for the preference trainers (reward model, DPO): small learning rates, short runs.
-    seq_len 0 means the model's own context."""
-    base = dict(
-        lr=1e-4, embed_lr=1e-4, weight_decay=0.0, warmup_steps=10, final_lr_frac=0.0, max_steps=200,
-        device_batch_size=16, seq_len=0, eval_every=25, ckpt_every=100, log_every=5,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
-
-
 def save_train_checkpoint(
     out_dir: Path,
     step: int,

@@ -41,6 +41,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.base import chat_stop_ids
 from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
+from chatforge.options import LabelOptions, add_options, options_from_args
 from chatforge.tokenizer import Tokenizer, render_prompt, validate_conversation
 
 DEFAULT_INSTRUCTIONS = (
@@ -364,28 +365,7 @@ def make_sampler(
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 
-def add_label_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="the model whose answers you compare")
-    p.add_argument(
-        "--prompts", required=True, metavar="FILE", help="prompts .jsonl ({messages} / {question} / {prompt})"
-    )
-    p.add_argument(
-        "--out", required=True, metavar="PREFS", help="comparisons .jsonl to append to (resumable)"
-    )
-    p.add_argument("--judge", default=None, metavar="RUN", help="a model that drafts a pick and a critique")
-    p.add_argument("--instructions", default=None, metavar="FILE", help="the judge's rubric (a text file)")
-    p.add_argument("--auto", action="store_true", help="let the judge label alone (no questions asked)")
-    p.add_argument("--labeller", default="human", help="name stored with each label (default human)")
-    p.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature for A and B (default 1.0)"
-    )
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-
-
-def cmd_label(args: argparse.Namespace) -> None:
+def cmd_label(args: LabelOptions) -> None:
     from chatforge.checkpoint import load_model
     from chatforge.train.common import pick_device
 
@@ -427,8 +407,8 @@ def cmd_label(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m chatforge.align.label ...` (the same as `chatforge prefs label ...`)."""
     p = argparse.ArgumentParser(prog="chatforge prefs label", description=__doc__.split("\n\n")[0])
-    add_label_arguments(p)
-    args = p.parse_args(argv)
+    add_options(p, LabelOptions)
+    args = options_from_args(LabelOptions, p.parse_args(argv))
     try:
         cmd_label(args)
     except ChatforgeError as e:

@@ -41,6 +41,7 @@ from chatforge.conversations import (
 )
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text, read_jsonl
+from chatforge.options import WorldPrefsOptions
 from chatforge.tokenizer import Tokenizer, validate_conversation
 from chatforge.world import Person, World, fact_questions
 
@@ -434,18 +435,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ---- `chatforge prefs world` ---------------------------------------------------------------------
 
 
-def add_world_prefs_arguments(p) -> None:
-    p.add_argument("--world", required=True, help="world folder (from `chatforge world` or a speedrun)")
-    p.add_argument("--out", required=True, help="comparisons .jsonl to write")
-    p.add_argument("--per-person", type=int, default=2, help="fact comparisons per person (default 2)")
-    p.add_argument(
-        "--people", choices=("sft", "eval", "visible"), default="sft",
-        help="whose facts: the SFT split (default), the evaluation split, or everyone visible",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-
-
-def cmd_world_prefs(args) -> None:
+def cmd_world_prefs(args: WorldPrefsOptions) -> None:
     from chatforge.conversations import split_people
     from chatforge.world import load_world
 

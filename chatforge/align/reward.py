@@ -20,7 +20,6 @@ tokenizer.json) plus reward_head.safetensors; `load_reward_model` reads it back.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -36,7 +35,6 @@ from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
 from chatforge.align import (
-    align_config,
     config_dict,
     encode_answer,
     final_hidden,
@@ -54,12 +52,13 @@ from chatforge.align.prefs import (
     prompt_key,
     train_val_pairs,
 )
-from chatforge.config import TrainConfig, apply_overrides
+from chatforge.config import TrainConfig, training_config
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import chat_stop_ids
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
 from chatforge.model.gpt import GPT
+from chatforge.options import PrefTrainOptions, RewardOptions, WinrateOptions
 from chatforge.tokenizer import Tokenizer, render_prompt
 from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
 
@@ -397,75 +396,14 @@ def train_reward(
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
-def add_pref_train_arguments(p: argparse.ArgumentParser, what: str) -> None:
-    """Arguments shared by `prefs reward` and `prefs dpo`."""
-    p.add_argument(
-        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
-    )
-    p.add_argument(
-        "--data", required=True, metavar="PREFS",
-        help="comparisons .jsonl (chatforge format or Anthropic hh-rlhf .jsonl[.gz])",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, metavar="RUN", help=f"run folder for the {what}")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="comparisons per step (default 16)")
-    p.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of --data's prompts held out (default 0.1)"
-    )
-    p.add_argument(
-        "--val", default=None, metavar="PREFS", help="held-out comparisons (then all of --data trains)"
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-        help="any other training field, e.g. --set eval_every=10 --set warmup_steps=0 (repeatable)",
-    )  # fmt: skip
-
-
-def pref_train_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = apply_overrides(align_config(), args.overrides)
-    for field, value in (
-        ("max_steps", args.steps),
-        ("lr", args.lr),
-        ("embed_lr", args.lr),
-        ("device_batch_size", args.batch_size),
-        ("seed", args.seed),
-        ("lora_rank", getattr(args, "lora_rank", None)),
-    ):
-        if value is not None:
-            setattr(cfg, field, value)
-    cfg.device = args.device
+def pref_train_config(opts: PrefTrainOptions) -> TrainConfig:
+    """The reward / DPO config: the preset's prefs section, --set, then --steps, --lr, ... ."""
+    cfg = training_config(opts.preset, "prefs", opts.settings, opts.overrides)
     if cfg.max_steps < 1 or cfg.device_batch_size < 1:
         raise ChatforgeError("--steps and --batch-size must be at least 1")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
     return cfg
-
-
-def add_reward_arguments(p: argparse.ArgumentParser) -> None:
-    add_pref_train_arguments(p, "reward model")
-
-
-def add_winrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="the model to judge (e.g. a DPO run)")
-    p.add_argument(
-        "--against", required=True, metavar="RUN", help="the baseline (e.g. the SFT run it started from)"
-    )
-    p.add_argument("--rm", required=True, metavar="RM_RUN", help="the reward model that judges")
-    p.add_argument(
-        "--prompts", required=True, metavar="FILE",
-        help="comparisons .jsonl (their prompts, once each) or conversations / problems .jsonl",
-    )  # fmt: skip
-    p.add_argument("--n", type=int, default=200, help="prompts to use, at most (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, metavar="JSON", help="also write the result here")
 
 
 def judge_prompts(path: Path) -> list[list[dict]]:
@@ -484,7 +422,7 @@ def judge_prompts(path: Path) -> list[list[dict]]:
     return prompts
 
 
-def cmd_winrate(args: argparse.Namespace) -> None:
+def cmd_winrate(args: WinrateOptions) -> None:
     if args.n < 1:
         raise ChatforgeError(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
@@ -516,7 +454,7 @@ def cmd_winrate(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_reward(args: argparse.Namespace) -> None:
+def cmd_reward(args: RewardOptions) -> None:
     summary = train_reward(
         Path(args.model), Path(args.data), Path(args.out), pref_train_config(args),
         val_fraction=args.val_fraction, val_data=args.val, resume=args.resume,

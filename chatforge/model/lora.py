@@ -25,7 +25,6 @@ On disk an adapter is two files beside (or inside) a run folder:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -41,6 +40,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
+from chatforge.options import MergeOptions
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -320,16 +320,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 # ---- `chatforge merge` --------------------------------------------------------------------------
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="a LoRA run folder (or a checkpoint folder in one)")
-    parser.add_argument(
-        "--base", default=None, help="the base run the adapter was trained on (default: the one it records)"
-    )
-    parser.add_argument("--out", required=True, help="run folder to write the merged model to")
-    parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
-
-
-def cmd_merge(args: argparse.Namespace) -> None:
+def cmd_merge(args: MergeOptions) -> None:
     from chatforge import checkpoint as ckpt
     from chatforge.tokenizer import Tokenizer
 

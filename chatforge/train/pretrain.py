@@ -9,16 +9,19 @@ both to the shared loop in train/loop.py.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from chatforge.config import TrainConfig
+from chatforge.config import TrainConfig, get_preset, training_config
 from chatforge.data.shards import TokenLoader, iter_eval_batches, read_index
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import PretrainOptions
+from chatforge.plan import describe_plan
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.common import cleanup_distributed, setup_distributed
 from chatforge.train.loop import run_training
@@ -90,3 +93,17 @@ def pretrain(
         )  # fmt: skip
     finally:
         cleanup_distributed()
+
+
+def cmd_pretrain(opts: PretrainOptions) -> None:
+    cfg = training_config(opts.preset, "pretrain", opts.settings, opts.overrides)
+    if opts.dry_run:
+        print(describe_plan(cfg, vocab_size=opts.vocab_size or get_preset(opts.preset).vocab_size))
+        return
+    if not opts.data or not opts.out:
+        raise ChatforgeError(
+            "pretrain needs --data (a shard folder from `chatforge data`) and --out (a run folder)"
+        )
+    tokenizer = opts.tokenizer or Path(opts.data) / "tokenizer.json"
+    summary = pretrain(opts.data, tokenizer, opts.out, cfg, resume=opts.resume, progress=not opts.no_progress)
+    print(json.dumps(summary, indent=2))

@@ -15,18 +15,20 @@ kept in config.json either way, so imported models (SmolLM2) keep talking their 
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from chatforge import checkpoint as ckpt
-from chatforge.config import TrainConfig
+from chatforge.config import TrainConfig, training_config
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
+from chatforge.options import SFTOptions
 from chatforge.tokenizer import Tokenizer, load_conversations, render_prompt
 from chatforge.train.common import cleanup_distributed, setup_distributed
 from chatforge.train.loop import run_training
@@ -144,3 +146,11 @@ def sft(
         )  # fmt: skip
     finally:
         cleanup_distributed()
+
+
+def cmd_sft(opts: SFTOptions) -> None:
+    cfg = training_config(opts.preset, "sft", opts.settings, opts.overrides)
+    summary = sft(
+        opts.model, opts.data, opts.out, cfg, val=opts.val, resume=opts.resume, progress=not opts.no_progress
+    )
+    print(json.dumps(summary, indent=2))
