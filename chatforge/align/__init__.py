@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from chatforge import checkpoint as ckpt
-from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import has_lora, load_adapter
