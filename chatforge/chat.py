@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from chatforge.checkpoint import load_run
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
@@ -457,16 +458,14 @@ def _tidy_files(folder: Path | None, temporary: bool) -> None:
 
 
 def cmd_chat(args: ChatOptions) -> None:
-    from chatforge.model.quant import load_for_inference
-
     asked = args.max_new_tokens  # None: the default, clamped to the context without a note
     if asked is not None and asked < 1:
         raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")
     if args.max_calls < 0:
         raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
-    model, _meta, model_dir = load_for_inference(Path(args.model), args.quantize, pick_device(args.device))
-    tok = Tokenizer.load(model_dir)
+    run = load_run(args.model, args.quantize or True, pick_device(args.device))
+    model, tok, model_dir = run.model, run.tokenizer, run.folder
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"

@@ -33,7 +33,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "data": Command(o.DataOptions, "chatforge.data.pipeline:cmd_data", "clean, deduplicate and tokenize text sources into token shards"),
     "pretrain": Command(o.PretrainOptions, "chatforge.train.pretrain:cmd_pretrain", "stage 1: next-token prediction on shards -> base model"),
     "sft": Command(o.SFTOptions, "chatforge.train.sft:cmd_sft", "stage 2: supervised finetuning on conversations -> assistant"),
-    "merge": Command(o.MergeOptions, "chatforge.model.lora:cmd_merge", "merge LoRA adapters into their base model -> a plain run folder"),
+    "merge": Command(o.MergeOptions, "chatforge.checkpoint:cmd_merge", "merge LoRA adapters into their base model -> a plain run folder"),
     "report": Command(o.ReportOptions, "chatforge.report:cmd_report", "(re)build RUN/report.md with plots from what the stages wrote"),
     "speedrun": Command(o.SpeedrunOptions, "chatforge.speedrun:cmd_speedrun", "the whole pipeline on the synthetic world, resumable stage by stage"),
     "import": Command(o.ImportOptions, "chatforge.model.io:cmd_import", "import published weights (a GGUF file, an HF Llama folder, or `smollm2`) into a run folder"),

@@ -36,6 +36,7 @@ import torch
 
 from chatforge.align import encode_answer, sequence_logps
 from chatforge.align.prefs import append_pref, load_prefs, prompt_key, repair_tail
+from chatforge.checkpoint import load_run
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import chat_stop_ids
@@ -366,15 +367,14 @@ def make_sampler(
 
 
 def cmd_label(args: LabelOptions) -> None:
-    from chatforge.checkpoint import load_model
     from chatforge.train.common import pick_device
 
     if args.temperature <= 0:
         raise ChatforgeError("--temperature must be > 0: greedy decoding would give the same answer twice")
     device = pick_device(args.device)
     prompts = load_prompts(args.prompts)
-    model, _, model_dir = load_model(args.model, device)
-    tok = Tokenizer.load(model_dir)
+    run = load_run(args.model, device=device)
+    model, tok = run.model, run.tokenizer
     sample = make_sampler(
         model,
         tok,
@@ -393,8 +393,8 @@ def cmd_label(args: LabelOptions) -> None:
                 raise ChatforgeError(
                     f"cannot read --instructions {args.instructions} ({e.strerror or e})"
                 ) from None
-        jmodel, _, jdir = load_model(args.judge, device)
-        judge = Judge(jmodel, Tokenizer.load(jdir), instructions, name=str(args.judge))
+        judged_by = load_run(args.judge, device=device)
+        judge = Judge(judged_by.model, judged_by.tokenizer, instructions, name=str(args.judge))
     elif args.instructions:
         raise ChatforgeError("--instructions are for the judge: add --judge MODEL")
     summary = label_loop(

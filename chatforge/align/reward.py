@@ -427,13 +427,13 @@ def cmd_winrate(args: WinrateOptions) -> None:
         raise ChatforgeError(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
     rm, tok = load_reward_model(args.rm, device)
-    model, _, model_dir = ckpt.load_model(Path(args.model), device)
-    baseline, _, base_dir = ckpt.load_model(Path(args.against), device)
-    for run, name in ((model_dir, "--model"), (base_dir, "--against")):
-        if Tokenizer.load(run).to_json() != tok.to_json():
+    judged, against = ckpt.load_run(args.model, device=device), ckpt.load_run(args.against, device=device)
+    for run, name in ((judged, "--model"), (against, "--against")):
+        if run.tokenizer.to_json() != tok.to_json():
             raise ChatforgeError(
-                f"{name} {run} has another tokenizer than the reward model; judge runs of one family"
+                f"{name} {run.folder} has another tokenizer than the reward model; judge runs of one family"
             )
+    model, model_dir, baseline, base_dir = judged.model, judged.folder, against.model, against.folder
     prompts = judge_prompts(Path(args.prompts))[: args.n]
     fits = [m for m in prompts if len(render_prompt(tok, m)) + args.max_new_tokens <= model.cfg.seq_len]
     if not fits:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from chatforge.checkpoint import load_model
+from chatforge.checkpoint import load_run
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
     EvalContext,
@@ -23,7 +23,6 @@ from chatforge.eval.base import (
     write_results,
 )
 from chatforge.options import EvalOptions
-from chatforge.tokenizer import Tokenizer
 
 
 def default_tasks(inputs: EvalInputs) -> list[str]:
@@ -86,9 +85,9 @@ def evaluate(
             "--tools-file FILE"
         )
     tasks = build_tasks(names, inputs)  # reads and checks every input before the model loads
-    model, meta, resolved = load_model(Path(model_dir), device=device)
-    tok = Tokenizer.load(resolved)
-    ctx = EvalContext(model, tok, device, max_examples, batch_size, seed, log)
+    run = load_run(model_dir, inference=True, device=device)  # the layout chat and the server decode with
+    model, meta, resolved = run.model, run.meta, run.folder
+    ctx = EvalContext(model, run.tokenizer, device, max_examples, batch_size, seed, log)
     results = run_tasks(ctx, tasks)
     if out_dir is not None:
         info = {"model": str(resolved), "stage": meta.get("stage"), "step": meta.get("step")}

@@ -56,6 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.chat import stop_ids as chat_stop_ids
+from chatforge.checkpoint import load_run
 from chatforge.engine import IncrementalDecoder
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
@@ -931,7 +932,6 @@ class Guard:
 # ---- CLI -----------------------------------------------------------------------------------
 def build_server_app(args: ServeOptions):
     """Load the run and build the app `cmd_serve` runs (separate so tests can call it)."""
-    from chatforge.model.quant import load_for_inference
     from chatforge.train.common import pick_device
 
     if args.max_batch < 1:
@@ -939,8 +939,8 @@ def build_server_app(args: ServeOptions):
     if not 1 <= args.port <= 65535:
         raise ChatforgeError(f"--port must be in 1..65535, got {args.port}")
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
-    model, _meta, model_dir = load_for_inference(Path(args.model), None, pick_device(args.device))
-    tok = Tokenizer.load(model_dir)  # the run's chat format (add_bos_token) comes with it
+    loaded = load_run(args.model, inference=True, device=pick_device(args.device))
+    model, tok = loaded.model, loaded.tokenizer  # the run's chat format (add_bos_token) comes with it
     run = Path(args.model).resolve()
     store = FeedbackStore(Path(args.db) if args.db else run / "feedback.sqlite")
     name = args.name or run.name
