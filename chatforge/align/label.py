@@ -44,6 +44,7 @@ from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
 from chatforge.options import LabelOptions, add_options, options_from_args
 from chatforge.tokenizer import Tokenizer, render_prompt, validate_conversation
+from chatforge.train.common import pick_device
 
 DEFAULT_INSTRUCTIONS = (
     "You are a careful judge of assistant replies. The better reply answers the user's question "
@@ -367,8 +368,6 @@ def make_sampler(
 
 
 def cmd_label(args: LabelOptions) -> None:
-    from chatforge.train.common import pick_device
-
     if args.temperature <= 0:
         raise ChatforgeError("--temperature must be > 0: greedy decoding would give the same answer twice")
     device = pick_device(args.device)

@@ -38,12 +38,13 @@ from chatforge.conversations import (
     fact_conversation,
     person_attributes,
     refusal_conversation,
+    split_people,
 )
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text, read_jsonl
 from chatforge.options import WorldPrefsOptions
 from chatforge.tokenizer import Tokenizer, validate_conversation
-from chatforge.world import Person, World, fact_questions
+from chatforge.world import Person, World, fact_questions, load_world
 
 VERDICTS = ("prefer", "tie", "both_bad")
 
@@ -436,9 +437,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def cmd_world_prefs(args: WorldPrefsOptions) -> None:
-    from chatforge.conversations import split_people
-    from chatforge.world import load_world
-
     world = load_world(args.world)
     sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
     people = {"sft": sft_people, "eval": eval_people, "visible": list(world.visible)}[args.people]

@@ -23,6 +23,7 @@ from chatforge.eval.base import (
     write_results,
 )
 from chatforge.options import EvalOptions
+from chatforge.train.common import pick_device
 
 
 def default_tasks(inputs: EvalInputs) -> list[str]:
@@ -105,8 +106,6 @@ def _parse_ids(text: str | None) -> list[int] | None:
 
 
 def cmd_eval(args: EvalOptions) -> None:
-    from chatforge.train.common import pick_device
-
     device = str(pick_device(args.device))
     results = evaluate(
         args.model,
