@@ -48,9 +48,6 @@ def opt(
     return field(default=default, metadata=meta)
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
 def _scalar_type(cls: type, name: str) -> type:
     """int / float / str / bool from a field's annotation (`int | None` and `list[int]` included)."""
     hint = typing.get_type_hints(cls)[name]
@@ -97,6 +94,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         elif m["const"] is not None:
             kw.update(nargs="?", const=m["const"])
         parser.add_argument(*names, **kw)
+    _add_config_flags(parser, cls)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per entry of `cls.config_flags`, typed and described by the config field it sets."""
     flags = getattr(cls, "config_flags", {})
     section_cls = type(SECTION_DEFAULTS[cls.section]()) if flags else None
     for flag, targets in flags.items():
@@ -105,7 +107,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         fld = section_cls.__dataclass_fields__[target]
         what = fld.metadata.get("help", target.replace("_", " "))
         also = f" and {', '.join(targets[1:])}" if targets[1:] else ""
-        help = f"{what} (--set {target}=V{also}; default: the preset's)"
+        help = f"{what}; the same as --set {target}=V{also} (default: from --preset)"
         if kind is bool:
             parser.add_argument(flag, dest="set:" + flag, action="store_const", const=True, help=help)
         else:
