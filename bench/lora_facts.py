@@ -186,8 +186,8 @@ def main() -> None:
         f"{args.facts} facts: {len(train)} training conversations, {len(held)} held-out questions", flush=True
     )
 
-    model, _, _ = ckpt.load_model(base, args.device)
-    tok = Tokenizer.load(base)
+    base_run = ckpt.load_run(base, device=args.device)
+    model, tok = base_run.model, base_run.tokenizer
     first = render_prompt(tok, [{"role": "user", "content": held[0]["question"]}])
     starts_with_bos = first[0] == tok.bos_id
     print(f"rendered prompt starts with {tok.id_to_token(first[0])!r} (id {first[0]})", flush=True)

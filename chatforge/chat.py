@@ -18,7 +18,6 @@ The pieces, from the inside out:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -27,12 +26,13 @@ from pathlib import Path
 from typing import TextIO
 
 from chatforge.chat_format import ToolCallScanner, parse_assistant, render_prompt, turn_end_ids
+from chatforge.checkpoint import load_run
 from chatforge.device import pick_device
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
-from chatforge.model.quant import load_for_inference
+from chatforge.options import ChatOptions
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
 from chatforge.tools.registry import ToolRegistry
@@ -395,51 +395,6 @@ def save_conversation(path: Path, messages: list[dict], tools: list[dict] | None
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def add_chat_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="run folder (or checkpoint folder) to load")
-    p.add_argument(
-        "-p", "--prompt", metavar="TEXT", help="answer this one prompt on stdout and exit (greedy by default)"
-    )
-    p.add_argument("--system", metavar="TEXT", help="system prompt")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help=f"sampling temperature, 0 = greedy (default: 0 with -p, {INTERACTIVE_TEMPERATURE} interactive)",
-    )
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument(
-        "--tools",
-        nargs="?",
-        const="all",
-        choices=["all", "calculator"],
-        default=None,
-        help="let the model call tools: calculator, python and chart (all, the default), or only the "
-        "calculator as the world models are trained to see it (calculator: fits a 128-token context)",
-    )
-    p.add_argument(
-        "--files",
-        metavar="DIR",
-        default=None,
-        help="with --tools: the folder python code sees and where files and charts are saved "
-        "(default: a new temporary folder, removed at the end if nothing was saved)",
-    )
-    p.add_argument("--max-calls", type=int, default=4, help="tool calls allowed per answer (default 4)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument(
-        "--quantize", choices=("bf16", "int8"), default=None,
-        help="run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
-    )  # fmt: skip
-
-
 def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | None, Path | None, bool]:
     """The registry for `--tools CHOICE [--files DIR]`: (registry, files folder, whether the folder is
     a temporary one made here); (None, None, False) without --tools."""
@@ -468,15 +423,15 @@ def _tidy_files(folder: Path | None, temporary: bool) -> None:
         print(f"chatforge: the tools' files are in {folder}", file=sys.stderr)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
+def cmd_chat(args: ChatOptions) -> None:
     asked = args.max_new_tokens  # None: the default, clamped to the context without a note
     if asked is not None and asked < 1:
         raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")
     if args.max_calls < 0:
         raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
-    model, _meta, model_dir = load_for_inference(Path(args.model), args.quantize, pick_device(args.device))
-    tok = Tokenizer.load(model_dir)
+    run = load_run(args.model, args.quantize or True, pick_device(args.device))
+    model, tok, model_dir = run.model, run.tokenizer, run.folder
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"

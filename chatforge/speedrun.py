@@ -44,6 +44,8 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.suite import evaluate_world
 from chatforge.eval.tools import load_tool_problems
 from chatforge.fileio import atomic_write_json
+from chatforge.options import SpeedrunOptions
+from chatforge.plan import describe_plan
 from chatforge.report import build_report
 from chatforge.tokenizer import bytes_per_token
 from chatforge.train.pretrain import pretrain
@@ -211,3 +213,11 @@ def speedrun(
         if name == until:
             break
     return status
+
+
+def cmd_speedrun(opts: SpeedrunOptions) -> None:
+    if opts.dry_run:
+        preset = apply_overrides(get_preset(opts.preset), opts.overrides)
+        print(describe_plan(preset.pretrain, vocab_size=preset.vocab_size))
+        return
+    speedrun(opts.preset, opts.out, opts.overrides, progress=not opts.no_progress, until=opts.until)

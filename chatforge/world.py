@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
+from chatforge.options import WorldOptions
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary. Names are built from syllables so they belong to nobody real; the attribute
@@ -914,3 +915,10 @@ def load_world(path: str | os.PathLike) -> World:
     ):
         raise ChatforgeError(f"{ppath} has duplicate ids or dangling parent links; rewrite the world folder")
     return world
+
+
+def cmd_world(opts: WorldOptions) -> None:
+    world = build_world(opts.seed, opts.people, opts.heldout)
+    manifest = write_world(world, opts.out, paraphrases=opts.paraphrases, seed=opts.seed)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+    print(f"world written to {opts.out}")

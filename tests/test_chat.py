@@ -1,4 +1,3 @@
-import argparse
 import io
 import json
 from pathlib import Path
@@ -10,7 +9,6 @@ from test_tools_runner import ScriptedGPT, calc_policy  # the scripted tool-call
 from chatforge.chat import (
     ChatSession,
     _tidy_files,
-    add_chat_arguments,
     chat_tools,
     chat_turn,
     cmd_chat,
@@ -27,6 +25,8 @@ from chatforge.checkpoint import save_model
 from chatforge.engine import IncrementalDecoder, generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import ChatOptions
+from chatforge.options import parse as parse_options
 from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer
 from chatforge.tools.builtin import calculator_registry
 
@@ -83,10 +83,8 @@ def run_dir(tmp_path_factory, tok, model):
     return d
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_chat_arguments(p)
-    return p.parse_args(list(argv))
+def parse(*argv: str) -> ChatOptions:
+    return parse_options(ChatOptions, list(argv))
 
 
 def test_prompt_flag_prints_only_the_answer(run_dir, tok, model, capsys):

@@ -6,7 +6,6 @@ reply for each prompt, through the real engine, runner, parser, registry and cal
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -19,7 +18,7 @@ from chatforge.config import get_preset
 from chatforge.conversations import ToolProblem, build_sft_data, write_sft_data
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import EvalContext
-from chatforge.eval.run import add_eval_arguments, cmd_eval, evaluate
+from chatforge.eval.run import cmd_eval, evaluate
 from chatforge.eval.tools import (
     KINDS,
     ToolUse,
@@ -28,6 +27,7 @@ from chatforge.eval.tools import (
     tool_tasks,
 )
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import EvalOptions, parse
 from chatforge.speedrun import speedrun
 from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 from chatforge.tools.builtin import calculator_registry
@@ -231,8 +231,6 @@ def test_chatforge_eval_tools_file(tmp_path, tok, capsys):
     assert results[0].n == results[1].n == 6 and results[0].extra["fact_n"] == 2  # facts found beside it
     assert "false_call_rate" not in results[1].extra
 
-    p = argparse.ArgumentParser()
-    add_eval_arguments(p)
     out = tmp_path / "eval"
     argv = [
         "--model",
@@ -242,7 +240,7 @@ def test_chatforge_eval_tools_file(tmp_path, tok, capsys):
         "--tools-file",
         str(data / "eval_tools.jsonl"),
     ]
-    cmd_eval(p.parse_args([*argv, "--max-new-tokens", "4", "--out", str(out)]))
+    cmd_eval(parse(EvalOptions, [*argv, "--max-new-tokens", "4", "--out", str(out)]))
     printed = capsys.readouterr().out
     assert "| tools_on | false_call_rate |" in printed and "| tools_off / word_seen | accuracy |" in printed
     saved = json.loads((out / "eval.json").read_text())

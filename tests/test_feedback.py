@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from chatforge.chat_format import load_conversations
+from chatforge.cli import parse_command, run_command
 from chatforge.errors import ChatforgeError
-from chatforge.serve.feedback import FeedbackStore, add_feedback_arguments, cmd_feedback
+from chatforge.serve.feedback import FeedbackStore
 from chatforge.tokenizer import Tokenizer
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
@@ -43,9 +44,7 @@ def store(tmp_path) -> FeedbackStore:
 
 
 def run_cli(*argv: str) -> None:
-    p = argparse.ArgumentParser()
-    add_feedback_arguments(p)
-    cmd_feedback(p.parse_args(list(argv)))
+    run_command(*parse_command(["feedback", *argv]))
 
 
 def test_wal_and_full_sync(store):
@@ -220,7 +219,7 @@ def test_rating_survives_sigkill(run_dir, tmp_path, cli_env):
     cmd = [
         sys.executable,
         "-m",
-        "chatforge.serve.app",
+        "chatforge.serve.command",
         "--model",
         str(run_dir),
         "--port",

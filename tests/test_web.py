@@ -5,7 +5,6 @@ a remote image."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
@@ -29,10 +28,11 @@ from test_serve import serve  # noqa: E402  (uvicorn on a loopback port, in a th
 
 from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.chat_format import turn_end_ids as stop_ids  # noqa: E402
+from chatforge.cli import parse_command, run_command  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
-from chatforge.serve.feedback import FeedbackStore, add_feedback_arguments, cmd_feedback  # noqa: E402
+from chatforge.serve.feedback import FeedbackStore  # noqa: E402
 from chatforge.serve.scheduler import Job  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
 
@@ -82,9 +82,7 @@ def setup(tmp_path_factory):
 
 
 def export(db, fmt: str, out) -> list[dict]:
-    p = argparse.ArgumentParser()
-    add_feedback_arguments(p)
-    cmd_feedback(p.parse_args(["export", "--db", str(db), "--as", fmt, "--out", str(out)]))
+    run_command(*parse_command(["feedback", "export", "--db", db, "--as", fmt, "--out", out]))
     return [json.loads(line) for line in open(out, encoding="utf-8")]
 
 

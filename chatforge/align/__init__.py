@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from chatforge.chat_format import render_conversation, render_prompt
-from chatforge.config import TrainConfig
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.tokenizer import Tokenizer
@@ -98,11 +97,3 @@ def final_hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
 # ---- the preference trainers' defaults ---------------------------------------------------------
 
 
-def align_config(**kw) -> TrainConfig:
-    """Defaults for the preference trainers (reward model, DPO): small learning rates, short runs.
-    seq_len 0 means the model's own context."""
-    base = dict(
-        lr=1e-4, embed_lr=1e-4, weight_decay=0.0, warmup_steps=10, final_lr_frac=0.0, max_steps=200,
-        device_batch_size=16, seq_len=0, eval_every=25, ckpt_every=100, log_every=5,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})

@@ -25,7 +25,6 @@ the reward margin are logged and plotted (dpo.png); the run folder chats like an
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -43,10 +42,11 @@ from chatforge.align.prefs import (
     load_prefs,
     train_val_pairs,
 )
-from chatforge.align.reward import add_pref_train_arguments, pref_train_config
+from chatforge.align.reward import pref_train_config
 from chatforge.config import TrainConfig
 from chatforge.device import autocast, pick_device, single_process
 from chatforge.errors import ChatforgeError
+from chatforge.options import DPOOptions
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Stage, run_training
 from chatforge.train.sft import chat_samples, lora_setup
@@ -208,22 +208,7 @@ def dpo(
     return run_training(stage, cfg, out_dir, tok, single_process(device), resume=resume, progress=progress)
 
 
-def add_dpo_arguments(p: argparse.ArgumentParser) -> None:
-    add_pref_train_arguments(p, "DPO model")
-    p.add_argument(
-        "--beta", type=float, default=0.1, help="strength of the pull towards the reference (default 0.1)"
-    )
-    p.add_argument(
-        "--rpo-alpha", type=float, default=0.0,
-        help="add this x the chosen answers' per-token NLL (RPO), so their likelihood does not sink (default 0)",
-    )  # fmt: skip
-    p.add_argument(
-        "--lora-rank", type=int, default=None,
-        help="train LoRA adapters of this rank instead of every weight (--set lora_alpha=... lora_targets=...)",
-    )  # fmt: skip
-
-
-def cmd_dpo(args: argparse.Namespace) -> None:
+def cmd_dpo(args: DPOOptions) -> None:
     summary = dpo(
         Path(args.model), Path(args.data), Path(args.out), pref_train_config(args),
         beta=args.beta, rpo_alpha=args.rpo_alpha, val_fraction=args.val_fraction, val_data=args.val, resume=args.resume,

@@ -44,6 +44,7 @@ from chatforge.conversations import (
 )
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text, read_jsonl
+from chatforge.options import WorldPrefsOptions
 from chatforge.tokenizer import Tokenizer
 from chatforge.world import Person, World, fact_questions, load_world
 
@@ -435,18 +436,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ---- `chatforge prefs world` ---------------------------------------------------------------------
 
 
-def add_world_prefs_arguments(p) -> None:
-    p.add_argument("--world", required=True, help="world folder (from `chatforge world` or a speedrun)")
-    p.add_argument("--out", required=True, help="comparisons .jsonl to write")
-    p.add_argument("--per-person", type=int, default=2, help="fact comparisons per person (default 2)")
-    p.add_argument(
-        "--people", choices=("sft", "eval", "visible"), default="sft",
-        help="whose facts: the SFT split (default), the evaluation split, or everyone visible",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-
-
-def cmd_world_prefs(args) -> None:
+def cmd_world_prefs(args: WorldPrefsOptions) -> None:
     world = load_world(args.world)
     sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
     people = {"sft": sft_people, "eval": eval_people, "visible": list(world.visible)}[args.people]

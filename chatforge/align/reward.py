@@ -20,7 +20,6 @@ tokenizer.json) plus reward_head.safetensors; `load_reward_model` reads it back.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict
@@ -34,7 +33,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from chatforge import checkpoint as ckpt
-from chatforge.align import align_config, encode_answer, final_hidden, logps_of_targets, pad_right
+from chatforge.align import encode_answer, final_hidden, logps_of_targets, pad_right
 from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
@@ -45,12 +44,13 @@ from chatforge.align.prefs import (
 )
 from chatforge.align.problems import load_problems
 from chatforge.chat_format import render_prompt, turn_end_ids
-from chatforge.config import TrainConfig, apply_overrides
+from chatforge.config import TrainConfig, training_config
 from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes, atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
+from chatforge.options import PrefTrainOptions, RewardOptions, WinrateOptions
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Stage, run_training
 
@@ -353,75 +353,14 @@ def train_reward(
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
-def add_pref_train_arguments(p: argparse.ArgumentParser, what: str) -> None:
-    """Arguments shared by `prefs reward` and `prefs dpo`."""
-    p.add_argument(
-        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
-    )
-    p.add_argument(
-        "--data", required=True, metavar="PREFS",
-        help="comparisons .jsonl (chatforge format or Anthropic hh-rlhf .jsonl[.gz])",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, metavar="RUN", help=f"run folder for the {what}")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="comparisons per step (default 16)")
-    p.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of --data's prompts held out (default 0.1)"
-    )
-    p.add_argument(
-        "--val", default=None, metavar="PREFS", help="held-out comparisons (then all of --data trains)"
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-        help="any other training field, e.g. --set eval_every=10 --set warmup_steps=0 (repeatable)",
-    )  # fmt: skip
-
-
-def pref_train_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = apply_overrides(align_config(), args.overrides)
-    for field, value in (
-        ("max_steps", args.steps),
-        ("lr", args.lr),
-        ("embed_lr", args.lr),
-        ("device_batch_size", args.batch_size),
-        ("seed", args.seed),
-        ("lora_rank", getattr(args, "lora_rank", None)),
-    ):
-        if value is not None:
-            setattr(cfg, field, value)
-    cfg.device = args.device
+def pref_train_config(opts: PrefTrainOptions) -> TrainConfig:
+    """The reward / DPO config: the preset's prefs section, --set, then --steps, --lr, ... ."""
+    cfg = training_config(opts.preset, "prefs", opts.settings, opts.overrides)
     if cfg.max_steps < 1 or cfg.device_batch_size < 1:
         raise ChatforgeError("--steps and --batch-size must be at least 1")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
     return cfg
-
-
-def add_reward_arguments(p: argparse.ArgumentParser) -> None:
-    add_pref_train_arguments(p, "reward model")
-
-
-def add_winrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="the model to judge (e.g. a DPO run)")
-    p.add_argument(
-        "--against", required=True, metavar="RUN", help="the baseline (e.g. the SFT run it started from)"
-    )
-    p.add_argument("--rm", required=True, metavar="RM_RUN", help="the reward model that judges")
-    p.add_argument(
-        "--prompts", required=True, metavar="FILE",
-        help="comparisons .jsonl (their prompts, once each) or conversations / problems .jsonl",
-    )  # fmt: skip
-    p.add_argument("--n", type=int, default=200, help="prompts to use, at most (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, metavar="JSON", help="also write the result here")
 
 
 def judge_prompts(path: Path) -> list[list[dict]]:
@@ -437,18 +376,18 @@ def judge_prompts(path: Path) -> list[list[dict]]:
     return prompts
 
 
-def cmd_winrate(args: argparse.Namespace) -> None:
+def cmd_winrate(args: WinrateOptions) -> None:
     if args.n < 1:
         raise ChatforgeError(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
     rm, tok = load_reward_model(args.rm, device)
-    model, _, model_dir = ckpt.load_model(Path(args.model), device)
-    baseline, _, base_dir = ckpt.load_model(Path(args.against), device)
-    for run, name in ((model_dir, "--model"), (base_dir, "--against")):
-        if Tokenizer.load(run).to_json() != tok.to_json():
+    judged, against = ckpt.load_run(args.model, device=device), ckpt.load_run(args.against, device=device)
+    for run, name in ((judged, "--model"), (against, "--against")):
+        if run.tokenizer.to_json() != tok.to_json():
             raise ChatforgeError(
-                f"{name} {run} has another tokenizer than the reward model; judge runs of one family"
+                f"{name} {run.folder} has another tokenizer than the reward model; judge runs of one family"
             )
+    model, model_dir, baseline, base_dir = judged.model, judged.folder, against.model, against.folder
     prompts = judge_prompts(Path(args.prompts))[: args.n]
     fits = [m for m in prompts if len(render_prompt(tok, m)) + args.max_new_tokens <= model.cfg.seq_len]
     if not fits:
@@ -469,7 +408,7 @@ def cmd_winrate(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_reward(args: argparse.Namespace) -> None:
+def cmd_reward(args: RewardOptions) -> None:
     summary = train_reward(
         Path(args.model), Path(args.data), Path(args.out), pref_train_config(args),
         val_fraction=args.val_fraction, val_data=args.val, resume=args.resume,

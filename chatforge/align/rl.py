@@ -37,7 +37,6 @@ what it wrote (text, calls) and never on a tool's result.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -54,12 +53,13 @@ from chatforge.align.prefs import batch_indices
 from chatforge.align.problems import load_problems, tool_problems, world_problems
 from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
 from chatforge.chat_format import render_conversation, render_prompt, turn_end_ids
-from chatforge.config import RLConfig
+from chatforge.config import RLConfig, training_config
 from chatforge.conversations import split_people
 from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
+from chatforge.options import RLOptions
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry
 from chatforge.tools.registry import ToolRegistry
@@ -417,62 +417,8 @@ class GRPOStep:
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 
-def add_rl_arguments(p: argparse.ArgumentParser) -> None:
-    d = RLConfig()
-    p.add_argument(
-        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
-    )
-    p.add_argument(
-        "--problems", required=True, metavar="FILE|world",
-        help="problems .jsonl ({messages|question, answer, ...}), 'world' (fact questions and sums) or "
-        "'tools' (calculator problems, answered with the calculator); both need --world",
-    )  # fmt: skip
-    p.add_argument("--world", default=None, help="world folder, for --problems world|tools")
-    p.add_argument(
-        "--tool-problems",
-        type=int,
-        default=d.tool_problems,
-        help="training problems made for --problems tools",
-    )
-    p.add_argument(
-        "--tools", action="store_true",
-        help="answer with the calculator (tools/runner.py); on with --problems tools",
-    )  # fmt: skip
-    p.add_argument("--max-calls", type=int, default=d.max_calls, help="tool calls per answer, with tools")
-    p.add_argument(
-        "--val-problems", default=None, metavar="FILE",
-        help="held-out problems (default: the world's evaluation people, or 10%% of --problems)",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder for the RL model")
-    p.add_argument(
-        "--reward", default="exact", help="exact (default), number, calculator, or rm:RUN (a reward model)"
-    )
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
-    p.add_argument("--group-size", type=int, default=d.group_size, help="answers sampled per problem")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--clip-eps", type=float, default=d.clip_eps)
-    p.add_argument(
-        "--kl-beta", type=float, default=d.kl_beta, help="weight of the KL to the starting model (0 = off)"
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="optimisation passes over each rollout")
-    p.add_argument(
-        "--minibatch-size", type=int, default=d.minibatch_size, help="rows per optimizer step (0 = all)"
-    )
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-problems", type=int, default=d.eval_problems)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
-    """(train problems, held-out problems, what to record in config.json) from the CLI arguments."""
+def resolve_problems(args: RLOptions, cfg: RLConfig) -> tuple[list[dict], list[dict], dict]:
+    """(train problems, held-out problems, what to record in config.json) from the CLI options."""
     if args.problems in ("world", "tools"):
         if not args.world:
             raise ChatforgeError(
@@ -481,11 +427,11 @@ def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], 
         world = load_world(args.world)
         sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
         if args.problems == "world":
-            train = world_problems(world, sft_people, args.seed)
-            val = world_problems(world, eval_people or sft_people, args.seed + 1)
+            train = world_problems(world, sft_people, cfg.seed)
+            val = world_problems(world, eval_people or sft_people, cfg.seed + 1)
         else:  # word problems about the SFT people to train on, about the evaluation people held out
-            train = tool_problems(world, sft_people, args.tool_problems, args.seed)
-            val = tool_problems(world, eval_people or sft_people, args.eval_problems, args.seed + 1)
+            train = tool_problems(world, sft_people, cfg.tool_problems, cfg.seed)
+            val = tool_problems(world, eval_people or sft_people, cfg.eval_problems, cfg.seed + 1)
         source = {"problems": args.problems, "world": str(args.world)}
     else:
         train, val = load_problems(args.problems), []
@@ -497,19 +443,19 @@ def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], 
         if len(train) < 2:
             raise ChatforgeError("need at least 2 problems (or --val-problems) to hold some out")
         order = list(range(len(train)))
-        random.Random(f"chatforge-rl-split:{args.seed}").shuffle(order)
+        random.Random(f"chatforge-rl-split:{cfg.seed}").shuffle(order)
         n_val = max(1, len(train) // 10)
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
     return train, val, source
 
 
-def cmd_rl(args: argparse.Namespace) -> None:
-    fields = {f: getattr(args, f) for f in RLConfig.__dataclass_fields__ if hasattr(args, f)}
-    cfg = RLConfig(**{**fields, "tools": args.tools or args.problems == "tools"})
+def cmd_rl(args: RLOptions) -> None:
+    cfg = training_config(args.preset, "rl", args.settings, args.overrides)
+    cfg.tools = cfg.tools or args.problems == "tools"
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
-    train, val, source = resolve_problems(args)
+    train, val, source = resolve_problems(args, cfg)
     summary = grpo(
         Path(args.model), train, val, Path(args.out), cfg, args.reward,
         resume=args.resume, progress=not args.no_progress, meta_extra=source,

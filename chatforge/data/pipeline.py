@@ -15,7 +15,8 @@ from chatforge.data.shards import write_shards
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
-from chatforge.tokenizer import Tokenizer
+from chatforge.options import DataOptions, TokenizerEvalOptions, TokenizerTrainOptions
+from chatforge.tokenizer import Tokenizer, compare_tokenizers, format_table, load_reference
 
 
 def train_tokenizer(
@@ -81,3 +82,39 @@ def build_shards(
             "conversations": {"files": [str(c) for c in conversations], "count": len(rendered)},
         },
     )  # fmt: skip
+
+
+# ---- `chatforge tokenizer train|eval` and `chatforge data` ------------------------------------
+
+
+def cmd_tokenizer_train(opts: TokenizerTrainOptions) -> None:
+    texts = (normalize_whitespace(t) for t in iter_many(opts.source, field=opts.field, limit=opts.max_docs))
+    tok = Tokenizer.train(texts, opts.vocab_size, show_progress=True)
+    tok.save(opts.out)
+    print(f"tokenizer with {tok.vocab_size} tokens saved to {opts.out}")
+
+
+def cmd_tokenizer_eval(opts: TokenizerEvalOptions) -> None:
+    texts = list(iter_many(opts.source, field=opts.field, limit=opts.max_docs))
+    if not texts:
+        raise ChatforgeError("no text to evaluate on: the --source is empty")
+    named = {"chatforge": Tokenizer.load(opts.tokenizer)}
+    for ref in opts.ref:
+        named[Path(ref).name] = load_reference(ref)
+    print(format_table(compare_tokenizers(named, texts)))
+
+
+def cmd_data(opts: DataOptions) -> None:
+    index = build_shards(
+        opts.source,
+        opts.tokenizer,
+        opts.out,
+        field=opts.field,
+        near_dup_threshold=None if opts.no_near_dedup else opts.near_dup_threshold,
+        val_fraction=opts.val_fraction,
+        max_docs=opts.max_docs,
+        conversations=opts.conversations,
+    )
+    print(
+        f"shards written to {opts.out}: {index['splits']['train']['tokens']:,} train / {index['splits']['val']['tokens']:,} val tokens"
+    )

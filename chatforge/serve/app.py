@@ -36,14 +36,11 @@ load a remote image (a known way to leak a conversation through its URL).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
-import os
 import re
 import secrets
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -60,9 +57,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatforge.chat_format import parse_assistant, render_prompt
 from chatforge.chat_format import turn_end_ids as chat_stop_ids
+from chatforge.checkpoint import load_run
 from chatforge.engine import IncrementalDecoder
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
+from chatforge.options import ServeOptions
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.scheduler import Job, QueueFull, Scheduler
 from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
@@ -932,43 +931,17 @@ class Guard:
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="run folder (or checkpoint folder) to serve")
-    p.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
-    )
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("CHATFORGE_API_KEY"),
-        help="require `Authorization: Bearer KEY` on /v1/* (default: $CHATFORGE_API_KEY; none = open)",
-    )
-    p.add_argument(
-        "--max-batch", type=int, default=16, help="sequences generated together (1 = one at a time)"
-    )
-    p.add_argument(
-        "--max-queue", type=int, default=64, help="requests allowed to wait; more get 429 (default 64)"
-    )
-    p.add_argument("--db", metavar="FILE", help="feedback SQLite file (default RUN/feedback.sqlite)")
-    p.add_argument("--name", metavar="ID", help="model id in the API (default: the run folder's name)")
-    p.add_argument(
-        "--max-request-kb", type=int, default=1024, help="largest request body in KiB (default 1024)"
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-
-
-def build_server_app(args: argparse.Namespace):
+def build_server_app(args: ServeOptions):
     """Load the run and build the app `cmd_serve` runs (separate so tests can call it)."""
     from chatforge.device import pick_device
-    from chatforge.model.quant import load_for_inference
 
     if args.max_batch < 1:
         raise ChatforgeError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 1 <= args.port <= 65535:
         raise ChatforgeError(f"--port must be in 1..65535, got {args.port}")
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
-    model, _meta, model_dir = load_for_inference(Path(args.model), None, pick_device(args.device))
-    tok = Tokenizer.load(model_dir)  # the run's chat format (add_bos_token) comes with it
+    loaded = load_run(args.model, inference=True, device=pick_device(args.device))
+    model, tok = loaded.model, loaded.tokenizer  # the run's chat format (add_bos_token) comes with it
     run = Path(args.model).resolve()
     store = FeedbackStore(Path(args.db) if args.db else run / "feedback.sqlite")
     name = args.name or run.name
@@ -984,31 +957,3 @@ def build_server_app(args: argparse.Namespace):
     )
     return app, name, store.path
 
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    app, name, db = build_server_app(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(
-            f"chatforge: warning: listening on {args.host} with no --api-key: "
-            "anyone who can reach it can use it",
-            file=sys.stderr,
-        )
-    print(
-        f"serving {name} (batch {args.max_batch}) at http://{args.host}:{args.port}/ "
-        "(chat page; OpenAI API under /v1), "
-        f"feedback in {db}",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-
-
-if __name__ == "__main__":  # python -m chatforge.serve.app --model RUN (the same as `chatforge serve`)
-    parser = argparse.ArgumentParser(prog="chatforge serve")
-    add_serve_arguments(parser)
-    try:
-        cmd_serve(parser.parse_args())
-    except ChatforgeError as e:
-        print(f"chatforge: error: {e}", file=sys.stderr)
-        sys.exit(2)

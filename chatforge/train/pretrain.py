@@ -10,6 +10,7 @@ the training loop (train/loop.py) a language-model step: next-token loss on a lo
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -17,13 +18,15 @@ from typing import Protocol
 
 import torch
 
-from chatforge.config import TrainConfig
+from chatforge.config import TrainConfig, get_preset, training_config
 from chatforge.data.shards import TokenLoader, iter_eval_batches, read_index
 from chatforge.device import Dist, autocast, cleanup_distributed, setup_distributed
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
 from chatforge.eval.bpb import bits_per_byte
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import PretrainOptions
+from chatforge.plan import describe_plan
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Stage, run_training, token_batches
 
@@ -146,3 +149,17 @@ def pretrain(
         return run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
     finally:
         cleanup_distributed()
+
+
+def cmd_pretrain(opts: PretrainOptions) -> None:
+    cfg = training_config(opts.preset, "pretrain", opts.settings, opts.overrides)
+    if opts.dry_run:
+        print(describe_plan(cfg, vocab_size=opts.vocab_size or get_preset(opts.preset).vocab_size))
+        return
+    if not opts.data or not opts.out:
+        raise ChatforgeError(
+            "pretrain needs --data (a shard folder from `chatforge data`) and --out (a run folder)"
+        )
+    tokenizer = opts.tokenizer or Path(opts.data) / "tokenizer.json"
+    summary = pretrain(opts.data, tokenizer, opts.out, cfg, resume=opts.resume, progress=not opts.no_progress)
+    print(json.dumps(summary, indent=2))

@@ -16,6 +16,7 @@ kept in config.json either way, so imported models (SmolLM2) keep talking their 
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -23,13 +24,14 @@ import torch
 
 from chatforge import checkpoint as ckpt
 from chatforge.chat_format import load_conversations, render_prompt, turn_end_ids
-from chatforge.config import TrainConfig
+from chatforge.config import TrainConfig, training_config
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
 from chatforge.device import cleanup_distributed, setup_distributed
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
+from chatforge.options import SFTOptions
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import run_training
 from chatforge.train.pretrain import language_model_stage
@@ -147,3 +149,11 @@ def sft(
         return run_training(stage, cfg, Path(out_dir), tokenizer, dist, resume=resume, progress=progress)
     finally:
         cleanup_distributed()
+
+
+def cmd_sft(opts: SFTOptions) -> None:
+    cfg = training_config(opts.preset, "sft", opts.settings, opts.overrides)
+    summary = sft(
+        opts.model, opts.data, opts.out, cfg, val=opts.val, resume=opts.resume, progress=not opts.no_progress
+    )
+    print(json.dumps(summary, indent=2))
