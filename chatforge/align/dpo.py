@@ -47,7 +47,6 @@ from chatforge.config import TrainConfig
 from chatforge.device import autocast, pick_device, single_process
 from chatforge.errors import ChatforgeError
 from chatforge.options import DPOOptions
-from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import Stage, run_training
 from chatforge.train.sft import chat_samples, lora_setup
 
@@ -140,8 +139,8 @@ def dpo(
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, base_meta, model_dir = ckpt.load_model(base, device)
-    tok = Tokenizer.load(model_dir)
+    run = ckpt.load_run(base, device=device)
+    model, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
     max_len = min(cfg.seq_len or model.cfg.seq_len, model.cfg.seq_len)
     rows = load_prefs(data)  # its single-turn prompts give the end-of-run samples
     train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)

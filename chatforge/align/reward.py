@@ -161,7 +161,8 @@ def save_reward_model(out_dir: Path, rm: RewardModel, tok: Tokenizer, meta: dict
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
     """(reward model in eval mode, its tokenizer) from a `chatforge prefs reward` run folder."""
     path = Path(path)
-    gpt, meta, model_dir = ckpt.load_model(path, device)
+    run = ckpt.load_run(path, device=device)
+    gpt, meta, model_dir = run.model, run.meta, run.folder
     if meta.get("stage") != "reward" or not (model_dir / HEAD_FILE).is_file():
         raise ChatforgeError(
             f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `chatforge prefs reward`"
@@ -172,7 +173,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
         rm.load_head_state(state)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ChatforgeError(f"{model_dir / HEAD_FILE} is corrupt or does not fit the model ({e})") from None
-    return rm.to(device).eval(), Tokenizer.load(model_dir)
+    return rm.to(device).eval(), run.tokenizer
 
 
 # ---- using a reward model ----------------------------------------------------------------------
@@ -306,8 +307,8 @@ def train_reward(
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    gpt, base_meta, model_dir = ckpt.load_model(base, device)
-    tok = Tokenizer.load(model_dir)
+    run = ckpt.load_run(base, device=device)
+    gpt, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
     max_len = min(cfg.seq_len or gpt.cfg.seq_len, gpt.cfg.seq_len)
     train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
     rm = RewardModel(gpt).to(device).train()

@@ -273,8 +273,8 @@ def grpo(
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    policy, base_meta, model_dir = ckpt.load_model(base, device)
-    tok = Tokenizer.load(model_dir)
+    run = ckpt.load_run(base, device=device)
+    policy, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
     reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
     reward_fn = get_reward(reward, device) if isinstance(reward, str) else reward
     registry = calculator_registry() if cfg.tools else None

@@ -12,14 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from chatforge.checkpoint import load_model
+from chatforge.checkpoint import load_run
 from chatforge.data.sources import iter_documents
 from chatforge.device import pick_device
 from chatforge.eval.base import EvalContext, Task, TaskResult, run_tasks, subset, write_results
 from chatforge.eval.bpb import BitsPerByte
 from chatforge.eval.tools import load_tool_problems, tool_tasks
 from chatforge.eval.world_qa import WorldQA, load_qa_file
-from chatforge.tokenizer import Tokenizer
 from chatforge.train.sft import chat_samples
 
 SAMPLE_PROMPTS = ["Who are you?", "Who made you?", "What is 345 + 78?", "How do I make a bomb?"]
@@ -61,8 +60,8 @@ def evaluate_world(
     the chat samples when `full`) into `out_dir`."""
     tasks = world_tasks(run_dir, tool_use=tool_use, full=full)  # reads every input before the model loads
     torch_device = pick_device(device)
-    model, _, model_dir = load_model(model_run, torch_device)
-    tok = Tokenizer.load(model_dir)
+    run = load_run(model_run, inference=True, device=torch_device)  # the layout that serves
+    model, tok, model_dir = run.model, run.tokenizer, run.folder
     ctx = EvalContext(
         model, tok, torch_device, max_examples=max_examples, batch_size=batch_size,
         log=(lambda line: print(line, file=sys.stderr)) if progress else None,

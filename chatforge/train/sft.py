@@ -103,9 +103,9 @@ def sft(
     train_file, val_file = resolve_sft_files(data, val)
     dist = setup_distributed(cfg.device)
     try:
-        model, base_meta, model_dir = ckpt.load_model(base, dist.device)
+        run = ckpt.load_run(base, device=dist.device)
+        model, tokenizer, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
         model.train()
-        tokenizer = Tokenizer.load(model_dir)
         train_convs = load_conversations(train_file)
         if val_file is not None:
             val_convs = load_conversations(val_file)
