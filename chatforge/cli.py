@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rl_arguments(p)
     p.set_defaults(func=cmd_rl)
 
-    from chatforge.serve.app import add_serve_arguments, cmd_serve
+    from chatforge.serve.command import add_serve_arguments, cmd_serve
     from chatforge.serve.feedback import add_feedback_arguments, cmd_feedback
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server with a web chat page and a feedback store")

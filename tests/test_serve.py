@@ -458,7 +458,7 @@ def test_text_stream_turns_a_tool_call_into_tool_calls(tok, special_tags):
     """What the server does with a model's tool call, streamed: the text before it is content, the
     call itself never streams as text, and it comes back parsed. Tags as special tokens (chatforge's
     tokenizer) or as plain text (tokenizers without them, e.g. SmolLM2's)."""
-    from chatforge.serve.app import TextStream
+    from chatforge.serve.streaming import TextStream
 
     def tag(name: str) -> list[int]:
         return [tok.special_id(name)] if special_tags else tok.encode(name)
@@ -483,3 +483,13 @@ def test_text_stream_turns_a_tool_call_into_tool_calls(tok, special_tags):
     out = "".join(malformed.push(t) for t in bad)
     assert malformed.finish == "stop" and malformed.tool_calls is None
     assert out == malformed.content == "Hm <tool_call>{oops</tool_call>"
+
+
+def test_scan_tool_call_finds_the_call_and_holds_back_a_tag_in_progress():
+    from chatforge.serve.streaming import scan_tool_call
+
+    assert scan_tool_call("plain text") == (-1, -1, 10)
+    assert scan_tool_call("Let me <tool_") == (-1, -1, 7)  # may be a tag arriving: not content yet
+    assert scan_tool_call("Hi <tool_call>{") == (3, -1, 3)  # an open call: nothing from it goes out
+    text = 'Hi <tool_call>{"name": "x"}</tool_call> more'
+    assert scan_tool_call(text) == (3, text.index(" more"), 3)  # the turn ends after the call
