@@ -168,7 +168,7 @@ def run_dir(tmp_path_factory):
 def test_api_round_trip(run_dir, tmp_path):
     from fastapi.testclient import TestClient
 
-    from chatforge.serve.app import build_server_app
+    from chatforge.serve.command import build_server_app
 
     args = argparse.Namespace(
         model=str(run_dir), db=str(tmp_path / "fb.sqlite"), name=None, api_key=None, max_batch=4, max_queue=8,

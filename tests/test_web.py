@@ -151,8 +151,18 @@ def test_stop_button_frees_the_row(setup):
     helper = None
 
     def hold(kind, value):
+        if kind != "token":
+            return
+        # The helper must still be running when the page's job arrives, however long the browser
+        # takes to send it: its first token waits for the job to be queued (its 120 tokens alone
+        # take a few milliseconds, less than the page's two requests).
+        deadline = time.time() + 10
+        while not sched.load()["waiting"] and not [j for j in sched.active if j is not helper]:
+            if time.time() > deadline:
+                return
+            time.sleep(0.005)
         others = [j for j in sched.active if j is not helper]
-        if kind == "token" and others and others[0].generated >= 2:
+        if others and others[0].generated >= 2:
             blocked.set()
             release.wait(10)
 
