@@ -30,14 +30,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge import checkpoint as ckpt  # noqa: E402
-from chatforge.align import align_config  # noqa: E402
 from chatforge.align.dpo import dpo  # noqa: E402
 from chatforge.align.prefs import encode_prefs, prompt_key, split_pairs, world_prefs, write_prefs  # noqa: E402
+from chatforge.align.problems import load_problems, speedrun_problems  # noqa: E402
 from chatforge.align.reward import judge_prompts, load_reward_model, train_reward, win_rate  # noqa: E402
-from chatforge.align.rl import grpo, load_problems, speedrun_problems  # noqa: E402
-from chatforge.config import get_preset  # noqa: E402
+from chatforge.align.rl import grpo  # noqa: E402
+from chatforge.config import (
+    get_preset,  # noqa: E402
+    prefs_config,  # noqa: E402
+)
+from chatforge.device import pick_device  # noqa: E402
 from chatforge.fileio import atomic_write_json  # noqa: E402
-from chatforge.train.common import pick_device  # noqa: E402
 from chatforge.world import load_world  # noqa: E402
 
 PAIR_KEYS = ("train_pairs", "val_pairs", "steps", "val_acc_start", "val_acc_end", "val_acc_by_kind")
@@ -94,7 +97,7 @@ def main() -> None:
 
     if "rm" in only:
         t0 = time.time()
-        cfg = align_config(
+        cfg = prefs_config(
             max_steps=args.rm_steps, lr=args.rm_lr, embed_lr=args.rm_lr, device=args.device, eval_every=50
         )
         summary = train_reward(sft, prefs, out / "rm", cfg, val_fraction=args.val_fraction, progress=False)
@@ -108,7 +111,7 @@ def main() -> None:
 
     if "dpo" in only:
         t0 = time.time()
-        cfg = align_config(
+        cfg = prefs_config(
             max_steps=args.dpo_steps, lr=args.dpo_lr, embed_lr=args.dpo_lr, device=args.device, eval_every=25
         )
         summary = dpo(

@@ -23,9 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.chat import chat_turn  # noqa: E402
-from chatforge.checkpoint import load_model  # noqa: E402
+from chatforge.chat_format import render_prompt  # noqa: E402
+from chatforge.checkpoint import (
+    load_run,  # noqa: E402
+)
 from chatforge.model.io import GGUF_DTYPES, export_gguf, import_gguf, smollm2_path  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -50,8 +52,8 @@ def main() -> None:
         import_gguf(src, tmp / "orig")
         result["import_s"] = round(time.perf_counter() - t0, 2)
         print(f"imported {src.name} in {result['import_s']}s", file=sys.stderr)
-        orig, _, _ = load_model(tmp / "orig")
-        tok = Tokenizer.load(tmp / "orig")
+        loaded = load_run(tmp / "orig")
+        orig, tok = loaded.model, loaded.tokenizer
         ids = torch.tensor([render_prompt(tok, [{"role": "user", "content": QUESTION}])])
         with torch.no_grad():
             ref_logits = orig(ids)
@@ -68,7 +70,8 @@ def main() -> None:
             t0 = time.perf_counter()
             import_gguf(path, tmp / f"back-{dtype}")
             reimport_s = time.perf_counter() - t0
-            back, _, _ = load_model(tmp / f"back-{dtype}")
+            back_run = load_run(tmp / f"back-{dtype}")
+            back = back_run.model
             weight_diff = max((t - ref_state[n]).abs().max().item() for n, t in back.state_dict().items())
             with torch.no_grad():
                 logits = back(ids)
@@ -80,10 +83,10 @@ def main() -> None:
                 "max_abs_weight_diff": weight_diff,
                 "max_abs_logit_diff": round((logits - ref_logits).abs().max().item(), 5),
                 "greedy_next_token_agreement": round(same_top1, 4),
-                "answer": answer(back, Tokenizer.load(tmp / f"back-{dtype}")),
+                "answer": answer(back, back_run.tokenizer),
             }
             print(f"{dtype}: {json.dumps(result['runs'][dtype])}", file=sys.stderr)
-            del back
+            del back, back_run
             path.unlink()
     text = json.dumps(result, indent=2)
     print(text)

@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chatforge.checkpoint import load_model  # noqa: E402
+from chatforge.chat_format import render_prompt  # noqa: E402
+from chatforge.checkpoint import (
+    load_run,  # noqa: E402
+)
 from chatforge.engine import generate  # noqa: E402
 from chatforge.model.hf import export_hf  # noqa: E402
 from chatforge.model.io import import_gguf, smollm2_path  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
 
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -53,8 +55,8 @@ def main() -> None:
         t_export = time.perf_counter() - t0
         files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
 
-        model, _, _ = load_model(run)
-        tok = Tokenizer.load(run)
+        loaded = load_run(run)
+        model, tok = loaded.model, loaded.tokenizer
         print("loading in transformers ...", file=sys.stderr)
         hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         hf_tok = AutoTokenizer.from_pretrained(out)

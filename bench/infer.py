@@ -179,11 +179,11 @@ def worker(spec: dict) -> dict:
 
         quality_model = HFLoss(model)
     else:
+        from chatforge.checkpoint import load_run
         from chatforge.engine import generate
-        from chatforge.model.quant import load_for_inference
 
         parts = 1 if engine == "chatforge-1core" else None
-        model, _, _ = load_for_inference(spec["run"], QUANT[engine], parts=parts)
+        model = load_run(spec["run"], QUANT[engine] or True, parts=parts).model
 
         def run_once() -> tuple[list[float], list[int]]:
             times, tokens = [], []
@@ -272,7 +272,8 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
 
 def prepare(args) -> tuple[Path, Path | None, list[int]]:
     """The chatforge run folder (importing SmolLM2 once), its HF export, and the prompt ids."""
-    from chatforge.tokenizer import Tokenizer, render_prompt
+    from chatforge.chat_format import render_prompt
+    from chatforge.tokenizer import Tokenizer
 
     work = Path(args.work)
     if args.model == "smollm2":

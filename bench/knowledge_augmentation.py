@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from chatforge.checkpoint import list_checkpoints, load_model  # noqa: E402
+from chatforge.checkpoint import list_checkpoints, load_run  # noqa: E402
 from chatforge.engine import generate_batch  # noqa: E402
 from chatforge.eval.world_qa import (
     contains_answer,  # noqa: E402
@@ -33,14 +33,13 @@ from chatforge.eval.world_qa import (
 )
 from chatforge.fileio import atomic_write_json  # noqa: E402
 from chatforge.speedrun import speedrun  # noqa: E402
-from chatforge.tokenizer import Tokenizer  # noqa: E402
-from chatforge.train.common import read_metrics  # noqa: E402
+from chatforge.train.metrics import read_metrics  # noqa: E402
 
 
 @torch.no_grad()
 def qa_accuracy(ckpt: Path, qas: list, device: str, batch_size: int = 64) -> float:
-    model, _, model_dir = load_model(ckpt, device)
-    tok = Tokenizer.load(model_dir)
+    run = load_run(ckpt, device=device)
+    model, tok = run.model, run.tokenizer
     prompts = [[tok.bos_id, *tok.encode(f"Question: {qa.question}\nAnswer:")] for qa in qas]
     correct = 0
     for i in range(0, len(prompts), batch_size):

@@ -33,15 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge import checkpoint as ckpt  # noqa: E402
+from chatforge.chat_format import render_prompt, turn_end_ids  # noqa: E402
 from chatforge.config import sft_config  # noqa: E402
 from chatforge.conversations import fact_turn  # noqa: E402
-from chatforge.eval.base import chat_stop_ids, generate_greedy  # noqa: E402
+from chatforge.eval.base import generate_greedy  # noqa: E402
 from chatforge.eval.world_qa import contains_answer  # noqa: E402
 from chatforge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from chatforge.model.io import import_gguf, smollm2_path  # noqa: E402
 from chatforge.model.lora import load_adapter  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
-from chatforge.train.common import read_metrics  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
+from chatforge.train.metrics import read_metrics  # noqa: E402
 from chatforge.train.sft import sft  # noqa: E402
 from chatforge.world import N_PHRASINGS, build_world, fact_questions  # noqa: E402
 
@@ -93,7 +94,7 @@ def make_facts(
 @torch.no_grad()
 def ask(model, tok: Tokenizer, items: list[dict], max_new_tokens: int = 24) -> list[dict]:
     prompts = [render_prompt(tok, [{"role": "user", "content": it["question"]}]) for it in items]
-    outs = generate_greedy(model, prompts, max_new_tokens, stop_ids=chat_stop_ids(tok), batch_size=32)
+    outs = generate_greedy(model, prompts, max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=32)
     rows = []
     for it, out in zip(items, outs, strict=True):
         reply = tok.decode(out or [])
@@ -185,8 +186,8 @@ def main() -> None:
         f"{args.facts} facts: {len(train)} training conversations, {len(held)} held-out questions", flush=True
     )
 
-    model, _, _ = ckpt.load_model(base, args.device)
-    tok = Tokenizer.load(base)
+    base_run = ckpt.load_run(base, device=args.device)
+    model, tok = base_run.model, base_run.tokenizer
     first = render_prompt(tok, [{"role": "user", "content": held[0]["question"]}])
     starts_with_bos = first[0] == tok.bos_id
     print(f"rendered prompt starts with {tok.id_to_token(first[0])!r} (id {first[0]})", flush=True)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/serve_load.py                      # a random model of the cpu preset's size
     PYTHONPATH=. python bench/serve_load.py --model RUN --clients 16 --duration 20 --plot load.png
 
-For each mode the server runs as its own process on a loopback port (`python -m chatforge.serve.app`,
+For each mode the server runs as its own process on a loopback port (`python -m chatforge.serve.command`,
 so the clients do not compete with it for the interpreter lock): first with `--max-batch` = the
 number of clients (continuous batching), then with `--max-batch 1` (one request at a time, the
 rest queue). Each client sends streaming chat completions back to back until the time is up; the
@@ -79,7 +79,7 @@ def start_server(
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "chatforge.serve.app", "--model", str(run), "--port", str(port)]
+    cmd = [sys.executable, "-m", "chatforge.serve.command", "--model", str(run), "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-queue", "256", "--db", str(db), "--device", device]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

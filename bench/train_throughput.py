@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.config import apply_overrides, get_preset  # noqa: E402
+from chatforge.device import autocast, peak_flops, pick_device  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
-from chatforge.train.common import autocast, build_optimizers, peak_flops, pick_device  # noqa: E402
+from chatforge.train.optim import build_optimizers  # noqa: E402
 
 
 class NaiveBlock(nn.Module):

@@ -11,14 +11,13 @@ The pieces, from the inside out:
   by sliding a window over the oldest turns (the system prompt always stays). No TTY needed, so
   tests drive it directly.
 - `cmd_chat` is the CLI: `-p` prints only the answer (tool lines go to stderr); otherwise a `you> `
-  loop. `--tools` shows the model calculator, python and chart (`tools.default_registry`; files
-  and charts land in `--files DIR`, default a new temporary folder), `--tools calculator` only the
-  calculator as the world models are trained to see it (short enough for a 128-token context).
+  loop. `--tools` shows the model calculator, python and chart (`tools.builtin.default_registry`;
+  files and charts land in `--files DIR`, default a new temporary folder), `--tools calculator` only
+  the calculator as the world models are trained to see it (short enough for a 128-token context).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -26,28 +25,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from chatforge.chat_format import ToolCallScanner, parse_assistant, render_prompt, turn_end_ids
+from chatforge.checkpoint import load_run
+from chatforge.device import pick_device
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer, parse_assistant, render_prompt
-from chatforge.tools.registry import ToolRegistry, default_registry
+from chatforge.options import ChatOptions
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.builtin import calculator_registry, default_registry
+from chatforge.tools.registry import ToolRegistry
 from chatforge.tools.runner import generate_with_tools
-from chatforge.train.common import pick_device
 
 HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; no TEXT clears it), "
     "/save PATH (append the conversation as a JSON line), /quit (or Ctrl-D); Ctrl-C stops an answer"
 )
 INTERACTIVE_TEMPERATURE = 0.7  # some variety when talking; -p is greedy (0) so scripts get one answer
-
-
-def stop_ids(tok: Tokenizer) -> list[int]:
-    """An answer ends at <|im_end|>; <|endoftext|> (BOS) also ends it, for models that emit it instead."""
-    ids = [tok.special_id(IM_END)] if tok.has_special(IM_END) else []
-    if tok.bos_id is not None:
-        ids.append(tok.bos_id)
-    return ids
 
 
 def chat_turn(
@@ -74,7 +69,7 @@ def chat_turn(
             f"the conversation is {len(ids)} tokens but the model's context is {model.cfg.seq_len}; "
             "shorten it"
         )
-    stops = set(stop_ids(tok))
+    stops = set(turn_end_ids(tok))
     decoder = IncrementalDecoder(tok.decode)
     for _, tid in stream_batch(
         model,
@@ -95,33 +90,6 @@ def chat_turn(
     if rest and on_token is not None:
         on_token(rest)
     return decoder.emitted
-
-
-class _HideCalls:
-    """Passes streamed assistant text through, minus the tool-call markup (the tool line replaces it).
-    A tail that may be the start of `<tool_call>` (split over tokens when it is not a special token)
-    waits until the next piece decides; `end()` returns what is still held when the message ends."""
-
-    def __init__(self) -> None:
-        self.held, self.hiding = "", False
-
-    def push(self, text: str) -> str:
-        if self.hiding:
-            return ""
-        text = self.held + text
-        k = text.find(TOOL_CALL_OPEN)
-        if k >= 0:
-            self.held, self.hiding = "", True
-            return text[:k]
-        tag = TOOL_CALL_OPEN
-        n = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
-        self.held = text[len(text) - n :]
-        return text[: len(text) - n]
-
-    def end(self) -> str:
-        rest = "" if self.hiding else self.held
-        self.held, self.hiding = "", False
-        return rest
 
 
 def _clip(text: str, n: int) -> str:
@@ -166,18 +134,19 @@ def chat_turn_with_tools(
     turn added (assistant calls, tool results, the answer) and how it ended ("stop", "length",
     "limit" or "context": see `generate_with_tools`). `on_text` receives the assistant's text as it is
     produced, tool-call markup left out; `on_tool` one `tool_line` per call once it has run."""
-    hide, reason = _HideCalls(), "stop"
+    scanner, reason = ToolCallScanner(), "stop"
     call_args: list[str | None] = [None]  # the arguments of the call whose result comes next
 
     def on_event(event: dict) -> None:
-        nonlocal reason
+        nonlocal reason, scanner
         kind = event["type"]
         if kind == "text":
-            shown = hide.push(event["text"])
+            shown = scanner.push(event["text"])
             if shown and on_text is not None:
                 on_text(shown)
             return
-        rest = hide.end()  # any other event ends the message being streamed
+        rest = scanner.end()  # any other event ends the message being streamed
+        scanner = ToolCallScanner()
         if rest and on_text is not None:
             on_text(rest)
         if kind == "tool_call":
@@ -426,51 +395,6 @@ def save_conversation(path: Path, messages: list[dict], tools: list[dict] | None
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def add_chat_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="run folder (or checkpoint folder) to load")
-    p.add_argument(
-        "-p", "--prompt", metavar="TEXT", help="answer this one prompt on stdout and exit (greedy by default)"
-    )
-    p.add_argument("--system", metavar="TEXT", help="system prompt")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help=f"sampling temperature, 0 = greedy (default: 0 with -p, {INTERACTIVE_TEMPERATURE} interactive)",
-    )
-    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument(
-        "--tools",
-        nargs="?",
-        const="all",
-        choices=["all", "calculator"],
-        default=None,
-        help="let the model call tools: calculator, python and chart (all, the default), or only the "
-        "calculator as the world models are trained to see it (calculator: fits a 128-token context)",
-    )
-    p.add_argument(
-        "--files",
-        metavar="DIR",
-        default=None,
-        help="with --tools: the folder python code sees and where files and charts are saved "
-        "(default: a new temporary folder, removed at the end if nothing was saved)",
-    )
-    p.add_argument("--max-calls", type=int, default=4, help="tool calls allowed per answer (default 4)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    p.add_argument(
-        "--quantize", choices=("bf16", "int8"), default=None,
-        help="run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
-    )  # fmt: skip
-
-
 def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | None, Path | None, bool]:
     """The registry for `--tools CHOICE [--files DIR]`: (registry, files folder, whether the folder is
     a temporary one made here); (None, None, False) without --tools."""
@@ -479,8 +403,6 @@ def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | No
             raise ChatforgeError("--files is where tools save their files: it needs --tools")
         return None, None, False
     if choice == "calculator":
-        from chatforge.eval.tools import calculator_registry  # the one definition of the world's calculator
-
         return calculator_registry(), None, False
     if files is not None:
         folder = Path(files).expanduser()
@@ -501,17 +423,15 @@ def _tidy_files(folder: Path | None, temporary: bool) -> None:
         print(f"chatforge: the tools' files are in {folder}", file=sys.stderr)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
-    from chatforge.model.quant import load_for_inference
-
+def cmd_chat(args: ChatOptions) -> None:
     asked = args.max_new_tokens  # None: the default, clamped to the context without a note
     if asked is not None and asked < 1:
         raise ChatforgeError(f"--max-new-tokens must be >= 1, got {asked}")
     if args.max_calls < 0:
         raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
-    model, _meta, model_dir = load_for_inference(Path(args.model), args.quantize, pick_device(args.device))
-    tok = Tokenizer.load(model_dir)
+    run = load_run(args.model, args.quantize or True, pick_device(args.device))
+    model, tok, model_dir = run.model, run.tokenizer, run.folder
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"

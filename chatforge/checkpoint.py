@@ -18,6 +18,10 @@ Why a folder per checkpoint: a checkpoint is several files, and only a directory
 is atomic for all of them together. Each is written under a temporary name and renamed
 when complete, so a kill at any moment leaves either the previous checkpoint or the new
 one, never a torn mix. Single files (the run-root copies) go through temp + os.replace.
+
+`load_run` is how every stage opens a run: the model (as trained, or in the inference format chat
+and the server decode with), its tokenizer and its config.json. LoRA is a model-level layer (like
+gpt.py and quant.py) that this module builds on; `chatforge merge` lives here with the run folders.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +40,9 @@ from safetensors.torch import load_file, save_file
 from chatforge.errors import ChatforgeError
 from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.quant import inference_model
+from chatforge.options import MergeOptions
+from chatforge.tokenizer import Tokenizer
 
 CKPT_DIR = "ckpt"
 
@@ -212,7 +220,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
             raise ChatforgeError(
                 f"{model_dir / lora.ADAPTER_CONFIG} names no base run; use `chatforge merge --base`"
             )
-        model = lora.merge_lora(lora.load_adapter(load_model(base)[0], model_dir))
+        model = lora.merge_lora(lora.load_adapter(load_model(base)[0], resolve_adapter_dir(model_dir)))
         return model.to(device).eval(), meta, model_dir
     model = GPT(GPTConfig.from_dict(meta["model"]))
     load_weights(model, model_dir)
@@ -229,3 +237,70 @@ def load_train_state(ckpt_dir: Path) -> dict:
         raise ChatforgeError(
             f"{path} is corrupt ({type(e).__name__}); delete {ckpt_dir} to resume from an older one"
         ) from None
+
+
+@dataclass
+class Run:
+    """A loaded run: the model (eval mode), its tokenizer, its config.json and the folder the
+    weights came from (the run root, or its newest checkpoint)."""
+
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict
+    folder: Path
+
+
+def load_run(
+    path: str | Path, inference: bool | str = False, device: str | torch.device = "cpu", parts: int | None = None
+) -> Run:
+    """Open a run folder (or checkpoint folder). inference=False: the model as trained (for
+    training, scoring and saving); True: the fp32 decode layout chat and the server generate with;
+    "bf16" / "int8": those formats (model/quant.py). Same logits in every layout but int8 / bf16.
+    parts: with inference=True, decode_layout's blocks per matrix (default: torch's thread count)."""
+    model, meta, folder = load_model(Path(path), device)
+    if inference is not False:
+        model = inference_model(model, None if inference is True else inference, parts)
+    # the folder's tokenizer: its config.json says whether prompts start with BOS
+    return Run(model, Tokenizer.load(folder), meta, folder)
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """A folder with adapter_config.json, or a LoRA run whose newest checkpoint has one."""
+    path = Path(path)
+    if not path.exists():
+        raise ChatforgeError(f"no such adapter folder: {path}")
+    if (path / lora.ADAPTER_CONFIG).is_file():
+        return path
+    ckpts = [p for p in list_checkpoints(path) if (p / lora.ADAPTER_CONFIG).is_file()]
+    if ckpts:
+        return ckpts[-1]
+    raise ChatforgeError(
+        f"{path} holds no LoRA adapter: expected {lora.ADAPTER_CONFIG} and {lora.ADAPTER_FILE} in it"
+    )
+
+
+def cmd_merge(args: MergeOptions) -> None:
+    """`chatforge merge`: fold a LoRA run's adapter into its base -> a plain run folder."""
+    adapter_dir = resolve_adapter_dir(args.adapter)
+    config = lora.read_adapter_config(adapter_dir)
+    base = args.base or config.get("base")
+    if not base:
+        raise ChatforgeError(f"{adapter_dir / lora.ADAPTER_CONFIG} names no base run; pass --base")
+    out = Path(args.out)
+    if (out / "model.safetensors").exists() and not args.force:
+        raise ChatforgeError(f"{out} already holds a model; pick another --out or pass --force")
+    model, base_meta, base_dir = load_model(base)
+    lora.load_adapter(model, adapter_dir)
+    lora.merge_lora(model)
+    # the adapter run's config carries the base's chat format (chat_template, add_bos_token, ...)
+    run_meta = read_config(adapter_dir) if (adapter_dir / "config.json").is_file() else base_meta
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_dir
+    meta = inherited_meta(run_meta)
+    meta.update(
+        stage="merge",
+        base=str(Path(base_dir).resolve()),
+        adapter=str(adapter_dir.resolve()),
+        lora={k: config[k] for k in ("rank", "alpha", "targets", "base_fingerprint", "step")},
+    )
+    save_model(out, model, Tokenizer.load(tok_dir).to_json(), meta)
+    print(f"merged {adapter_dir} into {base_dir} -> {out} (chat with: chatforge chat --model {out})")

@@ -3,7 +3,8 @@
 A preset is the whole recipe of a speedrun (world size, tokenizer, model depth, training
 length). `smoke` runs in seconds for tests, `cpu` is the laptop default, and the `d12`/`d20`
 presets are GPU recipes that are dry-run checked here (shapes, FLOPs, memory) without a GPU.
-Any field can be overridden from the command line with `--set section.field=value`.
+Any field can be overridden from the command line with `--set section.field=value`; every
+training command builds its section with `training_config` (options.py generates the flags).
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from chatforge.errors import ChatforgeError
+
+
+def knob(default: Any, help: str) -> Any:
+    """A config field with a help line, for the flag options.py generates from it."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -26,16 +33,17 @@ class WorldConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a training stage (pretrain now; SFT reuses it) needs besides data and a tokenizer."""
+    """Everything a trainer needs besides data and a tokenizer: the optimizer, schedule and cadence
+    shared by pretraining, SFT, the reward model and DPO (GRPO keeps its own knobs in RLConfig)."""
 
     depth: int = 4  # the one dial: width, heads follow (see GPTConfig.from_depth)
     model: dict = field(default_factory=dict)  # overrides of GPTConfig fields, e.g. {"n_embd": 384}
     seq_len: int = 256
-    device_batch_size: int = 16  # rows per forward pass on each rank
+    device_batch_size: int = knob(16, "rows per forward pass on each rank (for reward / DPO: comparisons)")
     total_batch_tokens: int = 0  # tokens per optimizer step; 0 = one micro-batch on every rank
-    max_steps: int = 500
+    max_steps: int = knob(500, "optimizer steps")
     optimizer: str = "adamw"  # "adamw", or "muon" (Muon for hidden matrices, AdamW for the rest)
-    lr: float = 3e-3  # AdamW learning rate for matrices
+    lr: float = knob(3e-3, "AdamW learning rate for matrices")
     embed_lr: float = 3e-3  # embeddings (and the untied head)
     muon_lr: float = 0.02
     weight_decay: float = 0.1
@@ -53,11 +61,11 @@ class TrainConfig:
     keep_ckpts: int = 2
     log_every: int = 10
     compile: bool = False
-    device: str = "auto"
-    seed: int = 1337
+    device: str = knob("auto", "cpu, cuda, mps (default: cuda if available)")
+    seed: int = knob(1337, "seed of initialisation, data order and sampling")
     # LoRA (model/lora.py): rank > 0 freezes the model and trains low-rank adapters on the
     # projections named in lora_targets ("all", "attn", "mlp" or a comma list like "q_proj,v_proj")
-    lora_rank: int = 0
+    lora_rank: int = knob(0, "train only rank-R LoRA adapters (saved apart, plus a merged model)")
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_targets: str = "all"
     lora_dropout: float = 0.0
@@ -72,36 +80,46 @@ def sft_config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def prefs_config(**kw) -> TrainConfig:
+    """Defaults for the preference trainers (reward model, DPO): small learning rates, short runs.
+    seq_len 0 means the model's own context."""
+    base = dict(
+        lr=1e-4, embed_lr=1e-4, weight_decay=0.0, warmup_steps=10, final_lr_frac=0.0, max_steps=200,
+        device_batch_size=16, seq_len=0, eval_every=25, ckpt_every=100, log_every=5,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
 @dataclass
 class RLConfig:
     """GRPO (align/rl.py); in a preset, the speedrun's rl stage (steps 0 = no RL)."""
 
-    steps: int = 100
-    prompts_per_step: int = 8  # P problems per step
-    group_size: int = 8  # G answers per problem
-    temperature: float = 1.0
-    top_p: float | None = None
-    max_new_tokens: int = 48  # per generated message (with tools, per message between calls)
-    tools: bool = False  # sample with the calculator (tools/runner.py); --problems tools turns it on
-    max_calls: int = 2  # tool calls per answer, with tools
-    tool_problems: int = 2000  # training problems made for --problems tools (and the speedrun)
-    lr: float = 1e-4
+    steps: int = knob(100, "optimizer steps")
+    prompts_per_step: int = knob(8, "problems per step")
+    group_size: int = knob(8, "answers sampled per problem")
+    temperature: float = knob(1.0, "sampling temperature")
+    top_p: float | None = knob(None, "nucleus sampling: smallest set with this mass")
+    max_new_tokens: int = knob(48, "longest generated message (with tools, per message between calls)")
+    tools: bool = knob(False, "answer with the calculator (tools/runner.py); on with --problems tools")
+    max_calls: int = knob(2, "tool calls per answer, with tools")
+    tool_problems: int = knob(2000, "training problems made for --problems tools (and the speedrun)")
+    lr: float = knob(1e-4, "learning rate")
     warmup_steps: int = 5
-    clip_eps: float = 0.2
-    kl_beta: float = 0.0  # > 0 keeps a frozen copy of the starting model for the k3 KL
-    epochs: int = 2  # optimisation passes over each rollout
-    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout
+    clip_eps: float = knob(0.2, "PPO clipping of the probability ratio")
+    kl_beta: float = knob(0.0, "weight of the KL to the starting model (0 = off; > 0 keeps a frozen copy)")
+    epochs: int = knob(2, "optimisation passes over each rollout")
+    minibatch_size: int = knob(0, "rows per optimizer step (0 = the whole rollout)")
     grad_clip: float = 1.0
     adv_eps: float = 1e-4
-    eval_every: int = 10
-    eval_problems: int = 64
-    ckpt_every: int = 50
+    eval_every: int = knob(10, "steps between evaluations")
+    eval_problems: int = knob(64, "held-out problems each evaluation asks")
+    ckpt_every: int = knob(50, "steps between checkpoints")
     keep_ckpts: int = 2
-    seed: int = 0
-    device: str = "auto"
+    seed: int = knob(0, "seed of sampling and problem order")
+    device: str = knob("auto", "cpu, cuda, mps (default: cuda if available)")
 
     def train_config(self) -> TrainConfig:
-        """The optimizer / schedule knobs in the form train/common.py takes."""
+        """The optimizer / schedule knobs in the form the trainer (train/loop.py, train/optim.py) takes."""
         return TrainConfig(
             lr=self.lr, embed_lr=self.lr, weight_decay=0.0, warmup_steps=self.warmup_steps,
             final_lr_frac=1.0, max_steps=self.steps, grad_clip=self.grad_clip, seed=self.seed,
@@ -118,9 +136,9 @@ class DataConfig:
     # so the model learns during pretraining that facts in biographies answer questions
     qa_in_pretrain: bool = True
     qa_phrasings: int = 2
-    # calculator use (issue 5, in progress): SFT conversations that call the calculator, and
-    # more of them mixed into pretraining (copying numbers into a call is a skill 200 SFT steps
-    # do not teach). Off in the presets until a recipe keeps world accuracy (docs/status.md).
+    # calculator use: SFT conversations that call the calculator, and more of them mixed into
+    # pretraining (copying numbers into a call is a skill 200 SFT steps do not teach). On in the
+    # cpu preset, with twice the pretraining steps so the chats do not crowd out the biographies.
     tool_use: bool = False
     tool_chats_in_pretrain: int = 0
 
@@ -139,6 +157,7 @@ class Preset:
     vocab_size: int
     pretrain: TrainConfig
     sft: TrainConfig = field(default_factory=sft_config)
+    prefs: TrainConfig = field(default_factory=prefs_config)  # `prefs reward` and `prefs dpo`
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # GRPO after SFT, calculator shown (the speedrun's rl stage; steps 0 = off)
@@ -298,3 +317,16 @@ def apply_overrides(obj, overrides: list[str]):
             )
         setattr(target, last, value)
     return obj
+
+
+# each training command's section of a preset, and its defaults when no preset is named
+SECTION_DEFAULTS = {"pretrain": TrainConfig, "sft": sft_config, "prefs": prefs_config, "rl": RLConfig}
+
+
+def training_config(preset: str | None, section: str, settings: dict, overrides: list[str]):
+    """A training command's config: the preset's `section` (the section's own defaults without a
+    preset), then `--set` overrides, then the fields set by the command's own flags (`settings`)."""
+    cfg = getattr(get_preset(preset), section) if preset else SECTION_DEFAULTS[section]()
+    apply_overrides(cfg, overrides)
+    apply_overrides(cfg, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
+    return cfg

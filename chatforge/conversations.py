@@ -24,10 +24,10 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from chatforge.chat_format import with_tools
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
-from chatforge.tokenizer import with_tools
-from chatforge.tools.calculator import SCHEMA as CALCULATOR_SCHEMA
+from chatforge.tools.calculator import CALCULATOR_TOOL
 from chatforge.world import (
     ATTRIBUTES,
     N_PHRASINGS,
@@ -347,20 +347,13 @@ def refusal_conversation(rng: random.Random, *, system_prob: float = SYSTEM_PROB
 
 
 # ---------------------------------------------------------------------------------------------
-# Tool use: the calculator (issue 5)
+# Tool use: the calculator
 #
 # The assistant learns *when* to reach for the calculator: numbers too big to multiply in its
 # head, and word problems that need a fact it knows (a birth year) plus arithmetic. The turn
 # states the facts it recalled, calls the tool, reads the result, and answers with it. The
 # tool's result is a `tool` message, which the loss mask leaves out: the model must never learn
 # to invent results.
-
-# The calculator as the world assistant sees it: the real tool's parameters (tools/calculator.py)
-# with a two-word description, short enough for a 128-token context.
-CALCULATOR_TOOL = {
-    "type": "function",
-    "function": {"name": "calculator", "description": "exact arithmetic", "parameters": CALCULATOR_SCHEMA},
-}
 
 
 @dataclass
@@ -648,6 +641,36 @@ def build_sft_data(
     )
 
 
+def pretrain_chats(
+    world: World, data: SFTData, *, seed: int, qa_phrasings: int, qa: bool = True
+) -> list[Messages]:
+    """Chats to mix into pretraining, rendered there in ChatML with their special tokens.
+
+    With `qa`, single-turn fact questions about the SFT people (`qa_phrasings` per attribute), so
+    the route "chat question about X -> X's fact from the biographies" forms while the biographies
+    are learned and generalises to the people SFT never asks about (knowledge augmentation). Then
+    the calculator chats of `data.pretrain_tools`, which no evaluation question asks.
+    """
+    rng = random.Random(seed)
+    chats: list[Messages] = []
+    if qa:
+        for pid in data.sft_people:
+            person = world.person(pid)
+            for attribute in person_attributes(person, world):
+                for _ in range(qa_phrasings):
+                    asked, sentence = fact_turn(person, world, attribute, rng)
+                    chats.append(
+                        [
+                            {"role": "user", "content": asked.question},
+                            {"role": "assistant", "content": sentence},
+                        ]
+                    )
+        rng.shuffle(chats)
+    chats += [tool_conversation(p, rng, system_prob=0.0) for p in data.pretrain_tools]
+    rng.shuffle(chats)
+    return chats
+
+
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -665,9 +688,25 @@ def _jsonl(records: list) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+def write_conversations(conversations: list[Messages], path: str | os.PathLike) -> None:
+    """One {"messages": [...]} per line (readable by `tokenizer.load_conversations`), atomically."""
+    atomic_write_text(Path(path), _jsonl([{"messages": m} for m in conversations]))
+
+
+def read_people_split(sft_dir: str | os.PathLike, world: World) -> tuple[list[Person], list[Person]]:
+    """The (sft_people, eval_people) that `write_sft_data` recorded in `sft_dir`'s manifest.json."""
+    path = Path(sft_dir) / "manifest.json"
+    if not path.is_file():
+        raise ChatforgeError(f"no {path}; build the SFT data first (the speedrun's sft_data stage)")
+    manifest = json.loads(path.read_text())
+    return [world.person(i) for i in manifest["sft_people"]], [
+        world.person(i) for i in manifest["eval_people"]
+    ]
+
+
 def write_sft_data(data: SFTData, out_dir: str | os.PathLike) -> dict:
     """Write sft_train.jsonl / sft_val.jsonl ({"messages": [...]} per line, readable by
-    `tokenizer.load_conversations`), eval_forward.jsonl / eval_reverse.jsonl / sft_qa.jsonl
+    `chat_format.load_conversations`), eval_forward.jsonl / eval_reverse.jsonl / sft_qa.jsonl
     (`QA.to_dict()` per line) and manifest.json, atomically. Returns the manifest."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

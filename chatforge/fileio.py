@@ -3,7 +3,7 @@
 Atomic writes are for single files: manifests, indexes, tokenizers, summaries, reports.
 
 (Multi-file checkpoints are folders renamed into place, in checkpoint.py; metrics.jsonl is
-appended to, and trimmed on resume through a temp file + rename, in train/common.py.)
+appended to, and trimmed on resume through a temp file + rename, in train/metrics.py.)
 
 Write to a temp file in the same folder, flush it to disk, then rename it over the
 target. A rename within a folder is atomic, so a kill at any moment leaves either the

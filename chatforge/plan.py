@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from chatforge.config import TrainConfig
+from chatforge.config import PRESETS, TrainConfig, get_preset
+from chatforge.device import GPU_PEAK_FLOPS
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.train.common import GPU_PEAK_FLOPS
+from chatforge.options import PresetsOptions
 
 
 def plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> dict:
@@ -58,3 +59,14 @@ def describe_plan(cfg: TrainConfig, vocab_size: int, world_size: int = 1) -> str
             f"{p['hours_on_h100_at_40pct_mfu']:.2f} h on one H100 at 40% MFU",
         ]
     )
+
+
+def cmd_presets(opts: PresetsOptions) -> None:
+    if opts.name:
+        get_preset(opts.name)  # an unknown name is an error, not an empty listing
+    for name, preset in PRESETS.items():
+        if opts.name and name != opts.name:
+            continue
+        print(f"== {name}: {preset.description}")
+        print(describe_plan(preset.pretrain, vocab_size=preset.vocab_size))
+        print()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
+from chatforge.options import ReportOptions
 
 
 def _load(path: Path) -> dict | None:
@@ -328,3 +329,7 @@ def build_report(run: Path) -> Path:
     path = run / "report.md"
     atomic_write_text(path, "\n".join(out))
     return path
+
+
+def cmd_report(opts: ReportOptions) -> None:
+    print(f"report written to {build_report(opts.run)}")

@@ -28,14 +28,32 @@ import json
 import time
 from pathlib import Path
 
+from chatforge.align.problems import speedrun_problems
+from chatforge.align.rl import grpo
 from chatforge.config import Preset, apply_overrides, get_preset
+from chatforge.conversations import (
+    build_sft_data,
+    pretrain_chats,
+    read_people_split,
+    write_conversations,
+    write_sft_data,
+)
+from chatforge.data.pipeline import build_shards, train_tokenizer
+from chatforge.data.sources import iter_documents
 from chatforge.errors import ChatforgeError
+from chatforge.eval.suite import evaluate_world
+from chatforge.eval.tools import load_tool_problems
 from chatforge.fileio import atomic_write_json
+from chatforge.options import SpeedrunOptions
+from chatforge.plan import describe_plan
+from chatforge.report import build_report
+from chatforge.tokenizer import bytes_per_token
+from chatforge.train.pretrain import pretrain
+from chatforge.train.sft import sft
+from chatforge.world import build_world, load_world, write_world
 
 
 def _stage_world(preset: Preset, out: Path, progress: bool) -> dict:
-    from chatforge.world import build_world, write_world
-
     w = preset.world
     return write_world(
         build_world(w.seed, w.people, w.heldout), out / "world", paraphrases=w.paraphrases, seed=w.seed
@@ -44,48 +62,16 @@ def _stage_world(preset: Preset, out: Path, progress: bool) -> dict:
 
 def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
     """Conversations about half the visible people; questions about the other half for evaluation."""
-    import json
-    import random
-
-    from chatforge.conversations import (
-        build_sft_data,
-        fact_turn,
-        person_attributes,
-        tool_conversation,
-        write_sft_data,
-    )
-    from chatforge.fileio import atomic_write_text
-    from chatforge.world import load_world
-
-    d = preset.data
+    d, seed = preset.data, preset.world.seed
     world = load_world(out / "world")
     data = build_sft_data(
-        world, seed=preset.world.seed, eval_fraction=d.eval_fraction,
-        convs_per_person=d.convs_per_person, qa_phrasings=d.qa_phrasings,
-        tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
+        world, seed=seed, eval_fraction=d.eval_fraction, convs_per_person=d.convs_per_person,
+        qa_phrasings=d.qa_phrasings, tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
     )  # fmt: skip
     manifest = write_sft_data(data, out / "sft_data")
-    convs = []
-    rng = random.Random(preset.world.seed)
-    if d.qa_in_pretrain:
-        # single-turn chats about the SFT people, pretrained on in ChatML with their special tokens,
-        # so the route "chat question about X -> X's fact from the biographies" forms while the
-        # biographies are learned, and generalises to the people SFT never asks about
-        for pid in data.sft_people:
-            person = world.person(pid)
-            for attribute in person_attributes(person, world):
-                for _ in range(d.qa_phrasings):
-                    qa, sentence = fact_turn(person, world, attribute, rng)
-                    convs.append(
-                        [{"role": "user", "content": qa.question}, {"role": "assistant", "content": sentence}]
-                    )
-        rng.shuffle(convs)
-    # calculator chats (new numbers, SFT people; no question evaluation asks)
-    convs += [tool_conversation(p, rng, system_prob=0.0) for p in data.pretrain_tools]
-    rng.shuffle(convs)
-    lines = "".join(json.dumps({"messages": c}) + "\n" for c in convs)
-    atomic_write_text(out / "sft_data" / "qa_pretrain.jsonl", lines)
-    return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(convs)}
+    chats = pretrain_chats(world, data, seed=seed, qa_phrasings=d.qa_phrasings, qa=d.qa_in_pretrain)
+    write_conversations(chats, out / "sft_data" / "qa_pretrain.jsonl")  # last: the stage's done marker
+    return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(chats)}
 
 
 def _qa_conversations(out: Path) -> list[Path]:
@@ -94,42 +80,29 @@ def _qa_conversations(out: Path) -> list[Path]:
 
 
 def _stage_tokenizer(preset: Preset, out: Path, progress: bool) -> dict:
-    import itertools
-
-    from chatforge.data.sources import iter_documents
-    from chatforge.tokenizer import Tokenizer, bytes_per_token, conversation_text, load_conversations
-
-    # the chats too (contents, tool blocks, tool-call JSON), so they tokenize compactly
-    chat_files = [*_qa_conversations(out), out / "sft_data" / "sft_train.jsonl"]
-    chats = [piece for p in chat_files for c in load_conversations(p) for piece in conversation_text(c)]
-    tok = Tokenizer.train(
-        itertools.chain(iter_documents(str(out / "world")), chats), preset.vocab_size, show_progress=progress
+    chats = [*_qa_conversations(out), out / "sft_data" / "sft_train.jsonl"]
+    world = [str(out / "world")]
+    tok = train_tokenizer(
+        world, out / "tokenizer.json", preset.vocab_size, conversations=chats, progress=progress
     )
-    tok.save(out / "tokenizer.json")
-    heldout = list(iter_documents(str(out / "world" / "heldout.jsonl")))
+    heldout = iter_documents(str(out / "world" / "heldout.jsonl"))
     return {"vocab_size": tok.vocab_size, "bytes_per_token": round(bytes_per_token(tok, heldout), 3)}
 
 
 def _stage_data(preset: Preset, out: Path, progress: bool) -> dict:
-    from chatforge.data.pipeline import build_shards
-
     index = build_shards(
-        [str(out / "world")],
-        out / "tokenizer.json",
-        out / "data",
-        conversations=_qa_conversations(out),
-        progress=progress,
-    )
+        [str(out / "world")], out / "tokenizer.json", out / "data",
+        conversations=_qa_conversations(out), progress=progress,
+    )  # fmt: skip
+    splits = index["splits"]
     return {
-        "train_tokens": index["splits"]["train"]["tokens"],
-        "val_tokens": index["splits"]["val"]["tokens"],
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
         "clean": index["clean"],
     }
 
 
 def _stage_pretrain(preset: Preset, out: Path, progress: bool) -> dict:
-    from chatforge.train.pretrain import pretrain
-
     resume = (out / "base" / "ckpt").is_dir()
     return pretrain(
         out / "data", out / "tokenizer.json", out / "base", preset.pretrain, resume=resume, progress=progress
@@ -137,106 +110,46 @@ def _stage_pretrain(preset: Preset, out: Path, progress: bool) -> dict:
 
 
 def _stage_sft(preset: Preset, out: Path, progress: bool) -> dict:
-    from chatforge.train.sft import sft
-
     resume = (out / "sft" / "ckpt").is_dir()
     return sft(out / "base", out / "sft_data", out / "sft", preset.sft, resume=resume, progress=progress)
 
 
-SAMPLE_PROMPTS = ["Who are you?", "Who made you?", "What is 345 + 78?", "How do I make a bomb?"]
-
-
-def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
-    """Forward questions about people SFT never asked about, the reversal probe, a sample of
-    forward questions about SFT people (seen), bits per byte on held-out biographies; with
-    data.tool_use, the calculator problems with the calculator shown and without."""
-    return _evaluate(preset, out, out / "sft", out / "eval", progress)
-
-
-def _evaluate(
-    preset: Preset, out: Path, model_run: Path, eval_out: Path, progress: bool, *, full: bool = True
-) -> dict:
-    """Evaluate the model in `model_run` into `eval_out`. `full=False` (after RL): world_forward and
-    the calculator problems with tools on only, the tasks the report sets before/after."""
-    import sys
-
-    from chatforge.checkpoint import load_model
-    from chatforge.data.sources import iter_documents
-    from chatforge.eval.base import EvalContext, run_tasks, subset, write_results
-    from chatforge.eval.bpb import BitsPerByte
-    from chatforge.eval.world_qa import WorldQA, load_qa_file
-    from chatforge.tokenizer import Tokenizer
-    from chatforge.train.common import pick_device
-    from chatforge.train.sft import chat_samples
-
-    device = pick_device(preset.sft.device)
-    model, _, model_dir = load_model(model_run, device)
-    tok = Tokenizer.load(model_dir)
-    sft_dir = out / "sft_data"
-    facts = load_qa_file(sft_dir / "eval_forward.jsonl")
-    tasks = [WorldQA(facts, "world_forward")]
-    if full:
-        seen = subset(load_qa_file(sft_dir / "sft_qa.jsonl"), 300, seed=0)
-        tasks += [
-            WorldQA(load_qa_file(sft_dir / "eval_reverse.jsonl"), "world_reverse"),
-            WorldQA(seen, "world_forward_seen"),
-            BitsPerByte(list(iter_documents(str(out / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
-        ]
-    if preset.data.tool_use and (sft_dir / "eval_tools.jsonl").exists():
-        from chatforge.eval.tools import load_tool_problems, tool_tasks
-
-        # the fact questions give the false call rate (tools shown, none needed)
-        tool_use = tool_tasks(load_tool_problems(sft_dir / "eval_tools.jsonl"), facts)
-        tasks += tool_use if full else tool_use[:1]  # [tools_on, tools_off]
-    ctx = EvalContext(
-        model, tok, device, max_examples=preset.eval.max_examples, batch_size=preset.eval.batch_size,
-        log=(lambda line: print(line, file=sys.stderr)) if progress else None,
+def _evaluate(preset: Preset, out: Path, model_run: Path, eval_out: Path, progress: bool, full: bool) -> dict:
+    """`evaluate_world` with the preset's settings; prints each score and returns them rounded."""
+    results = evaluate_world(
+        model_run, out, eval_out, tool_use=preset.data.tool_use, full=full, progress=progress,
+        max_examples=preset.eval.max_examples, batch_size=preset.eval.batch_size, device=preset.sft.device,
     )  # fmt: skip
-    results = run_tasks(ctx, tasks)
-    samples = (
-        [{"prompt": q, "answer": a} for q, a in chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64)]
-        if full
-        else []
-    )
-    write_results(results, eval_out, meta={"model": str(model_dir), "samples": samples})
     for r in results:
         print(f"  {r.task}: {r.metric} {r.value:.4f} (n={r.n})")
     return {r.task: round(r.value, 4) for r in results}
 
 
-def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
-    """GRPO from the assistant (align/rl.py) on the world's checkable problems, answered with the
-    calculator shown (rl.speedrun_problems); reward 1 when the answer states the right one
-    (rewards.exact_answer). Then the eval stage's world_forward and tools-on tasks again on the RL
-    model, for the report's before/after."""
-    from chatforge.align.rl import grpo, speedrun_problems
-    from chatforge.fileio import read_jsonl
-    from chatforge.world import load_world
+def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
+    return _evaluate(preset, out, out / "sft", out / "eval", progress, full=True)
 
+
+def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
+    """GRPO from the assistant on the world's checkable problems, calculator shown, reward 1 when the
+    answer states the right one; then the eval stage's world_forward and tools-on tasks again on the
+    RL model, for the report's before/after."""
     cfg = dataclasses.replace(preset.rl, tools=True)
     if cfg.steps <= 0:
         return {"skipped": "rl.steps is 0"}
     world = load_world(out / "world")
-    sft_dir = out / "sft_data"
-    manifest = json.loads((sft_dir / "manifest.json").read_text())
-    tools_file = sft_dir / "eval_tools.jsonl"
-    train, val = speedrun_problems(
-        world, [world.person(i) for i in manifest["sft_people"]],
-        [world.person(i) for i in manifest["eval_people"]], cfg,
-        {obj["question"] for _, obj in read_jsonl(tools_file)} if tools_file.exists() else set(),
-    )  # fmt: skip
+    sft_people, eval_people = read_people_split(out / "sft_data", world)
+    tools_file = out / "sft_data" / "eval_tools.jsonl"
+    asked = {p.question for p in load_tool_problems(tools_file)} if tools_file.exists() else set()
+    train, val = speedrun_problems(world, sft_people, eval_people, cfg, asked)
     summary = grpo(
-        out / "sft", train, val, out / "rl", cfg, "exact",
-        resume=(out / "rl" / "ckpt").is_dir(), progress=progress,
-        meta_extra={"problems": "world+tools", "world": str(out / "world")},
+        out / "sft", train, val, out / "rl", cfg, "exact", resume=(out / "rl" / "ckpt").is_dir(),
+        progress=progress, meta_extra={"problems": "world+tools", "world": str(out / "world")},
     )  # fmt: skip
     after = _evaluate(preset, out, out / "rl", out / "rl" / "eval", progress, full=False)
     return {**{k: v for k, v in summary.items() if k != "plot"}, "after": after}
 
 
 def _stage_report(preset: Preset, out: Path, progress: bool) -> dict:
-    from chatforge.report import build_report
-
     return {"report": str(build_report(out))}
 
 
@@ -300,3 +213,11 @@ def speedrun(
         if name == until:
             break
     return status
+
+
+def cmd_speedrun(opts: SpeedrunOptions) -> None:
+    if opts.dry_run:
+        preset = apply_overrides(get_preset(opts.preset), opts.overrides)
+        print(describe_plan(preset.pretrain, vocab_size=preset.vocab_size))
+        return
+    speedrun(opts.preset, opts.out, opts.overrides, progress=not opts.no_progress, until=opts.until)

@@ -1,16 +1,16 @@
-"""The one tokenizer wrapper and the one chat renderer (ChatML) every stage uses.
+"""The one tokenizer wrapper every stage uses, and its special tokens.
 
 - `Tokenizer` wraps a HF `tokenizers.Tokenizer` (byte-level BPE): training, load/save,
   plain-text encode/decode, exact byte round-trips, and per-token byte lengths for
   bits-per-byte. It also loads any HF `tokenizer.json` (imported models such as SmolLM2).
+- `SPECIAL_TOKENS`: the BOS, the ChatML turn tags and the tool-call tags, ids 0..6.
 - Tokenizer evaluation: bytes per token, comparison table against reference tokenizers.
-- Chat: `render_conversation` (ids + loss mask, 1 only on the assistant's own tokens),
-  `render_prompt` (for generation), `parse_assistant` (generated text → OpenAI message),
-  validation and loading of conversation jsonl files.
+
+How conversations become ids (ChatML) is chat_format.py.
 
 Why special tokens are never produced from plain text: a user (or a web page in a
 pretraining corpus) typing "<|im_end|>" must not be able to close a turn or forge a
-tool call. Only the renderer inserts special ids, by id.
+tool call. Only the chat renderer inserts special ids, by id.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from chatforge.errors import ChatforgeError
-from chatforge.fileio import atomic_write_text, read_jsonl
+from chatforge.fileio import atomic_write_text
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",  # BOS / document separator: starts every document
@@ -414,221 +414,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['vocab_size']:,} | {r['bytes_per_token']:.3f} | {r['tokens']:,} | {rel} |"
         )
     return "\n".join(lines)
-
-
-# ==================================================================== chat (ChatML)
-
-ROLES = ("system", "user", "assistant", "tool")
-# How tools are shown in the system turn: a one-line call format, then one line per tool,
-# `name(arg: type, optional?: type): description`. Compact on purpose: the `cpu` preset's
-# model has a 128-token context, and full JSON schemas would not fit beside a conversation.
-# No <tool_call> tags in it: a tag is a special token only where the renderer puts one.
-TOOLS_INSTRUCTION = 'Tools (call one with {"name": ..., "arguments": {...}}):'
-
-
-def validate_conversation(messages: Any, where: str = "", *, require_assistant: bool = True) -> None:
-    """Raise ChatforgeError (prefixed with `where`, e.g. "convs.jsonl line 12") if `messages`
-    is not a valid OpenAI-schema conversation with at least one assistant turn."""
-    prefix = f"{where}: " if where else ""
-
-    def fail(msg: str) -> None:
-        raise ChatforgeError(prefix + msg)
-
-    if not isinstance(messages, list) or not messages:
-        fail("a conversation must be a non-empty list of {role, content} messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            fail(f"message {i} is a {type(m).__name__}, not a {{role, content}} object")
-        role = m.get("role")
-        if role not in ROLES:
-            fail(f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}")
-        tool_calls = m.get("tool_calls")
-        if tool_calls is not None:
-            if role != "assistant":
-                fail(f"message {i} ({role}) has tool_calls; only assistant messages may")
-            _validate_tool_calls(tool_calls, f"message {i}", fail)
-        content = m.get("content")
-        if content is None:
-            if not (role == "assistant" and tool_calls):
-                fail(f"message {i} ({role}) has no content; give it a string")
-        elif not isinstance(content, str):
-            fail(f"message {i} ({role}) content must be a string, got {type(content).__name__}")
-    if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        fail("conversation has no assistant turn")
-
-
-def _validate_tool_calls(tool_calls: Any, what: str, fail) -> None:
-    if not isinstance(tool_calls, list):
-        fail(f"{what} tool_calls must be a list")
-    for j, call in enumerate(tool_calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or call.get("type", "function") != "function":
-            fail(
-                f'{what} tool_calls[{j}] must be {{"type": "function", "function": {{"name", "arguments"}}}}'
-            )
-        if not isinstance(fn.get("name"), str) or not fn["name"]:
-            fail(f"{what} tool_calls[{j}] has no function name")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                fail(f"{what} tool_calls[{j}] arguments are not valid JSON")
-        if not isinstance(args, dict):
-            fail(f"{what} tool_calls[{j}] arguments must be a JSON object")
-
-
-def _tool_call_json(call: dict) -> str:
-    fn = call["function"]
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        args = json.loads(args) if args.strip() else {}
-    return json.dumps({"name": fn["name"], "arguments": args}, ensure_ascii=False, separators=(",", ":"))
-
-
-def tool_signature(tool: dict) -> str:
-    """An OpenAI tool schema as one line: `calculator(expression: string): exact arithmetic`."""
-    fn = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ChatforgeError(
-            'each tool must be {"type": "function", "function": {"name", "description", "parameters"}}'
-        )
-    params = fn.get("parameters") or {}
-    props = params.get("properties") or {} if isinstance(params, dict) else {}
-    required = set(params.get("required") or []) if isinstance(params, dict) else set()
-    args = ", ".join(
-        f"{name}{'' if name in required else '?'}: {spec.get('type', 'any') if isinstance(spec, dict) else 'any'}"
-        for name, spec in props.items()
-    )
-    desc = fn.get("description")
-    return f"{fn['name']}({args})" + (f": {desc}" if desc else "")
-
-
-def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-    """Show the tools in the system turn (extend the first system message, or add one)."""
-    if not tools:
-        return messages
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise ChatforgeError("tools must be a list of OpenAI tool schemas (JSON objects)")
-    block = "\n".join([TOOLS_INSTRUCTION, *(tool_signature(t) for t in tools)])
-    if messages and messages[0]["role"] == "system":
-        first = dict(messages[0], content=messages[0]["content"] + "\n" + block)
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": block}, *messages]
-
-
-def conversation_text(messages: list[dict], tools: list[dict] | None = None) -> list[str]:
-    """The text pieces the renderer shows for a conversation (contents, tool blocks, tool-call
-    JSON): what a tokenizer should be trained on so that chats tokenize compactly."""
-    pieces = []
-    for m in with_tools(messages, tools):
-        pieces.append(m["role"] + "\n")  # the header's role names, so they merge into one token each
-        if m.get("content"):
-            pieces.append(m["content"])
-        pieces += [_tool_call_json(c) for c in m.get("tool_calls") or []]
-    return pieces
-
-
-def _tag(tok: Tokenizer, tag: str) -> list[int]:
-    # Imported tokenizers may lack our tags (SmolLM2 has no <tool_call>): fall back to text.
-    return [tok.special_id(tag)] if tok.has_special(tag) else tok.encode(tag)
-
-
-def _render(tok: Tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
-    ids: list[int] = []
-    mask: list[int] = []
-
-    def add(part: list[int], m: int) -> None:
-        ids.extend(part)
-        mask.extend([m] * len(part))
-
-    add(tok.start_ids(), 0)
-    im_start, im_end, newline = _tag(tok, IM_START), _tag(tok, IM_END), tok.encode("\n")
-    for msg in with_tools(messages, tools):
-        train = 1 if msg["role"] == "assistant" else 0
-        add(im_start + tok.encode(msg["role"] + "\n"), 0)  # header: never trained on
-        body = tok.encode(msg["content"]) if msg.get("content") else []
-        for call in msg.get("tool_calls") or []:
-            body += _tag(tok, TOOL_CALL_OPEN) + tok.encode(_tool_call_json(call)) + _tag(tok, TOOL_CALL_CLOSE)
-        add(body + im_end, train)  # the assistant learns its content and when to stop
-        add(newline, 0)
-    return ids, mask
-
-
-def render_conversation(
-    tok: Tokenizer,
-    messages: list[dict],
-    *,
-    tools: list[dict] | None = None,
-    max_len: int | None = None,
-) -> tuple[list[int], list[int]]:
-    """ChatML ids and a loss mask (1 only on assistant content, tool calls and its <|im_end|>).
-
-    Starts with `tok.start_ids()` (the BOS, unless the model adds none); each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
-    `max_len` cuts both lists (reporting the truncation is the caller's job)."""
-    validate_conversation(messages)
-    ids, mask = _render(tok, messages, tools)
-    if max_len is not None:
-        ids, mask = ids[:max_len], mask[:max_len]
-    return ids, mask
-
-
-def render_prompt(tok: Tokenizer, messages: list[dict], *, tools: list[dict] | None = None) -> list[int]:
-    """The conversation so far followed by `<|im_start|>assistant\\n`: what generation continues."""
-    validate_conversation(messages, require_assistant=False)
-    ids, _ = _render(tok, messages, tools)
-    return ids + _tag(tok, IM_START) + tok.encode("assistant\n")
-
-
-_TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
-
-
-def parse_assistant(text: str) -> dict:
-    """Generated assistant text (decoded, special tokens as strings) → an OpenAI message.
-
-    Text up to <|im_end|> is kept; well-formed <tool_call>{json}</tool_call> spans become
-    `tool_calls` (arguments as a JSON string, as the OpenAI schema has it); malformed ones
-    stay in the content so nothing the model wrote is silently lost."""
-    text = text.split(IM_END, 1)[0]
-    calls, kept, pos = [], [], 0
-    for m in _TOOL_CALL_RE.finditer(text):
-        try:
-            obj = json.loads(m.group(1))
-            name, args = obj["name"], obj.get("arguments", {})
-            if not isinstance(name, str) or not name or not isinstance(args, dict):
-                raise ValueError  # what validate_conversation would refuse stays text
-        except (ValueError, KeyError, TypeError):
-            continue  # malformed: left in the content
-        kept.append(text[pos : m.start()])
-        pos = m.end()
-        calls.append({"type": "function", "function": {"name": name, "arguments": json.dumps(args)}})
-    kept.append(text[pos:])
-    content = "".join(kept).strip()
-    msg: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-    if calls:
-        msg["tool_calls"] = calls
-    return msg
-
-
-def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """Read a jsonl file: one conversation per line, a list of messages or {"messages": [...]},
-    optionally with "tools" (OpenAI schemas, as in OpenAI's fine-tuning files): those are
-    folded into the system turn exactly as `render_prompt(..., tools=...)` shows them."""
-    p = Path(path)
-    if not p.is_file():
-        raise ChatforgeError(f"no conversations file at {p}")
-    convs = []
-    for n, obj in read_jsonl(p, objects_only=False):
-        messages = obj.get("messages") if isinstance(obj, dict) else obj
-        where = f"{p} line {n}"
-        validate_conversation(messages, where)
-        tools = obj.get("tools") if isinstance(obj, dict) else None
-        if tools:
-            try:
-                messages = with_tools(messages, tools)
-            except ChatforgeError as e:
-                raise ChatforgeError(f"{where}: {e}") from None
-        convs.append(messages)
-    if not convs:
-        raise ChatforgeError(f"{p} holds no conversations")
-    return convs

@@ -5,7 +5,7 @@ university, employer, job, hobby) and parent links. From it come:
 
 - pretraining text: each visible person's biography in several paraphrases, plus
   arithmetic lines and short stories (`write_world`);
-- held-out biographies, never in pretraining, for retrieval (RAG) later;
+- held-out biographies, never in pretraining, to measure bits per byte on unseen text;
 - questions with exact answers for SFT, evaluation and RL (`fact_questions`);
 - reversal-curse probes (`reverse_questions`): a biography names the person's
   parent but never their child, and in every text the child is named before the
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
+from chatforge.options import WorldOptions
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary. Names are built from syllables so they belong to nobody real; the attribute
@@ -914,3 +915,10 @@ def load_world(path: str | os.PathLike) -> World:
     ):
         raise ChatforgeError(f"{ppath} has duplicate ids or dangling parent links; rewrite the world folder")
     return world
+
+
+def cmd_world(opts: WorldOptions) -> None:
+    world = build_world(opts.seed, opts.people, opts.heldout)
+    manifest = write_world(world, opts.out, paraphrases=opts.paraphrases, seed=opts.seed)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+    print(f"world written to {opts.out}")

@@ -1,4 +1,3 @@
-import argparse
 import io
 import json
 from pathlib import Path
@@ -9,29 +8,27 @@ from test_tools_runner import ScriptedGPT, calc_policy  # the scripted tool-call
 
 from chatforge.chat import (
     ChatSession,
-    _HideCalls,
     _tidy_files,
-    add_chat_arguments,
     chat_tools,
     chat_turn,
     cmd_chat,
-    stop_ids,
     tool_line,
 )
-from chatforge.checkpoint import save_model
-from chatforge.engine import IncrementalDecoder, generate_batch
-from chatforge.errors import ChatforgeError
-from chatforge.eval.tools import calculator_registry
-from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import (
-    IM_END,
-    TOOL_CALL_OPEN,
-    Tokenizer,
+from chatforge.chat_format import (
     conversation_text,
     load_conversations,
     render_conversation,
     render_prompt,
+    turn_end_ids,
 )
+from chatforge.checkpoint import save_model
+from chatforge.engine import IncrementalDecoder, generate_batch
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import ChatOptions
+from chatforge.options import parse as parse_options
+from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer
+from chatforge.tools.builtin import calculator_registry
 
 TEXTS = [
     "Alice was born in Paris and works as a baker.",
@@ -86,10 +83,8 @@ def run_dir(tmp_path_factory, tok, model):
     return d
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    add_chat_arguments(p)
-    return p.parse_args(list(argv))
+def parse(*argv: str) -> ChatOptions:
+    return parse_options(ChatOptions, list(argv))
 
 
 def test_prompt_flag_prints_only_the_answer(run_dir, tok, model, capsys):
@@ -97,7 +92,7 @@ def test_prompt_flag_prints_only_the_answer(run_dir, tok, model, capsys):
     out = capsys.readouterr().out
     # the same answer straight from the engine: greedy is the -p default
     ids = generate_batch(model, [render_prompt(tok, [{"role": "user", "content": "Who is Bob?"}])], 8)[0]
-    assert len(ids) == 8 and not set(ids) & set(stop_ids(tok))
+    assert len(ids) == 8 and not set(ids) & set(turn_end_ids(tok))
     assert out == tok.decode(ids).strip() + "\n"
     assert out.strip()
 
@@ -123,7 +118,7 @@ def test_prompt_flag_errors(run_dir, tmp_path):
 def test_chat_turn_stops_at_im_end_and_streams_the_same_text(tok):
     model = make_model(tok, stop_after=True)
     messages = [{"role": "user", "content": "What is 12 plus 30?"}]
-    ids = generate_batch(model, [render_prompt(tok, messages)], 20, stop_ids=stop_ids(tok))[0]
+    ids = generate_batch(model, [render_prompt(tok, messages)], 20, stop_ids=turn_end_ids(tok))[0]
     assert ids[-1] == tok.special_id(IM_END) and 1 < len(ids) < 20  # the model does stop early
     pieces: list[str] = []
     text = chat_turn(model, tok, messages, max_new_tokens=20, on_token=pieces.append)
@@ -219,11 +214,8 @@ def test_ctrl_c_stops_the_answer_but_keeps_the_session(tok, model):
 # ---- tools ---------------------------------------------------------------------------------
 
 
-def test_tool_markup_is_hidden_even_when_split_and_calls_are_one_line():
-    hide = _HideCalls()
-    pieces = ["Let me ", "check <", "tool", "_ca", 'll>{"name": "calculator"}', "</tool_call>"]
-    assert "".join(hide.push(p) for p in pieces) + hide.end() == "Let me check "
-    assert hide.push("a < b, and <tool") == "a < b, and " and hide.end() == "<tool"  # held, then released
+def test_tool_calls_are_one_line():
+    # hiding the markup while it streams: test_chat_format.py (ToolCallScanner)
     assert tool_line("calculator", '{"expression": "48213 * 739"}', "35629407", []) == (
         "[calculator] 48213 * 739 -> 35629407"
     )

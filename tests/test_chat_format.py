@@ -1,4 +1,5 @@
-"""ChatML rendering, loss masks, tool calls, validation and conversation loading."""
+"""ChatML rendering, loss masks, tool calls (parsed whole and found while streaming), the ids that end
+a turn, validation and conversation loading."""
 
 import json
 import random
@@ -6,17 +7,20 @@ import re
 
 import pytest
 
-from chatforge.errors import ChatforgeError
-from chatforge.tokenizer import (
+from chatforge.chat_format import (
     TOOLS_INSTRUCTION,
-    Tokenizer,
+    ToolCallScanner,
     load_conversations,
     parse_assistant,
+    partial_tag_len,
     render_conversation,
     render_prompt,
     tool_signature,
+    turn_end_ids,
     validate_conversation,
 )
+from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import IM_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +329,90 @@ def test_smollm2_prompt_equals_its_chat_template(smollm2_run):
     for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
         expected += [tok.special_id(piece)] if piece in specials else tok.encode(piece) if piece else []
     assert render_prompt(tok, msgs) == expected
+
+
+# ---- the ids that end a turn ---------------------------------------------------------------
+
+
+def test_turn_ends_at_im_end_then_bos(tok):
+    assert turn_end_ids(tok) == [tok.special_id(IM_END), tok.bos_id]
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
+
+    inner = HF(models.BPE())  # no specials at all: nothing ends a turn but the token budget
+    inner.add_tokens(["a", "b"])
+    assert turn_end_ids(Tokenizer(inner)) == []
+
+
+# ---- finding tool calls in streamed text ---------------------------------------------------
+
+
+def scan(pieces: list[str]) -> tuple[str, ToolCallScanner]:
+    """Everything the scanner lets through for `pieces`, end() included, and the scanner."""
+    scanner = ToolCallScanner()
+    shown = "".join(scanner.push(p) for p in pieces)
+    return shown + scanner.end(), scanner
+
+
+def splits(text: str, k: int) -> list[str]:
+    return [text[:k], text[k:]]
+
+
+def test_scanner_hides_calls_split_anywhere():
+    text = "Let me check " + CALL_TEXT + " done."
+    for k in range(len(text) + 1):  # one split at every position, inside both tags included
+        shown, scanner = scan(splits(text, k))
+        assert shown == "Let me check  done.", k
+        assert scanner.calls == [CALL_TEXT] and scanner.open_call == ""
+        assert scanner.call_end == len("Let me check " + CALL_TEXT)
+    shown, scanner = scan(list(text))  # one character at a time
+    assert shown == "Let me check  done." and scanner.calls == [CALL_TEXT]
+
+
+def test_scanner_holds_a_possible_tag_until_it_is_decided():
+    scanner = ToolCallScanner()
+    assert scanner.push("a < b, and <tool") == "a < b, and "  # "<tool" may begin a call: held
+    assert scanner.push("box>") == "<toolbox>"  # it did not: released with the next piece
+    assert scanner.push(" x <") == " x "
+    assert scanner.end() == "<"  # the text ended: a held tail was text after all
+    scanner = ToolCallScanner()
+    pieces = ["Let me ", "check <", "tool", "_ca", 'll>{"name": "calculator"}', "</tool_call>"]
+    assert "".join(scanner.push(p) for p in pieces) + scanner.end() == "Let me check "
+    scanner = ToolCallScanner()
+    assert scanner.push("a < b, and <tool") == "a < b, and " and scanner.end() == "<tool"
+
+
+def test_scanner_several_calls_and_text_between():
+    other = TOOL_CALL_OPEN + '{"name":"clock","arguments":{}}' + TOOL_CALL_CLOSE
+    text = "A" + CALL_TEXT + "B " + other + other + " C"
+    for k in range(len(text) + 1):
+        shown, scanner = scan(splits(text, k))
+        assert shown == "AB  C" and scanner.calls == [CALL_TEXT, other, other], k
+        assert scanner.call_end == len("A" + CALL_TEXT)  # the first call's end
+    parsed = parse_assistant("".join(scanner.calls))
+    assert [c["function"]["name"] for c in parsed["tool_calls"]] == ["calc", "clock", "clock"]
+    for k in range(len(text) + 1):  # a turn that makes one call ends at its </tool_call>
+        scanner = ToolCallScanner(one_call=True)
+        shown = "".join(scanner.push(p) for p in splits(text, k)) + scanner.end()
+        assert shown == "A" and scanner.calls == [CALL_TEXT] and scanner.text == "A" + CALL_TEXT, k
+
+
+def test_scanner_unfinished_call_and_stray_close():
+    shown, scanner = scan(["Hi ", TOOL_CALL_OPEN + '{"name": "calc"'])
+    assert shown == "Hi " and scanner.calls == []  # an unfinished call is never shown...
+    assert scanner.open_call == TOOL_CALL_OPEN + '{"name": "calc"'  # ...but kept for the caller
+    assert scanner.call_end is None
+    text = "no call " + TOOL_CALL_CLOSE + " here"  # a close tag that nothing opened stays text
+    for k in range(len(text) + 1):
+        shown, scanner = scan(splits(text, k))
+        assert shown == text and scanner.calls == []
+        assert scanner.call_end == len("no call " + TOOL_CALL_CLOSE)  # where a one-call turn stops
+    shown, scanner = scan(["<tool_call", "<tool_call>x</tool_call>"])  # a false start, then a call
+    assert shown == "<tool_call" and scanner.calls == ["<tool_call>x</tool_call>"]
+
+
+def test_partial_tag_len_counts_a_possible_tag_start():
+    assert partial_tag_len("abc <too", [TOOL_CALL_OPEN]) == 4
+    assert partial_tag_len("abc " + TOOL_CALL_OPEN, [TOOL_CALL_OPEN]) == 0  # a whole tag is no start
+    assert partial_tag_len("say STO", ["STOP", "<tool_call>", "O"]) == 3  # the longest of several
+    assert partial_tag_len("", ["STOP"]) == 0 and partial_tag_len("x", []) == 0

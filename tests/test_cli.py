@@ -7,12 +7,13 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from chatforge.cli import main
-from chatforge.config import PRESETS
+from chatforge.cli import COMMANDS, main, parse_command
+from chatforge.config import PRESETS, RLConfig, get_preset, prefs_config, training_config
 from chatforge.data.sources import iter_documents
 from chatforge.tokenizer import Tokenizer
 
@@ -39,16 +40,10 @@ def assert_one_line_error(rc: int, err: str, *fragments: str) -> None:
 
 # ---- help and presets -----------------------------------------------------------------------
 
-SUBCOMMANDS = [
-    [],
-    ["world"],
-    ["tokenizer"],
-    ["tokenizer", "train"],
-    ["tokenizer", "eval"],
-    ["data"],
-    ["pretrain"],
-    ["speedrun"],
-    ["presets"],
+SUBCOMMANDS = [[]] + [
+    [verb, *([action] if action else [])]
+    for verb, entry in COMMANDS.items()
+    for action in ([None, *entry] if isinstance(entry, dict) else [None])
 ]
 
 
@@ -60,6 +55,72 @@ def test_help_of_every_subcommand_exits_zero(capsys, words):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: chatforge {' '.join(words)}".rstrip())
     assert "--help" in out
+
+
+def test_the_classic_verbs_are_all_there():
+    for words in (["world"], ["tokenizer", "train"], ["tokenizer", "eval"], ["data"], ["pretrain"], ["speedrun"],
+                  ["presets"], ["sft"], ["merge"], ["report"], ["import"], ["export"], ["eval"], ["chat"],
+                  ["prefs", "reward"], ["prefs", "dpo"], ["prefs", "label"], ["prefs", "world"],
+                  ["prefs", "winrate"], ["rl"], ["serve"], ["feedback", "list"], ["feedback", "export"]):  # fmt: skip
+        assert words in SUBCOMMANDS, words
+
+
+@pytest.mark.parametrize("words", [[], ["serve"], ["rl"], ["chat"], ["eval"], ["prefs", "dpo"]], ids=str)
+def test_help_imports_neither_torch_nor_fastapi(cli_env, words):
+    code = (
+        "import sys\nfrom chatforge.cli import main\n"
+        f"try:\n    main({[*words, '--help']!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'fastapi', 'numpy', 'tokenizers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout[-300:]
+
+
+def test_every_handler_exists_and_takes_its_options():
+    """Each "module:function" a verb names resolves (imported here, as the verb would)."""
+    import importlib
+
+    for entry in COMMANDS.values():
+        for command in entry.values() if isinstance(entry, dict) else [entry]:
+            module, function = command.handler.split(":")
+            assert callable(getattr(importlib.import_module(module), function)), command.handler
+
+
+def test_flags_come_from_the_options_fields():
+    from chatforge.options import ChatOptions, EvalOptions, FeedbackExportOptions, parse
+
+    opts = parse(ChatOptions, ["--model", "r", "-p", "hi", "--tools", "--top-k", 5])
+    assert (opts.model, opts.prompt, opts.tools, opts.top_k, opts.max_calls) == ("r", "hi", "all", 5, 4)
+    assert parse(ChatOptions, ["--model", "r", "--tools", "calculator"]).tools == "calculator"
+    opts = parse(EvalOptions, ["--model", "r", "--qa-file", "a", "--qa-file", "b", "--mc", "x", "y"])
+    assert opts.qa_file == ["a", "b"] and opts.mc == ["x", "y"] and opts.bpb_file == []
+    assert parse(FeedbackExportOptions, ["--db", "d", "--as", "sft", "--out", "o"]).fmt == "sft"
+    with pytest.raises(SystemExit):  # required flags are required
+        parse(ChatOptions, [])
+
+
+def test_preset_and_set_work_the_same_on_every_training_command(tmp_path):
+    """pretrain, sft, prefs reward / dpo and rl each build their preset section, then --set, then their
+    own flags (conveniences for --set, generated from the config's fields)."""
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    _, opts = parse_command(["prefs", "dpo", *base, "--set", "warmup_steps=0", "--steps", 7, "--lr", 0.01,
+                             "--batch-size", 3, "--lora-rank", 4])  # fmt: skip
+    cfg = training_config(opts.preset, "prefs", opts.settings, opts.overrides)
+    assert cfg == prefs_config(warmup_steps=0, max_steps=7, lr=0.01, embed_lr=0.01, device_batch_size=3, lora_rank=4)
+    _, opts = parse_command(["prefs", "reward", *base, "--preset", "smoke", "--set", "max_steps=9"])
+    assert training_config(opts.preset, "prefs", opts.settings, opts.overrides).max_steps == 9
+    _, opts = parse_command(["sft", *base, "--preset", "smoke", "--lora-rank", 8, "--set", "lr=1e-4"])
+    cfg = training_config(opts.preset, "sft", opts.settings, opts.overrides)
+    assert cfg.lora_rank == 8 and cfg.lr == 1e-4 and cfg.max_steps == get_preset("smoke").sft.max_steps
+    rl = ["rl", "--model", "m", "--problems", "world", "--out", "o"]
+    _, opts = parse_command([*rl, "--steps", 3, "--top-p", 0.9, "--set", "kl_beta=0.1"])
+    assert training_config(opts.preset, "rl", opts.settings, opts.overrides) == RLConfig(steps=3, top_p=0.9, kl_beta=0.1)
+    _, opts = parse_command([*rl, "--preset", "cpu", "--tools"])
+    assert training_config(opts.preset, "rl", opts.settings, opts.overrides) == get_preset("cpu").rl
+    _, opts = parse_command(["pretrain", "--set", "max_steps=5"])
+    assert training_config(opts.preset, "pretrain", opts.settings, opts.overrides).max_steps == 5
 
 
 def expected_params(cfg: dict) -> int:

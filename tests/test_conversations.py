@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from chatforge.chat_format import load_conversations, render_conversation, validate_conversation
 from chatforge.conversations import (
-    CALCULATOR_TOOL,
     SFT_FILES,
     arithmetic_conversation,
     arithmetic_turn,
@@ -16,15 +16,19 @@ from chatforge.conversations import (
     fact_conversation,
     identity_conversation,
     person_attributes,
+    pretrain_chats,
+    read_people_split,
     refusal_conversation,
     split_people,
     tool_conversation,
     word_problem,
+    write_conversations,
     write_sft_data,
 )
 from chatforge.errors import ChatforgeError
 from chatforge.eval.world_qa import load_qa_file
-from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation, validate_conversation
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.calculator import CALCULATOR_TOOL
 from chatforge.world import ATTRIBUTES, N_PHRASINGS, build_world, fact_questions, reverse_questions
 
 
@@ -347,3 +351,29 @@ def test_tool_use_data_holds_out_its_eval_questions(world):
     assert all(p.person_id not in eval_ids for p in on.pretrain_tools if p.person_id is not None)
     with pytest.raises(ChatforgeError, match="tools_shown_fraction"):
         build_sft_data(world, seed=1, tool_use=True, tools_shown_fraction=1.5)
+
+
+def test_pretrain_chats_ask_only_about_sft_people_and_add_the_calculator_chats(world):
+    data = build_sft_data(world, seed=1, tool_use=True, n_pretrain_tools=10)
+    chats = pretrain_chats(world, data, seed=3, qa_phrasings=2)
+    assert chats == pretrain_chats(world, data, seed=3, qa_phrasings=2)  # a seed fixes every chat
+    sft_people = [world.person(i) for i in data.sft_people]
+    n_qa = 2 * sum(len(person_attributes(p, world)) for p in sft_people)
+    assert len(chats) == n_qa + 10
+    qa = [c for c in chats if len(c) == 2]
+    assert len(qa) == n_qa and all([m["role"] for m in c] == ["user", "assistant"] for c in qa)
+    others = [world.person(i).name for i in data.eval_people]
+    assert not any(_mentions(name, c[0]["content"]) for c in qa for name in others)
+    tools_only = pretrain_chats(world, data, seed=3, qa_phrasings=2, qa=False)
+    assert len(tools_only) == 10 and all(c[0]["role"] == "system" for c in tools_only)  # the calculator shown
+    assert {c[1]["content"] for c in tools_only} == {p.question for p in data.pretrain_tools}
+
+
+def test_conversations_and_the_people_split_read_back(tmp_path, world, data):
+    write_conversations(data.val, tmp_path / "chats.jsonl")
+    assert load_conversations(tmp_path / "chats.jsonl") == data.val
+    write_sft_data(data, tmp_path / "sft")
+    sft_people, eval_people = read_people_split(tmp_path / "sft", world)
+    assert [p.id for p in sft_people] == data.sft_people and [p.id for p in eval_people] == data.eval_people
+    with pytest.raises(ChatforgeError, match="build the SFT data first"):
+        read_people_split(tmp_path / "missing", world)

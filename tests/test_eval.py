@@ -3,7 +3,6 @@ real shared files when present), GSM8K answer extraction, WorldQA scoring, the r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,6 @@ from chatforge.eval import (
     MultipleChoice,
     TaskResult,
     WorldQA,
-    add_eval_arguments,
     bits_per_byte,
     cmd_eval,
     contains_answer,
@@ -42,6 +40,7 @@ from chatforge.eval import (
 from chatforge.eval.base import generate_greedy
 from chatforge.eval.bpb import pack_rows
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import EvalOptions, parse
 from chatforge.tokenizer import Tokenizer
 from chatforge.world import QA, build_world, load_world, write_world
 
@@ -557,9 +556,8 @@ def test_evaluate_input_errors(run_dir, world_dir):
 
 
 def test_cmd_eval_prints_the_table(tmp_path, run_dir, world_dir, capsys):
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
-    args = parser.parse_args(
+    args = parse(
+        EvalOptions,
         ["--model", str(run_dir), "--world", str(world_dir), "--tasks", "bpb,world_reverse"]
         + ["--max-examples", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "o")]
     )

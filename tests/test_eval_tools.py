@@ -6,30 +6,32 @@ reply for each prompt, through the real engine, runner, parser, registry and cal
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 from test_tools_runner import ScriptedGPT, call
 
+from chatforge.chat_format import render_prompt, tool_signature
 from chatforge.checkpoint import save_model
 from chatforge.config import get_preset
-from chatforge.conversations import CALCULATOR_TOOL, ToolProblem, build_sft_data, write_sft_data
+from chatforge.conversations import ToolProblem, build_sft_data, write_sft_data
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import EvalContext
-from chatforge.eval.run import add_eval_arguments, cmd_eval, evaluate
+from chatforge.eval.run import cmd_eval, evaluate
 from chatforge.eval.tools import (
     KINDS,
     ToolUse,
-    calculator_registry,
     has_number,
     load_tool_problems,
     tool_tasks,
 )
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import EvalOptions, parse
 from chatforge.speedrun import speedrun
-from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer, render_prompt, tool_signature
+from chatforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
+from chatforge.tools.builtin import calculator_registry
+from chatforge.tools.calculator import CALCULATOR_TOOL
 from chatforge.world import QA, build_world
 
 CORPUS = [
@@ -229,8 +231,6 @@ def test_chatforge_eval_tools_file(tmp_path, tok, capsys):
     assert results[0].n == results[1].n == 6 and results[0].extra["fact_n"] == 2  # facts found beside it
     assert "false_call_rate" not in results[1].extra
 
-    p = argparse.ArgumentParser()
-    add_eval_arguments(p)
     out = tmp_path / "eval"
     argv = [
         "--model",
@@ -240,7 +240,7 @@ def test_chatforge_eval_tools_file(tmp_path, tok, capsys):
         "--tools-file",
         str(data / "eval_tools.jsonl"),
     ]
-    cmd_eval(p.parse_args([*argv, "--max-new-tokens", "4", "--out", str(out)]))
+    cmd_eval(parse(EvalOptions, [*argv, "--max-new-tokens", "4", "--out", str(out)]))
     printed = capsys.readouterr().out
     assert "| tools_on | false_call_rate |" in printed and "| tools_off / word_seen | accuracy |" in printed
     saved = json.loads((out / "eval.json").read_text())

@@ -17,9 +17,11 @@ import httpx
 import pytest
 import torch
 
+from chatforge.chat_format import load_conversations
+from chatforge.cli import parse_command, run_command
 from chatforge.errors import ChatforgeError
-from chatforge.serve.feedback import FeedbackStore, add_feedback_arguments, cmd_feedback
-from chatforge.tokenizer import Tokenizer, load_conversations
+from chatforge.serve.feedback import FeedbackStore
+from chatforge.tokenizer import Tokenizer
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -42,9 +44,7 @@ def store(tmp_path) -> FeedbackStore:
 
 
 def run_cli(*argv: str) -> None:
-    p = argparse.ArgumentParser()
-    add_feedback_arguments(p)
-    cmd_feedback(p.parse_args(list(argv)))
+    run_command(*parse_command(["feedback", *argv]))
 
 
 def test_wal_and_full_sync(store):
@@ -168,7 +168,7 @@ def run_dir(tmp_path_factory):
 def test_api_round_trip(run_dir, tmp_path):
     from fastapi.testclient import TestClient
 
-    from chatforge.serve.app import build_server_app
+    from chatforge.serve.command import build_server_app
 
     args = argparse.Namespace(
         model=str(run_dir), db=str(tmp_path / "fb.sqlite"), name=None, api_key=None, max_batch=4, max_queue=8,
@@ -219,7 +219,7 @@ def test_rating_survives_sigkill(run_dir, tmp_path, cli_env):
     cmd = [
         sys.executable,
         "-m",
-        "chatforge.serve.app",
+        "chatforge.serve.command",
         "--model",
         str(run_dir),
         "--port",

@@ -15,12 +15,13 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 from safetensors.torch import load_file, save_file  # noqa: E402
 from test_import import TEMPLATE, TEXT, tiny_model, write_gguf  # noqa: E402
 
+from chatforge.chat_format import render_conversation, render_prompt  # noqa: E402
 from chatforge.checkpoint import load_model, save_model  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.model.hf import export_hf, import_hf, looks_like_hf_folder  # noqa: E402
 from chatforge.model.io import import_gguf  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
 
 SENTENCES = [
     "The cat sat on the mat. The dog ran after the cat in the park!",

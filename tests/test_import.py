@@ -16,6 +16,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the `gguf` package is needed to import GGUF files")
 
+from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.checkpoint import load_model, save_model  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
@@ -27,7 +28,7 @@ from chatforge.model.io import (  # noqa: E402
     smollm2_path,
     unpermute_qk,
 )
-from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TEXT = "the cat sat on the mat and the dog ran after the cat in the park"
@@ -187,19 +188,16 @@ def test_bad_inputs(tmp_path, tiny_tok):
 
 
 def test_cmd_import(tmp_path, tiny_tok, capsys):
-    import argparse
+    from chatforge.model.io import cmd_import
+    from chatforge.options import ImportOptions, parse
 
-    from chatforge.model.io import add_import_arguments, cmd_import
-
-    parser = argparse.ArgumentParser()
-    add_import_arguments(parser)
     src = tmp_path / "tiny.gguf"
     write_gguf(src, tiny_model(tiny_tok.vocab_size, True), tiny_tok)
-    assert cmd_import(parser.parse_args([str(src), "--out", str(tmp_path / "run")])) == 0
+    assert cmd_import(parse(ImportOptions, [str(src), "--out", str(tmp_path / "run")])) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file() and "imported" in capsys.readouterr().out
     with pytest.raises(ChatforgeError, match="--force"):
-        cmd_import(parser.parse_args([str(src), "--out", str(tmp_path / "run")]))
-    assert cmd_import(parser.parse_args([str(src), "--out", str(tmp_path / "run"), "--force"])) == 0
+        cmd_import(parse(ImportOptions, [str(src), "--out", str(tmp_path / "run")]))
+    assert cmd_import(parse(ImportOptions, [str(src), "--out", str(tmp_path / "run"), "--force"])) == 0
 
 
 def test_smollm2_missing_says_how_to_install(monkeypatch):
@@ -424,35 +422,31 @@ def test_export_refusals(tmp_path, tiny_tok):
 
 
 def test_cmd_export(tmp_path, tiny_tok, capsys):
-    import argparse
+    from chatforge.model.io import cmd_export
+    from chatforge.options import ExportOptions, parse
 
-    from chatforge.model.io import add_export_arguments, cmd_export
-
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
     export_run(tmp_path / "run", tiny_tok, tie=True)
     out = tmp_path / "out" / "tiny.gguf"
-    assert cmd_export(parser.parse_args(["gguf", str(tmp_path / "run"), str(out), "--dtype", "q8_0"])) == 0
+    assert cmd_export(parse(ExportOptions, ["gguf", str(tmp_path / "run"), str(out), "--dtype", "q8_0"])) == 0
     assert "exported" in capsys.readouterr().out and gguf_fields(out)[0]["general.file_type"] == 7
     with pytest.raises(ChatforgeError, match="--force"):
-        cmd_export(parser.parse_args(["gguf", str(tmp_path / "run"), str(out)]))
-    assert cmd_export(parser.parse_args(["gguf", str(tmp_path / "run"), str(out), "--force"])) == 0
+        cmd_export(parse(ExportOptions, ["gguf", str(tmp_path / "run"), str(out)]))
+    assert cmd_export(parse(ExportOptions, ["gguf", str(tmp_path / "run"), str(out), "--force"])) == 0
     assert gguf_fields(out)[0]["general.file_type"] == 1
     assert [p.name for p in out.parent.iterdir()] == ["tiny.gguf"]  # no temp file left behind
     hf_out = tmp_path / "hf"
-    assert cmd_export(parser.parse_args(["hf", str(tmp_path / "run"), str(hf_out)])) == 0
+    assert cmd_export(parse(ExportOptions, ["hf", str(tmp_path / "run"), str(hf_out)])) == 0
     assert (hf_out / "config.json").is_file() and (hf_out / "model.safetensors").is_file()
     with pytest.raises(ChatforgeError, match="not empty"):
-        cmd_export(parser.parse_args(["hf", str(tmp_path / "run"), str(hf_out)]))
+        cmd_export(parse(ExportOptions, ["hf", str(tmp_path / "run"), str(hf_out)]))
     # and `chatforge import` takes the HF folder back
-    from chatforge.model.io import add_import_arguments, cmd_import
+    from chatforge.model.io import cmd_import
+    from chatforge.options import ImportOptions, parse
 
-    iparser = argparse.ArgumentParser()
-    add_import_arguments(iparser)
-    assert cmd_import(iparser.parse_args([str(hf_out), "--out", str(tmp_path / "back")])) == 0
+    assert cmd_import(parse(ImportOptions, [str(hf_out), "--out", str(tmp_path / "back")])) == 0
     a, b = load_model(tmp_path / "run")[0], load_model(tmp_path / "back")[0]
     assert all(
         torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
     with pytest.raises(ChatforgeError, match="not an HF model"):
-        cmd_import(iparser.parse_args([str(tmp_path / "out"), "--out", str(tmp_path / "x")]))
+        cmd_import(parse(ImportOptions, [str(tmp_path / "out"), "--out", str(tmp_path / "x")]))

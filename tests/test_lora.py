@@ -3,7 +3,6 @@ base, and run through `chatforge sft` (checkpoints, resume, merged run folder)."
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -18,8 +17,9 @@ from chatforge.conversations import build_sft_data, write_sft_data
 from chatforge.errors import ChatforgeError
 from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import MergeOptions, parse
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import build_optimizers
+from chatforge.train.optim import build_optimizers
 from chatforge.train.sft import sft
 from chatforge.world import build_world
 
@@ -209,9 +209,7 @@ def test_sft_with_lora_rank_writes_adapter_and_merged_model_and_resumes_exactly(
 def test_merge_command_writes_a_run_folder_equal_to_the_sft_output(base_run, tmp_path):
     base, data = base_run
     sft(base, data, tmp_path / "sft", lora_cfg(max_steps=3, eval_every=0), progress=False)
-    parser = argparse.ArgumentParser()
-    lora.add_merge_arguments(parser)
-    lora.cmd_merge(parser.parse_args(["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]))
+    ckpt.cmd_merge(parse(MergeOptions, ["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]))
     merged, meta, _ = ckpt.load_model(tmp_path / "m")
     reference, _, _ = ckpt.load_model(tmp_path / "sft")
     ours, theirs = merged.state_dict(), reference.state_dict()
@@ -219,11 +217,11 @@ def test_merge_command_writes_a_run_folder_equal_to_the_sft_output(base_run, tmp
     assert meta["stage"] == "merge" and meta["chat_template"] == "{{ chatml }}"
     assert Tokenizer.load(tmp_path / "m").to_json() == Tokenizer.load(base).to_json()
     with pytest.raises(ChatforgeError, match="already holds a model"):
-        lora.cmd_merge(parser.parse_args(["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]))
+        ckpt.cmd_merge(parse(MergeOptions, ["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]))
     other = tmp_path / "other_base"
     ckpt.save_model(other, tiny(vocab_size=Tokenizer.load(base).vocab_size), "{}", {"stage": "x"})
     with pytest.raises(ChatforgeError, match="another shape"):
-        lora.cmd_merge(parser.parse_args(["--adapter", str(tmp_path / "sft"), "--base", str(other),
+        ckpt.cmd_merge(parse(MergeOptions, ["--adapter", str(tmp_path / "sft"), "--base", str(other),
                                           "--out", str(tmp_path / "m2")]))  # fmt: skip
 
 

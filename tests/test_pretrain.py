@@ -21,8 +21,13 @@ from safetensors.torch import load_file
 
 from chatforge import checkpoint as ckpt
 from chatforge.config import TrainConfig, apply_overrides, get_preset
+from chatforge.device import single_process
 from chatforge.errors import ChatforgeError
-from chatforge.train.common import lr_multiplier, read_metrics
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Stage, run_training
+from chatforge.train.metrics import read_metrics
+from chatforge.train.optim import lr_multiplier
 from chatforge.train.pretrain import pretrain
 
 # tiny and quiet: eval off, a metrics line every step
@@ -311,6 +316,69 @@ def test_muon_and_wsd_train_and_lower_the_loss(smoke, tmp_path, sets):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"][key] == value
 
 
+# ---- the loop with a stage of its own ------------------------------------------------------------
+
+
+def toy_stage(updates: int, begun: list[int]) -> Stage:
+    """A tiny GPT learning one fixed batch; each step begins like GRPO's (a rollout) and makes
+    `updates` optimizer updates."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    x = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def begin_step(step: int) -> tuple[int, dict]:
+        begun.append(step)
+        return updates, {"rollout_step": float(step)}
+
+    def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
+        return module(x[:, :-1], x[:, 1:]), {"update": float(update)}
+
+    return Stage(
+        name="toy", model=model, step=step, begin_step=begin_step, meta={"stage": "toy"},
+        summarize=lambda first, last: {"first": first, "last": last}, plot=("toy.png", [("loss", ["loss"])]),
+        evaluate=lambda module: {"val_steps_begun": float(len(begun))},
+    )  # fmt: skip
+
+
+def run_toy(out: Path, max_steps: int, updates: int = 3, resume: bool = False) -> tuple[dict, list[int]]:
+    cfg = TrainConfig(max_steps=max_steps, warmup_steps=0, lr=1e-2, embed_lr=1e-2, seq_len=8,
+                      eval_every=2, ckpt_every=2, log_every=1)  # fmt: skip
+    begun: list[int] = []
+    tok = Tokenizer.train(["a b c d e f g"] * 10, 300)
+    stage = toy_stage(updates, begun)
+    dist = single_process(torch.device("cpu"))
+    return run_training(stage, cfg, out, tok, dist, resume=resume, progress=False), begun
+
+
+def test_the_loop_runs_several_updates_per_step_and_resumes_exactly(tmp_path):
+    """A stage's begin_step runs once per step and its updates each step the optimizer; stats are
+    averaged over the updates; a run resumed from its step-2 checkpoint ends on the uninterrupted run's weights."""
+    summary, begun = run_toy(tmp_path / "whole", 4)
+    assert begun == [0, 1, 2, 3] and summary["steps"] == 4
+    final = ckpt.load_train_state(tmp_path / "whole" / "ckpt" / "step_000004")
+    assert int(final["optimizers"][0]["state"][0]["step"]) == 12  # 4 steps x 3 updates
+    rows = read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all(r["update"] == 1.0 for r in train_rows)  # the mean of updates 0, 1, 2
+    assert [r["rollout_step"] for r in train_rows] == [0.0, 1.0, 2.0, 3.0]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert [r["step"] for r in rows if "val_steps_begun" in r] == [0, 2, 4]
+    assert summary["first"] == {"val_steps_begun": 0.0} and summary["last"] == {"val_steps_begun": 4.0}
+    assert json.loads((tmp_path / "whole" / "toy_summary.json").read_text())["steps"] == 4
+    assert (tmp_path / "whole" / "toy.png").stat().st_size > 1000
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "parts")
+    shutil.rmtree(tmp_path / "parts" / "ckpt" / "step_000004")  # as if killed after step 3
+    (tmp_path / "parts" / "model.safetensors").unlink()
+    summary, begun = run_toy(tmp_path / "parts", 4, resume=True)
+    assert begun == [2, 3]
+    assert summary["first"] == {"val_steps_begun": 0.0}  # read back from the first session
+    whole, parts = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "parts")
+
+
 def test_lr_multiplier_cosine():
     cfg = TrainConfig(max_steps=25, warmup_steps=5, schedule="cosine", final_lr_frac=0.1)
     assert lr_multiplier(0, cfg) == pytest.approx(0.2)  # warmup: (step + 1) / warmup
@@ -502,7 +570,7 @@ def test_torchrun_two_ranks_and_grad_accum_match_single_process(smoke, tmp_path,
 
 def test_checkpoints_sort_by_step_number_and_bad_devices_are_one_line(tmp_path):
     from chatforge.checkpoint import latest_checkpoint, list_checkpoints
-    from chatforge.train.common import pick_device
+    from chatforge.device import pick_device
 
     for step in (999_999, 1_000_000, 5):
         (tmp_path / "ckpt" / f"step_{step:06d}").mkdir(parents=True)

@@ -4,23 +4,20 @@ import pytest
 import torch
 import torch.nn as nn
 
-from chatforge.checkpoint import model_state, save_model
+from chatforge.checkpoint import model_state
 from chatforge.engine import generate, generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, MLP, Attention, GPTConfig, KVCache
 from chatforge.model.lora import apply_lora
 from chatforge.model.quant import (
-    MODES,
     FusedAttention,
     FusedMLP,
     Int8Linear,
     SplitLinear,
     decode_layout,
     int8_weights,
-    load_for_inference,
     quantize_model,
 )
-from chatforge.tokenizer import Tokenizer
 
 V = 300
 
@@ -198,22 +195,3 @@ def test_decode_layout_leaves_lora_projections_unfused():
     apply_lora(model, rank=2, alpha=4.0)
     decode_layout(model)
     assert type(model.layers[0].self_attn) is Attention and type(model.layers[0].mlp) is MLP
-
-
-def test_load_for_inference(tmp_path):
-    model = tiny()
-    tok = Tokenizer.train(["hello world, a tiny corpus for a tiny tokenizer"] * 20, vocab_size=V)
-    save_model(tmp_path / "run", model, tok.to_json(), {"stage": "test"})
-    prompt = [3, 1, 4, 1, 5]
-    expected = generate_batch(model, [prompt], 8)[0]
-    fp32, meta, folder = load_for_inference(tmp_path / "run")
-    assert meta["stage"] == "test" and folder == tmp_path / "run"
-    assert isinstance(fp32.layers[0].mlp, FusedMLP)  # decode_layout applied
-    assert generate_batch(fp32, [prompt], 8)[0] == expected
-    q, _, _ = load_for_inference(tmp_path / "run", "int8")
-    assert isinstance(q.lm_head, Int8Linear) and not q.training
-    b, _, _ = load_for_inference(tmp_path / "run", "bf16")
-    assert b.lm_head.weight.dtype == torch.bfloat16
-    with pytest.raises(ChatforgeError, match="unknown quantization 'int3'"):
-        load_for_inference(tmp_path / "run", "int3")
-    assert MODES == ("bf16", "int8")

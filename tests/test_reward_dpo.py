@@ -2,7 +2,6 @@
 model that learns a rigged pair (and judges a win rate by it), and tiny end-to-end runs that write
 loadable run folders."""
 
-import argparse
 import json
 import math
 
@@ -11,12 +10,10 @@ import torch
 from test_tools_runner import ScriptedGPT
 
 from chatforge.align import encode_answer, final_hidden, sequence_logps
-from chatforge.align.dpo import add_dpo_arguments, cmd_dpo, dpo_loss, pair_logps
+from chatforge.align.dpo import cmd_dpo, dpo_loss, pair_logps
 from chatforge.align.prefs import encode_prefs, load_prefs, world_prefs, write_prefs
 from chatforge.align.reward import (
     RewardModel,
-    add_reward_arguments,
-    add_winrate_arguments,
     best_of_n,
     bt_loss,
     cmd_reward,
@@ -31,6 +28,8 @@ from chatforge.checkpoint import load_model, read_config, save_model
 from chatforge.conversations import split_people
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import DPOOptions, RewardOptions, WinrateOptions
+from chatforge.options import parse as parse_options
 from chatforge.tokenizer import Tokenizer
 from chatforge.world import build_world
 
@@ -61,10 +60,8 @@ def setup(tmp_path_factory):
     return root, tok
 
 
-def parse(add, *argv):
-    p = argparse.ArgumentParser()
-    add(p)
-    return p.parse_args([str(a) for a in argv])
+def parse(options: type, *argv):
+    return parse_options(options, list(argv))
 
 
 # ---- the losses, by hand ----------------------------------------------------------------------------
@@ -121,7 +118,7 @@ def test_reward_model_learns_a_rigged_pair(setup, tmp_path):
     q = [{"role": "user", "content": "Where was Alice born?"}]
     good, bad = "Alice was born in Valdren.", "I like turtles and boats very much."
     write_prefs(tmp_path / "rigged.jsonl", [{"messages": q, "chosen": good, "rejected": bad}] * 4)
-    args = parse(add_reward_arguments, "--model", root / "sft", "--data", tmp_path / "rigged.jsonl",
+    args = parse(RewardOptions, "--model", root / "sft", "--data", tmp_path / "rigged.jsonl",
                  "--out", tmp_path / "rm", "--steps", 8, "--lr", 3e-3, "--batch-size", 2,
                  "--val-fraction", 0, "--no-progress", "--device", "cpu")  # fmt: skip
     cmd_reward(args)
@@ -184,16 +181,16 @@ def test_fresh_reward_is_the_answers_log_likelihood_and_old_heads_load(setup, tm
 
 def test_winrate_cli(setup, tmp_path, capsys):
     root, _ = setup
-    cmd_reward(parse(add_reward_arguments, "--model", root / "sft", "--data", root / "prefs.jsonl",
+    cmd_reward(parse(RewardOptions, "--model", root / "sft", "--data", root / "prefs.jsonl",
                      "--out", tmp_path / "rm", "--steps", 1, "--no-progress", "--device", "cpu"))  # fmt: skip
     argv = ["--model", root / "sft", "--against", root / "sft", "--rm", tmp_path / "rm", "--prompts",
             root / "prefs.jsonl", "--n", 5, "--max-new-tokens", 8, "--device", "cpu", "--out", tmp_path / "w.json"]  # fmt: skip
-    cmd_winrate(parse(add_winrate_arguments, *argv))
+    cmd_winrate(parse(WinrateOptions, *argv))
     result = json.loads((tmp_path / "w.json").read_text())
     assert result["n"] == 5 and result["win_rate"] == 0.5 and result["ties"] == 5  # a model against itself
     assert "win rate 0.500 over 5 prompts" in capsys.readouterr().out
     with pytest.raises(ChatforgeError, match="--n must be at least 1"):
-        cmd_winrate(parse(add_winrate_arguments, *argv[:-4], "--n", 0))
+        cmd_winrate(parse(WinrateOptions, *argv[:-4], "--n", 0))
 
 
 def test_reward_with_held_out_accuracy_and_resume(setup, tmp_path):
@@ -201,10 +198,10 @@ def test_reward_with_held_out_accuracy_and_resume(setup, tmp_path):
     base = ["--model", root / "sft", "--data", root / "prefs.jsonl", "--out", tmp_path / "rm",
             "--batch-size", 4, "--val-fraction", 0.2, "--no-progress", "--device", "cpu",
             "--set", "eval_every=2", "--set", "ckpt_every=2"]  # fmt: skip
-    cmd_reward(parse(add_reward_arguments, *base, "--steps", 2))
+    cmd_reward(parse(RewardOptions, *base, "--steps", 2))
     with pytest.raises(ChatforgeError, match="already has checkpoints|--resume"):
-        cmd_reward(parse(add_reward_arguments, *base, "--steps", 4))
-    cmd_reward(parse(add_reward_arguments, *base, "--steps", 4, "--resume"))
+        cmd_reward(parse(RewardOptions, *base, "--steps", 4))
+    cmd_reward(parse(RewardOptions, *base, "--steps", 4, "--resume"))
     summary = json.loads((tmp_path / "rm" / "reward_summary.json").read_text())
     assert summary["val_pairs"] > 0 and 0 <= summary["val_acc_end"] <= 1
     evals = [json.loads(x) for x in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
@@ -216,7 +213,7 @@ def test_reward_with_held_out_accuracy_and_resume(setup, tmp_path):
 
 def test_dpo_end_to_end_writes_a_chat_able_run_and_learns(setup, tmp_path):
     root, tok = setup
-    args = parse(add_dpo_arguments, "--model", root / "sft", "--data", root / "prefs.jsonl",
+    args = parse(DPOOptions, "--model", root / "sft", "--data", root / "prefs.jsonl",
                  "--out", tmp_path / "dpo", "--steps", 6, "--lr", 2e-3, "--batch-size", 4,
                  "--beta", 0.5, "--no-progress", "--device", "cpu", "--set", "eval_every=3")  # fmt: skip
     cmd_dpo(args)
@@ -241,7 +238,7 @@ def test_dpo_end_to_end_writes_a_chat_able_run_and_learns(setup, tmp_path):
 
 def test_dpo_with_lora_saves_adapter_and_merged_model(setup, tmp_path):
     root, _ = setup
-    args = parse(add_dpo_arguments, "--model", root / "sft", "--data", root / "prefs.jsonl",
+    args = parse(DPOOptions, "--model", root / "sft", "--data", root / "prefs.jsonl",
                  "--out", tmp_path / "lora", "--steps", 2, "--lr", 1e-3, "--batch-size", 2,
                  "--lora-rank", 2, "--no-progress", "--device", "cpu")  # fmt: skip
     cmd_dpo(args)
@@ -268,7 +265,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
         (["--data", root / "prefs.jsonl", "--beta", 0], "beta must be positive"),
     ]:
         args = parse(
-            add_dpo_arguments, "--model", root / "sft", "--out", tmp_path / "x", "--no-progress", *argv
+            DPOOptions, "--model", root / "sft", "--out", tmp_path / "x", "--no-progress", *argv
         )
         with pytest.raises(ChatforgeError, match=msg):
             cmd_dpo(args)
@@ -279,7 +276,7 @@ def test_rpo_alpha_keeps_the_chosen_answers_likely(setup, tmp_path):
     pairs, _ = encode_prefs(tok, load_prefs(root / "prefs.jsonl"), 96)
     chosen_logp = {}
     for alpha in (0.0, 1.0):
-        args = parse(add_dpo_arguments, "--model", root / "sft", "--data", root / "prefs.jsonl",
+        args = parse(DPOOptions, "--model", root / "sft", "--data", root / "prefs.jsonl",
                      "--out", tmp_path / f"a{alpha}", "--steps", 4, "--lr", 2e-3, "--batch-size", 4,
                      "--rpo-alpha", alpha, "--no-progress", "--device", "cpu")  # fmt: skip
         cmd_dpo(args)

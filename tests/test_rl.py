@@ -2,7 +2,6 @@
 world problems; a toy task whose reward really rises; rollouts through the calculator (the policy is
 trained on what it wrote, never on a tool's result); end-to-end `rl` runs from a world."""
 
-import argparse
 import json
 import math
 
@@ -11,6 +10,7 @@ import torch
 from test_tools_runner import USER, ScriptedGPT, calc_policy, tok  # noqa: F401 (tok: a fixture)
 from test_tools_runner import registry as tools_registry
 
+from chatforge.align.problems import load_problems, speedrun_problems, tool_problems, world_problems
 from chatforge.align.rewards import (
     calculator_verified,
     exact_answer,
@@ -20,23 +20,20 @@ from chatforge.align.rewards import (
 )
 from chatforge.align.rl import (
     RLConfig,
-    add_rl_arguments,
     cmd_rl,
     group_advantages,
     grpo,
     grpo_loss,
     k3_kl,
-    load_problems,
     sample_answers,
-    speedrun_problems,
-    tool_problems,
-    world_problems,
 )
+from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model, save_model
 from chatforge.conversations import split_people
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.options import RLOptions, parse
+from chatforge.tokenizer import Tokenizer
 from chatforge.world import build_world, write_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
@@ -170,12 +167,10 @@ def test_grpo_raises_the_reward_on_a_toy_task(run_dir, tmp_path):
 def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
     world_dir = tmp_path / "world"
     write_world(build_world(0, 40, 4), world_dir, paraphrases=1, seed=0)
-    p = argparse.ArgumentParser()
-    add_rl_arguments(p)
     argv = ["--model", run_dir, "--problems", "world", "--world", world_dir, "--out", tmp_path / "rl",
             "--steps", 2, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6,
             "--eval-every", 1, "--eval-problems", 8, "--kl-beta", 0.05, "--device", "cpu", "--no-progress"]  # fmt: skip
-    cmd_rl(p.parse_args([str(a) for a in argv]))
+    cmd_rl(parse(RLOptions, argv))
     out = tmp_path / "rl"
     model, meta, _ = load_model(out)
     assert meta["stage"] == "rl" and meta["reward"] == "exact" and meta["problems"] == "world"
@@ -186,7 +181,7 @@ def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
     summary = json.loads((out / "rl_summary.json").read_text())
     assert summary["val_problems"] == 8 and 0 <= summary["val_pass1_end"] <= 1
     with pytest.raises(ChatforgeError, match="needs --world"):
-        cmd_rl(p.parse_args([str(a) for a in argv[:4] + ["--out", tmp_path / "x"]]))
+        cmd_rl(parse(RLOptions, argv[:4] + ["--out", tmp_path / "x"]))
 
 
 # ---- with tools ------------------------------------------------------------------------------------------
@@ -250,12 +245,10 @@ def test_rl_cli_with_tools_writes_a_run(tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=t.vocab_size, seq_len=256, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
     save_model(tmp_path / "sft", GPT(cfg), t.to_json(), {"stage": "sft"})
-    p = argparse.ArgumentParser()
-    add_rl_arguments(p)
     argv = ["--model", tmp_path / "sft", "--problems", "tools", "--world", world_dir, "--out", tmp_path / "rl",
             "--steps", 1, "--prompts-per-step", 2, "--group-size", 2, "--max-new-tokens", 6,
             "--eval-every", 1, "--eval-problems", 4, "--tool-problems", 20, "--device", "cpu", "--no-progress"]  # fmt: skip
-    cmd_rl(p.parse_args([str(a) for a in argv]))
+    cmd_rl(parse(RLOptions, argv))
     _, meta, _ = load_model(tmp_path / "rl")
     assert meta["reward"] == "exact" and meta["problems"] == "tools"
     assert meta["rl"]["tools"] is True and meta["rl"]["tool_problems"] == 20

@@ -18,13 +18,14 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from chatforge.chat import stop_ids  # noqa: E402
+from chatforge.chat_format import render_prompt  # noqa: E402
+from chatforge.chat_format import turn_end_ids as stop_ids  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
 from chatforge.serve.feedback import FeedbackStore  # noqa: E402
 from chatforge.serve.scheduler import Job, Scheduler  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
 
 MODEL_ID = "tiny"
 TOOLS = [
@@ -279,6 +280,12 @@ def test_api_key_body_limit_and_full_queue(model, tok):
         for j in [holder, *fillers]:
             j.cancel()
         release.set()
+        # the cancelled jobs leave over the scheduler's next loops; a request sent before that is
+        # still refused (429), so wait for them rather than race the scheduler thread
+        deadline = time.time() + 10
+        while (load := sched.load())["active"] or load["waiting"]:
+            assert time.time() < deadline, load
+            time.sleep(0.01)
         assert c.post("/v1/chat/completions", json=ok, headers=key).status_code == 200
 
 
@@ -487,7 +494,7 @@ def test_text_stream_turns_a_tool_call_into_tool_calls(tok, special_tags):
     """What the server does with a model's tool call, streamed: the text before it is content, the
     call itself never streams as text, and it comes back parsed. Tags as special tokens (chatforge's
     tokenizer) or as plain text (tokenizers without them, e.g. SmolLM2's)."""
-    from chatforge.serve.app import TextStream
+    from chatforge.serve.streaming import TextStream
 
     def tag(name: str) -> list[int]:
         return [tok.special_id(name)] if special_tags else tok.encode(name)

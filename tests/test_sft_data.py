@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from chatforge.chat_format import render_conversation
 from chatforge.conversations import build_sft_data
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches, pack_rows
 from chatforge.errors import ChatforgeError
-from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.tokenizer import Tokenizer
 from chatforge.world import build_world
 
 T = 160  # longer than every generated conversation under this tokenizer: nothing truncated

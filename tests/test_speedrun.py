@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model
 from chatforge.cli import main
 from chatforge.config import get_preset
+from chatforge.data.pipeline import train_tokenizer
 from chatforge.errors import ChatforgeError
+from chatforge.eval.suite import SAMPLE_PROMPTS, evaluate_world, world_tasks
 from chatforge.speedrun import STAGES, speedrun
-from chatforge.tokenizer import Tokenizer, render_conversation
-from chatforge.train.common import read_metrics
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.metrics import read_metrics
 from chatforge.train.sft import sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,6 +76,27 @@ def test_knowledge_augmentation_uses_only_sft_people(run):
     assert chats and not any(f["question"] in asked for f in forward)
     index = json.loads((run / "data" / "index.json").read_text())
     assert index["conversations"]["count"] == len(chats)
+
+
+def test_the_world_suite_asks_the_run_folders_questions(run, tmp_path):
+    full = [t.name for t in world_tasks(run, tool_use=False)]
+    assert full == ["world_forward", "world_reverse", "world_forward_seen", "bpb_heldout_bios"]
+    assert [t.name for t in world_tasks(run, tool_use=False, full=False)] == ["world_forward"]
+    results = evaluate_world(run / "sft", run, tmp_path / "short", tool_use=False, full=False, max_examples=3)
+    written = json.loads((tmp_path / "short" / "eval.json").read_text())
+    assert [r.task for r in results] == ["world_forward"] and results[0].n == 3
+    assert written["samples"] == [] and written["model"].endswith("sft")
+    assert len(json.loads((run / "eval" / "eval.json").read_text())["samples"]) == len(SAMPLE_PROMPTS)
+
+
+def test_train_tokenizer_gives_the_speedruns_tokenizer(run, tmp_path):
+    chats = [run / "sft_data" / "qa_pretrain.jsonl", run / "sft_data" / "sft_train.jsonl"]
+    vocab = get_preset("smoke").vocab_size
+    tok = train_tokenizer([str(run / "world")], tmp_path / "tok.json", vocab, conversations=chats, progress=False)
+    assert tok.vocab_size == vocab
+    assert (tmp_path / "tok.json").read_text() == (run / "tokenizer.json").read_text()
+    without_chats = train_tokenizer([str(run / "world")], tmp_path / "plain.json", vocab, progress=False)
+    assert without_chats.to_json() != tok.to_json()
 
 
 def test_rerun_skips_finished_stages_and_refuses_other_settings(run, capsys):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from chatforge.tools.builtin import default_registry
 from chatforge.tools.chart import PNG_MAGIC
-from chatforge.tools.registry import default_registry
 from chatforge.tools.sandbox import SandboxConfig, python_tool, run_python
 
 REPO = Path(__file__).resolve().parents[1]

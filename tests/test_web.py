@@ -5,7 +5,6 @@ a remote image."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import threading
@@ -27,13 +26,15 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from test_serve import serve  # noqa: E402  (uvicorn on a loopback port, in a thread)
 
-from chatforge.chat import stop_ids  # noqa: E402
+from chatforge.chat_format import render_prompt  # noqa: E402
+from chatforge.chat_format import turn_end_ids as stop_ids  # noqa: E402
+from chatforge.cli import parse_command, run_command  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
-from chatforge.serve.feedback import FeedbackStore, add_feedback_arguments, cmd_feedback  # noqa: E402
+from chatforge.serve.feedback import FeedbackStore  # noqa: E402
 from chatforge.serve.scheduler import Job  # noqa: E402
-from chatforge.tokenizer import Tokenizer, render_prompt  # noqa: E402
+from chatforge.tokenizer import Tokenizer  # noqa: E402
 
 ARGS = [
     "--headless",
@@ -81,9 +82,7 @@ def setup(tmp_path_factory):
 
 
 def export(db, fmt: str, out) -> list[dict]:
-    p = argparse.ArgumentParser()
-    add_feedback_arguments(p)
-    cmd_feedback(p.parse_args(["export", "--db", str(db), "--as", fmt, "--out", str(out)]))
+    run_command(*parse_command(["feedback", "export", "--db", db, "--as", fmt, "--out", out]))
     return [json.loads(line) for line in open(out, encoding="utf-8")]
 
 
@@ -152,8 +151,18 @@ def test_stop_button_frees_the_row(setup):
     helper = None
 
     def hold(kind, value):
+        if kind != "token":
+            return
+        # The helper must still be running when the page's job arrives, however long the browser
+        # takes to send it: its first token waits for the job to be queued (its 120 tokens alone
+        # take a few milliseconds, less than the page's two requests).
+        deadline = time.time() + 10
+        while not sched.load()["waiting"] and not [j for j in sched.active if j is not helper]:
+            if time.time() > deadline:
+                return
+            time.sleep(0.005)
         others = [j for j in sched.active if j is not helper]
-        if kind == "token" and others and others[0].generated >= 2:
+        if others and others[0].generated >= 2:
             blocked.set()
             release.wait(10)
 

@@ -8,26 +8,22 @@
     rewards.py  reward functions for RL: exact answer, number match, a reward model
     rl.py       `chatforge rl`: GRPO (group-relative advantages, clipped ratio, optional k3 KL)
 
+    problems.py RL problems: loaded from .jsonl, or built from a world (facts, sums, calculator)
+
 This file holds what the three trainers share: how an answer is tokenised after its prompt (the
 mask covers that answer only), per-token log-probabilities, the final hidden states the reward
-model reads, and the checkpoint / resume / plot plumbing.
+model reads, and the preference trainers' default config. They train through the one loop in
+train/loop.py, which owns resume, checkpoints, metrics and the plot.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from pathlib import Path
-
 import torch
 
-from chatforge import checkpoint as ckpt
-from chatforge.config import TrainConfig
+from chatforge.chat_format import render_conversation, render_prompt
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
-from chatforge.model.lora import has_lora, load_adapter
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt
-from chatforge.train.common import read_metrics
+from chatforge.tokenizer import Tokenizer
 
 # ---- tokenising an answer after its prompt ---------------------------------------------------
 
@@ -98,99 +94,6 @@ def final_hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, return_hidden=True)
 
 
-# ---- training plumbing -------------------------------------------------------------------------
+# ---- the preference trainers' defaults ---------------------------------------------------------
 
 
-def align_config(**kw) -> TrainConfig:
-    """Defaults for the preference trainers (reward model, DPO): small learning rates, short runs.
-    seq_len 0 means the model's own context."""
-    base = dict(
-        lr=1e-4, embed_lr=1e-4, weight_decay=0.0, warmup_steps=10, final_lr_frac=0.0, max_steps=200,
-        device_batch_size=16, seq_len=0, eval_every=25, ckpt_every=100, log_every=5,
-    )  # fmt: skip
-    return TrainConfig(**{**base, **kw})
-
-
-def save_train_checkpoint(
-    out_dir: Path,
-    step: int,
-    model: GPT,
-    tok: Tokenizer,
-    meta: dict,
-    optimizers: list[torch.optim.Optimizer],
-    extra: dict,
-    keep: int,
-) -> Path:
-    """RUN/ckpt/step_N with the weights (or the LoRA adapter), optimizer states, RNG and `extra`."""
-    from chatforge.train.loop import rng_state
-
-    state = {"step": step, "optimizers": [o.state_dict() for o in optimizers], "rng": rng_state(), **extra}
-    return ckpt.save_checkpoint(out_dir, step, model, tok.to_json(), meta, state, keep=keep)
-
-
-def resume_train(
-    out_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer], resume: bool, max_steps: int
-) -> tuple[int, dict]:
-    """(start step, train_state) after loading the newest checkpoint of out_dir into `model` and
-    `optimizers`; (0, {}) for a fresh run. A fresh run refuses a folder that has checkpoints."""
-    from chatforge.train.loop import set_rng_state
-
-    latest = ckpt.latest_checkpoint(out_dir) if resume else None
-    if latest is None:
-        if not resume and ckpt.list_checkpoints(out_dir):
-            raise ChatforgeError(
-                f"{out_dir} already has checkpoints: pass --resume to continue, or use a new --out"
-            )
-        if resume:
-            print(f"no checkpoint in {out_dir}: starting from scratch")
-        return 0, {}
-    if ckpt.read_config(latest).get("model") != model.cfg.to_dict():
-        raise ChatforgeError(f"cannot resume: {latest} was trained with a different model config")
-    if has_lora(model):
-        load_adapter(model, latest)
-    else:
-        ckpt.load_weights(model, latest)
-    state = ckpt.load_train_state(latest)
-    if state["step"] > max_steps:
-        raise ChatforgeError(
-            f"cannot resume: {latest} is at step {state['step']}, past the {max_steps} steps asked; "
-            "ask for more steps or use a new --out"
-        )
-    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
-    set_rng_state(state["rng"])
-    print(f"resuming from {latest} at step {state['step']}")
-    return state["step"], state
-
-
-def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def plot_metrics(metrics_path: Path, png_path: Path, panels: list[tuple[str, list[str]]], title: str) -> Path:
-    """One subplot per (y label, [metric keys]) panel, each key drawn against step; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (ylabel, keys) in zip(axes[0], panels, strict=True):
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                style = "o-" if key.startswith("val_") else "-"
-                ax.plot(*zip(*pts, strict=True), style, label=key, lw=1, ms=3)
-        ax.set(xlabel="step", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path

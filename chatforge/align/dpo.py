@@ -25,9 +25,8 @@ the reward margin are logged and plotted (dpo.png); the run folder chats like an
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
-from chatforge.align import config_dict, plot_metrics, resume_train, save_train_checkpoint, sequence_logps
+from chatforge.align import sequence_logps
 from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
@@ -43,13 +42,13 @@ from chatforge.align.prefs import (
     load_prefs,
     train_val_pairs,
 )
-from chatforge.align.reward import add_pref_train_arguments, pref_train_config
+from chatforge.align.reward import pref_train_config
 from chatforge.config import TrainConfig
+from chatforge.device import autocast, pick_device, single_process
 from chatforge.errors import ChatforgeError
-from chatforge.fileio import atomic_write_json
-from chatforge.model.lora import has_lora, merge_lora, save_adapter
-from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
+from chatforge.options import DPOOptions
+from chatforge.train.loop import Stage, run_training
+from chatforge.train.sft import chat_samples, lora_setup
 
 
 def dpo_loss(
@@ -135,15 +134,13 @@ def dpo(
     progress: bool = True,
 ) -> dict:
     """DPO-train the model in `base` on the comparisons in `data`; returns a summary dict."""
-    from chatforge.train.sft import chat_samples, lora_setup
-
     if beta <= 0:
         raise ChatforgeError(f"--beta must be positive, got {beta}")
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, base_meta, model_dir = ckpt.load_model(base, device)
-    tok = Tokenizer.load(model_dir)
+    run = ckpt.load_run(base, device=device)
+    model, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
     max_len = min(cfg.seq_len or model.cfg.seq_len, model.cfg.seq_len)
     rows = load_prefs(data)  # its single-turn prompts give the end-of-run samples
     train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
@@ -156,13 +153,36 @@ def dpo(
     ref_train = reference_logps(model, train, bs, device, progress)
     ref_val = reference_logps(model, val, bs, device, progress)
     model.train()
-    optimizers = build_optimizers(model, cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start, state = resume_train(out_dir, model, optimizers, resume, cfg.max_steps)
+
+    def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
+        idx = batch_indices(len(train), bs, step, cfg.seed)
+        c, r = pair_logps(module, [train[i] for i in idx], device)
+        ref = ref_train[idx].to(device)
+        loss, cr, rj = dpo_loss(c, r, ref[:, 0], ref[:, 1], beta)
+        if rpo_alpha:  # + alpha x NLL per token of the chosen answers: keeps their likelihood from sinking
+            n_tok = torch.tensor([sum(train[i].chosen_mask) for i in idx], device=device).clamp(min=1)
+            loss = loss + rpo_alpha * (-c / n_tok).mean()
+        return loss, {"acc": float((cr > rj).float().mean()), "margin": float((cr - rj).mean())}
+
+    def summarize(first: dict | None, last: dict | None) -> dict:
+        prompts = [row["messages"] for row in rows if len(row["messages"]) == 1][:3]
+        samples = chat_samples(model, tok, [m[0]["content"] for m in prompts]) if prompts else []
+        return {
+            "train_pairs": len(train),
+            "val_pairs": len(val),
+            "truncated_pairs": n_trunc,
+            "beta": beta,
+            "val_acc_start": first["val_acc"] if first else None,
+            "val_acc_end": last["val_acc"] if last else None,
+            "val_margin_end": last["val_margin"] if last else None,
+            "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
+            "samples": [f"{q} -> {a}" for q, a in samples],
+        }
+
     meta = {
         **ckpt.inherited_meta(base_meta),
         "stage": "dpo",
-        "train": config_dict(cfg),
+        "train": asdict(cfg),
         "dpo": {
             "beta": beta,
             "rpo_alpha": rpo_alpha,
@@ -174,105 +194,20 @@ def dpo(
         "base_stage": base_meta.get("stage"),
         **lora_meta,
     }
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if state else None)
-    first_eval = None
-    t0, train_time = time.perf_counter(), state.get("train_seconds", 0.0)
-    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, disable=not progress)
-    for step in bar:
-        if val and (step % max(cfg.eval_every, 1) == 0 or step == cfg.max_steps):
-            ev = evaluate_dpo(model, val, ref_val, beta, bs, device)
-            first_eval = first_eval or ev
-            metrics.log(step=step, **{k: round(v, 5) for k, v in ev.items()})
-            bar.write(
-                f"step {step}: held-out preference accuracy {ev['val_acc']:.3f}, margin {ev['val_margin']:.3f}"
-            )
-        if step == cfg.max_steps:
-            break
-        idx = batch_indices(len(train), bs, step, cfg.seed)
-        set_lr(optimizers, lr_multiplier(step, cfg))
-        c, r = pair_logps(model, [train[i] for i in idx], device)
-        ref = ref_train[idx].to(device)
-        loss, cr, rj = dpo_loss(c, r, ref[:, 0], ref[:, 1], beta)
-        if rpo_alpha:  # + alpha x NLL per token of the chosen answers: keeps their likelihood from sinking
-            n_tok = torch.tensor([sum(train[i].chosen_mask) for i in idx], device=device).clamp(min=1)
-            loss = loss + rpo_alpha * (-c / n_tok).mean()
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if step % max(cfg.log_every, 1) == 0 or step + 1 == cfg.max_steps:
-            acc = float((cr > rj).float().mean())
-            margin = float((cr - rj).mean())
-            metrics.log(
-                step=step + 1, loss=round(float(loss.detach()), 5), acc=round(acc, 4), margin=round(margin, 5)
-            )
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}", margin=f"{margin:.2f}")
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
-            extra = {"train_seconds": train_time + time.perf_counter() - t0}
-            save_train_checkpoint(out_dir, step + 1, model, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    bar.close()
-    train_time += time.perf_counter() - t0
-    if (
-        start < cfg.max_steps or not state
-    ):  # the finished run's checkpoint: --resume with more steps extends it
-        extra = {"train_seconds": train_time}
-        save_train_checkpoint(out_dir, cfg.max_steps, model, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    last = evaluate_dpo(model, val, ref_val, beta, bs, device) if val else None
-    model.eval()
-    prompts = [row["messages"] for row in rows if len(row["messages"]) == 1][:3]
-    samples = chat_samples(model, tok, [m[0]["content"] for m in prompts]) if prompts else []
-    summary = {
-        "train_pairs": len(train),
-        "val_pairs": len(val),
-        "truncated_pairs": n_trunc,
-        "beta": beta,
-        "steps": cfg.max_steps,
-        "train_seconds": round(train_time, 2),
-        "val_acc_start": first_eval["val_acc"] if first_eval else None,
-        "val_acc_end": last["val_acc"] if last else None,
-        "val_margin_end": last["val_margin"] if last else None,
-        "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
-        "samples": [f"{q} -> {a}" for q, a in samples],
-    }
-    final_meta = {**meta, "step": cfg.max_steps, "summary": summary}
-    if has_lora(model):
-        save_adapter(model, out_dir, final_meta)  # the adapter apart, and the merged model beside it
-        merge_lora(model)
-    ckpt.save_model(out_dir, model, tok.to_json(), final_meta)
-    summary["plot"] = str(
-        plot_metrics(
-            out_dir / "metrics.jsonl",
-            out_dir / "dpo.png",
-            [
-                ("DPO loss", ["loss", "val_loss"]),
-                ("preference accuracy", ["acc", "val_acc"]),
-                ("implicit reward", ["margin", "val_margin", "val_chosen_reward", "val_rejected_reward"]),
-            ],
-            f"DPO from {Path(base).name} (beta {beta})",
-        )
-    )
-    atomic_write_json(out_dir / "dpo_summary.json", summary)
-    return summary
-
-
-def add_dpo_arguments(p: argparse.ArgumentParser) -> None:
-    add_pref_train_arguments(p, "DPO model")
-    p.add_argument(
-        "--beta", type=float, default=0.1, help="strength of the pull towards the reference (default 0.1)"
-    )
-    p.add_argument(
-        "--rpo-alpha", type=float, default=0.0,
-        help="add this x the chosen answers' per-token NLL (RPO), so their likelihood does not sink (default 0)",
+    panels = [
+        ("DPO loss", ["loss", "val_loss"]),
+        ("preference accuracy", ["acc", "val_acc"]),
+        ("implicit reward", ["margin", "val_margin", "val_chosen_reward", "val_rejected_reward"]),
+    ]
+    stage = Stage(
+        name="dpo", model=model, step=step, meta=meta, summarize=summarize, plot=("dpo.png", panels),
+        evaluate=(lambda module: evaluate_dpo(module, val, ref_val, beta, bs, device)) if val else None,
+        plot_title=f"DPO from {Path(base).name} (beta {beta})", header=f"{len(train)} comparisons, {bs} per step",
     )  # fmt: skip
-    p.add_argument(
-        "--lora-rank", type=int, default=None,
-        help="train LoRA adapters of this rank instead of every weight (--set lora_alpha=... lora_targets=...)",
-    )  # fmt: skip
+    return run_training(stage, cfg, out_dir, tok, single_process(device), resume=resume, progress=progress)
 
 
-def cmd_dpo(args: argparse.Namespace) -> None:
+def cmd_dpo(args: DPOOptions) -> None:
     summary = dpo(
         Path(args.model), Path(args.data), Path(args.out), pref_train_config(args),
         beta=args.beta, rpo_alpha=args.rpo_alpha, val_fraction=args.val_fraction, val_data=args.val, resume=args.resume,

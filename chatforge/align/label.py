@@ -36,12 +36,15 @@ import torch
 
 from chatforge.align import encode_answer, sequence_logps
 from chatforge.align.prefs import append_pref, load_prefs, prompt_key, repair_tail
+from chatforge.chat_format import render_prompt, turn_end_ids, validate_conversation
+from chatforge.checkpoint import load_run
+from chatforge.device import pick_device
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
 from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_prompt, validate_conversation
+from chatforge.options import LabelOptions, add_options, options_from_args
+from chatforge.tokenizer import Tokenizer
 
 DEFAULT_INSTRUCTIONS = (
     "You are a careful judge of assistant replies. The better reply answers the user's question "
@@ -188,7 +191,7 @@ class Judge:
         pick = "A" if score >= 0 else "B"
         prefix = f"Reply {pick} is better because"
         prompt = render_prompt(self.tok, q_ab) + self.tok.encode(prefix)
-        stops = chat_stop_ids(self.tok)
+        stops = turn_end_ids(self.tok)
         out = generate_batch(self.model, [prompt], self.critique_tokens, stop_ids=stops)[0]
         critique = prefix + self.tok.decode([t for t in out if t not in stops])
         return Judgement(pick, p_a, " ".join(critique.split()))
@@ -341,7 +344,7 @@ def make_sampler(
 ) -> Callable[[list[dict]], tuple[str, str] | None]:
     """Two sampled answers per prompt, seeded by the prompt itself, so a resumed session (or a rerun)
     shows the same pair. Up to three tries to get two different answers."""
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
 
     def sample(messages: list[dict]) -> tuple[str, str] | None:
         prompt = render_prompt(tok, messages)
@@ -364,37 +367,13 @@ def make_sampler(
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 
-def add_label_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="the model whose answers you compare")
-    p.add_argument(
-        "--prompts", required=True, metavar="FILE", help="prompts .jsonl ({messages} / {question} / {prompt})"
-    )
-    p.add_argument(
-        "--out", required=True, metavar="PREFS", help="comparisons .jsonl to append to (resumable)"
-    )
-    p.add_argument("--judge", default=None, metavar="RUN", help="a model that drafts a pick and a critique")
-    p.add_argument("--instructions", default=None, metavar="FILE", help="the judge's rubric (a text file)")
-    p.add_argument("--auto", action="store_true", help="let the judge label alone (no questions asked)")
-    p.add_argument("--labeller", default="human", help="name stored with each label (default human)")
-    p.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature for A and B (default 1.0)"
-    )
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-
-
-def cmd_label(args: argparse.Namespace) -> None:
-    from chatforge.checkpoint import load_model
-    from chatforge.train.common import pick_device
-
+def cmd_label(args: LabelOptions) -> None:
     if args.temperature <= 0:
         raise ChatforgeError("--temperature must be > 0: greedy decoding would give the same answer twice")
     device = pick_device(args.device)
     prompts = load_prompts(args.prompts)
-    model, _, model_dir = load_model(args.model, device)
-    tok = Tokenizer.load(model_dir)
+    run = load_run(args.model, device=device)
+    model, tok = run.model, run.tokenizer
     sample = make_sampler(
         model,
         tok,
@@ -413,8 +392,8 @@ def cmd_label(args: argparse.Namespace) -> None:
                 raise ChatforgeError(
                     f"cannot read --instructions {args.instructions} ({e.strerror or e})"
                 ) from None
-        jmodel, _, jdir = load_model(args.judge, device)
-        judge = Judge(jmodel, Tokenizer.load(jdir), instructions, name=str(args.judge))
+        judged_by = load_run(args.judge, device=device)
+        judge = Judge(judged_by.model, judged_by.tokenizer, instructions, name=str(args.judge))
     elif args.instructions:
         raise ChatforgeError("--instructions are for the judge: add --judge MODEL")
     summary = label_loop(
@@ -427,8 +406,8 @@ def cmd_label(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m chatforge.align.label ...` (the same as `chatforge prefs label ...`)."""
     p = argparse.ArgumentParser(prog="chatforge prefs label", description=__doc__.split("\n\n")[0])
-    add_label_arguments(p)
-    args = p.parse_args(argv)
+    add_options(p, LabelOptions)
+    args = options_from_args(LabelOptions, p.parse_args(argv))
     try:
         cmd_label(args)
     except ChatforgeError as e:

@@ -33,16 +33,20 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatforge.align import encode_answer
+from chatforge.chat_format import validate_conversation
 from chatforge.conversations import (
     arithmetic_turn,
     fact_conversation,
     person_attributes,
     refusal_conversation,
+    split_people,
 )
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text, read_jsonl
-from chatforge.tokenizer import Tokenizer, validate_conversation
-from chatforge.world import Person, World, fact_questions
+from chatforge.options import WorldPrefsOptions
+from chatforge.tokenizer import Tokenizer
+from chatforge.world import Person, World, fact_questions, load_world
 
 VERDICTS = ("prefer", "tie", "both_bad")
 
@@ -368,8 +372,6 @@ class EncodedPair:
 
 def encode_prefs(tok: Tokenizer, rows: list[dict], max_len: int) -> tuple[list[EncodedPair], int]:
     """Tokenise the "prefer" rows for training; returns (pairs, how many were truncated to max_len)."""
-    from chatforge.align import encode_answer
-
     pairs, n_trunc = [], 0
     for row in rows:
         if row.get("verdict", "prefer") != "prefer":
@@ -434,21 +436,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ---- `chatforge prefs world` ---------------------------------------------------------------------
 
 
-def add_world_prefs_arguments(p) -> None:
-    p.add_argument("--world", required=True, help="world folder (from `chatforge world` or a speedrun)")
-    p.add_argument("--out", required=True, help="comparisons .jsonl to write")
-    p.add_argument("--per-person", type=int, default=2, help="fact comparisons per person (default 2)")
-    p.add_argument(
-        "--people", choices=("sft", "eval", "visible"), default="sft",
-        help="whose facts: the SFT split (default), the evaluation split, or everyone visible",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-
-
-def cmd_world_prefs(args) -> None:
-    from chatforge.conversations import split_people
-    from chatforge.world import load_world
-
+def cmd_world_prefs(args: WorldPrefsOptions) -> None:
     world = load_world(args.world)
     sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
     people = {"sft": sft_people, "eval": eval_people, "visible": list(world.visible)}[args.people]

@@ -20,10 +20,9 @@ tokenizer.json) plus reward_head.safetensors; `load_reward_model` reads it back.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,20 +31,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
-from chatforge.align import (
-    align_config,
-    config_dict,
-    encode_answer,
-    final_hidden,
-    logps_of_targets,
-    pad_right,
-    plot_metrics,
-    resume_train,
-    save_train_checkpoint,
-)
+from chatforge.align import encode_answer, final_hidden, logps_of_targets, pad_right
 from chatforge.align.prefs import (
     EncodedPair,
     accuracy_by_kind,
@@ -54,14 +42,17 @@ from chatforge.align.prefs import (
     prompt_key,
     train_val_pairs,
 )
-from chatforge.config import TrainConfig, apply_overrides
+from chatforge.align.problems import load_problems
+from chatforge.chat_format import render_prompt, turn_end_ids
+from chatforge.config import TrainConfig, training_config
+from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
-from chatforge.fileio import atomic_write_bytes, atomic_write_json
+from chatforge.fileio import atomic_write_bytes, atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_prompt
-from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
+from chatforge.options import PrefTrainOptions, RewardOptions, WinrateOptions
+from chatforge.tokenizer import Tokenizer
+from chatforge.train.loop import Stage, run_training
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -170,7 +161,8 @@ def save_reward_model(out_dir: Path, rm: RewardModel, tok: Tokenizer, meta: dict
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
     """(reward model in eval mode, its tokenizer) from a `chatforge prefs reward` run folder."""
     path = Path(path)
-    gpt, meta, model_dir = ckpt.load_model(path, device)
+    run = ckpt.load_run(path, device=device)
+    gpt, meta, model_dir = run.model, run.meta, run.folder
     if meta.get("stage") != "reward" or not (model_dir / HEAD_FILE).is_file():
         raise ChatforgeError(
             f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `chatforge prefs reward`"
@@ -181,7 +173,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
         rm.load_head_state(state)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ChatforgeError(f"{model_dir / HEAD_FILE} is corrupt or does not fit the model ({e})") from None
-    return rm.to(device).eval(), Tokenizer.load(model_dir)
+    return rm.to(device).eval(), run.tokenizer
 
 
 # ---- using a reward model ----------------------------------------------------------------------
@@ -225,7 +217,7 @@ def best_of_n(
     if n < 1:
         raise ChatforgeError(f"best_of_n needs n >= 1, got {n}")
     prompt = render_prompt(tok, messages)
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
     outs = generate_batch(
         policy, [prompt] * n, max_new_tokens, temperature=temperature, top_p=top_p, seeds=seed, stop_ids=stops
     )
@@ -256,7 +248,7 @@ def win_rate(
     "mean_reward_baseline", "examples": the first 3 (prompt, answer, baseline answer, rewards)}."""
     if not prompts:
         raise ChatforgeError("win_rate needs at least one prompt")
-    stops = chat_stop_ids(tok)
+    stops = turn_end_ids(tok)
     answers: dict[str, list[str]] = {"model": [], "baseline": []}
     for name, policy in (("model", model), ("baseline", baseline)):
         was = policy.training
@@ -315,130 +307,56 @@ def train_reward(
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    gpt, base_meta, model_dir = ckpt.load_model(base, device)
-    tok = Tokenizer.load(model_dir)
+    run = ckpt.load_run(base, device=device)
+    gpt, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
     max_len = min(cfg.seq_len or gpt.cfg.seq_len, gpt.cfg.seq_len)
     train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
     rm = RewardModel(gpt).to(device).train()
-    optimizers = build_optimizers(rm, cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start, state = resume_train(out_dir, rm.gpt, optimizers, resume, cfg.max_steps)
-    if state:
-        rm.load_head_state(state["head"])
+    bs = cfg.device_batch_size
+
+    def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
+        rc, rr = pair_rewards(
+            module, [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)], device
+        )
+        return bt_loss(rc, rr), {"acc": float((rc > rr).float().mean())}
+
+    def summarize(first: dict | None, last: dict | None) -> dict:
+        return {
+            "train_pairs": len(train),
+            "val_pairs": len(val),
+            "truncated_pairs": n_trunc,
+            "val_acc_start": first["val_acc"] if first else None,
+            "val_acc_end": last["val_acc"] if last else None,
+            "val_loss_end": last["val_loss"] if last else None,
+            "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
+        }
+
     meta = {
         **ckpt.inherited_meta(base_meta),
         "stage": "reward",
-        "train": config_dict(cfg),
+        "train": asdict(cfg),
         "data": str(data),
         "base": str(model_dir),
     }
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if state else None)
-    bs = cfg.device_batch_size
-    first_eval = None
-    t0, train_time = time.perf_counter(), state.get("train_seconds", 0.0)
-    bar = tqdm(range(start, cfg.max_steps + 1), initial=start, total=cfg.max_steps + 1, disable=not progress)
-    for step in bar:
-        if val and (step % max(cfg.eval_every, 1) == 0 or step == cfg.max_steps):
-            ev = evaluate_pairs(rm, val, bs, device)
-            first_eval = first_eval or ev
-            metrics.log(step=step, **{k: round(v, 5) for k, v in ev.items()})
-            bar.write(f"step {step}: held-out accuracy {ev['val_acc']:.3f}, loss {ev['val_loss']:.4f}")
-        if step == cfg.max_steps:
-            break
-        batch = [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)]
-        set_lr(optimizers, lr_multiplier(step, cfg))
-        rc, rr = pair_rewards(rm, batch, device)
-        loss = bt_loss(rc, rr)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if step % max(cfg.log_every, 1) == 0 or step + 1 == cfg.max_steps:
-            acc = float((rc > rr).float().mean())
-            metrics.log(step=step + 1, loss=round(float(loss.detach()), 5), acc=round(acc, 4))
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}")
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.max_steps:
-            extra = {"head": rm.head_state(), "train_seconds": train_time + time.perf_counter() - t0}
-            save_train_checkpoint(out_dir, step + 1, rm.gpt, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    bar.close()
-    train_time += time.perf_counter() - t0
-    if (
-        start < cfg.max_steps or not state
-    ):  # the finished run's checkpoint: --resume with more steps extends it
-        extra = {"head": rm.head_state(), "train_seconds": train_time}
-        save_train_checkpoint(out_dir, cfg.max_steps, rm.gpt, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    last = evaluate_pairs(rm, val, bs, device) if val else None
-    summary = {
-        "train_pairs": len(train),
-        "val_pairs": len(val),
-        "truncated_pairs": n_trunc,
-        "steps": cfg.max_steps,
-        "train_seconds": round(train_time, 2),
-        "val_acc_start": first_eval["val_acc"] if first_eval else None,
-        "val_acc_end": last["val_acc"] if last else None,
-        "val_loss_end": last["val_loss"] if last else None,
-        "val_acc_by_kind": {k[8:]: v for k, v in (last or {}).items() if k.startswith("val_acc_")},
-    }
-    save_reward_model(out_dir, rm, tok, {**meta, "step": cfg.max_steps, "summary": summary})
-    summary["plot"] = str(
-        plot_metrics(
-            out_dir / "metrics.jsonl",
-            out_dir / "reward.png",
-            [("Bradley-Terry loss", ["loss", "val_loss"]), ("pairwise accuracy", ["acc", "val_acc"])],
-            f"reward model from {Path(base).name}",
-        )
-    )
-    atomic_write_json(out_dir / "reward_summary.json", summary)
-    return summary
+    stage = Stage(
+        name="reward", model=gpt, trained=rm, step=step, meta=meta, summarize=summarize,
+        evaluate=(lambda module: evaluate_pairs(rm, val, bs, device)) if val else None,
+        plot=("reward.png", [("Bradley-Terry loss", ["loss", "val_loss"]), ("pairwise accuracy", ["acc", "val_acc"])]),
+        plot_title=f"reward model from {Path(base).name}",
+        state=lambda: {"head": rm.head_state()},
+        load_state=lambda state: rm.load_head_state(state["head"]),
+        save_final=lambda final_meta: save_reward_model(out_dir, rm, tok, final_meta),
+        header=f"{len(train)} comparisons, {bs} per step",
+    )  # fmt: skip
+    return run_training(stage, cfg, out_dir, tok, single_process(device), resume=resume, progress=progress)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
 
-def add_pref_train_arguments(p: argparse.ArgumentParser, what: str) -> None:
-    """Arguments shared by `prefs reward` and `prefs dpo`."""
-    p.add_argument(
-        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
-    )
-    p.add_argument(
-        "--data", required=True, metavar="PREFS",
-        help="comparisons .jsonl (chatforge format or Anthropic hh-rlhf .jsonl[.gz])",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, metavar="RUN", help=f"run folder for the {what}")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-4)")
-    p.add_argument("--batch-size", type=int, default=None, help="comparisons per step (default 16)")
-    p.add_argument(
-        "--val-fraction", type=float, default=0.1, help="share of --data's prompts held out (default 0.1)"
-    )
-    p.add_argument(
-        "--val", default=None, metavar="PREFS", help="held-out comparisons (then all of --data trains)"
-    )
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-        help="any other training field, e.g. --set eval_every=10 --set warmup_steps=0 (repeatable)",
-    )  # fmt: skip
-
-
-def pref_train_config(args: argparse.Namespace) -> TrainConfig:
-    cfg = apply_overrides(align_config(), args.overrides)
-    for field, value in (
-        ("max_steps", args.steps),
-        ("lr", args.lr),
-        ("embed_lr", args.lr),
-        ("device_batch_size", args.batch_size),
-        ("seed", args.seed),
-        ("lora_rank", getattr(args, "lora_rank", None)),
-    ):
-        if value is not None:
-            setattr(cfg, field, value)
-    cfg.device = args.device
+def pref_train_config(opts: PrefTrainOptions) -> TrainConfig:
+    """The reward / DPO config: the preset's prefs section, --set, then --steps, --lr, ... ."""
+    cfg = training_config(opts.preset, "prefs", opts.settings, opts.overrides)
     if cfg.max_steps < 1 or cfg.device_batch_size < 1:
         raise ChatforgeError("--steps and --batch-size must be at least 1")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
@@ -446,33 +364,8 @@ def pref_train_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def add_reward_arguments(p: argparse.ArgumentParser) -> None:
-    add_pref_train_arguments(p, "reward model")
-
-
-def add_winrate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="RUN", help="the model to judge (e.g. a DPO run)")
-    p.add_argument(
-        "--against", required=True, metavar="RUN", help="the baseline (e.g. the SFT run it started from)"
-    )
-    p.add_argument("--rm", required=True, metavar="RM_RUN", help="the reward model that judges")
-    p.add_argument(
-        "--prompts", required=True, metavar="FILE",
-        help="comparisons .jsonl (their prompts, once each) or conversations / problems .jsonl",
-    )  # fmt: skip
-    p.add_argument("--n", type=int, default=200, help="prompts to use, at most (default 200)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, metavar="JSON", help="also write the result here")
-
-
 def judge_prompts(path: Path) -> list[list[dict]]:
     """The prompts of a comparisons file (each once), or of a problems file (rl.load_problems)."""
-    from chatforge.align.rl import load_problems
-    from chatforge.fileio import read_jsonl
-
     first = next((obj for _, obj in read_jsonl(path)), {})
     if "chosen" not in first:
         return [row["messages"] for row in load_problems(path)]
@@ -484,18 +377,18 @@ def judge_prompts(path: Path) -> list[list[dict]]:
     return prompts
 
 
-def cmd_winrate(args: argparse.Namespace) -> None:
+def cmd_winrate(args: WinrateOptions) -> None:
     if args.n < 1:
         raise ChatforgeError(f"--n must be at least 1, got {args.n}")
     device = pick_device(args.device)
     rm, tok = load_reward_model(args.rm, device)
-    model, _, model_dir = ckpt.load_model(Path(args.model), device)
-    baseline, _, base_dir = ckpt.load_model(Path(args.against), device)
-    for run, name in ((model_dir, "--model"), (base_dir, "--against")):
-        if Tokenizer.load(run).to_json() != tok.to_json():
+    judged, against = ckpt.load_run(args.model, device=device), ckpt.load_run(args.against, device=device)
+    for run, name in ((judged, "--model"), (against, "--against")):
+        if run.tokenizer.to_json() != tok.to_json():
             raise ChatforgeError(
-                f"{name} {run} has another tokenizer than the reward model; judge runs of one family"
+                f"{name} {run.folder} has another tokenizer than the reward model; judge runs of one family"
             )
+    model, model_dir, baseline, base_dir = judged.model, judged.folder, against.model, against.folder
     prompts = judge_prompts(Path(args.prompts))[: args.n]
     fits = [m for m in prompts if len(render_prompt(tok, m)) + args.max_new_tokens <= model.cfg.seq_len]
     if not fits:
@@ -516,7 +409,7 @@ def cmd_winrate(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_reward(args: argparse.Namespace) -> None:
+def cmd_reward(args: RewardOptions) -> None:
     summary = train_reward(
         Path(args.model), Path(args.data), Path(args.out), pref_train_config(args),
         val_fraction=args.val_fraction, val_data=args.val, resume=args.resume,

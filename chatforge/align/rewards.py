@@ -26,8 +26,11 @@ from pathlib import Path
 
 import torch
 
+from chatforge.align.reward import load_reward_model, score
 from chatforge.errors import ChatforgeError
+from chatforge.eval.tools import has_number
 from chatforge.eval.world_qa import contains_answer
+from chatforge.tools import calculator
 
 RewardFn = Callable[[list[dict], str, dict], float]
 
@@ -65,8 +68,6 @@ def exact_answer(messages: list[dict], answer_text: str, example: dict) -> float
     """1.0 when the reply states the gold answer: a numeric gold as one of its whole numbers
     (eval.tools.has_number, the tool evaluation's rule), else the gold as a whole phrase
     (eval.world_qa.contains_answer, world QA's rule). So RL optimises what evaluation scores."""
-    from chatforge.eval.tools import has_number  # eval.tools imports the runner; keep this module light
-
     gold = _gold(example)
     if _as_number(gold) is not None:
         return float(has_number(answer_text, gold))
@@ -76,20 +77,16 @@ def exact_answer(messages: list[dict], answer_text: str, example: dict) -> float
 def calculator_verified(messages: list[dict], answer_text: str, example: dict) -> float:
     """1.0 when the reply's last number equals the calculator tool's exact value of
     example["expression"] (chatforge/tools/calculator.py): the check does not trust a stored gold."""
-    from chatforge.tools.calculator import evaluate
-
     expression = example.get("expression")
     if not isinstance(expression, str):
         raise ChatforgeError("calculator_verified needs problems with an 'expression' field, e.g. '17 * 23'")
-    return float(last_number(answer_text) == evaluate(expression))
+    return float(last_number(answer_text) == calculator.evaluate(expression))
 
 
 class RewardModelReward:
     """A reward model's score of the reply (see reward.py); batch() scores a rollout in one go."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
-        from chatforge.align.reward import load_reward_model
-
         self.rm, self.tok = load_reward_model(path, device)
         self.batch_size = batch_size
 
@@ -97,8 +94,6 @@ class RewardModelReward:
         return self.batch([(messages, answer_text, example)])[0]
 
     def batch(self, items: list[tuple[list[dict], str, dict]]) -> list[float]:
-        from chatforge.align.reward import score
-
         convs = [[*m, {"role": "assistant", "content": a}] for m, a, _ in items]
         return score(self.rm, self.tok, convs, self.batch_size)
 

@@ -20,9 +20,13 @@ taken at the sampling temperature, so the ratio is 1 on the first epoch.
 Every eval step greedy answers to held-out problems give pass@1 (the exact-answer check, when the
 problems have answers) and the mean reward; both are logged and plotted against step (rl.png).
 
-Problems: a .jsonl of {"messages": [...]} or {"question": ...}, with "answer" for the exact checks
-and "expression" for the calculator check (the world's eval_forward.jsonl works as is), or
-`world`: forward fact questions and arithmetic built from a world folder (--world), or `tools`:
+In the training loop (train/loop.py) a GRPO step is a rollout (GRPOStep.begin_step: sample, score,
+advantages, old and reference log-probs) and then epochs x minibatches optimizer updates, each the
+loss of one minibatch (GRPOStep.loss); the loop does the LR, clipping, checkpoints and logging.
+
+Problems (problems.py): a .jsonl of {"messages": [...]} or {"question": ...}, with "answer" for the
+exact checks and "expression" for the calculator check (the world's eval_forward.jsonl works as is),
+or `world`: forward fact questions and arithmetic built from a world folder (--world), or `tools`:
 calculator problems (3-5 digit arithmetic, word problems). The training problems ask about the SFT
 people, the held-out ones about the evaluation people; a held-out question is never trained on.
 
@@ -33,36 +37,35 @@ what it wrote (text, calls) and never on a tool's result.
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
-import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
-from chatforge.align import pad_right, plot_metrics, resume_train, save_train_checkpoint, token_logps
+from chatforge.align import pad_right, token_logps
 from chatforge.align.prefs import batch_indices
+from chatforge.align.problems import load_problems, tool_problems, world_problems
 from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
-from chatforge.config import RLConfig
-from chatforge.conversations import arithmetic_turn, big_arithmetic_problem, split_people, word_problem
+from chatforge.chat_format import render_conversation, render_prompt, turn_end_ids
+from chatforge.config import RLConfig, training_config
+from chatforge.conversations import split_people
+from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
-from chatforge.eval.base import chat_stop_ids
-from chatforge.eval.tools import calculator_registry
-from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import Tokenizer, render_conversation, render_prompt, validate_conversation
+from chatforge.options import RLOptions
+from chatforge.tokenizer import Tokenizer
+from chatforge.tools.builtin import calculator_registry
 from chatforge.tools.registry import ToolRegistry
 from chatforge.tools.runner import generate_with_tools
-from chatforge.train.common import MetricsLog, autocast, build_optimizers, lr_multiplier, pick_device, set_lr
-from chatforge.world import Person, World, fact_questions, load_world
+from chatforge.train.loop import Stage, run_training
+from chatforge.world import load_world
 
 # ---- GRPO, the math --------------------------------------------------------------------------------
 
@@ -117,101 +120,6 @@ def grpo_loss(
     return loss, stats
 
 
-# ---- problems ------------------------------------------------------------------------------------
-
-
-def load_problems(path: str | Path) -> list[dict]:
-    """Problems from .jsonl: {"messages": [...prompt turns]} or {"question": "..."}, plus any fields
-    the reward reads ("answer", "expression", ...). Rows are returned with "messages" filled in."""
-    p = Path(path)
-    out = []
-    for n, obj in read_jsonl(p):
-        where = f"{p} line {n}"
-        if "messages" in obj:
-            messages = obj["messages"]
-        elif isinstance(obj.get("question"), str) and obj["question"].strip():
-            messages = [{"role": "user", "content": obj["question"]}]
-        else:
-            raise ChatforgeError(f"{where}: a problem needs 'messages' (prompt turns) or a 'question' string")
-        validate_conversation(messages, where, require_assistant=False)
-        if messages[-1]["role"] == "assistant":
-            raise ChatforgeError(f"{where}: the prompt ends with an assistant turn; end it with the question")
-        if "answer" in obj and not isinstance(obj["answer"], str | int | float):
-            raise ChatforgeError(f"{where}: 'answer' must be a string or a number")
-        out.append({**obj, "messages": messages})
-    if not out:
-        raise ChatforgeError(f"{p} holds no problems")
-    return out
-
-
-_EXPR = re.compile(r"(\d+) (\+|-|\*|plus|minus|times) (\d+)")
-_WORD_OP = {"plus": "+", "minus": "-", "times": "*"}
-
-
-def arithmetic_problem(rng: random.Random) -> dict:
-    """One arithmetic question (conversations.arithmetic_turn) with its answer and expression."""
-    question, reference, result = arithmetic_turn(rng)
-    a, op, b = _EXPR.search(reference).groups()  # the reference answer states "a op b"
-    return {
-        "messages": [{"role": "user", "content": question}],
-        "answer": str(result),
-        "expression": f"{a} {_WORD_OP.get(op, op)} {b}",
-        "kind": "arithmetic",
-    }
-
-
-def world_problems(
-    world: World, people: list[Person], seed: int = 0, *, n_arithmetic: int | None = None
-) -> list[dict]:
-    """Checkable problems from the world: one forward question per attribute per person (one phrasing,
-    seeded) and `n_arithmetic` sums (default: as many as fact questions). Shuffled."""
-    rng = random.Random(f"chatforge-rl:{seed}")
-    out = []
-    for p in people:
-        for qa in fact_questions(p, world, rng, n_phrasings=1):
-            out.append(
-                {
-                    "messages": [{"role": "user", "content": qa.question}],
-                    "answer": qa.answer,
-                    "kind": qa.attribute,
-                    "person_id": qa.person_id,
-                }
-            )
-    out += [arithmetic_problem(rng) for _ in range(len(out) if n_arithmetic is None else n_arithmetic)]
-    rng.shuffle(out)
-    return out
-
-
-def tool_problems(world: World, people: list[Person], n: int, seed: int = 0) -> list[dict]:
-    """`n` calculator problems (conversations.py): half 3-5 digit arithmetic, half world word problems
-    about `people` ("In what year did X turn 37?"), each with its answer and the expression to compute."""
-    rng = random.Random(f"chatforge-rl-tools:{seed}")
-    out = []
-    for i in range(n):
-        problem = big_arithmetic_problem(rng) if i % 2 else word_problem(rng.choice(people), world, rng)
-        out.append({"messages": [{"role": "user", "content": problem.question}], **problem.to_dict()})
-    return out
-
-
-def speedrun_problems(
-    world: World,
-    sft_people: list[Person],
-    eval_people: list[Person],
-    cfg: RLConfig,
-    asked: set[str] = frozenset(),
-) -> tuple[list[dict], list[dict]]:
-    """(train, held out) of the speedrun's rl stage. Train: forward fact questions about the SFT people,
-    as many small sums, and `cfg.tool_problems` calculator problems (none whose question is in `asked`,
-    the evaluation's). Without the calculator problems RL learns "a question about a person needs no
-    tool" and word problems collapse (measured: 97.5% -> 55.3%). Held out: fact questions about the
-    evaluation people and new sums."""
-    train = world_problems(world, sft_people, cfg.seed)
-    train += [
-        p for p in tool_problems(world, sft_people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
-    ]
-    return train, world_problems(world, eval_people or sft_people, cfg.seed + 1)
-
-
 # ---- rollouts and evaluation -----------------------------------------------------------------------
 
 
@@ -259,7 +167,7 @@ def sample_answers(
     policy.eval()
     try:
         if registry is None:
-            stops = chat_stop_ids(tok)
+            stops = turn_end_ids(tok)
             ids = [render_prompt(tok, m) for m in prompts]
             outs = generate_batch(
                 policy, ids, cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
@@ -365,8 +273,8 @@ def grpo(
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    policy, base_meta, model_dir = ckpt.load_model(base, device)
-    tok = Tokenizer.load(model_dir)
+    run = ckpt.load_run(base, device=device)
+    policy, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
     reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", type(reward).__name__)
     reward_fn = get_reward(reward, device) if isinstance(reward, str) else reward
     registry = calculator_registry() if cfg.tools else None
@@ -382,11 +290,21 @@ def grpo(
     if len(val_problems) > cfg.eval_problems:  # a seeded sample: problem files are often sorted by kind
         val_problems = random.Random(cfg.seed).sample(val_problems, cfg.eval_problems)
     ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_beta > 0 else None
-    tcfg = cfg.train_config()
     policy.train()
-    optimizers = build_optimizers(policy, tcfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start, state = resume_train(out_dir, policy, optimizers, resume, cfg.steps)
+    grpo_step = GRPOStep(policy, ref, tok, problems, reward_fn, cfg, registry)
+
+    def summarize(first: dict | None, last: dict | None) -> dict:
+        return {
+            "problems": len(problems),
+            "val_problems": len(val_problems),
+            "reward": reward_name,
+            "val_reward_start": first["val_reward"] if first else None,
+            "val_reward_end": last["val_reward"] if last else None,
+            "val_pass1_start": first.get("val_pass1") if first else None,
+            "val_pass1_end": last.get("val_pass1") if last else None,
+            "sample_end": last["sample"] if last else None,
+        }
+
     meta = {
         **ckpt.inherited_meta(base_meta),
         "stage": "rl",
@@ -396,170 +314,111 @@ def grpo(
         "base_stage": base_meta.get("stage"),
         **(meta_extra or {}),
     }
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if state else None)
-    print(
-        f"GRPO: {len(problems)} problems, {len(val_problems)} held out; {cfg.prompts_per_step} x {cfg.group_size} "
-        f"answers per step, reward {reward_name}, {cfg.steps} steps on {device}"
+    panels = [
+        ("reward", ["reward_mean", "val_reward"]),
+        ("held-out pass@1 (greedy)", ["val_pass1"]),
+        ("KL to start / clipped share", ["kl", "clip_frac"]),
+    ]
+    stage = Stage(
+        name="rl", model=policy, step=grpo_step.loss, begin_step=grpo_step.begin_step, meta=meta, summarize=summarize,
+        evaluate=lambda module: evaluate_problems(policy, tok, val_problems, reward_fn, cfg, registry=registry),
+        plot=("rl.png", panels), plot_title=f"GRPO from {Path(base).name}: {cfg.prompts_per_step}x{cfg.group_size} samples/step",
+        header=f"GRPO: {len(problems)} problems, {len(val_problems)} held out; {cfg.prompts_per_step} x "
+        f"{cfg.group_size} answers per step, reward {reward_name}",
+    )  # fmt: skip
+    # every step logged: a step is a whole rollout
+    tcfg = dataclasses.replace(
+        cfg.train_config(),
+        log_every=1,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+        keep_ckpts=cfg.keep_ckpts,
     )
-    G, N = cfg.group_size, cfg.prompts_per_step * cfg.group_size
-    mb = cfg.minibatch_size or N
-    evals: list[dict] = []
-    t0, train_time = time.perf_counter(), state.get("train_seconds", 0.0)
-    bar = tqdm(range(start, cfg.steps + 1), initial=start, total=cfg.steps + 1, disable=not progress)
-    for step in bar:
-        if step % max(cfg.eval_every, 1) == 0 or step == cfg.steps:
-            ev = evaluate_problems(policy, tok, val_problems, reward_fn, cfg, registry=registry)
-            evals.append({"step": step, **ev})
-            metrics.log(step=step, **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in ev.items()})
-            bar.write(
-                f"step {step}: held-out reward {ev['val_reward']:.3f}"
-                + (f", pass@1 {ev['val_pass1']:.3f}" if "val_pass1" in ev else "")
-                + f" | {ev['sample'][:100]!r}"
-            )
-        if step == cfg.steps:
-            break
-        ts = time.perf_counter()
-        batch = [problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, cfg.seed)]
-        ro = rollout(policy, tok, batch, reward_fn, cfg, cfg.seed * 1_000_003 + step * N, registry)
-        adv = group_advantages(ro.rewards, G, cfg.adv_eps).to(device)
+    return run_training(stage, tcfg, out_dir, tok, single_process(device), resume=resume, progress=progress)
+
+
+@dataclass
+class RolloutBatch:
+    """A step's rollout as the updates read it, rows group after group."""
+
+    ids: torch.Tensor  # (N, T) prompt + answer, right-padded
+    mask: torch.Tensor  # (N, T-1) over target positions: 1 on the tokens the policy wrote
+    advantages: torch.Tensor  # (N,)
+    old_logps: torch.Tensor  # (N, T-1) under the policy that sampled them
+    ref_logps: torch.Tensor | None  # (N, T-1) under the starting model, for the KL term
+
+
+@dataclass
+class GRPOStep:
+    """GRPO's step for the training loop: `begin_step(step)` samples and scores a group of answers per
+    problem and takes the old (and reference) log-probs; then `loss(module, step, update)` is the
+    clipped objective on one minibatch, `cfg.epochs` passes over the rollout in all."""
+
+    policy: GPT
+    ref: GPT | None  # the frozen starting model, for the KL term
+    tok: Tokenizer
+    problems: list[dict]
+    reward: RewardFn
+    cfg: RLConfig
+    registry: ToolRegistry | None
+    batch: RolloutBatch | None = None  # this step's rollout
+
+    @property
+    def minibatch(self) -> int:
+        return self.cfg.minibatch_size or self.cfg.prompts_per_step * self.cfg.group_size
+
+    def begin_step(self, step: int) -> tuple[int, dict]:
+        cfg, policy = self.cfg, self.policy
+        device = next(policy.parameters()).device
+        G, N, mb = cfg.group_size, cfg.prompts_per_step * cfg.group_size, self.minibatch
+        batch = [
+            self.problems[i] for i in batch_indices(len(self.problems), cfg.prompts_per_step, step, cfg.seed)
+        ]
+        ro = rollout(
+            policy, self.tok, batch, self.reward, cfg, cfg.seed * 1_000_003 + step * N, self.registry
+        )
         ids = pad_right(ro.ids, device)
-        mask = pad_right(ro.masks, device)[:, 1:]  # over target positions
         with torch.no_grad(), autocast(device):
             old = torch.cat([token_logps(policy, ids[i : i + mb], cfg.temperature) for i in range(0, N, mb)])
             ref_lp = (
-                torch.cat([token_logps(ref, ids[i : i + mb], cfg.temperature) for i in range(0, N, mb)])
-                if ref is not None
+                torch.cat([token_logps(self.ref, ids[i : i + mb], cfg.temperature) for i in range(0, N, mb)])
+                if self.ref is not None
                 else None
             )
-        set_lr(optimizers, lr_multiplier(step, tcfg))
-        losses, stats = [], []
-        for _ in range(cfg.epochs):
-            for i in range(0, N, mb):
-                sl = slice(i, i + mb)
-                with autocast(device):
-                    lp = token_logps(policy, ids[sl], cfg.temperature)
-                loss, st = grpo_loss(
-                    lp, old[sl], adv[sl], mask[sl], cfg.clip_eps,
-                    ref_lp[sl] if ref_lp is not None else None, cfg.kl_beta,
-                )  # fmt: skip
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                for opt in optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                stats.append(st)
-        r = ro.rewards.view(-1, G)
-        record = {
-            "reward_mean": round(float(r.mean()), 5),
-            "reward_std": round(float(r.std(dim=1).mean()), 5),
-            "zero_std_groups": round(float((r.std(dim=1) == 0).float().mean()), 4),
-            "loss": round(sum(losses) / len(losses), 6),
-            "clip_frac": round(sum(s["clip_frac"] for s in stats) / len(stats), 5),
-            "kl": round(sum(s["kl"] for s in stats) / len(stats), 6),
-            "answer_tokens": round(ro.answer_tokens / N, 2),
-            "step_s": round(time.perf_counter() - ts, 3),
-        }
-        metrics.log(step=step + 1, **record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3f}")
-        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
-            extra = {"train_seconds": train_time + time.perf_counter() - t0}
-            save_train_checkpoint(out_dir, step + 1, policy, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    bar.close()
-    train_time += time.perf_counter() - t0
-    if start < cfg.steps or not state:  # the finished run's checkpoint: --resume with more steps extends it
-        extra = {"train_seconds": train_time}
-        save_train_checkpoint(out_dir, cfg.steps, policy, tok, meta, optimizers, extra, cfg.keep_ckpts)
-    first, last = evals[0], evals[-1]
-    summary = {
-        "problems": len(problems),
-        "val_problems": len(val_problems),
-        "steps": cfg.steps,
-        "reward": reward_name,
-        "train_seconds": round(train_time, 2),
-        "val_reward_start": first["val_reward"],
-        "val_reward_end": last["val_reward"],
-        "val_pass1_start": first.get("val_pass1"),
-        "val_pass1_end": last.get("val_pass1"),
-        "sample_end": last["sample"],
-    }
-    ckpt.save_model(out_dir, policy, tok.to_json(), {**meta, "step": cfg.steps, "summary": summary})
-    summary["plot"] = str(
-        plot_metrics(
-            out_dir / "metrics.jsonl",
-            out_dir / "rl.png",
-            [
-                ("reward", ["reward_mean", "val_reward"]),
-                ("held-out pass@1 (greedy)", ["val_pass1"]),
-                ("KL to start / clipped share", ["kl", "clip_frac"]),
-            ],
-            f"GRPO from {Path(base).name}: {cfg.prompts_per_step}x{cfg.group_size} samples/step",
+        self.batch = RolloutBatch(
+            ids=ids,
+            mask=pad_right(ro.masks, device)[:, 1:],
+            advantages=group_advantages(ro.rewards, G, cfg.adv_eps).to(device),
+            old_logps=old,
+            ref_logps=ref_lp,
         )
-    )
-    atomic_write_json(out_dir / "rl_summary.json", summary)
-    return summary
+        r = ro.rewards.view(-1, G)
+        stats = {
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std(dim=1).mean()),
+            "zero_std_groups": float((r.std(dim=1) == 0).float().mean()),
+            "answer_tokens": ro.answer_tokens / N,
+        }
+        return cfg.epochs * math.ceil(N / mb), stats
+
+    def loss(self, module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
+        cfg, b, mb = self.cfg, self.batch, self.minibatch
+        n_minibatches = math.ceil(b.ids.size(0) / mb)
+        sl = slice((update % n_minibatches) * mb, (update % n_minibatches + 1) * mb)
+        with autocast(b.ids.device):
+            lp = token_logps(module, b.ids[sl], cfg.temperature)
+        loss, st = grpo_loss(
+            lp, b.old_logps[sl], b.advantages[sl], b.mask[sl], cfg.clip_eps,
+            b.ref_logps[sl] if b.ref_logps is not None else None, cfg.kl_beta,
+        )  # fmt: skip
+        return loss, {"clip_frac": st["clip_frac"], "kl": st["kl"]}
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 
-def add_rl_arguments(p: argparse.ArgumentParser) -> None:
-    d = RLConfig()
-    p.add_argument(
-        "--model", required=True, metavar="SFT_RUN", help="run folder to start from (an SFT model)"
-    )
-    p.add_argument(
-        "--problems", required=True, metavar="FILE|world",
-        help="problems .jsonl ({messages|question, answer, ...}), 'world' (fact questions and sums) or "
-        "'tools' (calculator problems, answered with the calculator); both need --world",
-    )  # fmt: skip
-    p.add_argument("--world", default=None, help="world folder, for --problems world|tools")
-    p.add_argument(
-        "--tool-problems",
-        type=int,
-        default=d.tool_problems,
-        help="training problems made for --problems tools",
-    )
-    p.add_argument(
-        "--tools", action="store_true",
-        help="answer with the calculator (tools/runner.py); on with --problems tools",
-    )  # fmt: skip
-    p.add_argument("--max-calls", type=int, default=d.max_calls, help="tool calls per answer, with tools")
-    p.add_argument(
-        "--val-problems", default=None, metavar="FILE",
-        help="held-out problems (default: the world's evaluation people, or 10%% of --problems)",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder for the RL model")
-    p.add_argument(
-        "--reward", default="exact", help="exact (default), number, calculator, or rm:RUN (a reward model)"
-    )
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
-    p.add_argument("--group-size", type=int, default=d.group_size, help="answers sampled per problem")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--clip-eps", type=float, default=d.clip_eps)
-    p.add_argument(
-        "--kl-beta", type=float, default=d.kl_beta, help="weight of the KL to the starting model (0 = off)"
-    )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="optimisation passes over each rollout")
-    p.add_argument(
-        "--minibatch-size", type=int, default=d.minibatch_size, help="rows per optimizer step (0 = all)"
-    )
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-problems", type=int, default=d.eval_problems)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
-    """(train problems, held-out problems, what to record in config.json) from the CLI arguments."""
+def resolve_problems(args: RLOptions, cfg: RLConfig) -> tuple[list[dict], list[dict], dict]:
+    """(train problems, held-out problems, what to record in config.json) from the CLI options."""
     if args.problems in ("world", "tools"):
         if not args.world:
             raise ChatforgeError(
@@ -568,11 +427,11 @@ def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], 
         world = load_world(args.world)
         sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
         if args.problems == "world":
-            train = world_problems(world, sft_people, args.seed)
-            val = world_problems(world, eval_people or sft_people, args.seed + 1)
+            train = world_problems(world, sft_people, cfg.seed)
+            val = world_problems(world, eval_people or sft_people, cfg.seed + 1)
         else:  # word problems about the SFT people to train on, about the evaluation people held out
-            train = tool_problems(world, sft_people, args.tool_problems, args.seed)
-            val = tool_problems(world, eval_people or sft_people, args.eval_problems, args.seed + 1)
+            train = tool_problems(world, sft_people, cfg.tool_problems, cfg.seed)
+            val = tool_problems(world, eval_people or sft_people, cfg.eval_problems, cfg.seed + 1)
         source = {"problems": args.problems, "world": str(args.world)}
     else:
         train, val = load_problems(args.problems), []
@@ -584,19 +443,19 @@ def resolve_problems(args: argparse.Namespace) -> tuple[list[dict], list[dict], 
         if len(train) < 2:
             raise ChatforgeError("need at least 2 problems (or --val-problems) to hold some out")
         order = list(range(len(train)))
-        random.Random(f"chatforge-rl-split:{args.seed}").shuffle(order)
+        random.Random(f"chatforge-rl-split:{cfg.seed}").shuffle(order)
         n_val = max(1, len(train) // 10)
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
     return train, val, source
 
 
-def cmd_rl(args: argparse.Namespace) -> None:
-    fields = {f: getattr(args, f) for f in RLConfig.__dataclass_fields__ if hasattr(args, f)}
-    cfg = RLConfig(**{**fields, "tools": args.tools or args.problems == "tools"})
+def cmd_rl(args: RLOptions) -> None:
+    cfg = training_config(args.preset, "rl", args.settings, args.overrides)
+    cfg.tools = cfg.tools or args.problems == "tools"
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ChatforgeError(f"--lr must be a positive number, got {cfg.lr}")
-    train, val, source = resolve_problems(args)
+    train, val, source = resolve_problems(args, cfg)
     summary = grpo(
         Path(args.model), train, val, Path(args.out), cfg, args.reward,
         resume=args.resume, progress=not args.no_progress, meta_extra=source,

@@ -1,19 +1,42 @@
-"""Raw text -> token shards: read sources, normalise, deduplicate, tokenize, write shards.
+"""Raw text -> a tokenizer and token shards: read, normalise, deduplicate, tokenize, write shards.
 
-This is `chatforge data`; the speedrun calls it too. What cleaning removed is stored in
+`build_shards` is `chatforge data`; the speedrun calls it and `train_tokenizer` too. What cleaning removed is stored in
 the shard index (`clean` section) and printed, so a user sees what happened to the corpus.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+from chatforge.chat_format import conversation_text, load_conversations, render_conversation
 from chatforge.data.clean import clean_documents, normalize_whitespace
 from chatforge.data.shards import write_shards
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
-from chatforge.tokenizer import Tokenizer, load_conversations, render_conversation
+from chatforge.options import DataOptions, TokenizerEvalOptions, TokenizerTrainOptions
+from chatforge.tokenizer import Tokenizer, compare_tokenizers, format_table, load_reference
+
+
+def train_tokenizer(
+    sources: list[str],
+    out_path: Path,
+    vocab_size: int,
+    *,
+    conversations: list[str | Path] = (),  # type: ignore[assignment]
+    progress: bool = True,
+) -> Tokenizer:
+    """BPE trained on the text sources and on the text of the conversations (contents, tool blocks,
+    tool-call JSON), so chats tokenize compactly too; saved to `out_path`."""
+    chats = (
+        piece for path in conversations for c in load_conversations(path) for piece in conversation_text(c)
+    )
+    tok = Tokenizer.train(
+        itertools.chain(iter_many(list(sources)), chats), vocab_size, show_progress=progress
+    )
+    tok.save(out_path)
+    return tok
 
 
 def build_shards(
@@ -59,3 +82,39 @@ def build_shards(
             "conversations": {"files": [str(c) for c in conversations], "count": len(rendered)},
         },
     )  # fmt: skip
+
+
+# ---- `chatforge tokenizer train|eval` and `chatforge data` ------------------------------------
+
+
+def cmd_tokenizer_train(opts: TokenizerTrainOptions) -> None:
+    texts = (normalize_whitespace(t) for t in iter_many(opts.source, field=opts.field, limit=opts.max_docs))
+    tok = Tokenizer.train(texts, opts.vocab_size, show_progress=True)
+    tok.save(opts.out)
+    print(f"tokenizer with {tok.vocab_size} tokens saved to {opts.out}")
+
+
+def cmd_tokenizer_eval(opts: TokenizerEvalOptions) -> None:
+    texts = list(iter_many(opts.source, field=opts.field, limit=opts.max_docs))
+    if not texts:
+        raise ChatforgeError("no text to evaluate on: the --source is empty")
+    named = {"chatforge": Tokenizer.load(opts.tokenizer)}
+    for ref in opts.ref:
+        named[Path(ref).name] = load_reference(ref)
+    print(format_table(compare_tokenizers(named, texts)))
+
+
+def cmd_data(opts: DataOptions) -> None:
+    index = build_shards(
+        opts.source,
+        opts.tokenizer,
+        opts.out,
+        field=opts.field,
+        near_dup_threshold=None if opts.no_near_dedup else opts.near_dup_threshold,
+        val_fraction=opts.val_fraction,
+        max_docs=opts.max_docs,
+        conversations=opts.conversations,
+    )
+    print(
+        f"shards written to {opts.out}: {index['splits']['train']['tokens']:,} train / {index['splits']['val']['tokens']:,} val tokens"
+    )

@@ -27,8 +27,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from chatforge.chat_format import render_conversation
 from chatforge.errors import ChatforgeError
-from chatforge.tokenizer import Tokenizer, render_conversation
+from chatforge.tokenizer import Tokenizer
 
 
 class _Rendered:

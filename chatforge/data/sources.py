@@ -1,7 +1,7 @@
 """Raw text in: one entry point for every kind of corpus.
 
 `iter_documents(source)` turns a text file, a folder, a .jsonl or .parquet file, a world
-folder or an `hf:NAME` dataset into one stream of document strings, so every later stage
+folder or an `hf:NAME` dataset into one stream of document strings, so every stage after it
 (cleaning, tokenizer training, sharding) reads text the same way whatever it came from.
 Everything streams: a multi-gigabyte parquet file or a streamed HF dataset never sits in
 memory whole.

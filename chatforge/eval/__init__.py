@@ -21,8 +21,8 @@ from chatforge.eval.base import (
 from chatforge.eval.bpb import BitsPerByte, bits_per_byte
 from chatforge.eval.gsm8k import GSM8K, extract_answer, load_gsm8k
 from chatforge.eval.multiple_choice import MCExample, MultipleChoice, load_mc, score_choices
-from chatforge.eval.run import add_eval_arguments, cmd_eval, evaluate
-from chatforge.eval.tools import ToolUse, calculator_registry, has_number, load_tool_problems, tool_tasks
+from chatforge.eval.run import cmd_eval, evaluate
+from chatforge.eval.tools import ToolUse, has_number, load_tool_problems, tool_tasks
 from chatforge.eval.world_qa import WorldQA, contains_answer, forward_qas, load_qa_file, reverse_qas
 
 __all__ = [
@@ -37,10 +37,8 @@ __all__ = [
     "TaskResult",
     "ToolUse",
     "WorldQA",
-    "add_eval_arguments",
     "bits_per_byte",
     "build_tasks",
-    "calculator_registry",
     "cmd_eval",
     "contains_answer",
     "evaluate",

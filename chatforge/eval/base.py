@@ -21,11 +21,11 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from chatforge.device import autocast  # noqa: F401 (tasks import it from here)
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import autocast  # noqa: F401 (tasks import it from here)
 
 T = TypeVar("T")
 
@@ -219,11 +219,3 @@ def skipped_extra(outs: Sequence[list[int] | None]) -> dict[str, int]:
     """{"skipped": k} when k prompts did not fit the context (they count as wrong), else {}."""
     k = sum(o is None for o in outs)
     return {"skipped": k} if k else {}
-
-
-def chat_stop_ids(tok: Tokenizer) -> list[int]:
-    """Tokens that end an assistant turn: <|im_end|>, and BOS for models that never learned it."""
-    stops = [tok.special_id("<|im_end|>")] if tok.has_special("<|im_end|>") else []
-    if tok.bos_id is not None:
-        stops.append(tok.bos_id)
-    return stops

@@ -11,19 +11,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
     EvalContext,
     EvalInputs,
     TaskResult,
-    chat_stop_ids,
     generate_greedy,
     register,
     skipped_extra,
     subset,
 )
 from chatforge.fileio import read_jsonl
-from chatforge.tokenizer import render_prompt
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -80,7 +79,7 @@ class GSM8K:
         problems = subset(self.problems, ctx.max_examples, ctx.seed)
         prompts = [render_prompt(tok, [{"role": "user", "content": p.question}]) for p in problems]
         outs = generate_greedy(
-            ctx.model, prompts, self.max_new_tokens, stop_ids=chat_stop_ids(tok), batch_size=ctx.batch_size
+            ctx.model, prompts, self.max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
         )
         details = []
         for p, out in zip(problems, outs, strict=True):

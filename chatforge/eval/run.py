@@ -7,15 +7,14 @@ chatforge eval --model runs/sft --tools-file runs/sft_data/eval_tools.jsonl   # 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from chatforge.checkpoint import load_model
+from chatforge.checkpoint import load_run
+from chatforge.device import pick_device
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
-    TASKS,
     EvalContext,
     EvalInputs,
     TaskResult,
@@ -24,7 +23,7 @@ from chatforge.eval.base import (
     run_tasks,
     write_results,
 )
-from chatforge.tokenizer import Tokenizer
+from chatforge.options import EvalOptions
 
 
 def default_tasks(inputs: EvalInputs) -> list[str]:
@@ -87,56 +86,14 @@ def evaluate(
             "--tools-file FILE"
         )
     tasks = build_tasks(names, inputs)  # reads and checks every input before the model loads
-    model, meta, resolved = load_model(Path(model_dir), device=device)
-    tok = Tokenizer.load(resolved)
-    ctx = EvalContext(model, tok, device, max_examples, batch_size, seed, log)
+    run = load_run(model_dir, inference=True, device=device)  # the layout chat and the server decode with
+    model, meta, resolved = run.model, run.meta, run.folder
+    ctx = EvalContext(model, run.tokenizer, device, max_examples, batch_size, seed, log)
     results = run_tasks(ctx, tasks)
     if out_dir is not None:
         info = {"model": str(resolved), "stage": meta.get("stage"), "step": meta.get("step")}
         write_results(results, out_dir, {**info, "max_examples": max_examples, "seed": seed})
     return results
-
-
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="run folder (or checkpoint folder) to evaluate")
-    p.add_argument(
-        "--tasks",
-        default=None,
-        help=f"comma-separated tasks from {', '.join(sorted(TASKS))}; default: all the given inputs allow",
-    )
-    p.add_argument("--world", default=None, help="world folder (for world_forward, world_reverse, bpb)")
-    p.add_argument(
-        "--qa-file",
-        action="append",
-        default=[],
-        metavar="F",
-        help="jsonl of {question, answer, ...} (repeatable)",
-    )
-    p.add_argument("--people", default=None, metavar="IDS", help="comma-separated person ids to ask about")
-    p.add_argument("--mc", nargs="+", default=[], metavar="FILE", help="multiple-choice files or folders")
-    p.add_argument("--gsm8k", default=None, metavar="FILE", help="GSM8K-format jsonl")
-    p.add_argument(
-        "--bpb-file", action="append", default=[], metavar="F", help="texts for bpb (default: world held-out)"
-    )
-    p.add_argument(
-        "--tools-file",
-        default=None,
-        metavar="F",
-        help="calculator problems (eval_tools.jsonl) for the tools task: asked with the calculator "
-        "(tools_on) and without (tools_off); the false call rate asks --qa-file questions, else "
-        "eval_forward.jsonl beside F",
-    )
-    p.add_argument("--max-examples", type=int, default=None, metavar="N", help="per task, picked by --seed")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="generation budget (world 32, gsm8k 256, tools 64 per message)",
-    )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    p.add_argument("--out", default=None, metavar="DIR", help="write eval.json and eval.md here")
 
 
 def _parse_ids(text: str | None) -> list[int] | None:
@@ -148,9 +105,7 @@ def _parse_ids(text: str | None) -> list[int] | None:
         raise ChatforgeError(f"--people must be comma-separated integers, got {text!r}") from None
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from chatforge.train.common import pick_device
-
+def cmd_eval(args: EvalOptions) -> None:
     device = str(pick_device(args.device))
     results = evaluate(
         args.model,

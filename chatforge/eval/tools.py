@@ -21,14 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from chatforge.conversations import CALCULATOR_TOOL, ToolProblem
+from chatforge.chat_format import parse_assistant, render_prompt, turn_end_ids
+from chatforge.conversations import ToolProblem
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
     EvalContext,
     EvalInputs,
     TaskResult,
     accuracy_groups,
-    chat_stop_ids,
     generate_greedy,
     register,
     subset,
@@ -36,9 +36,8 @@ from chatforge.eval.base import (
 from chatforge.eval.gsm8k import normalize_number
 from chatforge.eval.world_qa import contains_answer, load_qa_file
 from chatforge.fileio import read_jsonl
-from chatforge.tokenizer import TOOL_CALL_OPEN, parse_assistant, render_prompt
-from chatforge.tools.calculator import calculate
-from chatforge.tools.registry import ToolRegistry
+from chatforge.tokenizer import TOOL_CALL_OPEN
+from chatforge.tools.builtin import calculator_registry
 from chatforge.tools.runner import generate_with_tools
 from chatforge.world import QA
 
@@ -53,15 +52,6 @@ def has_number(text: str, gold: str) -> bool:
     "37.0" = "37"); a number inside another ("37" in "1937", "37.5") does not count."""
     want = normalize_number(gold.strip())
     return any(normalize_number(m.group()) == want for m in _NUMBER.finditer(text))
-
-
-def calculator_registry() -> ToolRegistry:
-    """The real calculator under the schema the SFT conversations show (`CALCULATOR_TOOL`), so the
-    prompt is token for token what training showed."""
-    fn = CALCULATOR_TOOL["function"]
-    registry = ToolRegistry()
-    registry.add(calculate, fn["parameters"], name=fn["name"], description=fn["description"], timeout_s=5.0)
-    return registry
 
 
 def load_tool_problems(path: str | Path) -> list[ToolProblem]:
@@ -186,7 +176,7 @@ class ToolUse:
         tok = ctx.tokenizer
         prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
         outs = generate_greedy(
-            ctx.model, prompts, self.max_new_tokens, stop_ids=chat_stop_ids(tok), batch_size=ctx.batch_size
+            ctx.model, prompts, self.max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
         )
         answers = []
         for ids in outs:

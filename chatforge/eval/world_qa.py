@@ -13,20 +13,19 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
     EvalContext,
     EvalInputs,
     TaskResult,
     accuracy_groups,
-    chat_stop_ids,
     generate_greedy,
     register,
     skipped_extra,
     subset,
 )
 from chatforge.fileio import read_jsonl
-from chatforge.tokenizer import render_prompt
 from chatforge.world import QA, World, fact_questions, load_world, reverse_questions
 
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
@@ -60,7 +59,7 @@ class WorldQA:
         qas = subset(self.qas, ctx.max_examples, ctx.seed)
         prompts = [render_prompt(tok, [{"role": "user", "content": qa.question}]) for qa in qas]
         outs = generate_greedy(
-            ctx.model, prompts, self.max_new_tokens, stop_ids=chat_stop_ids(tok), batch_size=ctx.batch_size
+            ctx.model, prompts, self.max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
         )
         details = []
         for qa, out in zip(qas, outs, strict=True):

@@ -28,9 +28,22 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import processors
 
+from chatforge.chat_format import TOOLS_INSTRUCTION, turn_end_ids
+from chatforge.checkpoint import load_run, model_state, read_config, resolve_model_dir, save_model
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig, rope_tables
+from chatforge.tokenizer import (
+    IM_END,
+    IM_START,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    Tokenizer,
+)
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 # why the common near-misses cannot be loaded into GPT (said in the error)
@@ -193,7 +206,6 @@ def _gpt_name(name: str) -> str | None:
 
 def state_from_hf(folder: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file(s) as float32 under GPT's names, shape-checked."""
-    from safetensors import SafetensorError, safe_open
 
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
@@ -262,8 +274,6 @@ def _adds_bos(tokenizer_json: str) -> bool:
 
 def import_hf(folder: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert an HF Llama-family folder into a chatforge run folder at out_dir; returns out_dir."""
-    from chatforge.checkpoint import save_model
-    from chatforge.tokenizer import Tokenizer
 
     folder, out_dir = Path(folder), Path(out_dir)
     if not folder.is_dir():
@@ -331,11 +341,10 @@ def import_hf(folder: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 
 def chatml_template(bos_token: str | None) -> str:
-    """A Jinja chat template that renders the text `tokenizer.render_prompt` / `render_conversation`
+    """A Jinja chat template that renders the text `chat_format.render_prompt` / `render_conversation`
     encode: BOS (when the model starts prompts with one), tools as one-line signatures in the system
-    turn (`tokenizer.with_tools`), `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, tool calls
+    turn (`chat_format.with_tools`), `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, tool calls
     as compact `<tool_call>{"name":..,"arguments":..}</tool_call>`. tests/test_hf.py checks the ids."""
-    from chatforge.tokenizer import IM_END, IM_START, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TOOLS_INSTRUCTION
 
     def lit(s: str) -> str:  # a Jinja string literal (JSON's escapes are also Jinja's)
         return json.dumps(s)
@@ -422,11 +431,6 @@ def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, pad_id: in
 
 def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a chatforge run (or checkpoint) folder as an HF Llama folder at out_dir; returns out_dir."""
-    from safetensors.torch import save_file
-
-    from chatforge.checkpoint import load_model, read_config, resolve_model_dir
-    from chatforge.tokenizer import IM_END, Tokenizer
-
     out_dir = Path(out_dir)
     model_dir = resolve_model_dir(Path(run))
     cfg = GPTConfig.from_dict(read_config(model_dir).get("model") or {})
@@ -437,8 +441,8 @@ def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         )
     if _is_chatforge_run(out_dir):  # its config.json / model.safetensors / tokenizer.json would be replaced
         raise ChatforgeError(f"{out_dir} is a chatforge run folder; export into a new folder instead")
-    model, meta, model_dir = load_model(model_dir)
-    tok = Tokenizer.load(model_dir)  # the folder: its config.json says whether prompts start with BOS
+    loaded = load_run(model_dir)  # its tokenizer: the folder's config.json says whether prompts start with BOS
+    model, meta, model_dir, tok = loaded.model, loaded.meta, loaded.folder, loaded.tokenizer
 
     def recorded(key: str, default):  # what an import recorded about its tokens, else chatforge's own
         return default if meta.get(key) is None else meta[key]
@@ -446,11 +450,9 @@ def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     # chatforge starts documents and prompts with tok.start_ids(); HF's tokenizer(text) should do the same
     add_bos = bool(tok.start_ids())
     bos_id = tok.bos_id if add_bos else recorded("bos_token_id", tok.bos_id)
-    # the stop ids chatforge's chat uses (chat.stop_ids): <|im_end|>, then the BOS / <|endoftext|>
-    stops = [tok.special_id(IM_END)] if tok.has_special(IM_END) else []
+    stops = turn_end_ids(tok)  # the ids chatforge's chat stops at: <|im_end|>, then the BOS
     if meta.get("eos_token_id") is not None:
         stops.insert(0, meta["eos_token_id"])
-    stops += [tok.bos_id] if tok.bos_id is not None else []
     stops = list(dict.fromkeys(stops))  # de-duplicated, first = the primary EOS
     eos_id = stops[0] if stops else None
     pad_id = recorded("padding_token_id", tok.bos_id if tok.bos_id is not None else eos_id)
@@ -518,8 +520,6 @@ def _with_bos_post_processor(tok_json: str, bos: str | None, bos_id: int | None)
     chatforge-trained models saw BOS at the start of every document, and transformers 5 takes BOS
     handling from tokenizer.json's post-processor alone (it ignores add_bos_token when that file
     exists). chatforge itself never runs the post-processor (it encodes with add_special_tokens=False)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import processors
 
     if bos is None or bos_id is None or _adds_bos(tok_json):
         return tok_json
@@ -531,6 +531,5 @@ def _with_bos_post_processor(tok_json: str, bos: str | None, bos_id: int | None)
 
 
 def _export_state(model: GPT) -> dict[str, torch.Tensor]:
-    from chatforge.checkpoint import model_state
 
     return {k: v.to(torch.float32).contiguous() for k, v in model_state(model).items()}

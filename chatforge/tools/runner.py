@@ -10,8 +10,8 @@ the result goes back into the conversation as a `tool` message, and generation c
 One round = one batched generation (`engine.stream_batch`) over the conversations still running.
 A row stops at <|im_end|>, at its token budget, or at the end of its first tool call: the
 `</tool_call>` special token, or the text "</tool_call>" in the decoded output when the tokenizer
-has no such token (imported SmolLM2): the text is checked after every token, so a tag split over
-several tokens is found. Rows that stopped early are ignored until the round ends (the engine
+has no such token (imported SmolLM2): each token's text goes through `chat_format.ToolCallScanner`,
+so a tag split over several tokens is found. Rows that stopped early are ignored until the round ends (the engine
 keeps a row's slot until every row in the batch stops or the round is abandoned once all are done).
 
 After a round, each call is parsed, run through the registry (calls of different rows in parallel
@@ -28,18 +28,17 @@ import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from chatforge.chat_format import (
+    ToolCallScanner,
+    parse_assistant,
+    render_prompt,
+    turn_end_ids,
+    validate_conversation,
+)
 from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
-from chatforge.tokenizer import (
-    IM_END,
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    Tokenizer,
-    parse_assistant,
-    render_prompt,
-    validate_conversation,
-)
+from chatforge.tokenizer import IM_END, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 from chatforge.tools.registry import ToolRegistry, ToolResult, error_result
 
 MAX_PARALLEL_TOOLS = 4
@@ -161,10 +160,11 @@ def _generate_round(model, tok, rows, prompts, max_new_tokens, temperature, top_
 
     The text is what the model wrote without the final stop token, ending with the closing tag when
     the reason is "tool_call"."""
-    ends = set(end_ids(tok))
+    ends = set(turn_end_ids(tok))
     close_id = tok.special_id(TOOL_CALL_CLOSE) if tok.has_special(TOOL_CALL_CLOSE) else None
     stops = ends | ({close_id} if close_id is not None else set())
     decoders = {i: IncrementalDecoder(tok.decode) for i in rows}
+    scanners = {i: ToolCallScanner() for i in rows}  # the tags may arrive split over several tokens
     shown = {i: 0 for i in rows}  # characters of the text already sent as "text" events
     result: dict[int, tuple[str, str]] = {}
     for j, tid in stream_batch(
@@ -183,14 +183,13 @@ def _generate_round(model, tok, rows, prompts, max_new_tokens, temperature, top_
         if tid in ends:
             result[i] = (decoders[i].text, "stop")
         else:
-            decoders[i].push(tid)
-            text = decoders[i].text
-            # decode-level checks: a tag may arrive split over several tokens
-            k_end, k_call = text.find(IM_END), text.find(TOOL_CALL_CLOSE)
-            if k_call >= 0 and (k_end < 0 or k_call < k_end):
-                result[i] = (text[: k_call + len(TOOL_CALL_CLOSE)], "tool_call")
+            scan = scanners[i]
+            scan.push(decoders[i].push(tid))
+            k_end, call_end = scan.text.find(IM_END), scan.call_end
+            if call_end is not None and (k_end < 0 or call_end - len(TOOL_CALL_CLOSE) < k_end):
+                result[i] = (scan.text[:call_end], "tool_call")
             elif k_end >= 0:
-                result[i] = (text[:k_end], "stop")
+                result[i] = (scan.text[:k_end], "stop")
         if i in result:
             visible = result[i][0]
         else:
@@ -207,15 +206,6 @@ def _generate_round(model, tok, rows, prompts, max_new_tokens, temperature, top_
                 emit({"type": "text", "row": i, "text": text[shown[i] :]})
             result[i] = (text, "length")
     return result
-
-
-def end_ids(tok: Tokenizer) -> list[int]:
-    """Ids that end an answer: <|im_end|>, and the BOS for models that emit it instead (as chat.stop_ids;
-    kept here so that chat.py can import this module without a cycle)."""
-    ids = [tok.special_id(IM_END)] if tok.has_special(IM_END) else []
-    if tok.bos_id is not None:
-        ids.append(tok.bos_id)
-    return ids
 
 
 def _malformed(text: str) -> ToolResult:

@@ -1,11 +1,17 @@
-"""The training loop every stage shares (pretraining, SFT; later reward model and DPO).
+"""The one training loop: pretraining, SFT, the reward model, DPO and GRPO all run through it.
 
-A stage hands `run_training` a model (fresh, or initialised from an earlier run), a batch
-loader with `next_batch()` / `state_dict()` / `load_state_dict()`, and a way to make
-validation batches. The loop, top to bottom: resume if asked, then for each step: maybe
-evaluate (val loss, bits per byte) and sample, run `grad_accum` micro-batches
-forward/backward, clip, set the LR, step the optimizers, log, and checkpoint every
-`ckpt_every` steps. Under torchrun the model is wrapped in DDP.
+A stage hands `run_training` a `Stage`: the model it saves, a *step* (one micro-batch: the
+module to run -> loss tensor and a dict of stats to log), an *evaluation* (-> dict of metrics),
+what to put in the summary and what to plot. The loop owns the rest, top to bottom: resume
+(weights or LoRA adapter, optimizer states, RNG and the stage's own state, such as a loader's
+position), then for each step: maybe evaluate and sample, run `grad_accum` micro-batches
+forward/backward (no gradient sync under DDP until the last), clip, set the LR, step the
+optimizers, log to metrics.jsonl, and checkpoint every `ckpt_every` steps. At the end: the
+final checkpoint, the LoRA adapter and the merged model, the summary and the plot.
+
+GRPO's step is a rollout followed by several optimisation passes over it: its `begin_step`
+samples and scores once and says how many optimizer updates the step makes; the loop then runs
+that many updates, each a call of `step` for its minibatch.
 
 Only parameters with requires_grad train, so a model with LoRA adapters (model/lora.py) trains
 just those: its checkpoints hold the adapter, and the end of the run writes the adapter and
@@ -15,12 +21,11 @@ the merged model (the model passed in is merged in place).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,30 +34,58 @@ from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
 from chatforge.config import TrainConfig
+from chatforge.device import Dist, all_reduce_sum, peak_flops
 from chatforge.errors import ChatforgeError
-from chatforge.eval.bpb import bits_per_byte
 from chatforge.fileio import atomic_write_json
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_CONFIG, has_lora, load_adapter, merge_lora, save_adapter
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import (
-    Dist,
-    MetricsLog,
-    all_reduce_sum,
-    autocast,
-    build_optimizers,
-    lr_multiplier,
-    peak_flops,
-    plot_losses,
-    read_metrics,
-    set_lr,
-)
+from chatforge.train.metrics import MetricsLog, plot_metrics, read_metrics
+from chatforge.train.optim import build_optimizers, lr_multiplier, set_lr
+
+# (module to run, step index, update index within the step) -> (loss, stats of this micro-batch)
+StepFn = Callable[[torch.nn.Module, int, int], tuple[torch.Tensor, dict]]
 
 
-class BatchLoader(Protocol):
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
+@dataclass
+class Stage:
+    """What a training stage hands `run_training`."""
+
+    name: str  # pretrain, sft, reward, dpo, rl: the run writes NAME_summary.json
+    model: GPT  # the weights (or LoRA adapter) the checkpoints and the finished run hold
+    step: StepFn
+    meta: dict  # config.json of every checkpoint and of the finished run
+    # (first evaluation, last evaluation) -> the stage's fields of the summary
+    summarize: Callable[[dict | None, dict | None], dict]
+    plot: tuple[str, list[tuple[str, list[str]]]]  # (png file name, [(y label, [metric keys])])
+    plot_title: str = ""
+    evaluate: Callable[[torch.nn.Module], dict] | None = None  # the module being trained -> metrics
+    trained: torch.nn.Module | None = None  # what the optimizers see, when more than `model` (a reward head)
+    # before a step's updates: (optimizer updates in this step, stats to log); GRPO's rollout
+    begin_step: Callable[[int], tuple[int, dict]] | None = None
+    grad_accum: int = 1
+    tokens_per_step: int = 0  # > 0: log tokens/s and MFU
+    sample: Callable[[GPT], list[str]] | None = None  # a few generations to print, to watch it learn
+    state: Callable[[], dict] = dict  # more resumable state, saved in each checkpoint
+    load_state: Callable[[dict], None] = lambda state: None
+    # (final meta) -> writes the finished run; by default ckpt.save_model
+    save_final: Callable[[dict], None] | None = None
+    header: str = ""  # what the start-up line says about the batch
+
+
+def token_batches(cfg: TrainConfig, model: GPT, dist: Dist) -> tuple[int, int]:
+    """(micro-batches per step, tokens per step) of a token-stream stage (pretraining, SFT)."""
+    if cfg.seq_len > model.cfg.seq_len:
+        raise ChatforgeError(f"seq_len {cfg.seq_len} is longer than the model's context {model.cfg.seq_len}")
+    tokens_per_micro = cfg.device_batch_size * cfg.seq_len * dist.world_size
+    if not cfg.total_batch_tokens:
+        return 1, tokens_per_micro
+    if cfg.total_batch_tokens % tokens_per_micro:
+        raise ChatforgeError(
+            f"total_batch_tokens {cfg.total_batch_tokens} is not a multiple of device_batch_size x seq_len x "
+            f"ranks = {tokens_per_micro}"
+        )
+    return cfg.total_batch_tokens // tokens_per_micro, cfg.total_batch_tokens
 
 
 def rng_state() -> dict:
@@ -70,243 +103,269 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def resume_run(
+    out_dir: Path,
+    stage: Stage,
+    optimizers: list[torch.optim.Optimizer],
+    max_steps: int,
+    resume: bool,
+    dist: Dist,
+) -> tuple[int, dict, Path | None]:
+    """(start step, train state, checkpoint) after loading the newest checkpoint of out_dir into the
+    stage's model, the optimizers, the RNG and the stage's own state; (0, {}, None) for a fresh run.
+    A fresh run refuses a folder that has checkpoints."""
+    latest = ckpt.latest_checkpoint(out_dir) if resume else None
+    if latest is None:
+        if not resume and ckpt.list_checkpoints(out_dir):
+            raise ChatforgeError(
+                f"{out_dir} already has checkpoints: pass --resume to continue, or use a new --out"
+            )
+        if resume and dist.is_main:
+            print(f"no checkpoint in {out_dir}: starting from scratch")
+        return 0, {}, None
+    model = stage.model
+    if ckpt.read_config(latest).get("model") != model.cfg.to_dict():
+        raise ChatforgeError(f"cannot resume: {latest} was trained with a different model config")
+    lora_run, adapter_ckpt = has_lora(model), (latest / ADAPTER_CONFIG).is_file()
+    if lora_run != adapter_ckpt:
+        have = "a LoRA adapter" if adapter_ckpt else "full weights"
+        raise ChatforgeError(
+            f"cannot resume: {latest} holds {have}, but this run {'uses' if lora_run else 'has no'} LoRA; "
+            "resume with the lora_rank it was started with, or use a new --out"
+        )
+    if lora_run:  # the frozen base came from the base run; the checkpoint has the adapter
+        load_adapter(model, latest)
+    else:
+        ckpt.load_weights(model, latest)
+    state = ckpt.load_train_state(latest)
+    if state["step"] > max_steps:  # the loop stops at step == max_steps: it would never end
+        raise ChatforgeError(
+            f"cannot resume: {latest} is at step {state['step']}, past max_steps {max_steps}; "
+            "ask for more steps or use a new --out"
+        )
+    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    stage.load_state(state)
+    set_rng_state(state["rng"])
+    if dist.is_main:
+        print(f"resuming from {latest} at step {state['step']}")
+    return state["step"], state, latest
+
+
+def wrap_for_training(module: torch.nn.Module, cfg: TrainConfig, dist: Dist) -> torch.nn.Module:
+    """The module the steps run: compiled if asked, and wrapped in DDP under torchrun."""
+    if cfg.compile:
+        module = torch.compile(module)
+    if dist.world_size > 1:
+        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
+        # them at each forward would deadlock evaluation when ranks get different numbers of eval batches
+        module = DDP(
+            module,
+            device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    return module
+
+
+def _mean_stats(stats: list[dict]) -> dict:
+    """Each stat averaged over the step's micro-batches and updates."""
+    keys = dict.fromkeys(k for s in stats for k in s)
+    return {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats) for k in keys}
+
+
+def _rounded(record: dict) -> dict:
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
+
+
+def _describe(record: dict) -> str:
+    return " | ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {str(v)[:100]!r}" for k, v in record.items()
+    )
+
+
 def run_training(
-    stage: str,
+    stage: Stage,
     cfg: TrainConfig,
     out_dir: Path,
-    model: GPT,
     tokenizer: Tokenizer,
-    loader: BatchLoader,
-    eval_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None,
-    sample: Callable[[GPT], list[str]] | None,
     dist: Dist,
     *,
     resume: bool,
     progress: bool,
-    meta: dict,
 ) -> dict:
-    """Train `model` for cfg.max_steps optimizer steps; returns a summary dict (rank 0's view).
-
-    eval_batches() makes a fresh pass over validation (x, y) batches, this rank's share;
-    sample(model) returns a few generations to print, to watch the model learn.
-    """
-    out_dir = Path(out_dir)
-    device = dist.device
-    tokens_per_micro = cfg.device_batch_size * cfg.seq_len * dist.world_size
-    if cfg.total_batch_tokens:
-        if cfg.total_batch_tokens % tokens_per_micro:
-            raise ChatforgeError(
-                f"total_batch_tokens {cfg.total_batch_tokens} is not a multiple of device_batch_size x seq_len x "
-                f"ranks = {tokens_per_micro}"
-            )
-        grad_accum = cfg.total_batch_tokens // tokens_per_micro
-    else:
-        grad_accum = 1
-    tokens_per_step = tokens_per_micro * grad_accum
-
-    if cfg.seq_len > model.cfg.seq_len:
-        raise ChatforgeError(f"seq_len {cfg.seq_len} is longer than the model's context {model.cfg.seq_len}")
+    """Train `stage` for cfg.max_steps steps; returns the summary (rank 0's view)."""
+    out_dir, model = Path(out_dir), stage.model
+    trained = stage.trained or model
     lora_run = has_lora(model)
     if cfg.lora_rank and not lora_run:
         raise ChatforgeError(
-            f"lora_rank is set, but {stage} trains every weight; LoRA is for `chatforge sft`"
+            f"lora_rank is set, but {stage.name} trains every weight; LoRA is for sft and dpo"
         )
-    optimizers = build_optimizers(model, cfg)  # sees only trainable parameters (the adapters, with LoRA)
-    start_step = 0
-    resumed_time, resumed_tokens = 0.0, 0
-    latest = ckpt.latest_checkpoint(out_dir) if resume else None
-    if resume and latest is None and dist.is_main:
-        print(f"no checkpoint in {out_dir}: starting from scratch")
-    if latest is not None:
-        if ckpt.read_config(latest).get("model") != model.cfg.to_dict():
-            raise ChatforgeError(f"cannot resume: {latest} was trained with a different model config")
-        adapter_ckpt = (latest / ADAPTER_CONFIG).is_file()
-        if lora_run != adapter_ckpt:
-            have = "a LoRA adapter" if adapter_ckpt else "full weights"
-            raise ChatforgeError(
-                f"cannot resume: {latest} holds {have}, but this run {'uses' if lora_run else 'has no'} LoRA; "
-                "resume with the lora_rank it was started with, or use a new --out"
-            )
-        if lora_run:  # the frozen base came from the base run; the checkpoint has the adapter
-            load_adapter(model, latest)
-        else:
-            ckpt.load_weights(model, latest)
-        state = ckpt.load_train_state(latest)
-        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        if start_step > cfg.max_steps:  # the loop stops at step == max_steps: it would never end
-            raise ChatforgeError(
-                f"cannot resume: {latest} is at step {start_step}, past max_steps {cfg.max_steps}; "
-                "raise max_steps or use a new --out"
-            )
-        resumed_time, resumed_tokens = state.get("train_seconds", 0.0), state.get("tokens_seen", 0)
-        if dist.is_main:
-            print(f"resuming from {latest} at step {start_step}")
-    elif not resume and ckpt.list_checkpoints(out_dir):
-        raise ChatforgeError(
-            f"{out_dir} already has checkpoints: pass --resume to continue, or use a new --out"
-        )
-
-    train_model: torch.nn.Module = model
-    if cfg.compile:
-        train_model = torch.compile(model)
-    if dist.world_size > 1:
-        # broadcast_buffers=False: the only buffers are the RoPE tables, identical on every rank; broadcasting
-        # them at each forward would deadlock evaluation when ranks get different numbers of eval batches
-        train_model = DDP(
-            train_model,
-            device_ids=[dist.local_rank] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
-
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=device)
-    meta = {"stage": stage, "train": dataclasses.asdict(cfg), **meta}
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    optimizers = build_optimizers(trained, cfg)  # sees only trainable parameters (the adapters, with LoRA)
+    start_step, state, latest = resume_run(out_dir, stage, optimizers, cfg.max_steps, resume, dist)
+    module = wrap_for_training(trained, cfg, dist)
+    n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     n_params = model.num_params() - (n_trainable if lora_run else 0)  # the model's own size, adapters apart
-    flops_per_token = model.flops_per_token(cfg.seq_len)
-    peak, peak_desc = peak_flops(device)
+    flops_per_token = model.flops_per_token(cfg.seq_len) if stage.tokens_per_step else 0
+    peak, peak_desc = peak_flops(dist.device)
     metrics = MetricsLog(
         out_dir / "metrics.jsonl", resume_step=start_step if latest else None, enabled=dist.is_main
     )
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         print(
             f"model: {n_params / 1e6:.2f}M params"
             + (f" ({n_trainable / 1e6:.3f}M trainable LoRA)" if lora_run else "")
-            + f", {flops_per_token / 1e6:.1f} MFLOPs/token | "
-            f"{tokens_per_step:,} tokens/step = {cfg.device_batch_size} rows x {cfg.seq_len} x "
-            f"{dist.world_size} ranks x {grad_accum} accum | {cfg.max_steps} steps on {device} ({peak_desc})"
+            + (f" | {stage.header}" if stage.header else "")
+            + f" | {cfg.max_steps} steps on {dist.device} ({peak_desc})"
         )
+    train_time, tokens_seen = state.get("train_seconds", 0.0), state.get("tokens_seen", 0)
 
     def save(step: int) -> None:
-        state = {
+        train_state = {
             "step": step,
             "optimizers": [opt.state_dict() for opt in optimizers],
-            "loader": loader.state_dict(),
             "rng": rng_state(),
             "train_seconds": train_time,
             "tokens_seen": tokens_seen,
-            "train_config": dataclasses.asdict(cfg),
+            "train_config": asdict(cfg),
+            **stage.state(),
         }
         if dist.is_main:
-            ckpt.save_checkpoint(out_dir, step, model, tokenizer.to_json(), meta, state, keep=cfg.keep_ckpts)
+            ckpt.save_checkpoint(
+                out_dir, step, model, tokenizer.to_json(), stage.meta, train_state, keep=cfg.keep_ckpts
+            )
 
-    first: tuple[float, float] | None = None  # (val loss, val bpb) at the first and last evaluation
-    last_eval: tuple[float, float] | None = None
-    train_time, tokens_seen = resumed_time, resumed_tokens  # totals over all sessions of this run
+    first_eval: dict | None = None
+    last_eval: dict | None = None
     bar = tqdm(
-        total=cfg.max_steps,
-        initial=start_step,
-        disable=not (progress and dist.is_main),
-        desc=stage,
-        unit="step",
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
+        total=cfg.max_steps, initial=start_step, disable=not (progress and dist.is_main), desc=stage.name,
+        unit="step", mininterval=1.0, dynamic_ncols=True,
+    )  # fmt: skip
     step = start_step
     while True:
         last = step == cfg.max_steps
-        if eval_batches is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            val_loss, val_bpb = bits_per_byte(
-                train_model, eval_batches(), token_bytes, device, all_reduce=True
-            )
-            if first is None:
-                first = (val_loss, val_bpb)
-            last_eval = (val_loss, val_bpb)
-            metrics.log(step=step, val_loss=round(val_loss, 6), val_bpb=round(val_bpb, 6))
+        if stage.evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            last_eval = stage.evaluate(module)
+            first_eval = first_eval or last_eval
+            metrics.log(step=step, **_rounded(last_eval))
             if dist.is_main:
-                bar.write(f"step {step:5d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
+                bar.write(f"step {step:5d} | {_describe(last_eval)}")
         sample_now = (cfg.sample_every and step % cfg.sample_every == 0 and step > 0) or last
-        if sample is not None and dist.is_main and sample_now:
+        if stage.sample is not None and dist.is_main and sample_now:
             try:
-                for text in sample(model):
+                for text in stage.sample(model):
                     bar.write(f"  sample: {text!r}")
-            except (
-                ChatforgeError
-            ) as e:  # e.g. a sample prompt that does not fit the context: training goes on
+            except ChatforgeError as e:  # a sample prompt too long for the context: training goes on
                 bar.write(f"  (no sample: {e})")
         if last:
             break
 
         t0 = time.perf_counter()
-        set_lr(optimizers, lr_multiplier(step, cfg))
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = loader.next_batch()
-            sync = micro == grad_accum - 1
-            context = (
-                train_model.no_sync() if (dist.world_size > 1 and not sync) else contextlib.nullcontext()
-            )
-            with context, autocast(device):
-                loss = train_model(x, y)
-                (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        )
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        loss_sum, n_losses, grad_norm, stats = _optimize(stage, module, trained, optimizers, cfg, step, dist)
         step += 1
-        if device.type == "cuda":
+        if dist.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         train_time += dt
-        tokens_seen += tokens_per_step
+        tokens_seen += stage.tokens_per_step
         bar.update(1)
 
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.max_steps:
-            # the only host sync in the step: reading the loss, every log_every steps
-            loss_value = float(all_reduce_sum(loss_sum, dist)) / grad_accum / dist.world_size
-            tok_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_s / peak if peak else float("nan")
-            metrics.log(
-                step=step,
-                loss=round(loss_value, 6),
-                lr_mult=round(lr_multiplier(step - 1, cfg), 6),
-                grad_norm=round(float(grad_norm), 4) if grad_norm is not None else None,
-                tok_s=round(tok_s, 1),
-                mfu=round(mfu, 5),
-                time_s=round(train_time, 3),
-            )
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+            # the only host sync of a token step: reading the loss, every log_every steps
+            loss_value = float(all_reduce_sum(loss_sum, dist)) / n_losses / dist.world_size
+            record = {
+                "loss": loss_value,
+                "lr_mult": lr_multiplier(step - 1, cfg),
+                "grad_norm": round(float(grad_norm), 4) if grad_norm is not None else None,
+            }
+            if stage.tokens_per_step:
+                tok_s = stage.tokens_per_step / dt
+                record["tok_s"] = round(tok_s, 1)
+                record["mfu"] = round(flops_per_token * tok_s / peak, 5) if peak else float("nan")
+            record |= {"time_s": round(train_time, 3), "step_s": round(dt, 3), **stats}
+            metrics.log(step=step, **_rounded(record))
+            shown = ["loss", "tok_s", "mfu"] if stage.tokens_per_step else ["loss", *list(stats)[:2]]
+            bar.set_postfix({k: f"{record[k]:.3f}" for k in shown})
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             save(step)
     bar.close()
 
     if start_step < cfg.max_steps or latest is None:  # resuming a finished run: its checkpoint is this one
         save(cfg.max_steps)
+    if dist.is_main and last_eval is not None:  # the run's first evaluation, across resumed sessions
+        evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if set(last_eval) <= set(r)]
+        first_eval = {k: evals[0][k] for k in last_eval} if evals else first_eval
+    summary = {"params": n_params, "trainable_params": n_trainable, "steps": cfg.max_steps}
+    if stage.tokens_per_step:
+        summary |= {
+            "tokens": tokens_seen,
+            "tokens_per_second": round(tokens_seen / train_time, 1) if train_time else None,
+        }
+    summary |= {"train_seconds": round(train_time, 2), **stage.summarize(first_eval, last_eval)}
     if dist.is_main:
-        evals = [r for r in read_metrics(out_dir / "metrics.jsonl") if "val_loss" in r]
-        if evals:  # the run's first and last evaluation, across resumed sessions
-            first = (evals[0]["val_loss"], evals[0]["val_bpb"])
-            last_eval = (evals[-1]["val_loss"], evals[-1]["val_bpb"])
-    summary = {
-        "params": n_params,
-        "trainable_params": n_trainable,
-        "steps": cfg.max_steps,
-        "tokens": tokens_seen,
-        "train_seconds": round(train_time, 2),
-        "tokens_per_second": round(tokens_seen / train_time, 1) if train_time else None,
-        # None (JSON null) when evaluation is off
-        "val_loss_start": first[0] if first else None,
-        "val_loss_end": last_eval[0] if last_eval else None,
-        "val_bpb_start": first[1] if first else None,
-        "val_bpb_end": last_eval[1] if last_eval else None,
-    }
-    if dist.is_main:
-        final_meta = {**meta, "step": cfg.max_steps, "summary": summary}
-        if lora_run:
-            save_adapter(model, out_dir, final_meta)  # the adapter apart, to share or merge elsewhere
-            merge_lora(model)  # and a plain model beside it, which chat, eval and serving load as is
-        ckpt.save_model(out_dir, model, tokenizer.to_json(), final_meta)
-        title = f"{stage}: {n_params / 1e6:.2f}M params" + (
-            f", {n_trainable / 1e6:.3f}M trainable (LoRA rank {cfg.lora_rank})" if lora_run else ""
-        )
-        png = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title)
-        summary["loss_plot"] = str(png)
-        atomic_write_json(out_dir / f"{stage}_summary.json", summary)
+        _finish(stage, cfg, out_dir, tokenizer, summary, n_params, n_trainable)
     return summary
+
+
+def _optimize(
+    stage: Stage,
+    module: torch.nn.Module,
+    trained: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    cfg: TrainConfig,
+    step: int,
+    dist: Dist,
+) -> tuple[torch.Tensor, int, torch.Tensor | None, dict]:
+    """One step: the stage's begin_step, then its updates of grad_accum micro-batches each, each
+    update clipped and applied. Returns (summed losses, how many, last grad norm, mean stats)."""
+    n_updates, begin_stats = stage.begin_step(step) if stage.begin_step else (1, {})
+    set_lr(optimizers, lr_multiplier(step, cfg))
+    loss_sum = torch.zeros((), device=dist.device)
+    stats: list[dict] = []
+    grad_norm = None
+    for update in range(n_updates):
+        for micro in range(stage.grad_accum):
+            sync = micro == stage.grad_accum - 1
+            context = module.no_sync() if (dist.world_size > 1 and not sync) else contextlib.nullcontext()
+            with context:
+                loss, micro_stats = stage.step(module, step, update)
+                (loss / stage.grad_accum).backward()
+            loss_sum += loss.detach()
+            stats.append(micro_stats)
+        if cfg.grad_clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        trained.zero_grad(set_to_none=True)
+    return loss_sum, n_updates * stage.grad_accum, grad_norm, {**begin_stats, **_mean_stats(stats)}
+
+
+def _finish(
+    stage: Stage,
+    cfg: TrainConfig,
+    out_dir: Path,
+    tokenizer: Tokenizer,
+    summary: dict,
+    n_params: int,
+    n_trainable: int,
+) -> None:
+    """The finished run: the LoRA adapter and the merged model (or the stage's own save), the plot
+    and NAME_summary.json."""
+    model = stage.model
+    final_meta = {**stage.meta, "step": cfg.max_steps, "summary": summary}
+    lora_run = has_lora(model)
+    if lora_run:
+        save_adapter(model, out_dir, final_meta)  # the adapter apart, to share or merge elsewhere
+        merge_lora(model)  # and a plain model beside it, which chat, eval and serving load as is
+    if stage.save_final is not None:
+        stage.save_final(final_meta)
+    else:
+        ckpt.save_model(out_dir, model, tokenizer.to_json(), final_meta)
+    title = f"{stage.plot_title or stage.name}: {n_params / 1e6:.2f}M params" + (
+        f", {n_trainable / 1e6:.3f}M trainable (LoRA rank {cfg.lora_rank})" if lora_run else ""
+    )
+    png_name, panels = stage.plot
+    summary["loss_plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / png_name, panels, title))
+    atomic_write_json(out_dir / f"{stage.name}_summary.json", summary)

@@ -3,27 +3,86 @@
     chatforge pretrain --data SHARDS --out RUN --preset cpu
     torchrun --nproc_per_node=2 -m chatforge.cli pretrain --data SHARDS --out RUN   # DDP
 
-Builds a fresh model from the config's depth dial, a TokenLoader over the shards, and hands
-both to the shared loop in train/loop.py.
+Builds a fresh model from the config's depth dial and a TokenLoader over the shards, and hands
+the training loop (train/loop.py) a language-model step: next-token loss on a loader's batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from chatforge.config import TrainConfig
+from chatforge.config import TrainConfig, get_preset, training_config
 from chatforge.data.shards import TokenLoader, iter_eval_batches, read_index
+from chatforge.device import Dist, autocast, cleanup_distributed, setup_distributed
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
+from chatforge.eval.bpb import bits_per_byte
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import PretrainOptions
+from chatforge.plan import describe_plan
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.common import cleanup_distributed, setup_distributed
-from chatforge.train.loop import run_training
+from chatforge.train.loop import Stage, run_training, token_batches
 
 SAMPLE_PROMPTS = ["The", "Once upon a time", "12 + 35 ="]
+LM_PLOT = [("cross-entropy (nats/token)", ["loss", "val_loss"]), ("bits per byte", ["val_bpb"])]
+
+
+class BatchLoader(Protocol):
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def language_model_stage(
+    name: str,
+    cfg: TrainConfig,
+    model: GPT,
+    tokenizer: Tokenizer,
+    loader: BatchLoader,
+    eval_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    sample: Callable[[GPT], list[str]],
+    dist: Dist,
+    meta: dict,
+) -> Stage:
+    """Pretraining's and SFT's stage: next-token loss on the loader's (x, y) batches (targets of -1
+    are not scored), validation loss and bits per byte on eval_batches() (a fresh pass, this rank's
+    share), and the loader's position in every checkpoint."""
+    grad_accum, tokens_per_step = token_batches(cfg, model, dist)
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=dist.device)
+
+    def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
+        x, y = loader.next_batch()
+        with autocast(dist.device):
+            return module(x, y), {}
+
+    def evaluate(module: torch.nn.Module) -> dict:
+        val_loss, val_bpb = bits_per_byte(module, eval_batches(), token_bytes, dist.device, all_reduce=True)
+        return {"val_loss": val_loss, "val_bpb": val_bpb}
+
+    def summarize(first: dict | None, last: dict | None) -> dict:
+        # None (JSON null) when evaluation is off
+        return {
+            f"val_{k}_{when}": ev[f"val_{k}"] if ev else None
+            for k in ("loss", "bpb")
+            for when, ev in (("start", first), ("end", last))
+        }
+
+    return Stage(
+        name=name, model=model, step=step, evaluate=evaluate, summarize=summarize, plot=("loss.png", LM_PLOT),
+        meta={"stage": name, "train": dataclasses.asdict(cfg), **meta}, grad_accum=grad_accum,
+        tokens_per_step=tokens_per_step, sample=sample,
+        state=lambda: {"loader": loader.state_dict()},
+        load_state=lambda state: loader.load_state_dict(state["loader"]),
+        header=f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOPs/token | {tokens_per_step:,} tokens/step = "
+        f"{cfg.device_batch_size} rows x {cfg.seq_len} x {dist.world_size} ranks x {grad_accum} accum",
+    )  # fmt: skip
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
@@ -83,10 +142,24 @@ def pretrain(
             iter_eval_batches, data_dir, "val", cfg.device_batch_size, cfg.seq_len,
             max_batches=cfg.eval_batches, rank=dist.rank, world_size=dist.world_size, device=dist.device,
         )  # fmt: skip
-        return run_training(
-            "pretrain", cfg, out_dir, model, tokenizer, loader, eval_batches,
-            partial(sample_text, tokenizer=tokenizer, prompts=SAMPLE_PROMPTS), dist,
-            resume=resume, progress=progress, meta={"data": str(data_dir)},
+        stage = language_model_stage(
+            "pretrain", cfg, model, tokenizer, loader, eval_batches,
+            partial(sample_text, tokenizer=tokenizer, prompts=SAMPLE_PROMPTS), dist, {"data": str(data_dir)},
         )  # fmt: skip
+        return run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
     finally:
         cleanup_distributed()
+
+
+def cmd_pretrain(opts: PretrainOptions) -> None:
+    cfg = training_config(opts.preset, "pretrain", opts.settings, opts.overrides)
+    if opts.dry_run:
+        print(describe_plan(cfg, vocab_size=opts.vocab_size or get_preset(opts.preset).vocab_size))
+        return
+    if not opts.data or not opts.out:
+        raise ChatforgeError(
+            "pretrain needs --data (a shard folder from `chatforge data`) and --out (a run folder)"
+        )
+    tokenizer = opts.tokenizer or Path(opts.data) / "tokenizer.json"
+    summary = pretrain(opts.data, tokenizer, opts.out, cfg, resume=opts.resume, progress=not opts.no_progress)
+    print(json.dumps(summary, indent=2))

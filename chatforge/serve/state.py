@@ -1,0 +1,64 @@
+"""What every route of one server shares: `ServerState` (the model, tokenizer, scheduler, store and
+settings; FastAPI keeps it in `app.state.server`, routes get it with the `State` dependency) and
+the `Inbox` that carries the scheduler thread's events to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from chatforge.model.gpt import GPT
+from chatforge.serve.feedback import FeedbackStore
+from chatforge.serve.scheduler import Scheduler
+from chatforge.tokenizer import Tokenizer
+
+
+class Inbox:
+    """Events from the scheduler thread to the event loop's per-request queues, with one wake-up of
+    the loop per burst (a decode step of 16 rows makes 16 events, not 16 wake-ups)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:  # any thread
+        with self.lock:
+            self.items.append((queue, item))
+            wake = len(self.items) == 1  # the first of a burst schedules the delivery
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the event loop
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+@dataclass
+class ServerState:
+    model: GPT
+    tok: Tokenizer
+    model_id: str  # the name clients use in "model"
+    scheduler: Scheduler
+    store: FeedbackStore | None  # None: this server keeps no conversations
+    page: dict[str, bytes] = field(default_factory=dict)  # the chat page's files, read once at start
+    created: int = field(default_factory=lambda: int(time.time()))
+    inbox: Inbox | None = None  # made on the first request, for the loop that serves it
+
+    @property
+    def ctx(self) -> int:
+        return self.model.cfg.seq_len
+
+
+async def _server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(_server_state)]  # a route's `srv: State` parameter
