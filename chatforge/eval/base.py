@@ -21,6 +21,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.device import autocast  # noqa: F401 (tasks import it from here)
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
@@ -213,6 +214,16 @@ def generate_greedy(
             for i, ids in zip(idx, completions, strict=True):
                 out[i] = [t for t in ids if t not in stops]
     return out
+
+
+def ask_questions(ctx: EvalContext, questions: Sequence[str], max_new_tokens: int) -> list[list[int] | None]:
+    """Each question asked as one user turn and answered greedily until the turn ends: the reply's
+    ids, or None for a prompt that fills the context."""
+    tok = ctx.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
+    return generate_greedy(
+        ctx.model, prompts, max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
+    )
 
 
 def skipped_extra(outs: Sequence[list[int] | None]) -> dict[str, int]:

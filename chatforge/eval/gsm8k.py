@@ -11,13 +11,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
     EvalContext,
     EvalInputs,
     TaskResult,
-    generate_greedy,
+    ask_questions,
     register,
     skipped_extra,
     subset,
@@ -77,10 +76,7 @@ class GSM8K:
     def run(self, ctx: EvalContext) -> TaskResult:
         tok = ctx.tokenizer
         problems = subset(self.problems, ctx.max_examples, ctx.seed)
-        prompts = [render_prompt(tok, [{"role": "user", "content": p.question}]) for p in problems]
-        outs = generate_greedy(
-            ctx.model, prompts, self.max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
-        )
+        outs = ask_questions(ctx, [p.question for p in problems], self.max_new_tokens)
         details = []
         for p, out in zip(problems, outs, strict=True):
             reply = tok.decode(out) if out is not None else ""

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from chatforge.chat_format import parse_assistant, render_prompt, turn_end_ids
+from chatforge.chat_format import parse_assistant, render_prompt
 from chatforge.conversations import ToolProblem
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
@@ -29,7 +29,7 @@ from chatforge.eval.base import (
     EvalInputs,
     TaskResult,
     accuracy_groups,
-    generate_greedy,
+    ask_questions,
     register,
     subset,
 )
@@ -174,10 +174,7 @@ class ToolUse:
         """Plain greedy generation, no tools shown; a call written anyway is counted (and, with no tool
         to run it, leaves no answer)."""
         tok = ctx.tokenizer
-        prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-        outs = generate_greedy(
-            ctx.model, prompts, self.max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
-        )
+        outs = ask_questions(ctx, questions, self.max_new_tokens)
         answers = []
         for ids in outs:
             if ids is None:

@@ -13,14 +13,13 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
     EvalContext,
     EvalInputs,
     TaskResult,
     accuracy_groups,
-    generate_greedy,
+    ask_questions,
     register,
     skipped_extra,
     subset,
@@ -57,10 +56,7 @@ class WorldQA:
     def run(self, ctx: EvalContext) -> TaskResult:
         tok = ctx.tokenizer
         qas = subset(self.qas, ctx.max_examples, ctx.seed)
-        prompts = [render_prompt(tok, [{"role": "user", "content": qa.question}]) for qa in qas]
-        outs = generate_greedy(
-            ctx.model, prompts, self.max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
-        )
+        outs = ask_questions(ctx, [qa.question for qa in qas], self.max_new_tokens)
         details = []
         for qa, out in zip(qas, outs, strict=True):
             reply = tok.decode(out) if out is not None else ""
