@@ -258,18 +258,33 @@ def check_layers(config: SandboxConfig = SandboxConfig()) -> SandboxResult:
     return run_python("pass", config=config)
 
 
+def layers_line(config: SandboxConfig = SandboxConfig()) -> str:
+    """The sandbox's layers on this machine as one line to show a person before the model's code runs;
+    ChatforgeError (the refusal line) when a required layer is missing and `config.unsafe` is off."""
+    r = check_layers(config)
+    if r.refused:
+        raise ChatforgeError(refusal_line(r))
+    if not r.ok:
+        raise ChatforgeError(f"the python sandbox does not start here: {r.text()}")
+    line = "python sandbox: " + ", ".join(r.layers)
+    if any(layer.startswith("UNSAFE") for layer in r.layers):
+        line += (
+            "\nWARNING: --unsafe-python: the model's code runs WITHOUT kernel isolation; it can read what "
+            "you can read, write where you can write and reach the network. Do not use it with untrusted models."
+        )
+    return line
+
+
 def cmd_doctor(args) -> None:
     """`chatforge doctor`: the sandbox layers this machine gives and whether the python tool runs."""
-    r = check_layers(SandboxConfig(unsafe=args.unsafe_python))
+    r = check_layers()
     print("python sandbox layers: " + (", ".join(r.layers) or "none"))
     if r.refused:
         print(refusal_line(r))
     elif not r.ok:
-        print(f"the python tool does not work here: {r.text()}")
-    elif any(layer.startswith("UNSAFE") for layer in r.layers):
-        print("the python tool runs WITHOUT isolation (--unsafe-python): the model's code can reach your files and network")
+        print(f"the python tool does not start here: {r.text()}")
     else:
-        print("the python tool runs the model's code isolated (required: Landlock and seccomp)")
+        print("the python tool runs the model's code isolated (Landlock and seccomp, the required layers, are on)")
 
 
 def _needed_paths() -> list[str]:

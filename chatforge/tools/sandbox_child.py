@@ -89,6 +89,9 @@ def setup(cfg: dict) -> None:
             dropped = True
         else:
             layers.append("no uid drop (the Python install is not readable by other users)")
+            for d, _, names in os.walk(cfg["workdir"]):  # the host gave the folder to the sandbox user: take it back
+                for p in [d, *(os.path.join(d, n) for n in names)]:
+                    os.chown(p, 0, 0, follow_symlinks=False)
     if root and not dropped and _drop_capabilities(libc):
         layers.append("no capabilities")  # still uid 0, but the exec below keeps no capability
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can give privileges back
