@@ -101,6 +101,7 @@ def setup(cfg: dict) -> None:
     # the required kernel layers: Landlock (file system) and seccomp (system calls)
     missing = []
     abi = 0
+    libseccomp = _load_libseccomp(cfg)  # before Landlock: finding the library runs ldconfig
     if "landlock" in cfg["without"]:
         missing.append(("Landlock", "switched off for this run"))
     else:
@@ -112,7 +113,7 @@ def setup(cfg: dict) -> None:
     if "seccomp" in cfg["without"]:
         missing.append(("seccomp", "switched off for this run"))
     else:
-        why = _seccomp(cfg, abi)
+        why = libseccomp if isinstance(libseccomp, str) else _seccomp(libseccomp, abi)
         if why:
             missing.append(("seccomp", why))
         else:
@@ -198,7 +199,9 @@ def _landlock(libc, cfg: dict) -> tuple[int, str | None]:
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-    rules = [(p, READ_EXEC) for p in [*cfg["needed"], *SYSTEM_READ]]
+    # run nothing but this interpreter (and its loader): an exec of /bin/sh is refused too
+    rules = [(p, READ) for p in [*cfg["needed"], *SYSTEM_READ]]
+    rules += [(p, READ_EXEC) for p in [os.path.realpath(sys.executable), *_elf_interpreter(sys.executable)]]
     rules += [(cfg["child"], READ), ("/dev/null", FS_READ_FILE | FS_WRITE_FILE), (cfg["workdir"], fs)]
     try:
         for path, access in rules:
@@ -225,6 +228,28 @@ def _landlock(libc, cfg: dict) -> tuple[int, str | None]:
     return 0, "the ruleset was accepted but does not hold"
 
 
+def _elf_interpreter(exe: str) -> list[str]:
+    """The dynamic loader an ELF executable names (PT_INTERP), which the kernel runs with it."""
+    import struct
+
+    try:
+        with open(os.path.realpath(exe), "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF only
+                return []
+            phoff, = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            for i in range(phnum):
+                f.seek(phoff + i * phentsize)
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack("<IIQQQQ", f.read(40))
+                if p_type == 3:  # PT_INTERP
+                    f.seek(p_offset)
+                    return [os.path.realpath(f.read(p_filesz).rstrip(b"\0").decode())]
+    except (OSError, struct.error, UnicodeDecodeError):
+        pass
+    return []
+
+
 # ---- seccomp: the system calls the code may make ----------------------------------------------------
 # Refused with EPERM: the network, other processes (debugging, signals, their memory), new processes
 # (only threads), namespaces and mounts, device nodes and fifos, kernel interfaces with a history
@@ -243,13 +268,13 @@ CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x1000000
 CLONE_THREAD, TIOCSTI = 0x00010000, 0x5412
 
 
-def _seccomp(cfg: dict, landlock_abi: int) -> str | None:
-    """Install the filter (libseccomp through pyseccomp); None, or why it is missing."""
-    import errno
-
+def _load_libseccomp(cfg: dict):
+    """The pyseccomp module (libseccomp loaded), or why it cannot be had."""
     sys.path.extend(cfg["run"]["sys_path"])  # pyseccomp is in site-packages; -I left it out
     try:
-        import pyseccomp as sc
+        import pyseccomp
+
+        return pyseccomp
     except (ImportError, RuntimeError, OSError) as e:
         return (
             f"libseccomp could not be loaded ({e}): install the libseccomp2 system package "
@@ -257,6 +282,12 @@ def _seccomp(cfg: dict, landlock_abi: int) -> str | None:
         )
     finally:
         del sys.path[-len(cfg["run"]["sys_path"]) :]
+
+
+def _seccomp(sc, landlock_abi: int) -> str | None:
+    """Install the filter (libseccomp through pyseccomp); None, or why it is missing."""
+    import errno
+
     if sc.system_arch() not in (sc.Arch.X86_64, sc.Arch.AARCH64):
         return "the filter is written for x86_64 and aarch64 only"
     me = os.getpid()  # stays this process's pid across the exec of stage 2
