@@ -477,3 +477,10 @@ def test_many_files_are_refused_quickly(tmp_path, runs):
         (work / f"f{i}").touch()
     r = run_python("print('ran')", workdir=work, config=SMALL)
     assert r.refused and r.refused.startswith(f"the files folder {work} holds more than") and r.stdout == ""
+
+
+def test_unsafe_python_needs_tools():
+    from chatforge.chat import chat_tools
+
+    with pytest.raises(ChatforgeError, match="--unsafe-python is about the tools' python code: it needs --tools"):
+        chat_tools(None, None, True)

@@ -1,47 +1,44 @@
 """The `python` tool: run the model's code in a separate, limited process and return what it printed.
 
-This is a teaching sandbox, not a container. It stacks cheap layers so that one missing layer
-(no root, an old kernel, a bypassed hook) does not leave the host open; every attack in
-tests/test_tools_sandbox.py is tried against all layers together AND against the kernel layers
-alone (the audit hook switched off). What each layer guards, and what it does not:
+This is a teaching sandbox, not a container, but it fails closed: two kernel layers are REQUIRED,
+and where either is missing the tool refuses to run code with one line that names it (`refused`),
+unless the caller opts in with `unsafe=True` (`chatforge chat --unsafe-python`, loudly warned).
+`chatforge doctor` shows what a machine gives. Every attack in tests/test_tools_sandbox.py is tried
+against all layers together AND with the audit hook switched off (what a hook bypass achieves),
+from hosts started as root, as root without CAP_SYS_ADMIN and as `nobody`. The layers:
 
-- A fresh temp folder, copied in/out. The code runs in its own folder; files of the
-  conversation's folder (`workdir`) are copied in, and regular files it creates or changes are
-  copied back (never symlinks or hard links). Deleting a file in the sandbox does not delete it
-  in `workdir`.
-- A scrubbed environment and `python -I -S -B`: no inherited secrets in os.environ, no user
-  site-packages, no PYTHON* variables, no .pth files run.
+- Landlock (required; Linux >= 5.13, no root needed): the code may read and write only in its
+  own folder; read the interpreter, its libraries, /usr, /lib* and a few /etc files; execute only
+  the interpreter. No write anywhere else (every world-writable folder included: /run/lock, /tmp),
+  no read of /etc/shadow or the user's files even as root, no fifo or device node outside. From
+  ABI 4 no TCP either; from ABI 6 no signal to a process outside the sandbox. `stat` of paths
+  outside still works (Landlock does not cover it).
+- seccomp (required; libseccomp2 through pyseccomp): system calls refused with EPERM: socket
+  (all families; socketpair stays for asyncio), new processes (clone without CLONE_THREAD, fork,
+  vfork; threads work), namespaces and mounts, ptrace, process_vm_*, pidfd_*, signals to any pid
+  but its own, mknod/mkfifo, bpf, keyctl, io_uring, userfaultfd, perf_event_open, kernel modules,
+  identity changes, raising rlimits, TIOCSTI. Other architectures' calls kill the process.
 - rlimits (kernel): CPU seconds (SIGKILL at the limit), address space (a huge allocation gets a
-  MemoryError), file size (writing past it fails with EFBIG), open files, no core dumps, and the
-  process count of the sandbox user (RLIMIT_NPROC: root ignores it, so it binds only after the
-  uid drop below; tested). Not guarded: disk space in its own folder beyond files x file size
-  (only the time limit bounds how many files it writes), memory of a tmpfs (none is writable).
+  MemoryError), file size (EFBIG), open files, no core dumps, processes of the sandbox user.
 - The host's reader: wall-clock limit (kills the process group, and the pid namespace with it),
-  and at most `max_output_bytes` of stdout+stderr read before the child is killed, so a flood
-  cannot fill the host's memory.
-- Namespaces, when started as root (Linux): a new network namespace (no interfaces but a down
-  loopback: no connection anywhere, not even to the host's 127.0.0.1), a new pid namespace (the
-  code is pid 1 there: when it ends or is killed, every process it started dies with it, even
-  ones that left the process group), a new mount namespace in which /tmp, /var/tmp and /dev/shm
-  are covered by empty read-only tmpfs (the work folder is bind-mounted back at its own path),
-  and directories others may not enter (e.g. /root) are covered the same way with only the
-  Python install bind-mounted back. Not root: an unprivileged user namespace is tried for the
-  network alone.
-- The uid drop (root only): the code runs as `nobody`, with no capabilities and no_new_privs,
-  so the kernel refuses writes outside its folder, signals to other users' processes, and reads
-  of files that are not world-readable. It CAN read world-readable files (the repository, /etc).
-- A Python audit hook (sys.addaudithook, installed before the code runs): refuses writes, renames
-  and deletions outside the folder (paths resolved with its own realpath), fork/exec/spawn/
-  subprocess/os.system, socket connect/bind/send and name lookups, importing ctypes, cffi and
-  _posixsubprocess (subprocess itself is imported with its process-starting function replaced,
-  so matplotlib still imports), gc/frame-walking tools and tracing that would reach the hook.
-  CPython documents that audit hooks are not a security boundary: anything that gets raw memory
-  access (a C extension bug) defeats them. They make attacks fail with a clear message; the kernel
-  layers above are what still hold when they are bypassed. Libraries that need ctypes (pandas)
-  cannot be imported.
+  and at most `max_output_bytes` of stdout+stderr read before the child is killed.
+- A fresh temp folder, copied in/out without following links (directory descriptors, O_NOFOLLOW),
+  never a name that starts with a dot (.git, .bashrc: what other programs run), at most
+  MAX_COPY_FILES files and MAX_COPY_BYTES bytes (past them: refused, or nothing copied back). What
+  was left out is said in the result's `notes`. Deleting a file in the sandbox does not delete it
+  in `workdir`.
+- A scrubbed environment and `python -I -S -B`: no inherited secrets, no user site-packages.
+- Extras where the machine gives them: as root with CAP_SYS_ADMIN, network, pid and mount
+  namespaces (empty read-only tmpfs over /tmp, /var/tmp, /dev/shm) and the uid drop to `nobody`;
+  as root without them, an empty capability bounding set (uid 0 with no capability); not root, an
+  unprivileged user + network namespace.
+- A Python audit hook (last layer, never the only one): refuses writes outside the folder,
+  processes, sockets, ctypes/cffi, frame-walking tools, with clear messages. CPython documents that
+  audit hooks are not a security boundary (numpy's raw memory defeats it), so when the kernel
+  layers are missing (unsafe) nothing that hands out raw memory (numpy, matplotlib, mmap, ...) is
+  importable.
 
-Without root and without user namespaces, only the rlimits, the reader's limits and the hook
-remain: then the code can write anywhere its user can. `SandboxResult.layers` says what applied.
+`SandboxResult.layers` lists what applied; chat prints it before the model's code first runs.
 """
 
 from __future__ import annotations
