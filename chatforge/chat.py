@@ -412,8 +412,6 @@ def chat_tools(
         folder = Path(files).expanduser()
         if folder.exists() and not folder.is_dir():
             raise ChatforgeError(f"--files {folder} is a file; give a folder for the tools' files")
-        if folder.is_symlink():
-            raise ChatforgeError(f"--files {folder} is a symbolic link; give the folder it points to")
         return default_registry(folder, unsafe), folder, False
     folder = Path(tempfile.mkdtemp(prefix="chatforge-files-"))
     return default_registry(folder, unsafe), folder, True
