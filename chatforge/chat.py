@@ -37,6 +37,7 @@ from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
 from chatforge.tools.registry import ToolRegistry
 from chatforge.tools.runner import generate_with_tools
+from chatforge.tools.sandbox import SandboxConfig, layers_line
 
 HELP = (
     "commands: /reset (forget the conversation), /system TEXT (set the system prompt; no TEXT clears it), "
@@ -395,12 +396,15 @@ def save_conversation(path: Path, messages: list[dict], tools: list[dict] | None
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | None, Path | None, bool]:
-    """The registry for `--tools CHOICE [--files DIR]`: (registry, files folder, whether the folder is
-    a temporary one made here); (None, None, False) without --tools."""
+def chat_tools(
+    choice: str | None, files: str | None, unsafe: bool = False
+) -> tuple[ToolRegistry | None, Path | None, bool]:
+    """The registry for `--tools CHOICE [--files DIR] [--unsafe-python]`: (registry, files folder,
+    whether the folder is a temporary one made here); (None, None, False) without --tools."""
     if choice is None:
-        if files is not None:
-            raise ChatforgeError("--files is where tools save their files: it needs --tools")
+        for flag, value in (("--files", files), ("--unsafe-python", unsafe or None)):
+            if value is not None:
+                raise ChatforgeError(f"{flag} is about the tools' python code: it needs --tools")
         return None, None, False
     if choice == "calculator":
         return calculator_registry(), None, False
@@ -408,9 +412,9 @@ def chat_tools(choice: str | None, files: str | None) -> tuple[ToolRegistry | No
         folder = Path(files).expanduser()
         if folder.exists() and not folder.is_dir():
             raise ChatforgeError(f"--files {folder} is a file; give a folder for the tools' files")
-        return default_registry(folder), folder, False
+        return default_registry(folder, unsafe), folder, False
     folder = Path(tempfile.mkdtemp(prefix="chatforge-files-"))
-    return default_registry(folder), folder, True
+    return default_registry(folder, unsafe), folder, True
 
 
 def _tidy_files(folder: Path | None, temporary: bool) -> None:
@@ -438,9 +442,11 @@ def cmd_chat(args: ChatOptions) -> None:
         )
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
-    registry, folder, temporary = chat_tools(args.tools, args.files)
+    registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)
     tools = registry.schemas() if registry is not None else None
     try:
+        if args.tools == "all":  # what guards the model's code, said before any of it runs
+            print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
         if args.prompt is not None:
             _one_prompt(args, model, tok, registry, tools, max_new, asked)
             return

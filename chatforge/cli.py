@@ -53,6 +53,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "list": Command(o.FeedbackListOptions, "chatforge.serve.feedback:cmd_feedback_list", "conversations in a feedback database, newest first, with their ratings"),
         "export": Command(o.FeedbackExportOptions, "chatforge.serve.feedback:cmd_feedback_export", "rated conversations as training data: sft or preference pairs"),
     },
+    "doctor": Command(o.DoctorOptions, "chatforge.tools.sandbox:cmd_doctor", "what this machine gives the python tool's sandbox (Landlock, seccomp, namespaces) and whether it runs"),
     "presets": Command(o.PresetsOptions, "chatforge.plan:cmd_presets", "list presets with their model shapes, FLOPs and memory estimates"),
 }  # fmt: skip
 

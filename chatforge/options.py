@@ -363,6 +363,11 @@ class ReportOptions:
 
 
 @dataclass
+class DoctorOptions:
+    """`chatforge doctor` takes no options: it reports on this machine."""
+
+
+@dataclass
 class PresetsOptions:
     name: str | None = opt(None, "show only this preset", positional=True, nargs="?")
 
@@ -424,6 +429,10 @@ class ChatOptions:
         "(default: a new temporary folder, removed at the end if nothing was saved)", metavar="DIR",
     )  # fmt: skip
     max_calls: int = opt(4, "tool calls allowed per answer (default 4)")
+    unsafe_python: bool = opt(
+        False, "with --tools: run the model's python code even where the sandbox lacks Landlock or seccomp "
+        "(NOT isolated: the code can then read your files and reach the network)",
+    )  # fmt: skip
     device: str = opt("auto", _DEVICE_HELP)
     quantize: str | None = opt(
         None, "run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",

@@ -10,15 +10,17 @@ without the registry importing them back.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from chatforge.tools import calculator, chart, sandbox
 from chatforge.tools.registry import ToolRegistry
 
 
-def default_registry(workdir: str | Path) -> ToolRegistry:
+def default_registry(workdir: str | Path, unsafe: bool = False) -> ToolRegistry:
     """calculator, python and chart; `workdir` is this conversation's files folder: python code
-    sees the files in it, the files it writes are copied back, and charts are saved there."""
+    sees the files in it, the files it writes are copied back, and charts are saved there.
+    `unsafe`: run code even where the sandbox lacks its required kernel layers (`--unsafe-python`)."""
     workdir = Path(workdir)
     registry = ToolRegistry()
     registry.add(
@@ -28,7 +30,7 @@ def default_registry(workdir: str | Path) -> ToolRegistry:
         description=calculator.DESCRIPTION,
         timeout_s=5.0,
     )
-    config = sandbox.SandboxConfig()
+    config = sandbox.SandboxConfig(unsafe=unsafe)
     registry.add(
         lambda code: sandbox.python_tool(code, workdir, config),
         sandbox.SCHEMA,
@@ -36,7 +38,7 @@ def default_registry(workdir: str | Path) -> ToolRegistry:
         description=sandbox.DESCRIPTION,
         timeout_s=config.wall_s + 15,  # the sandbox kills the child at wall_s; this is the backstop
     )
-    chart_config = chart.CHART_CONFIG
+    chart_config = replace(chart.CHART_CONFIG, unsafe=unsafe)
     registry.add(
         lambda code: chart.chart_tool(code, workdir, chart_config),
         chart.SCHEMA,

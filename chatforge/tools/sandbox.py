@@ -1,47 +1,44 @@
 """The `python` tool: run the model's code in a separate, limited process and return what it printed.
 
-This is a teaching sandbox, not a container. It stacks cheap layers so that one missing layer
-(no root, an old kernel, a bypassed hook) does not leave the host open; every attack in
-tests/test_tools_sandbox.py is tried against all layers together AND against the kernel layers
-alone (the audit hook switched off). What each layer guards, and what it does not:
+This is a teaching sandbox, not a container, but it fails closed: two kernel layers are REQUIRED,
+and where either is missing the tool refuses to run code with one line that names it (`refused`),
+unless the caller opts in with `unsafe=True` (`chatforge chat --unsafe-python`, loudly warned).
+`chatforge doctor` shows what a machine gives. Every attack in tests/test_tools_sandbox.py is tried
+against all layers together AND with the audit hook switched off (what a hook bypass achieves),
+from hosts started as root, as root without CAP_SYS_ADMIN and as `nobody`. The layers:
 
-- A fresh temp folder, copied in/out. The code runs in its own folder; files of the
-  conversation's folder (`workdir`) are copied in, and regular files it creates or changes are
-  copied back (never symlinks or hard links). Deleting a file in the sandbox does not delete it
-  in `workdir`.
-- A scrubbed environment and `python -I -S -B`: no inherited secrets in os.environ, no user
-  site-packages, no PYTHON* variables, no .pth files run.
+- Landlock (required; Linux >= 5.13, no root needed): the code may read and write only in its
+  own folder; read the interpreter, its libraries, /usr, /lib* and a few /etc files; execute only
+  the interpreter. No write anywhere else (every world-writable folder included: /run/lock, /tmp),
+  no read of /etc/shadow or the user's files even as root, no fifo or device node outside. From
+  ABI 4 no TCP either; from ABI 6 no signal to a process outside the sandbox. `stat` of paths
+  outside still works (Landlock does not cover it).
+- seccomp (required; libseccomp2 through pyseccomp): system calls refused with EPERM: socket
+  (all families; socketpair stays for asyncio), new processes (clone without CLONE_THREAD, fork,
+  vfork; threads work), namespaces and mounts, ptrace, process_vm_*, pidfd_*, signals to any pid
+  but its own, mknod/mkfifo, bpf, keyctl, io_uring, userfaultfd, perf_event_open, kernel modules,
+  identity changes, raising rlimits, TIOCSTI. Other architectures' calls kill the process.
 - rlimits (kernel): CPU seconds (SIGKILL at the limit), address space (a huge allocation gets a
-  MemoryError), file size (writing past it fails with EFBIG), open files, no core dumps, and the
-  process count of the sandbox user (RLIMIT_NPROC: root ignores it, so it binds only after the
-  uid drop below; tested). Not guarded: disk space in its own folder beyond files x file size
-  (only the time limit bounds how many files it writes), memory of a tmpfs (none is writable).
+  MemoryError), file size (EFBIG), open files, no core dumps, processes of the sandbox user.
 - The host's reader: wall-clock limit (kills the process group, and the pid namespace with it),
-  and at most `max_output_bytes` of stdout+stderr read before the child is killed, so a flood
-  cannot fill the host's memory.
-- Namespaces, when started as root (Linux): a new network namespace (no interfaces but a down
-  loopback: no connection anywhere, not even to the host's 127.0.0.1), a new pid namespace (the
-  code is pid 1 there: when it ends or is killed, every process it started dies with it, even
-  ones that left the process group), a new mount namespace in which /tmp, /var/tmp and /dev/shm
-  are covered by empty read-only tmpfs (the work folder is bind-mounted back at its own path),
-  and directories others may not enter (e.g. /root) are covered the same way with only the
-  Python install bind-mounted back. Not root: an unprivileged user namespace is tried for the
-  network alone.
-- The uid drop (root only): the code runs as `nobody`, with no capabilities and no_new_privs,
-  so the kernel refuses writes outside its folder, signals to other users' processes, and reads
-  of files that are not world-readable. It CAN read world-readable files (the repository, /etc).
-- A Python audit hook (sys.addaudithook, installed before the code runs): refuses writes, renames
-  and deletions outside the folder (paths resolved with its own realpath), fork/exec/spawn/
-  subprocess/os.system, socket connect/bind/send and name lookups, importing ctypes, cffi and
-  _posixsubprocess (subprocess itself is imported with its process-starting function replaced,
-  so matplotlib still imports), gc/frame-walking tools and tracing that would reach the hook.
-  CPython documents that audit hooks are not a security boundary: anything that gets raw memory
-  access (a C extension bug) defeats them. They make attacks fail with a clear message; the kernel
-  layers above are what still hold when they are bypassed. Libraries that need ctypes (pandas)
-  cannot be imported.
+  and at most `max_output_bytes` of stdout+stderr read before the child is killed.
+- A fresh temp folder, copied in/out without following links (directory descriptors, O_NOFOLLOW),
+  never a name that starts with a dot (.git, .bashrc: what other programs run), at most
+  MAX_COPY_FILES files and MAX_COPY_BYTES bytes (past them: refused, or nothing copied back). What
+  was left out is said in the result's `notes`. Deleting a file in the sandbox does not delete it
+  in `workdir`.
+- A scrubbed environment and `python -I -S -B`: no inherited secrets, no user site-packages.
+- Extras where the machine gives them: as root with CAP_SYS_ADMIN, network, pid and mount
+  namespaces (empty read-only tmpfs over /tmp, /var/tmp, /dev/shm) and the uid drop to `nobody`;
+  as root without them, an empty capability bounding set (uid 0 with no capability); not root, an
+  unprivileged user + network namespace.
+- A Python audit hook (last layer, never the only one): refuses writes outside the folder,
+  processes, sockets, ctypes/cffi, frame-walking tools, with clear messages. CPython documents that
+  audit hooks are not a security boundary (numpy's raw memory defeats it), so when the kernel
+  layers are missing (unsafe) nothing that hands out raw memory (numpy, matplotlib, mmap, ...) is
+  importable.
 
-Without root and without user namespaces, only the rlimits, the reader's limits and the hook
-remain: then the code can write anywhere its user can. `SandboxResult.layers` says what applied.
+`SandboxResult.layers` lists what applied; chat prints it before the model's code first runs.
 """
 
 from __future__ import annotations
@@ -52,6 +49,7 @@ import pwd
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -61,13 +59,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
-from chatforge.fileio import atomic_write_bytes
 from chatforge.tools.registry import ToolResult
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 PRIVATE = ".sandbox"  # TMPDIR and matplotlib's config folder, inside the sandbox folder; never listed
 MAX_CODE_CHARS = 100_000
 MAX_COPY_BYTES = 64 << 20  # at most this much is copied into and out of the sandbox per run
+MAX_COPY_FILES = 1000  # and at most this many files: past either, the copy is refused
+REQUIRED = ("landlock", "seccomp")  # the kernel layers without which code runs only with unsafe=True
 HIDE = ["/tmp", "/var/tmp", "/dev/shm"]  # world-writable folders the mount namespace covers
 
 SCHEMA = {
@@ -101,6 +100,8 @@ class SandboxConfig:
     drop_privileges: bool = True  # run as `user` when started as root
     audit_hooks: bool = True  # the in-process Python layer (tests switch it off to test the rest)
     user: str = "nobody"
+    unsafe: bool = False  # run even without Landlock or seccomp (NOT isolated; `chat --unsafe-python`)
+    without: tuple[str, ...] = ()  # required layers to leave off as if the kernel lacked them (tests)
 
     def check(self) -> None:
         bad = [
@@ -118,6 +119,8 @@ class SandboxConfig:
         ]
         if bad:
             raise ChatforgeError(f"sandbox limits must be > 0: {', '.join(bad)}")
+        if unknown := set(self.without) - set(REQUIRED):
+            raise ChatforgeError(f"without= takes {', '.join(REQUIRED)}; got {', '.join(sorted(unknown))}")
 
 
 @dataclass
@@ -130,13 +133,17 @@ class SandboxResult:
     layers: list[str] = field(default_factory=list)  # the protections that were in place
     seconds: float = 0.0
     output_bytes: int = 0  # stdout + stderr bytes read
+    refused: str | None = None  # why the code was not run at all (a missing layer, too many files)
+    notes: list[str] = field(default_factory=list)  # files left out of the copies, and why
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and self.killed is None
+        return self.exit_code == 0 and self.killed is None and self.refused is None
 
     def text(self, shown_chars: int = 4000) -> str:
         """What the model sees: stdout, then stderr, exit status, kill reason and new files."""
+        if self.refused:
+            return f"[sandbox refused: {self.refused}]"
         parts = []
         if self.stdout:
             parts.append(_clip(self.stdout, shown_chars))
@@ -148,6 +155,7 @@ class SandboxResult:
             parts.append(f"[exit status {self.exit_code}{_signal_note(self.exit_code)}]")
         if self.files:
             parts.append("[files: " + ", ".join(self.files) + "]")
+        parts += [f"[{note}]" for note in self.notes]
         return "\n".join(p.rstrip("\n") for p in parts) if parts else "(no output)"
 
 
@@ -190,22 +198,23 @@ def run_python(
     config.check()
     t0 = time.monotonic()
     box = Path(tempfile.mkdtemp(prefix="chatforge-sandbox-"))
+    notes: list[str] = []
     try:
         (box / PRIVATE / "tmp").mkdir(parents=True)
         (box / PRIVATE / "mpl").mkdir()
         if workdir is not None:
             Path(workdir).mkdir(parents=True, exist_ok=True)
-            _copy_tree(Path(workdir), box)
-        before = _snapshot(box)
+            if refused := _copy_in(Path(workdir), box, notes):
+                return SandboxResult("", "", None, None, refused=refused, seconds=time.monotonic() - t0)
+        before = _walk(box)
         uid, gid = _sandbox_ids(config)
         if uid is not None:
             for p in [box, *box.rglob("*")]:
                 os.chown(p, uid, gid, follow_symlinks=False)
         result = _spawn(code, box, config, uid, gid, prelude, epilogue, echo)
-        changed = sorted(rel for rel, sig in _snapshot(box).items() if before.get(rel) != sig)
-        if workdir is not None:
-            changed = _copy_back(box, Path(workdir), changed)
-        result.files = changed
+        if workdir is not None and result.refused is None:
+            result.files = _copy_back(box, Path(workdir), before, notes)
+        result.notes = notes
     finally:
         shutil.rmtree(box, ignore_errors=True)
     result.seconds = time.monotonic() - t0
@@ -232,6 +241,49 @@ def _sandbox_ids(config: SandboxConfig) -> tuple[int | None, int | None]:
     return pw.pw_uid, pw.pw_gid
 
 
+def refusal_line(result: SandboxResult) -> str:
+    """The one line a person reads when the sandbox would not run code."""
+    return (
+        f"the python sandbox refuses to run code: {result.refused}. `chatforge doctor` shows the layers "
+        "this machine gives; --unsafe-python runs code without them (NOT isolated)"
+    )
+
+
+def check_layers(config: SandboxConfig = SandboxConfig()) -> SandboxResult:
+    """Start the sandbox once with nothing to run: which layers this machine gives (`.layers`), or
+    why it refuses (`.refused`)."""
+    return run_python("pass", config=config)
+
+
+def layers_line(config: SandboxConfig = SandboxConfig()) -> str:
+    """The sandbox's layers on this machine as one line to show a person before the model's code runs;
+    ChatforgeError (the refusal line) when a required layer is missing and `config.unsafe` is off."""
+    r = check_layers(config)
+    if r.refused:
+        raise ChatforgeError(refusal_line(r))
+    if not r.ok:
+        raise ChatforgeError(f"the python sandbox does not start here: {r.text()}")
+    line = "python sandbox: " + ", ".join(r.layers)
+    if any(layer.startswith("UNSAFE") for layer in r.layers):
+        line += (
+            "\nWARNING: --unsafe-python: the model's code runs WITHOUT kernel isolation; it can read what "
+            "you can read, write where you can write and reach the network. Do not use it with untrusted models."
+        )
+    return line
+
+
+def cmd_doctor(args) -> None:
+    """`chatforge doctor`: the sandbox layers this machine gives and whether the python tool runs."""
+    r = check_layers()
+    print("python sandbox layers: " + (", ".join(r.layers) or "none"))
+    if r.refused:
+        print(refusal_line(r))
+    elif not r.ok:
+        print(f"the python tool does not start here: {r.text()}")
+    else:
+        print("the python tool runs the model's code isolated (Landlock and seccomp, the required layers, are on)")
+
+
 def _needed_paths() -> list[str]:
     """What the sandbox user must be able to read: the interpreter, its libraries and this package."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, str(CHILD.parent)}
@@ -256,6 +308,9 @@ def _spawn(code, box: Path, config: SandboxConfig, uid, gid, prelude, epilogue, 
             "max_procs": config.max_procs,
         },
         "isolate": config.isolate,
+        "unsafe": config.unsafe,
+        "without": list(config.without),
+        "child": str(CHILD),
         "drop_privileges": uid is not None,
         "uid": uid,
         "gid": gid,
@@ -301,7 +356,9 @@ def _spawn(code, box: Path, config: SandboxConfig, uid, gid, prelude, epilogue, 
     finally:
         _kill_group(proc)
         proc.wait()
-        layers = _read_report(report_r)
+        layers, refused = _read_report(report_r)
+    if refused is not None:
+        return SandboxResult("", "", None, None, layers=layers, refused=refused)
     return SandboxResult(
         stdout=out.decode("utf-8", errors="replace"),
         stderr=err.decode("utf-8", errors="replace"),
@@ -395,7 +452,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         f.close()
 
 
-def _read_report(fd: int) -> list[str]:
+def _read_report(fd: int) -> tuple[list[str], str | None]:
     os.set_blocking(fd, False)
     data = b""
     try:
@@ -406,56 +463,165 @@ def _read_report(fd: int) -> list[str]:
     finally:
         os.close(fd)
     layers: list[str] = []
+    refused = None
     for line in data.decode(errors="replace").splitlines():
         try:
-            layers += [str(x) for x in json.loads(line)]
+            message = json.loads(line)
         except ValueError:
-            pass
-    return layers
+            continue
+        if isinstance(message, dict):
+            layers += [str(x) for x in message.get("layers", [])]
+            refused = str(message["refused"]) if message.get("refused") else refused
+    return layers, refused
 
 
 # ---- the folder: copy in, list, copy back ------------------------------------------------------
-def _regular_files(root: Path):
-    """(relative path, lstat) of the regular, singly-linked files under root, never following links."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root)
-        if rel_dir == Path("."):
-            dirnames[:] = [d for d in dirnames if d != PRIVATE]
+# Both walks go through directory descriptors and never follow a link (os.fwalk, O_NOFOLLOW), so a
+# link in either folder, or one swapped in while copying, cannot lead a file outside. Names that
+# start with a dot (.git, .bashrc, .envrc: things other programs run) are never copied either way.
+class _TooMuch(Exception):
+    pass
+
+
+def _walk(root: Path, notes: list[str] | None = None) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of the regular, singly-linked files under root; what is left
+    out is added to `notes` as (name, why). Raises _TooMuch past MAX_COPY_FILES or MAX_COPY_BYTES."""
+    found: dict[str, tuple[int, int]] = {}
+    total = 0
+    for dirpath, dirnames, filenames, dfd in os.fwalk(root, follow_symlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        for d in list(dirnames):
+            if d.startswith("."):
+                dirnames.remove(d)
+                if notes is not None and prefix + d != PRIVATE:
+                    notes.append((prefix + d + "/", "a dot-folder"))
         for name in filenames:
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            if (st.st_mode & 0o170000) == 0o100000 and st.st_nlink == 1:
-                yield (rel_dir / name).as_posix(), st
-
-
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {rel: (st.st_size, st.st_mtime_ns) for rel, st in _regular_files(root)}
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    budget = MAX_COPY_BYTES
-    for rel, st in _regular_files(src):
-        if st.st_size > budget:
-            continue  # too much to copy in: the code will not see it
-        budget -= st.st_size
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, target, follow_symlinks=False)
-
-
-def _copy_back(box: Path, workdir: Path, changed: list[str]) -> list[str]:
-    kept, budget = [], MAX_COPY_BYTES
-    for rel in changed:
-        try:
-            fd = os.open(box / rel, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if (st.st_mode & 0o170000) != 0o100000 or st.st_nlink != 1 or st.st_size > budget:
+            st = os.lstat(name, dir_fd=dfd)
+            why = None
+            if name.startswith("."):
+                why = "a dot-file"
+            elif stat.S_ISLNK(st.st_mode):
+                why = "a symbolic link"
+            elif not stat.S_ISREG(st.st_mode):
+                why = "not a regular file"
+            elif st.st_nlink != 1:
+                why = "a hard link"
+            if why is not None:
+                if notes is not None:
+                    notes.append((prefix + name, why))
                 continue
-            data = f.read(st.st_size + 1)
-        budget -= len(data)
-        atomic_write_bytes(workdir / rel, data)
+            total += st.st_size
+            if len(found) >= MAX_COPY_FILES or total > MAX_COPY_BYTES:
+                raise _TooMuch
+            found[prefix + name] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _open_dir(root: Path, parts: list[str], create: bool) -> int:
+    """A descriptor of root/parts..., opened one level at a time without following links."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_file(root: Path, rel: str) -> bytes | None:
+    """The bytes of a regular, singly-linked file root/rel, or None if it is something else now."""
+    *parts, name = rel.split("/")
+    dfd = _open_dir(root, parts, create=False)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return None
+        return f.read(MAX_COPY_BYTES + 1)
+
+
+def _write_file(root: Path, rel: str, data: bytes) -> None:
+    """Write root/rel through a temp file renamed over it (a link there is replaced, never followed)."""
+    *parts, name = rel.split("/")
+    dfd = _open_dir(root, parts, create=True)
+    tmp = f".{name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _copy_in(workdir: Path, box: Path, notes: list[str]) -> str | None:
+    """Copy workdir's files into the sandbox; a one-line refusal when there are too many."""
+    left: list[tuple[str, str]] = []
+    try:
+        files = _walk(workdir, left)
+    except _TooMuch:
+        return (
+            f"the files folder {workdir} holds more than {MAX_COPY_FILES:,} files or {MAX_COPY_BYTES >> 20} MiB; "
+            "move some out (the sandbox copies the folder in on every call)"
+        )
+    for rel in files:
+        try:
+            data = _read_file(workdir, rel)
+        except OSError as e:  # changed while copying (e.g. a folder became a link)
+            left.append((rel, e.strerror or str(e)))
+            continue
+        if data is not None:
+            _write_file(box, rel, data)
+    if left:
+        notes.append("not copied in: " + _listed(left))
+    return None
+
+
+def _copy_back(box: Path, workdir: Path, before: dict, notes: list[str]) -> list[str]:
+    """Copy the files the code created or changed back to workdir; returns their relative paths."""
+    left: list[tuple[str, str]] = []
+    try:
+        after = _walk(box, left)
+    except _TooMuch:
+        notes.append(
+            f"nothing copied back: the code left more than {MAX_COPY_FILES:,} files or "
+            f"{MAX_COPY_BYTES >> 20} MiB in the folder"
+        )
+        return []
+    kept = []
+    for rel in sorted(r for r, sig in after.items() if before.get(r) != sig):
+        try:
+            data = _read_file(box, rel)
+            if data is None:
+                continue
+            _write_file(workdir, rel, data)
+        except OSError as e:  # e.g. a folder of that name is a link in workdir
+            left.append((rel, e.strerror or str(e)))
+            continue
         kept.append(rel)
+    if left:
+        notes.append("not copied back: " + _listed(left))
     return kept
+
+
+def _listed(items: list[tuple[str, str]], n: int = 5) -> str:
+    shown = ", ".join(f"{name} ({why})" for name, why in items[:n])
+    return shown + (f" and {len(items) - n:,} more" if len(items) > n else "")

@@ -1,9 +1,10 @@
-"""The program the python tool runs in its child process: stdlib only, never imported by the host.
+"""The program the python tool runs in its child process: never imported by the host.
 
 Two stages, one process image each (see sandbox.py for what each layer guards):
 
     sandbox_child.py setup SETUP_JSON    as the caller (root or not): rlimits, namespaces, mounts,
-                                         a fork into the new pid namespace, the uid drop, then
+                                         a fork into the new pid namespace, the uid drop, Landlock
+                                         and seccomp (or a refusal naming the missing one), then
                                          exec of stage 2, so nothing of stage 1 (ctypes!) survives
     sandbox_child.py run RUN_JSON        as `nobody`: reads {code, prelude, epilogue, echo} from
                                          stdin, installs the audit hook, runs the code
@@ -22,8 +23,9 @@ import sys
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 SETUP_FAILED = 125  # exit status when the sandbox itself could not be set up
+REFUSED = 126  # exit status when a required layer is missing (the report says which)
 
 
 # ==================================================================== stage 1: setup
@@ -45,12 +47,13 @@ def setup(cfg: dict) -> None:
         resource.setrlimit(which, (value, value))
     layers.append("rlimits")
 
-    root = os.geteuid() == 0
-    libc, flags = None, 0
-    if cfg["isolate"]:
-        import ctypes  # only in stage 1: stage 2 is a fresh exec that never imports it
+    import ctypes  # only in stage 1: stage 2 is a fresh exec that never imports it
 
-        libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    root = os.geteuid() == 0
+    flags = 0
+    if cfg["isolate"]:
         want = (CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID) if root else (CLONE_NEWUSER | CLONE_NEWNET)
         if libc.unshare(want) == 0:
             flags = want
@@ -76,25 +79,244 @@ def setup(cfg: dict) -> None:
         except OSError as e:
             layers.append(f"host /proc ({e})")
 
+    dropped = False
     if cfg["drop_privileges"] and root:
         if readable or _readable_by_others(cfg["needed"]):
             os.setgroups([])
             os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
             os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])  # clears every capability too
             layers.append(f"uid {cfg['uid']}")
+            dropped = True
         else:
             layers.append("no uid drop (the Python install is not readable by other users)")
-    if libc is not None:
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can give privileges back
-        if flags & CLONE_NEWPID:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
-    os.write(cfg["report_fd"], (json.dumps(layers) + "\n").encode())
-    run = json.dumps(cfg["run"])
+            for d, _, names in os.walk(cfg["workdir"]):  # the host gave the folder to the sandbox user: take it back
+                for p in [d, *(os.path.join(d, n) for n in names)]:
+                    os.chown(p, 0, 0, follow_symlinks=False)
+    if root and not dropped and _drop_capabilities(libc):
+        layers.append("no capabilities")  # still uid 0, but the exec below keeps no capability
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binary can give privileges back
+    if flags & CLONE_NEWPID:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
+
+    # the required kernel layers: Landlock (file system) and seccomp (system calls)
+    missing = []
+    abi = 0
+    libseccomp = _load_libseccomp(cfg)  # before Landlock: finding the library runs ldconfig
+    if "landlock" in cfg["without"]:
+        missing.append(("Landlock", "switched off for this run"))
+    else:
+        abi, why = _landlock(libc, cfg)
+        if why:
+            missing.append(("Landlock", why))
+        else:
+            layers.append(f"landlock (ABI {abi})")
+    if "seccomp" in cfg["without"]:
+        missing.append(("seccomp", "switched off for this run"))
+    else:
+        why = libseccomp if isinstance(libseccomp, str) else _seccomp(libseccomp, abi)
+        if why:
+            missing.append(("seccomp", why))
+        else:
+            layers.append("seccomp")
+    run = dict(cfg["run"], kernel_layers=not missing)
+    if missing:
+        what = "; ".join(f"{name} is missing ({why})" for name, why in missing)
+        if not cfg["unsafe"]:
+            _report(cfg, {"layers": layers, "refused": what})
+            os._exit(REFUSED)
+        layers.append(f"UNSAFE: {what}")
+    _report(cfg, {"layers": layers})
     try:
-        os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "run", run])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), "run", json.dumps(run)],
+        )
     except OSError as e:
         sys.stderr.write(f"sandbox setup failed: cannot start Python as the sandbox user ({e})\n")
         os._exit(SETUP_FAILED)
+
+
+def _report(cfg: dict, message: dict) -> None:
+    os.write(cfg["report_fd"], (json.dumps(message) + "\n").encode())
+
+
+def _drop_capabilities(libc) -> bool:
+    """Empty the bounding set, so the exec of stage 2 (still uid 0) starts with no capability:
+    no CAP_DAC_OVERRIDE (root's files stay root's), no CAP_SYS_RESOURCE (rlimits hold)."""
+    try:
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    except (OSError, ValueError):
+        last = 40
+    ok = True
+    for cap in range(last + 1):
+        ok &= libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
+    return ok
+
+
+# ---- Landlock: the file system the code may touch ---------------------------------------------------
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # x86_64 and aarch64
+LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1, 2, 4, 8
+FS_ABI1 = (1 << 13) - 1  # execute .. make_sym: the 13 rights of the first version
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # versions 2, 3 and 5
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2  # version 4
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2  # version 6
+READ = FS_READ_FILE | FS_READ_DIR
+READ_EXEC = READ | FS_EXECUTE
+# what the interpreter reads besides its own install: the loader's cache, the time zone, user names
+SYSTEM_READ = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache", "/etc/localtime",
+               "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/dev/urandom", "/dev/random",
+               "/dev/zero", "/proc/self", "/sys/devices/system/cpu"]  # fmt: skip
+
+
+def _landlock(libc, cfg: dict) -> tuple[int, str | None]:
+    """Allow everything in the work folder, reading (and running) the interpreter and system
+    libraries, /dev/null; nothing else: no write, no read of /etc/shadow or the user's files.
+    Returns (ABI version, None) or (0, why it is missing)."""
+    import ctypes
+
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        return 0, f"not wired for {os.uname().machine} (x86_64 and aarch64 only)"
+    abi = libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 1:
+        err = ctypes.get_errno()
+        return 0, (
+            f"{os.strerror(err)}: needs Linux >= 5.13 built with CONFIG_SECURITY_LANDLOCK and landlock "
+            "in the lsm= boot list; a container's seccomp profile may also hide it"
+        )
+    fs = FS_ABI1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
+    fs |= FS_IOCTL_DEV if abi >= 5 else 0
+    net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0
+    scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
+    attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), 0)
+    if ruleset < 0:
+        return 0, f"creating the ruleset failed ({os.strerror(ctypes.get_errno())})"
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+    # run nothing but this interpreter (and its loader): an exec of /bin/sh is refused too
+    rules = [(p, READ) for p in [*cfg["needed"], *SYSTEM_READ]]
+    rules += [(p, READ_EXEC) for p in [os.path.realpath(sys.executable), *_elf_interpreter(sys.executable)]]
+    rules += [(cfg["child"], READ), ("/dev/null", FS_READ_FILE | FS_WRITE_FILE), (cfg["workdir"], fs)]
+    try:
+        for path, access in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # not on this machine (e.g. /lib32)
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    access &= FILE_RIGHTS
+                rule = PathBeneath(access & fs, fd)
+                if libc.syscall(LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0):
+                    return 0, f"adding the rule for {path} failed ({os.strerror(ctypes.get_errno())})"
+            finally:
+                os.close(fd)
+        if libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0):
+            return 0, f"restricting failed ({os.strerror(ctypes.get_errno())})"
+    finally:
+        os.close(ruleset)
+    try:  # check that it holds: the root folder is in no rule, so it cannot be listed
+        os.listdir("/")
+    except PermissionError:
+        return abi, None
+    return 0, "the ruleset was accepted but does not hold"
+
+
+def _elf_interpreter(exe: str) -> list[str]:
+    """The dynamic loader an ELF executable names (PT_INTERP), which the kernel runs with it."""
+    import struct
+
+    try:
+        with open(os.path.realpath(exe), "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:  # 64-bit ELF only
+                return []
+            phoff, = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            for i in range(phnum):
+                f.seek(phoff + i * phentsize)
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack("<IIQQQQ", f.read(40))
+                if p_type == 3:  # PT_INTERP
+                    f.seek(p_offset)
+                    return [os.path.realpath(f.read(p_filesz).rstrip(b"\0").decode())]
+    except (OSError, struct.error, UnicodeDecodeError):
+        pass
+    return []
+
+
+# ---- seccomp: the system calls the code may make ----------------------------------------------------
+# Refused with EPERM: the network, other processes (debugging, signals, their memory), new processes
+# (only threads), namespaces and mounts, device nodes and fifos, kernel interfaces with a history
+# of exploits, identity changes and raising limits.
+DENIED_SYSCALLS = """
+socket ptrace process_vm_readv process_vm_writev pidfd_open pidfd_send_signal pidfd_getfd kcmp
+process_madvise tkill mknod mknodat unshare setns mount umount2 pivot_root chroot move_mount open_tree
+fsopen fsconfig fsmount fspick mount_setattr bpf keyctl add_key request_key io_uring_setup
+io_uring_enter io_uring_register userfaultfd perf_event_open fanotify_init name_to_handle_at
+open_by_handle_at init_module finit_module delete_module kexec_load kexec_file_load reboot swapon
+swapoff syslog acct settimeofday clock_settime clock_adjtime adjtimex sethostname setdomainname iopl
+ioperm quotactl lookup_dcookie vhangup uselib fork vfork setuid setgid setreuid setregid setresuid
+setresgid setgroups setfsuid setfsgid capset setrlimit memfd_create memfd_secret
+""".split()
+CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+CLONE_THREAD, TIOCSTI = 0x00010000, 0x5412
+
+
+def _load_libseccomp(cfg: dict):
+    """The pyseccomp module (libseccomp loaded), or why it cannot be had."""
+    sys.path.extend(cfg["run"]["sys_path"])  # pyseccomp is in site-packages; -I left it out
+    try:
+        import pyseccomp
+
+        return pyseccomp
+    except (ImportError, RuntimeError, OSError) as e:
+        return (
+            f"libseccomp could not be loaded ({e}): install the libseccomp2 system package "
+            "and the pyseccomp Python package"
+        )
+    finally:
+        del sys.path[-len(cfg["run"]["sys_path"]) :]
+
+
+def _seccomp(sc, landlock_abi: int) -> str | None:
+    """Install the filter (libseccomp through pyseccomp); None, or why it is missing."""
+    import errno
+
+    if sc.system_arch() not in (sc.Arch.X86_64, sc.Arch.AARCH64):
+        return "the filter is written for x86_64 and aarch64 only"
+    me = os.getpid()  # stays this process's pid across the exec of stage 2
+    deny = sc.ERRNO(errno.EPERM)
+    try:
+        f = sc.SyscallFilter(sc.ALLOW)
+        names = DENIED_SYSCALLS + (["truncate"] if landlock_abi < 3 else [])  # Landlock covers it from v3
+        for name in names:
+            if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:  # not every call exists on every arch
+                f.add_rule(deny, name)
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # flags hidden in a struct: glibc falls back to clone
+        f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))  # a process, not a thread
+        for bit in range(32):  # or one that makes namespaces
+            if CLONE_NAMESPACES & (1 << bit):
+                f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, 1 << bit, 1 << bit))
+        for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+            f.add_rule(deny, name, sc.Arg(0, sc.NE, me))  # signals only to itself
+        f.add_rule(deny, "prlimit64", sc.Arg(2, sc.NE, 0))  # reading a limit is fine, setting one is not
+        f.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, TIOCSTI))  # typing into a terminal
+        f.load()
+    except OSError as e:
+        return f"the kernel refused the filter ({e}): needs Linux built with CONFIG_SECCOMP_FILTER"
+    try:  # check that it holds
+        import socket
+
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except PermissionError:
+        return None
+    return "the filter was loaded but does not hold"
 
 
 def _relay(pid: int) -> None:
@@ -217,9 +439,11 @@ def run(cfg: dict) -> None:
     layers = []
     if cfg["audit_hooks"]:
         _defuse_subprocess()
-        sys.addaudithook(_frozen_hook(os.path.realpath(work)))
-        layers.append("audit hook")
-    os.write(cfg["report_fd"], (json.dumps(layers) + "\n").encode())
+        # without the kernel layers the hook is all there is: nothing that hands out raw memory
+        blocked = _BLOCKED_MODULES | (set() if cfg["kernel_layers"] else _RAW_MEMORY_MODULES)
+        sys.addaudithook(_frozen_hook(os.path.realpath(work), blocked))
+        layers.append("audit hook" if cfg["kernel_layers"] else "audit hook (no numpy, matplotlib, mmap)")
+    _report(cfg, {"layers": layers})
     os.close(cfg["report_fd"])
     sys.exit(_execute(payload))
 
@@ -313,6 +537,10 @@ _DENY = {
     "resource.prlimit",
 }
 _BLOCKED_MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "cffi", "_cffi_backend", "_xxsubinterpreters"}
+# raw memory (numpy's __array_interface__, mmap) rewrites the hook itself: refused unless the kernel
+# layers hold whatever the code does
+_RAW_MEMORY_MODULES = {"numpy", "matplotlib", "pandas", "scipy", "PIL", "torch", "mmap", "_testcapi",
+                       "_testinternalcapi", "_testbuffer"}  # fmt: skip
 # event -> (argument positions of paths that must lie in the work folder, position of dir_fd or -1)
 _PATH_EVENTS = {
     "os.remove": ((0,), 1),
@@ -480,7 +708,7 @@ def _resolve(path, dir_fd):
     return "/" + "/".join(out)
 
 
-def _frozen_hook(work: str):
+def _frozen_hook(work: str, blocked_modules: set[str]):
     """The hook, rebuilt so that its functions look names up in a private dict (see above)."""
     import builtins
     import types
@@ -491,7 +719,7 @@ def _frozen_hook(work: str):
         "__builtins__": dict(builtins.__dict__),  # a private copy: patching builtins later does nothing
         "_WORK": work,
         "_DENY": frozenset(_DENY),
-        "_BLOCKED_MODULES": frozenset(_BLOCKED_MODULES),
+        "_BLOCKED_MODULES": frozenset(blocked_modules),
         "_PATH_EVENTS": dict(_PATH_EVENTS),
         "_HOOK_CODES": frozenset(f.__code__ for f in hook_functions),
         "_BUSY": [None],
