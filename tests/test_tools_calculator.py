@@ -158,7 +158,8 @@ def test_limit_edges():
     assert calculate("1_0.5e1_0") == "105000000000"
     # a terminating decimal past 4,300 digits (str() refuses those: a ValueError before)
     assert calculate("10**5000 + 1/4") == f"4{'0' * 4999}1/4 = 1{'0' * 5000}.25"
-    assert calculate("2**-33000").endswith("E-9934")  # its denominator's 33,000 twos are not counted one by one
+    # its denominator's 33,000 twos are not counted one by one
+    assert calculate("2**-33000").endswith("E-9934")
 
 
 def test_as_a_tool():
