@@ -208,7 +208,7 @@ def verify_weights(model_dir: Path) -> None:
         return
     if file_sha256(path) != expected:
         raise ChatforgeError(
-            f"{path} does not match the sha256 in its config.json (damaged or edited since it was saved); "
+            f"{path} does not match the sha256 in its config.json (corrupt, truncated or edited since it was saved); "
             f"restore it, or set {NO_VERIFY_ENV}=1 to load it anyway"
         )
 
