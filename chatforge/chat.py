@@ -33,6 +33,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
 from chatforge.options import ChatOptions
+from chatforge.terminal import ControlStripper, strip_controls
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
 from chatforge.tools.registry import ToolRegistry
@@ -314,10 +315,11 @@ class ChatSession:
             self._answer_with_tools(visible, seed, buf)
             return
         pieces: list[str] = []
+        stripper = ControlStripper()  # the model's text may hold terminal control sequences
 
         def on_token(delta: str) -> None:
             pieces.append(delta)
-            self._emit(delta, buf)
+            self._emit(stripper.push(delta), buf)
 
         self._emit(self.assistant_prefix, buf)
         try:
@@ -332,19 +334,21 @@ class ChatSession:
             )
         except KeyboardInterrupt:  # Ctrl-C: keep what was said so far, keep the session
             text = "".join(pieces)
-            self._emit("\n", buf)
+            self._emit(stripper.end() + "\n", buf)
             self._say("(answer stopped)", buf)
             if not text.strip():
                 self.messages.pop()  # nothing was answered: forget the question too
                 return
         else:
-            self._emit("\n", buf)
+            self._emit(stripper.end() + "\n", buf)
         self.messages.append(parse_assistant(text))
 
     def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
         at_start = [False]  # the cursor is at the start of a line (after a tool line)
+        stripper = ControlStripper()  # model text and tool output may hold terminal control sequences
 
         def on_text(delta: str) -> None:
+            delta = stripper.push(delta)
             if at_start[0]:
                 delta = delta.lstrip()
             if delta:
@@ -352,7 +356,8 @@ class ChatSession:
                 self._emit(delta, buf)
 
         def on_tool(line: str) -> None:
-            self._emit(("" if at_start[0] else "\n") + line + "\n", buf)
+            on_text(stripper.end())  # a sequence left unfinished before the call ends with the text
+            self._emit(("" if at_start[0] else "\n") + strip_controls(line) + "\n", buf)
             at_start[0] = True
 
         self._emit(self.assistant_prefix, buf)
@@ -362,10 +367,12 @@ class ChatSession:
                 max_calls=self.max_calls, seed=seed, on_text=on_text, on_tool=on_tool, **self.sampling,
             )  # fmt: skip
         except KeyboardInterrupt:  # the runner keeps nothing of an interrupted turn: forget the question
+            on_text(stripper.end())
             self._emit("" if at_start[0] else "\n", buf)
             self._say("(answer stopped; this question is forgotten)", buf)
             self.messages.pop()
             return
+        on_text(stripper.end())
         if not at_start[0]:
             self._emit("\n", buf)
         if reason == "context":
@@ -496,12 +503,12 @@ def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int,
     else:
         new, reason = chat_turn_with_tools(
             model, tok, messages, registry, max_new_tokens=room, max_calls=args.max_calls,
-            on_tool=lambda line: print(line, file=sys.stderr, flush=True), **sampling,
+            on_tool=lambda line: print(strip_controls(line), file=sys.stderr, flush=True), **sampling,
         )  # fmt: skip
         if reason == "context":
             print("chatforge: a tool result filled the context; no answer", file=sys.stderr)
         text = final_answer(new)
-    print(text.strip(), flush=True)
+    print(strip_controls(text).strip(), flush=True)
 
 
 def run_interactive(session: ChatSession, banner: str) -> None:

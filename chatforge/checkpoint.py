@@ -26,6 +26,7 @@ gpt.py and quant.py) that this module builds on; `chatforge merge` lives here wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,8 @@ from chatforge.options import MergeOptions
 from chatforge.tokenizer import Tokenizer
 
 CKPT_DIR = "ckpt"
+WEIGHTS_SHA256 = "weights_sha256"  # config.json's key for model.safetensors' checksum
+NO_VERIFY_ENV = "CHATFORGE_NO_VERIFY"  # set to 1 to load weights that do not match their checksum
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -66,6 +69,7 @@ def unwrap(model: torch.nn.Module) -> GPT:
 # keys of config.json that describe a run rather than its model's format (chat_template, add_bos_token, ...)
 RUN_KEYS = frozenset(
     {"model", "stage", "step", "train", "summary", "data", "base", "base_stage", "lora", "adapter"}
+    | {WEIGHTS_SHA256}
 )
 
 
@@ -74,11 +78,21 @@ def inherited_meta(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in RUN_KEYS}
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_model_files(folder: Path, model: GPT, tokenizer_json: str, meta: dict) -> None:
+    meta = {k: v for k, v in meta.items() if k != WEIGHTS_SHA256}
     if lora.has_lora(unwrap(model)):  # only the adapter: the frozen base stays in the base run
         lora.write_adapter_files(folder, unwrap(model), meta)
     else:
         save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        meta[WEIGHTS_SHA256] = file_sha256(folder / "model.safetensors")  # checked by load_weights
     (folder / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     (folder / "config.json").write_text(
         json.dumps({"model": unwrap(model).cfg.to_dict(), **meta}, indent=2) + "\n", encoding="utf-8"
@@ -171,16 +185,38 @@ def resolve_model_dir(path: Path) -> Path:
 def read_config(model_dir: Path) -> dict:
     cfg_path = Path(model_dir) / "config.json"
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ChatforgeError(f"{cfg_path} is missing; is {model_dir} a chatforge run folder?") from None
     except json.JSONDecodeError as e:
         raise ChatforgeError(f"{cfg_path} is corrupt ({e.msg} at line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatforgeError(f"cannot read {cfg_path} ({e}); restore it") from None
+    if not isinstance(meta, dict):
+        raise ChatforgeError(f"{cfg_path} is not a JSON object; is {model_dir} a chatforge run folder?")
+    return meta
+
+
+def verify_weights(model_dir: Path) -> None:
+    """Check model.safetensors against the sha256 its config.json recorded when it was saved (a run
+    saved before checksums has none: nothing to check). CHATFORGE_NO_VERIFY=1 skips the check."""
+    path = Path(model_dir) / "model.safetensors"
+    expected = (
+        read_config(model_dir).get(WEIGHTS_SHA256) if (Path(model_dir) / "config.json").is_file() else None
+    )
+    if expected is None or os.environ.get(NO_VERIFY_ENV, "") not in ("", "0") or not path.is_file():
+        return
+    if file_sha256(path) != expected:
+        raise ChatforgeError(
+            f"{path} does not match the sha256 in its config.json (corrupt, truncated or edited since it was saved); "
+            f"restore it, or set {NO_VERIFY_ENV}=1 to load it anyway"
+        )
 
 
 def load_weights(model: GPT, model_dir: Path) -> None:
-    """Load model.safetensors into `model`, checking every name and shape against its config."""
+    """Load model.safetensors into `model`, checking its checksum and every name and shape against its config."""
     path = Path(model_dir) / "model.safetensors"
+    verify_weights(model_dir)
     try:
         state = load_file(str(path))
     except FileNotFoundError:
@@ -222,7 +258,11 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
             )
         model = lora.merge_lora(lora.load_adapter(load_model(base)[0], resolve_adapter_dir(model_dir)))
         return model.to(device).eval(), meta, model_dir
-    model = GPT(GPTConfig.from_dict(meta["model"]))
+    try:
+        cfg = GPTConfig.from_dict(meta["model"])
+    except ChatforgeError as e:
+        raise ChatforgeError(f"{model_dir / 'config.json'}: {e}") from None
+    model = GPT(cfg)
     load_weights(model, model_dir)
     return model.to(device).eval(), meta, model_dir
 
@@ -261,7 +301,13 @@ def load_run(
     if inference is not False:
         model = inference_model(model, None if inference is True else inference, parts)
     # the folder's tokenizer: its config.json says whether prompts start with BOS
-    return Run(model, Tokenizer.load(folder), meta, folder)
+    tok = Tokenizer.load(folder)
+    if tok.vocab_size > model.cfg.vocab_size:  # its ids past the embedding would crash every stage
+        raise ChatforgeError(
+            f"{folder}: tokenizer.json has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}; "
+            "restore the run's tokenizer.json"
+        )
+    return Run(model, tok, meta, folder)
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:

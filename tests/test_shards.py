@@ -187,6 +187,44 @@ def test_truncated_shard_is_reported(tmp_path):
         TokenLoader(out, "train", 1, 8)
 
 
+def poke(out, index, split, pos, value):
+    """Overwrite one token of a split's first shard, as a damaged disk or a hand edit would."""
+    f = out / index["splits"][split]["shards"][0]["file"]
+    arr = np.memmap(f, dtype=np.dtype(index["dtype"]), mode="r+")
+    arr[pos] = value
+    arr.flush()
+    return f
+
+
+def test_ids_outside_the_vocabulary_are_refused_when_opened(tmp_path):
+    out, index = write(tmp_path, make_docs(30))
+    f = poke(out, index, "train", 5, 9999)  # a small shard is checked whole
+    for open_it in (lambda: TokenLoader(out, "train", 1, 8), lambda: iter_eval_batches(out, "train", 1, 8)):
+        with pytest.raises(ChatforgeError, match=f"shard {f} holds token id 9999 at position 5, outside"):
+            open_it()
+    index["bos_id"] = VOCAB  # the index itself: BOS outside the vocabulary
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ChatforgeError, match="bos_id 256 outside the vocabulary"):
+        read_index(out)
+
+
+def test_ids_outside_the_vocabulary_are_refused_when_drawn(tmp_path):
+    """Opening samples a few blocks; a bad id elsewhere is caught by the batch that draws it."""
+    out, index = write(tmp_path, make_docs(3000, lo=20), val_fraction=0.0, shard_tokens=10**9)
+    n = index["splits"]["train"]["tokens"]
+    assert n > 16 * 4096 * 2
+    pos = 4096 + 100  # between the first two sampled blocks
+    tokens = split_tokens(out, index, "train")
+    assert tokens[pos] != BOS
+    f = poke(out, index, "train", pos, 9999)
+    loader = TokenLoader(out, "train", 8, 64, seed=3)  # opens: the damage is not in a sampled block
+    with pytest.raises(ChatforgeError, match=f"shard {f} holds token id 9999 at position {pos:,}"):
+        for _ in range(loader.num_rows // 8 + 1):  # one epoch reaches every row
+            loader.next_batch()
+    with pytest.raises(ChatforgeError, match="holds token id 9999"):
+        list(iter_eval_batches(out, "train", 8, 64))
+
+
 # ----------------------------------------------------------------------------- rows
 
 

@@ -124,15 +124,26 @@ def test_known_results(expr, text):
         ("1 + " * 400 + "1", "limit is 1000"),
         ("(" * 250 + "1" + ")" * 250, "too many nested parentheses"),
         ("-" * 999 + "1", "nested too deeply"),
+        # literals are bounded from their text, before 10**exponent is built (minutes before)
+        ("1e9999999", "the number 1e9999999 has more than 10,000 digits"),
+        ("1e99999", "the number 1e99999 has more than 10,000 digits"),  # returned 100,001 digits before
+        ("1e-99999", "the number 1e-99999 has more than 10,000 digits"),
+        ("1e10000", "the number 1e10000 has more than 10,000 digits"),
+        ("1.5e1" + "0" * 900, "has more than 10,000 digits"),
+        # exponents too big for a float, and numbers too long for str() in messages (tracebacks before)
+        ("(10**5000)**(10**5000)", "more than 10**18 digits"),
+        ("2**(1/10**5000)", "the root of degree 10000000000000000000...00000000000000000000 is too large"),
+        ("(10**9999)**(1/2)", "10000000000000000000...00000000000000000000 ** (1/2) is irrational"),
     ],
 )
 def test_refused(expr, message):
     t0 = time.perf_counter()
     with pytest.raises(
         CalculatorError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")
-    ):
+    ) as refusal:
         calculate(expr)
-    assert time.perf_counter() - t0 < 5  # decided before any big computation (which would take hours)
+    assert time.perf_counter() - t0 < 1  # decided before any big computation (which would take hours)
+    assert "\n" not in str(refusal.value) and len(str(refusal.value)) < 200  # one short line
 
 
 def test_limit_edges():
@@ -143,6 +154,12 @@ def test_limit_edges():
     with pytest.raises(CalculatorError, match="digits"):
         calculate("3**(-21000)")
     assert calculate("+".join(["1"] * 500)) == "500"  # long (but not deep) input is fine
+    assert calculate("1e9999") == "1" + "0" * 9999 and calculate("0.0001e10003") == "1" + "0" * 9999
+    assert calculate("1_0.5e1_0") == "105000000000"
+    # a terminating decimal past 4,300 digits (str() refuses those: a ValueError before)
+    assert calculate("10**5000 + 1/4") == f"4{'0' * 4999}1/4 = 1{'0' * 5000}.25"
+    # its denominator's 33,000 twos are not counted one by one
+    assert calculate("2**-33000").endswith("E-9934")
 
 
 def test_as_a_tool():
@@ -155,3 +172,24 @@ def test_as_a_tool():
     assert res.error and res.content == "error: division by zero (in x / 0)"
     res = reg.call("calculator", {"expression": 5})
     assert res.error and "arguments.expression must be string, got integer" in res.content
+
+
+def test_cpu_budget(monkeypatch):
+    """The calculator stops itself between operations once its CPU budget is spent (a caller's timeout
+    cannot stop a thread): with a budget of a nanosecond, the first big operation uses it up."""
+    monkeypatch.setattr("chatforge.tools.calculator.MAX_CPU_SECONDS", 1e-9)
+    with pytest.raises(CalculatorError, match="took more than 1e-09 s of CPU time"):
+        calculate("(3**20000 + 1) % (7**11000 + 3) + 1")
+
+
+def test_heavy_expressions_stay_fast():
+    """The most expensive operations the bounds allow, repeated to the input limit, take well under a second."""
+    x, y = "(3**20000+1)/(7**11000+3)", "(7**11000+5)/(3**20000-1)"
+    for expr in ["+".join([f"({x})%({y})"] * 17), "%".join([x, y] * 19)]:
+        assert len(expr) <= 1000
+        t0 = time.perf_counter()
+        try:
+            calculate(expr)
+        except CalculatorError as e:
+            assert "digits" in str(e)  # refused for size, not for syntax
+        assert time.perf_counter() - t0 < 1

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 SPLITS = ("train", "val")
 _SHARD_RE = re.compile(r"^(train|val)_\d{5}\.bin$")
+_SAMPLE_BLOCKS, _SAMPLE_BLOCK = 16, 4096  # token ids checked when a shard is opened: 16 blocks of 4,096
 
 
 def _dtype_for(vocab_size: int) -> np.dtype:
@@ -270,7 +272,8 @@ def read_index(shard_dir) -> dict:
         if index.get("format") != "chatforge-shards" or index.get("version") != FORMAT_VERSION:
             raise ValueError("unknown format or version")
         np.dtype(index["dtype"])
-        int(index["vocab_size"]), int(index["bos_id"])
+        if not 0 <= int(index["bos_id"]) < int(index["vocab_size"]):
+            raise ValueError(f"bos_id {index['bos_id']} outside the vocabulary of {index['vocab_size']}")
         for s in SPLITS:
             sp = index["splits"][s]
             int(sp["tokens"]), int(sp["docs"]), int(sp["bytes"])
@@ -320,6 +323,8 @@ class _Split:
         info = index["splits"][split]
         dtype = np.dtype(index["dtype"])
         self.split, self.seq_len, self.bos_id = split, seq_len, int(index["bos_id"])
+        self.vocab_size = int(index["vocab_size"])
+        self.files: list[Path] = []
         self.tokens = int(info["tokens"])
         self.arrays: list[np.ndarray] = []
         shard_ids, starts = [], []
@@ -332,13 +337,30 @@ class _Split:
                     "run `chatforge data` again"
                 )
             arr = np.memmap(path, dtype=dtype, mode="r") if want else np.zeros(0, dtype=dtype)
+            self._check_sample(arr, path)
             self.arrays.append(arr)
+            self.files.append(path)
             st = row_starts(arr, self.bos_id, seq_len)
             starts.append(st)
             shard_ids.append(np.full(st.size, k, dtype=np.int32))
         self.row_shard = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
         self.row_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         self.num_rows = int(self.row_start.size)
+
+    def _check_sample(self, arr: np.ndarray, path: Path) -> None:
+        """Token ids in a few blocks spread over the shard must be in the vocabulary: a damaged shard
+        is refused when opened, cheaply (gather checks every batch it draws)."""
+        starts = np.unique(np.linspace(0, max(0, arr.size - _SAMPLE_BLOCK), _SAMPLE_BLOCKS).astype(np.int64))
+        for s in starts.tolist():
+            block = arr[s : s + _SAMPLE_BLOCK]
+            if block.size and int(block.max()) >= self.vocab_size:
+                self._bad_id(path, s + int(block.argmax()), int(block.max()))
+
+    def _bad_id(self, path: Path, pos: int, token: int) -> NoReturn:
+        raise ChatforgeError(
+            f"shard {path} holds token id {token} at position {pos:,}, outside the vocabulary of "
+            f"{self.vocab_size} in {INDEX_NAME}: the shard is damaged — run `chatforge data` again"
+        )
 
     def too_small(self, rows_needed: int, what: str) -> ChatforgeError:
         return ChatforgeError(
@@ -356,6 +378,12 @@ class _Split:
             seg = self.arrays[self.row_shard[r]][s : s + T + 1]
             x[i] = seg[:-1]
             y[i] = seg[1:]
+        if len(rows) and max(int(x.max()), int(y[:, -1].max())) >= self.vocab_size:  # one pass, cheap
+            i = int(np.argmax(np.maximum(x.max(axis=1), y[:, -1]) >= self.vocab_size))
+            r, row = rows[i], np.append(x[i], y[i, -1])
+            self._bad_id(
+                self.files[self.row_shard[r]], int(self.row_start[r]) + int(row.argmax()), int(row.max())
+            )
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         if device.type == "cuda":
             # Pinned host memory lets the copy overlap with compute.

@@ -38,6 +38,7 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares the embedding matrix
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if self.intermediate_size <= 0:
             self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
         problems = []
@@ -47,10 +48,24 @@ class GPTConfig:
             problems.append(f"head dim {self.n_embd // self.n_head} must be even for RoPE")
         if self.n_head % self.n_kv_head:
             problems.append(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
-        if min(self.vocab_size, self.seq_len, self.n_layer, self.n_embd) <= 0:
-            problems.append("vocab_size, seq_len, n_layer and n_embd must be positive")
         if problems:
             raise ChatforgeError("bad model config: " + "; ".join(problems))
+
+    def _check_fields(self) -> None:
+        """Each field's type (that of its default) and range, so a hand-edited config.json gets one line
+        naming the field instead of a traceback from deep inside torch."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), type(f.default)
+            if kind is float:  # an int is a fine float (JSON writes 10000.0 as 10000 sometimes)
+                ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                want = "a positive number"
+            elif kind is int:
+                low = 0 if f.name == "intermediate_size" else 1  # intermediate_size 0: automatic
+                ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}"
+            else:
+                ok, want = isinstance(v, bool), "true or false"
+            if not ok:
+                raise ChatforgeError(f"bad model config: {f.name} must be {want}, got {v!r:.40}")
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +107,8 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
+        if not isinstance(d, dict):
+            raise ChatforgeError(f"bad model config: expected an object of model settings, got {d!r:.40}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

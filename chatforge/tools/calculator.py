@@ -9,14 +9,20 @@ not introduce float error. Integers have any size, `/` gives a Fraction, and a d
 such as 1.25 is read from its source text as the Fraction 5/4 (never through a float).
 
 Bounds, so a request cannot hang or exhaust the host: the input is at most 1,000 characters,
-and every intermediate result must have at most 10,000 digits. Powers are checked BEFORE they
-are computed (result bits ~ exponent x bits of the base), so 9**9**9 is refused instantly.
+and every intermediate result must have at most 10,000 digits. Sizes are checked BEFORE a
+number is built: a literal's exponent is read from its text (1e9999999 is refused without
+making 10**9999999), products by the bits of their factors, powers by exponent x digits of the
+base, so 9**9**9 is refused instantly. On top, the whole evaluation has a CPU-time budget
+(MAX_CPU_SECONDS of this thread's time, checked between operations), so the calculator stops
+itself rather than relying on its caller's timeout (a timed-out thread cannot be killed).
 """
 
 from __future__ import annotations
 
 import ast
 import math
+import re
+import time
 from decimal import Context, Decimal
 from fractions import Fraction
 
@@ -26,6 +32,7 @@ MAX_INPUT_CHARS = 1000
 MAX_DIGITS = 10_000
 _LIMIT = 10**MAX_DIGITS  # the smallest integer with too many digits
 _MAX_BITS = _LIMIT.bit_length() + 4  # estimates in bits get a little slack; _check is exact
+MAX_CPU_SECONDS = 1.0  # this thread's CPU time for one evaluation; bounded operations take milliseconds
 SHOWN_DIGITS = 15  # significant digits of the decimal rendering of a non-integer
 
 SCHEMA = {
@@ -74,8 +81,9 @@ def evaluate(expression: str) -> Fraction:
         raise CalculatorError(f"could not parse the expression ({e.msg})") from None
     except (RecursionError, MemoryError, ValueError):
         raise CalculatorError("the expression is nested too deeply") from None
+    deadline = time.thread_time() + MAX_CPU_SECONDS
     try:
-        return _eval(tree.body, text)
+        return _eval(tree.body, text, deadline)
     except RecursionError:
         raise CalculatorError("the expression is nested too deeply") from None
 
@@ -97,14 +105,18 @@ def format_value(value: Fraction) -> str:
 
 
 # ---- the walk -------------------------------------------------------------------------------
-def _eval(node: ast.AST, text: str) -> Fraction:
+def _eval(node: ast.AST, text: str, deadline: float) -> Fraction:
+    if time.thread_time() > deadline:
+        raise CalculatorError(
+            f"the expression took more than {MAX_CPU_SECONDS:g} s of CPU time, so it is refused; simplify it"
+        )
     if isinstance(node, ast.Constant):
         return _literal(node, text)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        v = _eval(node.operand, text)
+        v = _eval(node.operand, text, deadline)
         return -v if isinstance(node.op, ast.USub) else v
     if isinstance(node, ast.BinOp) and isinstance(node.op, _BINOPS):
-        a, b = _eval(node.left, text), _eval(node.right, text)
+        a, b = _eval(node.left, text, deadline), _eval(node.right, text, deadline)
         if isinstance(node.op, ast.Pow):
             return _power(a, b)
         return _check(_arith(type(node.op), a, b))
@@ -121,10 +133,24 @@ def _literal(node: ast.Constant, text: str) -> Fraction:
         return Fraction(v)
     # a float literal: re-read its source text so 0.1 is exactly 1/10, not the nearest double
     source = ast.get_source_segment(text, node) or ""
-    try:
-        return Fraction(source.replace("_", ""))
-    except (ValueError, ZeroDivisionError):
-        raise CalculatorError(f"could not read the number {source!r}") from None
+    m = _FLOAT.fullmatch(source.replace("_", ""))
+    if m is None:
+        raise CalculatorError(f"could not read the number {_short(source)}")
+    whole, frac, exp = m.group(1), m.group(2) or "", m.group(3) or "0"
+    # value = int(whole + frac) * 10**scale: bound the scale from the text before building 10**scale
+    # (the mantissa has at most MAX_INPUT_CHARS digits, so a larger |scale| is always out of bounds)
+    scale, mantissa = int(exp) - len(frac), int(whole + frac)
+    too_big = f"the number {_short(source)} has more than {MAX_DIGITS:,} digits, so it is refused"
+    if abs(scale) > MAX_DIGITS + MAX_INPUT_CHARS:
+        raise CalculatorError(too_big)
+    value = Fraction(mantissa * 10**scale) if scale >= 0 else Fraction(mantissa, 10**-scale)
+    if max(abs(value.numerator), value.denominator) >= _LIMIT:
+        raise CalculatorError(too_big)
+    return value
+
+
+# a Python float literal without underscores: digits, an optional fraction, an optional exponent
+_FLOAT = re.compile(r"(\d*)\.?(\d*)(?:[eE]([+-]?\d+))?")
 
 
 def _arith(op: type, a: Fraction, b: Fraction) -> Fraction:
@@ -156,6 +182,10 @@ def _power(base: Fraction, exp: Fraction) -> Fraction:
         return Fraction(1) if base == 1 or n % 2 == 0 else Fraction(-1)
     if n == 0:
         return Fraction(1)
+    if n.bit_length() > 64:  # |base| != 0, 1 and |n| >= 2**64: far past any limit (and past a float)
+        raise CalculatorError(
+            f"the power would have more than 10**18 digits; the limit is {MAX_DIGITS:,}, so it is refused"
+        )
     # digits of the result ~ |n| * log10 of the larger of numerator/denominator: refuse before computing
     digits = abs(n) * math.log10(max(abs(base.numerator), base.denominator))
     if digits > MAX_DIGITS + 1:
@@ -175,11 +205,11 @@ def _root_power(base: Fraction, exp: Fraction) -> Fraction:
             raise CalculatorError("division by zero (0 to a negative power)")
         return Fraction(0)
     if q > _MAX_BITS:
-        raise CalculatorError(f"the root of degree {q} is too large to check exactly")
+        raise CalculatorError(f"the root of degree {_short(_digits(q))} is too large to check exactly")
     num, den = _exact_root(base.numerator, q), _exact_root(base.denominator, q)
     if num is None or den is None:
         raise CalculatorError(
-            f"{format_value(base)} ** ({p}/{q}) is irrational, so it has no exact value; "
+            f"{_short(format_value(base))} ** ({_short(_digits(p))}/{_short(_digits(q))}) is irrational, so it has no exact value; "
             "this calculator only gives exact results"
         )
     return _power(Fraction(num, den), Fraction(p))
@@ -225,6 +255,11 @@ def _check(v: Fraction) -> Fraction:
     return v
 
 
+def _short(text: str, keep: int = 40) -> str:
+    """text, or its start and end around "..." when long, so an error message stays one short line."""
+    return text if len(text) <= keep else f"{text[: keep // 2]}...{text[-keep // 2 :]}"
+
+
 def _digits(n: int) -> str:
     # Decimal formats any size without Python's int->str digit limit (4,300 by default)
     return str(Decimal(n))
@@ -232,22 +267,23 @@ def _digits(n: int) -> str:
 
 def _exact_decimal(v: Fraction) -> str | None:
     """The terminating decimal of v when its denominator is 2**a * 5**b (and it is short), else None."""
-    d, twos, fives = v.denominator, 0, 0
-    while d % 2 == 0:
-        d, twos = d // 2, twos + 1
-    while d % 5 == 0:
+    d = v.denominator
+    twos = (d & -d).bit_length() - 1  # trailing zero bits, without a loop over a 33,000-bit number
+    d, fives = d >> twos, 0
+    while d % 5 == 0 and fives <= 30:
         d, fives = d // 5, fives + 1
     places = max(twos, fives)
     if d != 1 or places > 30:
         return None
     scaled = v.numerator * 10**places // v.denominator  # exact: the denominator divides 10**places
-    sign, digits = ("-" if scaled < 0 else ""), str(abs(scaled)).rjust(places + 1, "0")
+    # _digits, not str(): str() refuses ints past 4,300 digits
+    sign, digits = ("-" if scaled < 0 else ""), _digits(abs(scaled)).rjust(places + 1, "0")
     return f"{sign}{digits[:-places]}.{digits[-places:]}"
 
 
 def _describe(node: ast.AST) -> str:
     if isinstance(node, ast.Constant):
-        return f"the {type(node.value).__name__} literal {node.value!r}"
+        return f"the {type(node.value).__name__} literal {_short(repr(node.value))}"
     names = {
         ast.Name: "a name",
         ast.Call: "a function call",
