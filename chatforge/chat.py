@@ -443,10 +443,6 @@ def cmd_chat(args: ChatOptions) -> None:
     args.max_new_tokens = asked if asked is not None else 256
     run = load_run(args.model, args.quantize or True, pick_device(args.device))
     model, tok, model_dir = run.model, run.tokenizer, run.folder
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise ChatforgeError(
-            f"{model_dir}: tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
-        )
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
     registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)

@@ -46,6 +46,12 @@ def strip_controls(text: str) -> str:
     return _SEQUENCE.sub("", text)
 
 
+def escape_controls(text: str) -> str:
+    """Control characters shown as \\xNN instead of removed: for a person judging the text itself
+    (the labeller), who should see that a bell or an escape was there."""
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
+
+
 class ControlStripper:
     """`strip_controls` for a stream: `push(piece)` returns what can be shown now and holds back an
     unfinished sequence at the piece's end (so an ESC in one piece and its `]52;...` in the next are

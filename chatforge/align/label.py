@@ -44,6 +44,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_json, read_jsonl
 from chatforge.model.gpt import GPT
 from chatforge.options import LabelOptions, add_options, options_from_args
+from chatforge.terminal import escape_controls
 from chatforge.tokenizer import Tokenizer
 
 DEFAULT_INSTRUCTIONS = (
@@ -93,13 +94,8 @@ def load_prompts(path: str | Path) -> list[list[dict]]:
 # ---- showing a pair ----------------------------------------------------------------------------------
 
 
-def _printable(text: str) -> str:
-    """Control characters (a model can emit a bell or an escape sequence) shown as \\xNN, not run."""
-    return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" for c in text)
-
-
 def _wrap(text: str, width: int) -> list[str]:
-    text = _printable(text)
+    text = escape_controls(text)
     lines: list[str] = []
     for para in (text or "(empty answer)").splitlines() or [""]:
         lines += textwrap.wrap(para, width, replace_whitespace=False, drop_whitespace=True) or [""]
@@ -258,7 +254,7 @@ def label_loop(
             print_fn(f"\nprompt {i} of {len(todo)}\n" + format_pair(messages, a, b, width))
             j = judge(messages, a, b) if judge is not None else None
             if j is not None:
-                print_fn(f"judge prefers {j.pick} (p(A better) = {j.p_a:.2f}): {_printable(j.critique)}")
+                print_fn(f"judge prefers {j.pick} (p(A better) = {j.p_a:.2f}): {escape_controls(j.critique)}")
             choice = _ask_choice(input_fn, print_fn, j, auto)
             if choice == "quit":
                 stopped = "quit"
