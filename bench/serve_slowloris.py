@@ -59,11 +59,11 @@ def free_port() -> int:
 
 def start_server(run: Path, port: int, server_path: str | None, db: Path) -> subprocess.Popen:
     env = dict(os.environ)
-    if server_path:
-        env["PYTHONPATH"] = server_path
+    env["PYTHONPATH"] = str(Path(server_path or Path(__file__).parent.parent).resolve())
     cmd = [sys.executable, "-m", "chatforge.serve.command", "--model", str(run), "--port", str(port)]
     cmd += ["--db", str(db), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # run from the temporary folder: `python -m` puts the working directory first on the path
+    proc = subprocess.Popen(cmd, env=env, cwd=db.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while True:
         try:
@@ -121,14 +121,17 @@ def slow_clients(port: int, n: int, seconds: float, dribble: float, url: str) ->
     stop = threading.Event()
     poller = threading.Thread(target=health_latencies, args=(url, stop, lat))
     poller.start()
-    closed, next_dribble = set(), time.perf_counter() + dribble
+    closed, answered, next_dribble = set(), {}, time.perf_counter() + dribble
     while time.perf_counter() - t0 < seconds:
         for k, s in enumerate(socks):
             if k in closed:
                 continue
             try:
-                if s.recv(4096) == b"":
+                got = s.recv(4096)
+                if got == b"":
                     closed.add(k)
+                elif k not in answered:  # e.g. 408 for a body that came too slowly
+                    answered[k] = got.split(b"\r\n", 1)[0].decode("latin-1")
             except BlockingIOError:
                 pass
             except OSError:
@@ -146,7 +149,13 @@ def slow_clients(port: int, n: int, seconds: float, dribble: float, url: str) ->
     poller.join()
     for s in socks:
         s.close()
-    return {"slow_connections": opened, "closed_by_server": len(closed), "health": summary(lat)}
+    statuses = sorted(set(answered.values()))
+    return {
+        "slow_connections": opened,
+        "closed_by_server": len(closed),
+        "answered": {st: list(answered.values()).count(st) for st in statuses},
+        "health": summary(lat),
+    }
 
 
 def huge_prompts(url: str, n: int, mb: float) -> dict:
@@ -165,8 +174,9 @@ def huge_prompts(url: str, n: int, mb: float) -> dict:
         statuses = []
         for f in futures:
             try:
-                statuses.append(f.result().status_code)
-            except httpx.HTTPError as e:
+                r = f.result()
+                statuses.append(f"{r.status_code} {r.json().get('error', {}).get('code')}")
+            except (httpx.HTTPError, ValueError) as e:
                 statuses.append(type(e).__name__)
     took = time.perf_counter() - t0
     time.sleep(0.3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -124,6 +125,21 @@ def uvicorn_config(
     )
 
 
+def open_files_for(connections: int) -> None:
+    """Raise this process's open-file limit to what `connections` sockets need (up to the hard
+    limit): a server that runs out of descriptors cannot accept anyone, /health included."""
+    need = connections + 256  # the model, the store, the page, the thread pool
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        top = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+        if top < need:
+            raise ChatforgeError(
+                f"--max-connections {connections} needs {need} open files but this process may open "
+                f"{top} (ulimit -n); lower --max-connections"
+            )
+
+
 def build_server_app(args: ServeOptions):
     """Check the options, load the run and build the app `cmd_serve` runs (separate so tests can call
     it). Returns (app, model id, feedback file, keys)."""
@@ -161,6 +177,7 @@ def build_server_app(args: ServeOptions):
 
 
 def cmd_serve(args: ServeOptions) -> None:
+    open_files_for(args.max_connections)
     app, name, db, keys = build_server_app(args)
     hosts = allowed_hosts(args.host, args.allowed_hosts)
     config = uvicorn_config(
