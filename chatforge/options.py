@@ -443,17 +443,32 @@ class ChatOptions:
 @dataclass
 class ServeOptions:
     model: str = opt(None, "run folder (or checkpoint folder) to serve", metavar="RUN", required=True)
-    host: str = opt("127.0.0.1", "address to listen on (default 127.0.0.1: this machine only)")
+    host: str = opt(
+        "127.0.0.1", "address to listen on (default 127.0.0.1: this machine only; any other needs keys)"
+    )
     port: int = opt(8000, "port (default 8000)")
     api_key: str | None = opt(
-        help="require `Authorization: Bearer KEY` on /v1/* (default: $CHATFORGE_API_KEY; none = open)",
+        help="the admin's key for `Authorization: Bearer KEY` on /v1/* (default: $CHATFORGE_API_KEY); "
+        "on the command line it shows in the process list: prefer the variable or --api-key-file",
         factory=lambda: os.environ.get("CHATFORGE_API_KEY"),
     )
+    api_key_file: str | None = opt(None, "read the admin's key from this file (mode 600)", metavar="FILE")
+    keys: str | None = opt(
+        None, "users and their keys, one USER:KEY (or USER:KEY:admin) per line (mode 600); each user "
+        "sees only their own conversations", metavar="FILE",
+    )  # fmt: skip
+    allowed_hosts: list[str] = opt(
+        [], "also answer requests whose Host header names this (comma-separated or repeated; * for any)",
+        metavar="HOST", repeatable=True,
+    )  # fmt: skip
     max_batch: int = opt(16, "sequences generated together (1 = one at a time)")
     max_queue: int = opt(64, "requests allowed to wait; more get 429 (default 64)")
     db: str | None = opt(None, "feedback SQLite file (default RUN/feedback.sqlite)", metavar="FILE")
     name: str | None = opt(None, "model id in the API (default: the run folder's name)", metavar="ID")
     max_request_kb: int = opt(1024, "largest request body in KiB (default 1024)")
+    header_timeout: float = opt(10.0, "seconds a client has to send a request's headers (default 10)")
+    body_timeout: float = opt(30.0, "seconds a client has to send a request's body (default 30)")
+    max_connections: int = opt(1000, "open connections at most; more get 503 (default 1000)")
     device: str = opt("auto", _DEVICE_HELP)
 
 

@@ -76,6 +76,9 @@ def unicode_to_bytes() -> dict[str, int]:
 _ESCAPED_RUN = re.compile("([\udc80-\udcff]+)")  # invalid UTF-8 bytes under surrogateescape
 
 
+LONG_TEXT = 4096  # characters; longer texts are encoded without holding the GIL
+
+
 class Tokenizer:
     """A thin wrapper over a HF `tokenizers.Tokenizer`, with chatforge's conventions."""
 
@@ -181,6 +184,8 @@ class Tokenizer:
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> list[int]:
         """Plain text → ids. Special-token strings in `text` are ordinary text; no BOS is added."""
+        if len(text) > LONG_TEXT:  # the batch encoder lets go of the GIL (a server's threads go on)
+            return self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

@@ -3,7 +3,6 @@ round trip, and that an acknowledged rating survives SIGKILL of the server."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import torch
 from chatforge.chat_format import load_conversations
 from chatforge.cli import parse_command, run_command
 from chatforge.errors import ChatforgeError
+from chatforge.options import ServeOptions
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.tokenizer import Tokenizer
 
@@ -124,6 +124,28 @@ def test_export_rules(store, tmp_path):
         assert len(load_conversations(tmp_path / "pair.jsonl")) == 2
 
 
+def test_owners(store):
+    """A conversation, its messages and ratings belong to its user: to anyone else it does not
+    exist (KeyError, the API's 404); owner=None (the admin, the CLI) sees everything."""
+    a = store.create_conversation(owner="alice")["id"]
+    mid = answer(store, a, [U("q")], "a", "o-0")
+    b = store.create_conversation(owner="bob")["id"]
+    for call in (
+        lambda: store.get_conversation(a, owner="bob"),
+        lambda: store.conversation_summary(a, owner="bob"),
+        lambda: store.store_path(a, [U("more")], owner="bob"),
+        lambda: store.rate(mid, -1, correction="poison", owner="bob"),
+    ):
+        with pytest.raises(KeyError):
+            call()
+    assert not store.delete_conversation(a, owner="bob")
+    assert [c["id"] for c in store.list_conversations(owner="bob")] == [b]
+    assert {c["id"] for c in store.list_conversations()} == {a, b}
+    assert store.rate(mid, 1, owner="alice")["rating"] == 1
+    assert store.get_conversation(a, owner="alice")["messages"][-1]["correction"] is None
+    assert store.delete_conversation(a, owner="alice")
+
+
 def test_cli_list_and_errors(store, tmp_path, capsys):
     cid = store.create_conversation()["id"]
     store.rate(answer(store, cid, [U("hello world")], "hi", "l-0"), 1)
@@ -170,13 +192,13 @@ def test_api_round_trip(run_dir, tmp_path):
 
     from chatforge.serve.command import build_server_app
 
-    args = argparse.Namespace(
-        model=str(run_dir), db=str(tmp_path / "fb.sqlite"), name=None, api_key=None, max_batch=4, max_queue=8,
-        max_request_kb=64, device="cpu", port=8000,
+    args = ServeOptions(
+        model=str(run_dir), db=str(tmp_path / "fb.sqlite"), api_key=None, max_batch=4, max_queue=8,
+        max_request_kb=64, device="cpu",
     )  # fmt: skip
-    app, name, db = build_server_app(args)
+    app, name, db, _ = build_server_app(args)
     assert name == "tinyrun"
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         conv = c.post("/v1/conversations", json={"title": "t", "source": "web"}).json()
         body = {
             "model": name,
@@ -210,7 +232,13 @@ def test_api_round_trip(run_dir, tmp_path):
 
 
 def test_rating_survives_sigkill(run_dir, tmp_path, cli_env):
-    """SIGKILL the server right after it acknowledged a rating: the rating is in the file."""
+    """SIGKILL the server right after it acknowledged a rating: the rating is in the file. The
+    server's key comes from a file, so it is nowhere in the process list."""
+    key = "file-key-0123456789abcdef"
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    auth = {"Authorization": f"Bearer {key}"}
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -226,6 +254,8 @@ def test_rating_survives_sigkill(run_dir, tmp_path, cli_env):
         str(port),
         "--db",
         str(db),
+        "--api-key-file",
+        str(key_file),
     ]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -240,11 +270,17 @@ def test_rating_survives_sigkill(run_dir, tmp_path, cli_env):
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.time() < deadline, "the server did not start"
             time.sleep(0.2)
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read()
+        assert key.encode() not in cmdline and b"--api-key-file" in cmdline
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
         body = {"model": "tinyrun", "messages": [U("hi")], "max_tokens": 3, "store": True}
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30).json()
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=30).json()
         mid = r["id"] + "-0"
         ack = httpx.post(
-            url + "/v1/feedback", json={"message_id": mid, "rating": -1, "correction": "Hello!"}, timeout=30
+            url + "/v1/feedback",
+            json={"message_id": mid, "rating": -1, "correction": "Hello!"},
+            headers=auth,
+            timeout=30,
         )
         assert ack.status_code == 200
         os.kill(proc.pid, signal.SIGKILL)  # no shutdown, no checkpoint of the WAL

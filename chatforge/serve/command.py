@@ -1,28 +1,161 @@
 """`chatforge serve`: load a run and serve it with uvicorn (its options are `options.ServeOptions`).
-`python -m chatforge.serve.command --model RUN` is the same as `chatforge serve --model RUN`."""
+`python -m chatforge.serve.command --model RUN` is the same as `chatforge serve --model RUN`.
+
+Before anything loads: the keys (`server_keys`: a keys file, the admin's key from a file, the
+environment or the command line) and the address. Without keys the server listens on loopback
+only; any other address is refused (fail closed). uvicorn runs with deadlines (`uvicorn_config`):
+a connection must finish its request's headers within --header-timeout seconds (else it is closed,
+so slow clients cannot pile up), its body within --body-timeout (middleware.Guard), and at most
+--max-connections are open at once."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import resource
 import sys
 from pathlib import Path
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chatforge.checkpoint import load_run
 from chatforge.device import pick_device
 from chatforge.errors import ChatforgeError
 from chatforge.options import ServeOptions, add_options, options_from_args
 from chatforge.serve.app import create_app
+from chatforge.serve.auth import (
+    ADMIN,
+    Keys,
+    User,
+    allowed_hosts,
+    check_key,
+    is_loopback,
+    load_keys_file,
+    read_secret_file,
+)
 from chatforge.serve.feedback import FeedbackStore
+
+KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this
+
+
+def server_keys(args: ServeOptions) -> Keys:
+    """Everyone's keys: --keys FILE, and the admin's from --api-key-file, $CHATFORGE_API_KEY or
+    --api-key. Empty when none is given."""
+    keys = Keys()
+    if args.keys:
+        load_keys_file(args.keys, keys)
+    from_env = args.api_key is not None and args.api_key == os.environ.get("CHATFORGE_API_KEY")
+    if args.api_key_file:
+        if args.api_key and not from_env:
+            raise ChatforgeError("give the admin's key once: --api-key-file or --api-key, not both")
+        key = check_key(read_secret_file(args.api_key_file, "API key file"), args.api_key_file)
+    elif args.api_key:
+        key = check_key(args.api_key, "$CHATFORGE_API_KEY" if from_env else "--api-key")
+        if not from_env:
+            print(
+                "chatforge: warning: --api-key shows in the process list (ps) to every user of this "
+                "machine; use $CHATFORGE_API_KEY or --api-key-file FILE instead",
+                file=sys.stderr,
+            )
+    else:
+        return keys
+    keys.add(key, User(ADMIN, admin=True))
+    return keys
+
+
+class DeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a request's headers: from the connection's start
+    (and from each response's end), a client has `header_timeout` seconds until its next request's
+    headers are complete, or the connection is closed. uvicorn has no such deadline, so 250 clients
+    sending half a request each would hold 250 connections for ever."""
+
+    header_timeout = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._deadline)
+
+    def _deadline(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # its headers came in time: a request is being answered (its body has its own deadline)
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def uvicorn_config(
+    app,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    header_timeout: float = 10.0,
+    max_connections: int = 1000,
+) -> uvicorn.Config:
+    """uvicorn's settings for this server: header deadline, keep-alive, connection cap."""
+    if header_timeout <= 0 or max_connections < 1:
+        raise ChatforgeError("--header-timeout must be > 0 and --max-connections >= 1")
+    protocol = type("DeadlineH11", (DeadlineH11,), {"header_timeout": header_timeout})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        log_level="warning",
+        lifespan="on",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=max_connections,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def open_files_for(connections: int) -> None:
+    """Raise this process's open-file limit to what `connections` sockets need (up to the hard
+    limit): a server that runs out of descriptors cannot accept anyone, /health included."""
+    need = connections + 256  # the model, the store, the page, the thread pool
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        top = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+        if top < need:
+            raise ChatforgeError(
+                f"--max-connections {connections} needs {need} open files but this process may open "
+                f"{top} (ulimit -n); lower --max-connections"
+            )
 
 
 def build_server_app(args: ServeOptions):
-    """Load the run and build the app `cmd_serve` runs (separate so tests can call it)."""
+    """Check the options, load the run and build the app `cmd_serve` runs (separate so tests can call
+    it). Returns (app, model id, feedback file, keys)."""
     if args.max_batch < 1:
         raise ChatforgeError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 1 <= args.port <= 65535:
         raise ChatforgeError(f"--port must be in 1..65535, got {args.port}")
+    if args.body_timeout <= 0:
+        raise ChatforgeError(f"--body-timeout must be > 0, got {args.body_timeout}")
+    keys = server_keys(args)
+    if not keys and not is_loopback(args.host):
+        raise ChatforgeError(
+            f"--host {args.host} without keys would let anyone who can reach it read every "
+            "conversation; give keys (--keys FILE, --api-key-file FILE or $CHATFORGE_API_KEY) "
+            "or listen on 127.0.0.1"
+        )
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
     loaded = load_run(args.model, inference=True, device=pick_device(args.device))
     run = Path(args.model).resolve()
@@ -33,29 +166,39 @@ def build_server_app(args: ServeOptions):
         loaded.tokenizer,  # the run's chat format (add_bos_token) comes with it
         model_id=name,
         store=store,
-        api_key=args.api_key or None,
+        keys=keys,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_body_bytes=args.max_request_kb * 1024,
+        body_timeout=args.body_timeout,
     )
-    return app, name, store.path
+    return app, name, store.path, keys
 
 
 def cmd_serve(args: ServeOptions) -> None:
-    app, name, db = build_server_app(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(
-            f"chatforge: warning: listening on {args.host} with no --api-key: "
-            "anyone who can reach it can use it",
-            file=sys.stderr,
-        )
+    open_files_for(args.max_connections)
+    app, name, db, keys = build_server_app(args)
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
+    config = uvicorn_config(
+        app,
+        host=args.host,
+        port=args.port,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+    )
+    who = (
+        f"keys for {', '.join(keys.users)}"
+        if keys
+        else "no API key: loopback only, and every caller sees every conversation"
+    )
     print(
         f"serving {name} (batch {args.max_batch}) at http://{args.host}:{args.port}/ "
-        "(chat page; OpenAI API under /v1), "
-        f"feedback in {db}",
+        f"(chat page; OpenAI API under /v1), {who}, feedback in {db}; answers to Host "
+        f"{', '.join(hosts)} (more with --allowed-hosts)",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

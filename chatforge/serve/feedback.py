@@ -4,11 +4,16 @@
 Tables (one file, WAL journal so the server's readers never block its writer; synchronous=FULL
 so a rating is on disk before the API acknowledges it, and survives a kill or a power cut):
 
-    conversations  id, title, model, source ("web" | "api"), user, created, updated
+    conversations  id, title, model, source ("web" | "api"), user (the request's `user` field),
+                   owner (the user whose API key created it), created, updated
     messages       id, conversation_id, parent_id, role, content, tool_calls (JSON), model,
                    finish_reason, created
     ratings        message_id, rating (+1 / -1, 0 clears), comment, correction, created
                    (append-only: the latest row per message is its rating)
+
+Owners: every method that reads or changes a conversation takes `owner`; a conversation (with its
+messages and ratings) whose `owner` is not the caller is treated as absent (KeyError, the API's 404),
+so one user can neither see nor change another's. owner=None (an admin, the CLI) sees all.
 
 Messages form a tree, as in ChatGPT: every message points at the one before it. Asking again
 (regenerate) adds a second assistant answer under the same user message; editing a message
@@ -52,6 +57,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     model TEXT,
     source TEXT NOT NULL DEFAULT 'api',
     user TEXT,
+    owner TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL
 );
@@ -108,6 +114,12 @@ class FeedbackStore:
             self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged rating is on disk
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(conversations)")}
+            if "owner" not in columns:  # a file from before owners: its conversations are the admin's
+                self.db.execute("ALTER TABLE conversations ADD COLUMN owner TEXT")
+            self.db.execute(
+                "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated)"
+            )
         except sqlite3.DatabaseError as e:
             raise ChatforgeError(f"cannot open the feedback database {self.path} ({e})") from None
         self.lock = threading.Lock()
@@ -134,29 +146,35 @@ class FeedbackStore:
 
     # ---- conversations -----------------------------------------------------------------------
     def create_conversation(
-        self, *, title: str = "", model: str | None = None, source: str = "api", user: str | None = None
+        self,
+        *,
+        title: str = "",
+        model: str | None = None,
+        source: str = "api",
+        user: str | None = None,
+        owner: str | None = None,
     ) -> dict:
         cid, now = new_id("conv"), time.time()
         self._write(
             lambda db: db.execute(
-                "INSERT INTO conversations (id, title, model, source, user, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (cid, title[:200], model, source, user, now, now),
+                "INSERT INTO conversations (id, title, model, source, user, owner, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (cid, title[:200], model, source, user, owner, now, now),
             )
         )
         return self.conversation_summary(cid)
 
-    def conversation_summary(self, cid: str) -> dict:
+    def conversation_summary(self, cid: str, owner: str | None = None) -> dict:
         rows = self._read(
             """SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS n_messages
-               FROM conversations c WHERE c.id = ?""",
-            (cid,),
+               FROM conversations c WHERE c.id = ? AND (? IS NULL OR c.owner = ?)""",
+            (cid, owner, owner),
         )
         if not rows:
             raise KeyError(cid)
         return _conversation_dict(rows[0])
 
-    def list_conversations(self, limit: int = 100) -> list[dict]:
+    def list_conversations(self, limit: int = 100, owner: str | None = None) -> list[dict]:
         """Newest first, each with its message count and its answers' up / down rating counts."""
         rows = self._read(
             f"""WITH latest AS (
@@ -168,20 +186,21 @@ class FeedbackStore:
                         WHERE m.conversation_id = c.id AND l.rating = 1) AS up,
                     (SELECT COUNT(*) FROM latest l JOIN messages m ON m.id = l.message_id
                         WHERE m.conversation_id = c.id AND l.rating = -1) AS down
-                FROM conversations c ORDER BY c.updated DESC LIMIT {int(limit)}"""
+                FROM conversations c WHERE (? IS NULL OR c.owner = ?)
+                ORDER BY c.updated DESC LIMIT {int(limit)}""",
+            (owner, owner),
         )
         return [_conversation_dict(r) for r in rows]
 
-    def get_conversation(self, cid: str) -> dict:
+    def get_conversation(self, cid: str, owner: str | None = None) -> dict:
         """The conversation with all its messages (every branch, oldest first), each with its rating."""
-        out = self.conversation_summary(cid)
+        out = self.conversation_summary(cid, owner)
         out["messages"] = [self._message_dict(r) for r in self._messages(cid)]
         return out
 
-    def delete_conversation(self, cid: str) -> bool:
-        return (
-            self._write(lambda db: db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount) > 0
-        )
+    def delete_conversation(self, cid: str, owner: str | None = None) -> bool:
+        sql = "DELETE FROM conversations WHERE id = ? AND (? IS NULL OR owner = ?)"
+        return self._write(lambda db: db.execute(sql, (cid, owner, owner)).rowcount) > 0
 
     def _messages(self, cid: str) -> list[sqlite3.Row]:
         return self._read(
@@ -210,12 +229,15 @@ class FeedbackStore:
         return d
 
     # ---- messages ----------------------------------------------------------------------------
-    def store_path(self, cid: str, messages: list[dict], parent_id: str | None = None) -> str | None:
+    def store_path(
+        self, cid: str, messages: list[dict], parent_id: str | None = None, owner: str | None = None
+    ) -> str | None:
         """Store `messages` (OpenAI schema) as a path from `parent_id` (None: the root), reusing
         messages already there; returns the id of the last one (None for an empty list)."""
 
         def write(db: sqlite3.Connection) -> str | None:
-            if not db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone():
+            sql = "SELECT 1 FROM conversations WHERE id = ? AND (? IS NULL OR owner = ?)"
+            if not db.execute(sql, (cid, owner, owner)).fetchone():
                 raise KeyError(cid)
             parent, now = parent_id, time.time()
             if parent is not None:
@@ -273,16 +295,24 @@ class FeedbackStore:
 
     # ---- ratings -----------------------------------------------------------------------------
     def rate(
-        self, message_id: str, rating: int, comment: str | None = None, correction: str | None = None
+        self,
+        message_id: str,
+        rating: int,
+        comment: str | None = None,
+        correction: str | None = None,
+        owner: str | None = None,
     ) -> dict:
         """Record a person's rating of an assistant answer (+1, -1, or 0 to clear). The row is
-        committed with synchronous=FULL before this returns. KeyError for an unknown message."""
+        committed with synchronous=FULL before this returns. KeyError for an unknown message, or
+        one in a conversation `owner` does not own."""
         if rating not in (-1, 0, 1):
             raise ChatforgeError(f"rating must be 1, -1 or 0 (clear), got {rating!r}")
 
         def write(db: sqlite3.Connection) -> dict:
             row = db.execute(
-                "SELECT role, conversation_id FROM messages WHERE id = ?", (message_id,)
+                "SELECT m.role, m.conversation_id FROM messages m JOIN conversations c "
+                "ON c.id = m.conversation_id WHERE m.id = ? AND (? IS NULL OR c.owner = ?)",
+                (message_id, owner, owner),
             ).fetchone()
             if row is None:
                 raise KeyError(message_id)
@@ -368,6 +398,7 @@ def _conversation_dict(r: sqlite3.Row) -> dict:
         "model": r["model"],
         "source": r["source"],
         "user": r["user"],
+        "owner": r["owner"],
         "created": int(r["created"]),
         "updated": int(r["updated"]),
         "n_messages": r["n_messages"],

@@ -1,6 +1,7 @@
-"""What stands in front of the routes: `Guard` (the API key, the body size limit, and the security
-headers on every response) and `add_error_handlers`, which answers every error in OpenAI's shape
-(FastAPI's 422 becomes a 400, unknown URLs a 404, a crash a 500 naming only the exception type).
+"""What stands in front of the routes: `Guard` (the Host header, the API key and its user, the body
+size limit and read deadline, lone surrogates, and the security headers on every response) and
+`add_error_handlers`, which answers every error in OpenAI's shape (FastAPI's 422 becomes a 400,
+unknown URLs a 404, a crash a 500 naming only the exception type).
 
 The Content-Security-Policy allows scripts, styles, images and connections from this server only,
 so even a rendering bug in the page cannot load a remote image (a known way to leak a conversation
@@ -8,13 +9,14 @@ through its URL)."""
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatforge.serve.protocol import APIError, validation_error
+from chatforge.serve.auth import LOCAL, NOBODY, USER_SCOPE_KEY, Keys, host_of
+from chatforge.serve.protocol import APIError, lone_surrogate, validation_error
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -28,11 +30,24 @@ SECURITY_HEADERS = [
 
 
 class Guard:
-    """ASGI middleware in front of the routes: the API key (401), the body size limit (413), and the
-    security headers on every response. Pure ASGI, so a rejected request's body is never parsed."""
+    """ASGI middleware in front of the routes, in this order: the Host header against the allow-list
+    (400: a DNS-rebinding page's requests carry its own name), the API key (401; the caller's `User`
+    goes into the scope for the routes), the body size limit (413), the body read deadline (408: a
+    client that trickles its body cannot hold a connection for long), and lone surrogates (400).
+    Every response gets the security headers. Pure ASGI, so a rejected request's body is never
+    parsed."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+    def __init__(
+        self,
+        app,
+        *,
+        keys: Keys,
+        hosts: list[str] | None,
+        max_body_bytes: int,
+        body_timeout: float,
+    ) -> None:
+        self.app, self.keys, self.max_body, self.body_timeout = app, keys, max_body_bytes, body_timeout
+        self.hosts = None if hosts is None or "*" in hosts else {h.lower() for h in hosts}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -43,18 +58,33 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
+        async def refuse(err: APIError) -> None:
+            await err.response()(scope, receive, secure_send)
+
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1/"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not given or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if self.hosts is not None and host_of(headers.get(b"host", b"")) not in self.hosts:
+            return await refuse(
+                APIError(
+                    400,
+                    "This server does not answer to that Host header "
+                    "(its owner can add the name with --allowed-hosts).",
+                    code="invalid_host",
+                )
+            )
+        user = LOCAL
+        if self.keys:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            given = given[7:].strip() if given[:7].lower() == "bearer " else ""
+            found = self.keys.lookup(given) if given else None
+            if found is None and scope["path"].startswith("/v1/"):
                 msg = (
                     "Incorrect API key provided."
                     if given
                     else "You didn't provide an API key (Authorization: Bearer KEY)."
                 )
-                err = APIError(401, msg, code="invalid_api_key")
-                return await err.response()(scope, receive, secure_send)
+                return await refuse(APIError(401, msg, code="invalid_api_key"))
+            user = found or NOBODY  # the page and /health need no key
+        scope[USER_SCOPE_KEY] = user
         too_big = APIError(
             413, f"The request body is larger than {self.max_body} bytes.", code="request_too_large"
         )
@@ -63,17 +93,34 @@ class Guard:
         except ValueError:
             declared = 0
         if declared > self.max_body:
-            return await too_big.response()(scope, receive, secure_send)
+            return await refuse(too_big)
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body, more = b"", True  # read the body here (bounded), then hand it on
+            chunks, size, more = [], 0, True  # read the body here (bounded in size and time)
+            deadline = asyncio.get_running_loop().time() + self.body_timeout
             while more:
-                message = await receive()
+                left = deadline - asyncio.get_running_loop().time()
+                try:
+                    message = await asyncio.wait_for(receive(), max(left, 0))
+                except TimeoutError:
+                    slow = f"The request body did not arrive within {self.body_timeout:g} s."
+                    return await refuse(APIError(408, slow, code="request_timeout"))
                 if message["type"] == "http.disconnect":
                     return
-                body += message.get("body", b"")
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
                 more = message.get("more_body", False)
-                if len(body) > self.max_body:
-                    return await too_big.response()(scope, receive, secure_send)
+                if size > self.max_body:
+                    return await refuse(too_big)
+            body = b"".join(chunks)
+            if lone_surrogate(body):
+                return await refuse(
+                    APIError(
+                        400,
+                        "The request body holds a lone UTF-16 surrogate (\\uD800-\\uDFFF without its pair); "
+                        "send valid Unicode text.",
+                        code="invalid_unicode",
+                    )
+                )
             replayed = False
 
             async def replay():

@@ -5,6 +5,7 @@ stop strings and token limit into generation settings."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -30,6 +31,24 @@ class APIError(Exception):
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         headers = {"retry-after": "1"} if self.status == 429 else None
         return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# a \uD800-\uDFFF escape: half of a UTF-16 pair; valid JSON, but a lone one is no text
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(body: bytes) -> bool:
+    """Whether a JSON body holds a string with a lone surrogate (which no UTF-8 text can carry, so it
+    would fail later, in the tokenizer or SQLite). Pairs (an emoji escaped) are fine."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except ValueError:  # not JSON: the route's parser says so
+        return False
+    return False
 
 
 _TYPE_TAG = re.compile(r"(str|int|float|bool|dict|list|none|[A-Za-z_-]+\[.*\])")

@@ -1,6 +1,8 @@
 """The OpenAI-compatible routes: GET /health, GET /v1/models[/{model}], POST /v1/chat/completions
 and POST /v1/completions. Each checks its request (protocol.py), starts one job per choice and
-answers with the whole result or an SSE stream (streaming.py)."""
+answers with the whole result or an SSE stream (streaming.py). Tokenising a prompt and writing to
+the store run in the thread pool: a megabyte of prompt takes the tokenizer a while, and the event
+loop must keep answering everyone else meanwhile."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from chatforge.chat_format import render_prompt
 from chatforge.errors import ChatforgeError
@@ -23,7 +26,7 @@ from chatforge.serve.protocol import (
     token_budget,
 )
 from chatforge.serve.routes_store import conversation_for, store_request
-from chatforge.serve.state import ServerState, State
+from chatforge.serve.state import Caller, ServerState, State
 from chatforge.serve.streaming import (
     answer_message,
     chat_chunks,
@@ -44,7 +47,7 @@ async def health(srv: State) -> dict:
         "status": "ok",
         "model": srv.model_id,
         "context": srv.ctx,
-        "store": str(srv.store.path) if srv.store else None,
+        "store": srv.store is not None,  # whether it keeps conversations; never where (a path)
         **srv.scheduler.load(),
         "stats": srv.scheduler.stats.to_dict(),
     }
@@ -109,17 +112,19 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dic
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State):
-    messages, ids, tools = _chat_prompt(srv, req)
+async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
+    messages, ids, tools = await run_in_threadpool(_chat_prompt, srv, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
-    conv_id = conversation_for(srv, req)  # checked before any work starts
+    conv_id = await run_in_threadpool(conversation_for, srv, req, user)  # checked before work starts
     choices, events = start_jobs(srv, [ids], req.n, budget, sampling, req.seed, stops, tools=tools)
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     if conv_id is not None or req.store:
         try:
-            conv_id = store_request(srv, conv_id, req.user, messages, choices, cid)
+            conv_id = await run_in_threadpool(
+                store_request, srv, conv_id, user, req.user, messages, choices, cid
+            )
         except BaseException:
             finish_choices(choices, srv.store)
             raise
@@ -181,7 +186,7 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of not in (None, req.n):
         raise APIError(400, "best_of is not supported (leave it out, or equal to n)", param="best_of")
-    prompts, texts = _completion_prompts(srv, req.prompt)
+    prompts, texts = await run_in_threadpool(_completion_prompts, srv, req.prompt)
     budget = min(token_budget(srv.ctx, len(p), req.max_tokens or 16, "max_tokens") for p in prompts)
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
     choices, events = start_jobs(srv, prompts, req.n, budget, sampling, req.seed, stops)

@@ -10,9 +10,10 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from chatforge.errors import ChatforgeError
+from chatforge.serve.auth import User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.protocol import APIError, ChatCompletionRequest, ConversationCreate, FeedbackRequest
-from chatforge.serve.state import ServerState, State
+from chatforge.serve.state import Caller, ServerState, State
 from chatforge.serve.streaming import Choice
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -50,8 +51,9 @@ async def style_css(srv: State) -> Response:
 
 
 # ---- storing a chat completion -------------------------------------------------------------
-def conversation_for(srv: ServerState, req: ChatCompletionRequest) -> str | None:
-    """metadata's conversation_id, checked; None when there is none (`store` then makes a new one)."""
+def conversation_for(srv: ServerState, req: ChatCompletionRequest, user: User) -> str | None:
+    """metadata's conversation_id, checked (it exists and `user` owns it); None when there is none
+    (`store` then makes a new one)."""
     cid = (req.metadata or {}).get("conversation_id")
     if cid is None and not req.store:
         return None
@@ -60,7 +62,7 @@ def conversation_for(srv: ServerState, req: ChatCompletionRequest) -> str | None
     if cid is None:
         return None
     try:
-        srv.store.conversation_summary(cid)
+        srv.store.conversation_summary(cid, user.owner)
     except KeyError:
         raise APIError(
             404, f"no conversation {cid}", param="metadata.conversation_id", code="not_found"
@@ -71,16 +73,25 @@ def conversation_for(srv: ServerState, req: ChatCompletionRequest) -> str | None
 def store_request(
     srv: ServerState,
     conv_id: str | None,
-    user: str | None,
+    user: User,
+    request_user: str | None,
     messages: list[dict],
     choices: list[Choice],
     cid: str,
 ) -> str:
-    """Write the request's messages and an empty answer per choice (filled in by finish_choices)."""
+    """Write the request's messages and an empty answer per choice (filled in by finish_choices),
+    in a conversation `user` owns (a new one when conv_id is None)."""
     assert srv.store is not None
     if conv_id is None:
-        conv_id = srv.store.create_conversation(model=srv.model_id, source="api", user=user)["id"]
-    parent = srv.store.store_path(conv_id, messages)
+        conv_id = srv.store.create_conversation(
+            model=srv.model_id, source="api", user=request_user, owner=user.name
+        )["id"]
+    try:
+        parent = srv.store.store_path(conv_id, messages, owner=user.owner)
+    except KeyError:  # deleted since conversation_for looked
+        raise APIError(
+            404, f"no conversation {conv_id}", param="metadata.conversation_id", code="not_found"
+        ) from None
     for c in choices:
         c.message_id = f"{cid}-{c.index}"
         srv.store.add_answer(conv_id, parent, c.message_id, srv.model_id)
@@ -96,35 +107,40 @@ def _store(srv: ServerState) -> FeedbackStore:
     return srv.store
 
 
+# Each route sees only the caller's conversations (an admin's: all); another user's conversation is
+# "not found", the same answer as for one that does not exist, so ids cannot be probed.
 @router.get("/v1/conversations")
-def list_conversations(srv: State, limit: int = 100) -> dict:
-    return {"object": "list", "data": _store(srv).list_conversations(limit=max(1, min(limit, 1000)))}
+def list_conversations(srv: State, user: Caller, limit: int = 100) -> dict:
+    rows = _store(srv).list_conversations(limit=max(1, min(limit, 1000)), owner=user.owner)
+    return {"object": "list", "data": rows}
 
 
 @router.post("/v1/conversations")
-def create_conversation(req: ConversationCreate, srv: State) -> dict:
-    return _store(srv).create_conversation(title=req.title, model=srv.model_id, source=req.source)
+def create_conversation(req: ConversationCreate, srv: State, user: Caller) -> dict:
+    return _store(srv).create_conversation(
+        title=req.title, model=srv.model_id, source=req.source, owner=user.name
+    )
 
 
 @router.get("/v1/conversations/{conversation_id}")
-def get_conversation(conversation_id: str, srv: State) -> dict:
+def get_conversation(conversation_id: str, srv: State, user: Caller) -> dict:
     try:
-        return _store(srv).get_conversation(conversation_id)
+        return _store(srv).get_conversation(conversation_id, owner=user.owner)
     except KeyError:
         raise APIError(404, f"no conversation {conversation_id}", code="not_found") from None
 
 
 @router.delete("/v1/conversations/{conversation_id}")
-def delete_conversation(conversation_id: str, srv: State) -> dict:
-    if not _store(srv).delete_conversation(conversation_id):
+def delete_conversation(conversation_id: str, srv: State, user: Caller) -> dict:
+    if not _store(srv).delete_conversation(conversation_id, owner=user.owner):
         raise APIError(404, f"no conversation {conversation_id}", code="not_found")
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 
 @router.post("/v1/feedback")
-def feedback(req: FeedbackRequest, srv: State) -> dict:
+def feedback(req: FeedbackRequest, srv: State, user: Caller) -> dict:
     try:
-        return _store(srv).rate(req.message_id, req.rating, req.comment, req.correction)
+        return _store(srv).rate(req.message_id, req.rating, req.comment, req.correction, owner=user.owner)
     except KeyError:
         raise APIError(
             404, f"no stored answer {req.message_id}", param="message_id", code="not_found"

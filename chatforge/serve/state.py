@@ -1,6 +1,6 @@
 """What every route of one server shares: `ServerState` (the model, tokenizer, scheduler, store and
-settings; FastAPI keeps it in `app.state.server`, routes get it with the `State` dependency) and
-the `Inbox` that carries the scheduler thread's events to the event loop."""
+settings; FastAPI keeps it in `app.state.server`, routes get it with the `State` dependency), the
+caller (`Caller`: the `User` whose key came with the request, set by middleware.Guard) and the `Inbox` that carries the scheduler thread's events to the event loop."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from chatforge.model.gpt import GPT
+from chatforge.serve.auth import NOBODY, USER_SCOPE_KEY, User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.scheduler import Scheduler
 from chatforge.tokenizer import Tokenizer
@@ -62,3 +63,10 @@ async def _server_state(request: Request) -> ServerState:
 
 
 State = Annotated[ServerState, Depends(_server_state)]  # a route's `srv: State` parameter
+
+
+async def _caller(request: Request) -> User:
+    return request.scope.get(USER_SCOPE_KEY, NOBODY)  # no Guard, no rights
+
+
+Caller = Annotated[User, Depends(_caller)]  # a route's `user: Caller` parameter: who sent the request
