@@ -152,6 +152,11 @@ def test_cli_list_and_errors(store, tmp_path, capsys):
     run_cli("list", "--db", str(store.path))
     out = capsys.readouterr().out
     assert cid in out and "hello world" in out
+    # a title is a remote user's text: an escape sequence in it must not reach the terminal
+    evil = store.create_conversation(title="pwn\x1b]52;c;ZWNobyBoaQ==\x07ed\x1b[2J")["id"]
+    run_cli("list", "--db", str(store.path))
+    out = capsys.readouterr().out
+    assert evil in out and "pwned" in out and "\x1b" not in out and "\x07" not in out
     with pytest.raises(ChatforgeError, match="no feedback database"):
         run_cli("list", "--db", str(tmp_path / "missing.sqlite"))
     empty = FeedbackStore(tmp_path / "empty.sqlite")

@@ -49,6 +49,7 @@ from typing import Any
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.options import FeedbackExportOptions, FeedbackListOptions
+from chatforge.terminal import strip_controls
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -447,7 +448,7 @@ def cmd_feedback_list(args: FeedbackListOptions) -> None:
     print(f"{'conversation':<29} {'updated':<16} {'msgs':>4} {'up':>3} {'down':>4}  title")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"]))
-        title = " ".join(r["title"].split())[:60]
+        title = " ".join(strip_controls(r["title"]).split())[:60]  # titles come from remote users
         print(f"{r['id']:<29} {when:<16} {r['n_messages']:>4} {r['up']:>3} {r['down']:>4}  {title}")
 
 
