@@ -42,12 +42,11 @@ from chatforge.errors import ChatforgeError
 from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.quant import inference_model
-from chatforge.options import MergeOptions
+from chatforge.options import NO_VERIFY_ENV, MergeOptions
 from chatforge.tokenizer import Tokenizer
 
 CKPT_DIR = "ckpt"
 WEIGHTS_SHA256 = "weights_sha256"  # config.json's key for model.safetensors' checksum
-NO_VERIFY_ENV = "CHATFORGE_NO_VERIFY"  # set to 1 to load weights that do not match their checksum
 
 
 def model_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -199,7 +198,7 @@ def read_config(model_dir: Path) -> dict:
 
 def verify_weights(model_dir: Path) -> None:
     """Check model.safetensors against the sha256 its config.json recorded when it was saved (a run
-    saved before checksums has none: nothing to check). CHATFORGE_NO_VERIFY=1 skips the check."""
+    saved before checksums has none: nothing to check). `chatforge --no-verify` (CHATFORGE_NO_VERIFY=1) skips the check."""
     path = Path(model_dir) / "model.safetensors"
     expected = (
         read_config(model_dir).get(WEIGHTS_SHA256) if (Path(model_dir) / "config.json").is_file() else None
@@ -209,7 +208,7 @@ def verify_weights(model_dir: Path) -> None:
     if file_sha256(path) != expected:
         raise ChatforgeError(
             f"{path} does not match the sha256 in its config.json (corrupt, truncated or edited since it was saved); "
-            f"restore it, or set {NO_VERIFY_ENV}=1 to load it anyway"
+            f"restore it, or pass `chatforge --no-verify ...` (or set {NO_VERIFY_ENV}=1) to load it anyway"
         )
 
 

@@ -20,6 +20,9 @@ from typing import Any, ClassVar
 
 from chatforge.config import PRESETS, SECTION_DEFAULTS, WorldConfig
 
+# `chatforge --no-verify` sets it: load weights that do not match the sha256 saved with them
+NO_VERIFY_ENV = "CHATFORGE_NO_VERIFY"
+
 
 def opt(
     default: Any = None,

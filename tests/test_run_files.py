@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from chatforge.checkpoint import (
-    NO_VERIFY_ENV,
     WEIGHTS_SHA256,
     inherited_meta,
     load_run,
@@ -19,8 +18,10 @@ from chatforge.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from chatforge.cli import main
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.options import NO_VERIFY_ENV
 from chatforge.tokenizer import Tokenizer
 
 V = 300
@@ -135,11 +136,19 @@ def test_flipped_weight_bytes_are_refused(run, monkeypatch):
     with pytest.raises(
         ChatforgeError,
         match=f"^{run / 'model.safetensors'} does not match the sha256 in its config.json .*; "
-        f"restore it, or set {NO_VERIFY_ENV}=1 to load it anyway$",
+        f"restore it, or pass `chatforge --no-verify ...` \\(or set {NO_VERIFY_ENV}=1\\) to load it anyway$",
     ):
         load_run(run)
     monkeypatch.setenv(NO_VERIFY_ENV, "1")  # the way out the message names
     assert load_run(run).meta["stage"] == "test"
+
+
+def test_no_verify_flag_loads_flipped_weights(run, monkeypatch, capsys):
+    flip_a_weight_byte(run)
+    monkeypatch.setenv(NO_VERIFY_ENV, "0")  # "0" verifies; monkeypatch restores what --no-verify sets
+    prompt = ["chat", "--model", str(run), "-p", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    assert main(prompt) == 2 and "does not match the sha256" in capsys.readouterr().err
+    assert main(["--no-verify", *prompt]) == 0
 
 
 def test_runs_saved_before_checksums_load_as_before(run):
