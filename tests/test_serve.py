@@ -387,6 +387,42 @@ def test_a_failed_forward_fails_its_jobs_not_the_scheduler(model):
     assert [v for k, v in events[2] if k == "token"] == list(generate(model, [1, 2, 3], 5))
 
 
+def test_a_failed_prefill_does_not_end_a_finished_job_twice(model):
+    """A finishes on its first token, then B's prefill fails in the same admission: A gets its token
+    and "done" only, B one error."""
+    sched = Scheduler(model, max_batch=2, max_queue=4)
+    events: list[list[tuple[str, object]]] = [[], []]
+    ended = threading.Semaphore(0)
+
+    def on_event(i):
+        def f(kind, value):
+            events[i].append((kind, value))
+            if kind != "token":
+                ended.release()
+
+        return f
+
+    admit, calls = sched.decoder.admit, []
+
+    def admit_then_fail(rows):
+        calls.append(rows)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory")
+        return admit(rows)
+
+    sched.decoder.admit = admit_then_fail
+    sched.submit(
+        Job(prompt=[1, 2, 3], max_new_tokens=1, on_event=on_event(0)),
+        Job(prompt=[1, 2, 3], max_new_tokens=5, on_event=on_event(1)),
+    )
+    sched.start_thread()
+    for _ in range(2):
+        assert ended.acquire(timeout=10)
+    sched.shutdown()
+    assert [k for k, _ in events[0]] == ["token", "done"]
+    assert events[1] == [("error", "generation failed: RuntimeError: out of memory")]
+
+
 def test_concurrent_http_requests_are_batched_and_exact(server, model, tok):
     url, srv = server
     prompts = [
@@ -650,8 +686,12 @@ def test_keys_come_from_files_or_the_environment(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("CHATFORGE_API_KEY")
     server_keys(ServeOptions(model="x", api_key=ROOT))
     assert "process list" in capsys.readouterr().err
+    users.write_text(f"# a comment line\ncarol:{ALICE}#tail\n")  # '#' inside a key is part of it
+    keys = server_keys(ServeOptions(model="x", keys=str(users)))
+    assert keys.lookup(ALICE + "#tail") == User("carol") and keys.lookup(ALICE) is None
     for bad, match in [("alice", "USER:KEY"), ("alice:short", "at least"), (f"a b:{ALICE}", "user name"),
-                       (f"a:{ALICE}\nb:{ALICE}", "also another")]:  # fmt: skip
+                       (f"a:{ALICE}\nb:{ALICE}", "also another"),
+                       (f"admin:{ALICE}", "reserved"), (f"local:{ALICE}", "reserved")]:  # fmt: skip
         users.write_text(bad)
         with pytest.raises(ChatforgeError, match=match):
             server_keys(ServeOptions(model="x", keys=str(users)))

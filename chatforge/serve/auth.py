@@ -111,8 +111,8 @@ def load_keys_file(path: str | Path, keys: Keys) -> None:
     """Add a keys file's `USER:KEY[:admin]` lines to `keys`."""
     text = read_secret_file(path, "keys file")
     for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+        line = line.strip()
+        if not line or line.startswith("#"):  # a comment is a whole line: a key may hold '#'
             continue
         parts = line.split(":")
         where = f"{path} line {n}"
@@ -121,6 +121,8 @@ def load_keys_file(path: str | Path, keys: Keys) -> None:
         name, key = parts[0], parts[1]
         if not USER_NAME.fullmatch(name):
             raise ChatforgeError(f"{where}: a user name is 1-64 of A-Z a-z 0-9 _ . @ -, got {name!r}")
+        if name in (ADMIN, LOCAL.name):  # they own the admin's and the keyless server's conversations
+            raise ChatforgeError(f"{where}: the user names {ADMIN!r} and {LOCAL.name!r} are reserved; pick another")
         keys.add(check_key(key, where), User(name, admin=len(parts) == 3))
     if not keys:
         raise ChatforgeError(f"the keys file {path} holds no USER:KEY line")

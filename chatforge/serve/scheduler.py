@@ -193,15 +193,18 @@ class Scheduler:
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill each job still wanted, alone (no padding: exactly what `engine.generate` computes
-        for it), and emit its first token; it joins the batch."""
-        for job in jobs:
+        for it), and emit its first token; it joins the batch. A job leaves `jobs` once handled, so
+        after a failure `jobs` holds only those that never ran (one end event per job)."""
+        while jobs:
+            job = jobs[0]
             if job.cancelled.is_set():
                 job.on_event("done", "cancelled")
                 self.stats.cancelled += 1
-                continue
-            events = self.decoder.admit([job])
-            self.stats.prefills += 1
-            self._emit(events)
+            else:
+                events = self.decoder.admit([job])
+                self.stats.prefills += 1
+                self._emit(events)
+            jobs.pop(0)
 
     def _drop_cancelled(self) -> None:
         cancelled = [job for job in self.active if job.cancelled.is_set()]
