@@ -578,3 +578,24 @@ def test_checkpoints_sort_by_step_number_and_bad_devices_are_one_line(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_1000000"
     with pytest.raises(ChatforgeError, match="unknown device"):
         pick_device("gpu")
+
+
+def test_samples_start_as_the_model_starts_documents(trained, tmp_path, monkeypatch):
+    """sample_text prompts begin with BOS only when the tokenizer adds one (an imported model may not)."""
+    from chatforge.train import pretrain as pretrain_module
+
+    (tmp_path / "config.json").write_text(json.dumps({"add_bos_token": False}))
+    Tokenizer.load(trained).save(tmp_path)
+    seen: list[list[int]] = []
+
+    def fake_generate(model, ids, *args, **kwargs):
+        seen.append(list(ids))
+        return iter(())
+
+    monkeypatch.setattr(pretrain_module, "generate", fake_generate)
+    model = ckpt.load_run(trained).model
+    for folder in (trained, tmp_path):
+        tok = Tokenizer.load(folder)
+        pretrain_module.sample_text(model, tok, ["The"])
+        assert seen[-1] == tok.start_ids() + tok.encode("The")
+    assert seen[0][0] == Tokenizer.load(trained).bos_id and seen[1] == seen[0][1:]

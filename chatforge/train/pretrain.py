@@ -89,8 +89,7 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_to
     """Greedy continuations of plain-text prompts (no RNG used: training stays reproducible)."""
     out = []
     for prompt in prompts:
-        ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        ids += tokenizer.encode(prompt)
+        ids = tokenizer.start_ids() + tokenizer.encode(prompt)  # as documents start (no BOS if the model adds none)
         room = min(max_new_tokens, model.cfg.seq_len - len(ids))
         stops = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         new = list(generate(model, ids, room, temperature=0.0, stop_ids=stops))

@@ -27,8 +27,8 @@ from chatforge.chat_format import load_conversations, render_prompt, turn_end_id
 from chatforge.config import TrainConfig, training_config
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
 from chatforge.device import cleanup_distributed, setup_distributed
-from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
+from chatforge.eval.base import generate_greedy
 from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
 from chatforge.options import SFTOptions
@@ -42,20 +42,16 @@ SAMPLE_QUESTIONS = ["Who are you?", "What is 23 + 19?"]
 def chat_samples(
     model: GPT, tokenizer: Tokenizer, questions: list[str], max_new_tokens: int = 40
 ) -> list[tuple[str, str]]:
-    """Greedy answers to single-turn questions, as (question, answer) pairs."""
+    """Greedy answers to single-turn questions, as (question, answer) pairs ("" for a question
+    that fills the context)."""
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-    stops = turn_end_ids(tokenizer)
-    room = min(max_new_tokens, model.cfg.seq_len - max(map(len, prompts)))
     was_training = model.training
     model.eval()  # no dropout (LoRA's) while answering; training mode comes back after
     try:
-        answers = generate_batch(model, prompts, room, temperature=0.0, stop_ids=stops)
+        answers = generate_greedy(model, prompts, max_new_tokens, stop_ids=turn_end_ids(tokenizer))
     finally:
         model.train(was_training)
-    return [
-        (q, tokenizer.decode([t for t in a if t not in stops]))
-        for q, a in zip(questions, answers, strict=True)
-    ]
+    return [(q, tokenizer.decode(a) if a is not None else "") for q, a in zip(questions, answers, strict=True)]
 
 
 def resolve_sft_files(data: Path, val: Path | None) -> tuple[Path, Path | None]:
