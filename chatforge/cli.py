@@ -95,8 +95,6 @@ def _add_command(sub: Any, name: str, command: Command) -> None:
 def parse_command(argv: list) -> tuple[Command, Any]:
     """The command `argv` names and its options object (strings, or anything str() makes one)."""
     ns = build_parser().parse_args([str(a) for a in argv])
-    if ns.no_verify:  # read where weights load (checkpoint.verify_weights), however deep
-        os.environ[o.NO_VERIFY_ENV] = "1"
     return ns.handler, o.options_from_args(ns.handler.options, ns)
 
 
@@ -106,9 +104,11 @@ def run_command(command: Command, opts: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    command, opts = parse_command(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    if ns.no_verify:  # read where weights load (checkpoint.verify_weights), however deep
+        os.environ[o.NO_VERIFY_ENV] = "1"
     try:
-        run_command(command, opts)
+        run_command(ns.handler, o.options_from_args(ns.handler.options, ns))
     except ChatforgeError as e:
         print(f"chatforge: error: {e}", file=sys.stderr)
         return 2

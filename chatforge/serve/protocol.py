@@ -33,8 +33,10 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-# a \uD800-\uDFFF escape: half of a UTF-16 pair; valid JSON, but a lone one is no text
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# a \uD800-\uDBFF escape not followed by a \uDC00-\uDFFF one, or the second without the first:
+# valid JSON, but no text. Pairs (an escaped emoji) do not match, so their bodies are not parsed here.
+_HIGH, _LOW = rb"\\u[dD][89abAB][0-9a-fA-F]{2}", rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+_SURROGATE_ESCAPE = re.compile(rb"%s(?!%s)|(?<!%s)%s" % (_HIGH, _LOW, _HIGH, _LOW))
 
 
 def lone_surrogate(body: bytes) -> bool:
