@@ -356,9 +356,9 @@ def test_scheduler_batched_equals_engine_generate(model):
     assert st.shifts > 0  # a long prompt joined a batch whose column was smaller, or the columns ran out
 
 
-def test_a_failed_forward_fails_its_jobs_not_the_scheduler(model):
-    sched = Scheduler(model, max_batch=2, max_queue=4)
-    events: list[list[tuple[str, object]]] = [[], [], []]
+def job_recorder(n: int):
+    """(events per job, a semaphore released at each job's end event, on_event(i) for job i)."""
+    events: list[list[tuple[str, object]]] = [[] for _ in range(n)]
     ended = threading.Semaphore(0)
 
     def on_event(i):
@@ -368,6 +368,13 @@ def test_a_failed_forward_fails_its_jobs_not_the_scheduler(model):
                 ended.release()
 
         return f
+
+    return events, ended, on_event
+
+
+def test_a_failed_forward_fails_its_jobs_not_the_scheduler(model):
+    sched = Scheduler(model, max_batch=2, max_queue=4)
+    events, ended, on_event = job_recorder(3)
 
     step = sched.decoder.step
     sched.decoder.step = lambda: (_ for _ in ()).throw(
@@ -391,16 +398,7 @@ def test_a_failed_prefill_does_not_end_a_finished_job_twice(model):
     """A finishes on its first token, then B's prefill fails in the same admission: A gets its token
     and "done" only, B one error."""
     sched = Scheduler(model, max_batch=2, max_queue=4)
-    events: list[list[tuple[str, object]]] = [[], []]
-    ended = threading.Semaphore(0)
-
-    def on_event(i):
-        def f(kind, value):
-            events[i].append((kind, value))
-            if kind != "token":
-                ended.release()
-
-        return f
+    events, ended, on_event = job_recorder(2)
 
     admit, calls = sched.decoder.admit, []
 
