@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_load import free_port  # bench/ is on the path when a bench runs
 
 CAP_S = 5.0  # a /health that fails or takes longer counts as this
 
@@ -47,14 +48,6 @@ def tiny_run(folder: Path) -> Path:
     run = folder / "tinyrun"
     save_model(run, model, tok.to_json(), {"stage": "bench"})
     return run
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start_server(run: Path, port: int, server_path: str | None, db: Path) -> subprocess.Popen:
