@@ -428,7 +428,7 @@ def test_compare_view_appends_a_pick_prefs_can_read(setup):
     page.fill("#compare-comment", "B says more")
     page.click("#picks button[data-verdict='prefer_b']")
     page.wait_for_selector("#pair[data-saved='prefer_b']")
-    assert "saved (1 comparisons" in page.inner_text("#compare-status")
+    assert "saved: 1 in the comparison file" in page.inner_text("#compare-status")
     (row,) = load_prefs(path)
     assert row["messages"] == [{"role": "user", "content": "Hello there"}]
     assert (row["chosen"]["content"], row["rejected"]["content"]) == (b, a)

@@ -521,7 +521,7 @@ async function savePick(verdict) {
     });
     paintPicks(verdict);
     $("pair").dataset.saved = verdict;
-    compareStatus(`saved (${saved.count} comparisons in the file)`);
+    compareStatus(`saved: ${saved.count} in the comparison file`);
   } catch (e) {
     compareStatus(`not saved: ${e.message}`);
   }
