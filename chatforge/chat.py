@@ -182,19 +182,29 @@ def fit_window(
 ) -> tuple[int, int]:
     """Where the window over `messages` starts so that `head + messages[start:]` (head: the system
     prompt, always kept) renders to at most `limit` tokens: whole turns (a user message and the
-    replies after it) leave from the oldest on. Returns (start, prompt tokens); when even the newest
-    turn is too long, that turn's start and its length, which is then over `limit`. `chatforge chat`
-    and the server's `trim_history` both slide their window with it."""
-    while True:
-        n = prompt_len(head + messages[start:])
-        if n <= limit:
-            return start, n
-        nxt = start + 1  # drop one turn: a user message and the replies after it
-        while nxt < len(messages) and messages[nxt]["role"] != "user":
-            nxt += 1
-        if nxt >= len(messages):
-            return start, n
-        start = nxt
+    replies after it) leave from the oldest on, as few as will do. Returns (start, prompt tokens);
+    when even the newest turn is too long, that turn's start and its length, which is then over
+    `limit`. `chatforge chat` and the server's `trim_history` both slide their window with it."""
+    starts = [start] + [i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"]
+    lengths: dict[int, int] = {}
+
+    def length(k: int) -> int:
+        if k not in lengths:
+            lengths[k] = prompt_len(head + messages[starts[k] :])
+        return lengths[k]
+
+    # fewer messages never render longer, so a binary search finds the first start that fits
+    # with a few renders, not one per turn (a long conversation is many turns)
+    lo, hi = 0, len(starts) - 1
+    if length(hi) > limit:
+        return starts[hi], length(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(mid) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo], length(lo)
 
 
 class ChatSession:

@@ -32,10 +32,14 @@ from chatforge.align.label import Judge  # noqa: E402
 from chatforge.align.prefs import load_prefs  # noqa: E402
 from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.chat_format import turn_end_ids as stop_ids  # noqa: E402
+from chatforge.checkpoint import save_model  # noqa: E402
 from chatforge.cli import parse_command, run_command  # noqa: E402
 from chatforge.engine import generate  # noqa: E402
+from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
+from chatforge.options import ServeOptions  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
+from chatforge.serve.command import build_server_app  # noqa: E402
 from chatforge.serve.feedback import FeedbackStore  # noqa: E402
 from chatforge.serve.scheduler import Job  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
@@ -362,6 +366,8 @@ def test_full_context_trims_the_oldest_turns(setup):
     assert left_out >= 2 and left_out % 2 == 0
     kept = [system, *over["messages"][1 + left_out :]]
     assert r.json()["usage"]["prompt_tokens"] == len(render_prompt(srv.tok, kept)) <= srv.ctx - 8
+    one_more_turn = [system, *over["messages"][1 + left_out - 2 :]]  # as few left out as will do
+    assert len(render_prompt(srv.tok, one_more_turn)) > srv.ctx - 8
 
     cid = store.create_conversation(title="long", model="tiny", source="web", owner="local")["id"]
     store.store_path(cid, [system, *history], owner="local")  # longer than the context: stored directly
@@ -442,3 +448,30 @@ def test_compare_view_appends_a_pick_prefs_can_read(setup):
     assert [r["verdict"] for r in load_prefs(path)] == ["prefer", "tie"]
     assert len(load_prefs(path, trainable_only=True)) == 1
     page.click("#mode-chat")
+
+    # bad picks are one-line 400s and leave the file alone
+    pick = {"messages": [{"role": "user", "content": "hi"}], "a": "x", "b": "y", "verdict": "prefer_a"}
+    for bad in (
+        {**pick, "verdict": "maybe"},
+        {**pick, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+        {**pick, "messages": [{"role": "wizard", "content": "hi"}]},
+        {**pick, "judge": {"pick": "C", "p_a": 0.5, "critique": ""}},
+    ):
+        r = page.request.post(setup["url"] + "/v1/compare", data=bad)
+        assert r.status == 400 and r.json()["error"]["message"], bad
+    assert len(load_prefs(path)) == 2
+
+
+def test_serve_options_give_the_compare_view_its_file_and_judge(setup, tmp_path):
+    srv = setup["srv"]
+    judge = GPT(GPTConfig(vocab_size=300, seq_len=1024, n_layer=1, n_embd=32, n_head=4, n_kv_head=2))
+    save_model(tmp_path / "judge", judge, srv.tok.to_json(), {"stage": "test"})
+    save_model(tmp_path / "run", srv.model, srv.tok.to_json(), {"stage": "test"})
+    app, *_ = build_server_app(ServeOptions(model=str(tmp_path / "run"), judge=str(tmp_path / "judge")))
+    cmp = app.state.compare
+    assert cmp.path == (tmp_path / "run" / "comparisons.jsonl").resolve() and cmp.judge.name == "judge"
+    (tmp_path / "picks").mkdir()
+    with pytest.raises(ChatforgeError, match="is not a file"):
+        build_server_app(ServeOptions(model=str(tmp_path / "run"), comparisons=str(tmp_path / "picks")))
+    with pytest.raises(ChatforgeError, match="context"):  # a judge too short for its question
+        build_server_app(ServeOptions(model=str(tmp_path / "run"), judge=str(tmp_path / "run")))

@@ -38,6 +38,10 @@ class CompareState:
     write_lock: threading.Lock = field(default_factory=threading.Lock)  # one append at a time
     judge_lock: threading.Lock = field(default_factory=threading.Lock)  # one judge call at a time
 
+    def __post_init__(self) -> None:  # fail at start, not at the first pick
+        if self.path is not None and self.path.exists() and not self.path.is_file():
+            raise ChatforgeError(f"--comparisons {self.path} is not a file")
+
 
 async def _compare_state(request: Request) -> CompareState:
     return request.app.state.compare
@@ -123,4 +127,6 @@ async def save_pick(req: Pick, cmp: Compare, user: Caller) -> dict:
         count = await run_in_threadpool(append)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
+    except OSError as e:  # the server's disk or permissions, not the request
+        raise APIError(500, f"cannot write the comparison file ({e.strerror or e})", type="server_error") from None
     return {"saved": True, "verdict": row["verdict"], "count": count}
