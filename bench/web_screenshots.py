@@ -1,4 +1,5 @@
-"""Screenshots of the web page at desktop (1280x800) and phone (390x844) width, for docs/web.md.
+"""Screenshots of the web page at desktop (1280x800) and phone (390x844) width, and of the compare
+view, for docs/web.md.
 
     PYTHONPATH=. python bench/web_screenshots.py [--out docs/img]
 
@@ -54,6 +55,35 @@ CONVERSATION = [
 ]
 
 
+PAIR = {
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Paris is the capital of France."}},
+        {"index": 1, "message": {"role": "assistant", "content": "France's capital is **Paris**, on the Seine, "
+                                 "home to about 2.1 million people (and 12 million in its metropolitan area)."}},
+    ]
+}  # fmt: skip
+DRAFT = {"model": "judge", "pick": "B", "p_a": 0.31, "critique": "Reply B is better because it answers and adds context."}
+
+
+def compare_screenshot(browser, url: str, path: Path) -> None:
+    """The compare view with a pair and a judge's draft. The two answers and the draft are canned
+    (the random model's would be noise): the picture shows the view, not a model."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(json=PAIR))
+    page.route("**/v1/compare", lambda route: route.fulfill(json={"comparisons": True, "judge": "judge"}))
+    page.route("**/v1/compare/judge", lambda route: route.fulfill(json=DRAFT))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#mode-compare")
+    page.fill("#compare-prompt", "What is the capital of France?")
+    page.click("#compare-ask")
+    page.wait_for_selector("#judge-draft:not([hidden])")
+    page.fill("#compare-comment", "B is right and says more")
+    page.screenshot(path=str(path))
+    print(path)
+    page.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="docs/img", help="folder for web_desktop.png and web_phone.png")
@@ -93,6 +123,7 @@ def main() -> None:
                     page.screenshot(path=str(out / f"{name}.png"))
                     print(out / f"{name}.png")
                     page.close()
+                compare_screenshot(browser, url, out / "web_compare.png")
                 browser.close()
         finally:
             server.should_exit = True
