@@ -173,6 +173,40 @@ def final_answer(new: list[dict]) -> str:
     return (last.get("content") or "") if last.get("role") == "assistant" else ""
 
 
+def fit_window(
+    head: list[dict],
+    messages: list[dict],
+    start: int,
+    prompt_len: Callable[[list[dict]], int],
+    limit: int,
+) -> tuple[int, int]:
+    """Where the window over `messages` starts so that `head + messages[start:]` (head: the system
+    prompt, always kept) renders to at most `limit` tokens: whole turns (a user message and the
+    replies after it) leave from the oldest on, as few as will do. Returns (start, prompt tokens);
+    when even the newest turn is too long, that turn's start and its length, which is then over
+    `limit`. `chatforge chat` and the server's `trim_history` both slide their window with it."""
+    starts = [start] + [i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"]
+    lengths: dict[int, int] = {}
+
+    def length(k: int) -> int:
+        if k not in lengths:
+            lengths[k] = prompt_len(head + messages[starts[k] :])
+        return lengths[k]
+
+    # fewer messages never render longer, so a binary search finds the first start that fits
+    # with a few renders, not one per turn (a long conversation is many turns)
+    lo, hi = 0, len(starts) - 1
+    if length(hi) > limit:
+        return starts[hi], length(hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(mid) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return starts[lo], length(lo)
+
+
 class ChatSession:
     """One conversation with a model; `handle(line)` runs a command or answers a user message.
 
@@ -276,33 +310,28 @@ class ChatSession:
     def _fit(self, buf: list[str]) -> list[dict] | None:
         """The messages to prompt with, sliding the window so an answer still fits; None when the
         newest user message alone is too long (it is then removed)."""
-        ctx, dropped = self.model.cfg.seq_len, 0
-        while True:
-            head = [{"role": "system", "content": self.system}] if self.system else []
-            visible = head + self.messages[self.window :]
-            n = len(render_prompt(self.tok, visible, tools=self.tools))
-            if n + self.reserve <= ctx:
-                break
-            nxt = self.window + 1  # drop one turn: a user message and the replies after it
-            while nxt < len(self.messages) and self.messages[nxt]["role"] != "user":
-                nxt += 1
-            if nxt >= len(self.messages):
-                self.messages.pop()
-                self._say(
-                    f"(your message makes the prompt {n} tokens; the model's context is {ctx} with "
-                    f"{self.reserve} kept for the answer: shorten it)",
-                    buf,
-                )
-                return None
-            dropped += 1
-            self.window = nxt
+        ctx, limit = self.model.cfg.seq_len, self.model.cfg.seq_len - self.reserve
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        old = self.window
+        self.window, n = fit_window(
+            head, self.messages, old, lambda ms: len(render_prompt(self.tok, ms, tools=self.tools)), limit
+        )
+        if n > limit:
+            self.messages.pop()
+            self._say(
+                f"(your message makes the prompt {n} tokens; the model's context is {ctx} with "
+                f"{self.reserve} kept for the answer: shorten it)",
+                buf,
+            )
+            return None
+        dropped = sum(m["role"] == "user" for m in self.messages[old : self.window])
         if dropped:
             self._say(
                 f"(context full: the model no longer sees the {dropped} oldest turn(s); "
                 f"{len(self.messages) - self.window} message(s) still in view)",
                 buf,
             )
-        return visible
+        return head + self.messages[self.window :]
 
     def _answer(self, user_text: str, buf: list[str]) -> None:
         self.messages.append({"role": "user", "content": user_text})

@@ -467,6 +467,11 @@ class ServeOptions:
     max_batch: int = opt(16, "sequences generated together (1 = one at a time)")
     max_queue: int = opt(64, "requests allowed to wait; more get 429 (default 64)")
     db: str | None = opt(None, "feedback SQLite file (default RUN/feedback.sqlite)", metavar="FILE")
+    comparisons: str | None = opt(
+        None, "the web page's compare view appends picks here, the format `chatforge prefs` reads "
+        "(default RUN/comparisons.jsonl)", metavar="FILE",
+    )  # fmt: skip
+    judge: str | None = opt(None, "a model that drafts a pick and its reason in the compare view", metavar="RUN")
     name: str | None = opt(None, "model id in the API (default: the run folder's name)", metavar="ID")
     max_request_kb: int = opt(1024, "largest request body in KiB (default 1024)")
     header_timeout: float = opt(10.0, "seconds a client has to send a request's headers (default 10)")

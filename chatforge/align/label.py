@@ -266,10 +266,10 @@ def label_loop(
             try:
                 reason = "" if auto else input_fn("reason (optional, Enter for none): ").strip()
             except (KeyboardInterrupt, EOFError):  # the decision was made: keep it, without a reason
-                append_pref(out, _row(messages, a, b, choice, "", j, judge_name, who))
+                append_pref(out, comparison_row(messages, a, b, choice, "", j, judge_name, who))
                 counts["labelled"] += 1
                 raise
-            append_pref(out, _row(messages, a, b, choice, reason, j, judge_name, who))
+            append_pref(out, comparison_row(messages, a, b, choice, reason, j, judge_name, who))
             counts["labelled"] += 1
     except (KeyboardInterrupt, EOFError) as e:
         stopped = "interrupted" if isinstance(e, KeyboardInterrupt) else "end of input"
@@ -303,7 +303,12 @@ def _ask_choice(input_fn, print_fn, j: Judgement | None, auto: bool) -> str:
         print_fn(f"unknown key {key!r}: press one of a, b, t, x, s, q" + (" or Enter" if j else ""))
 
 
-def _row(messages, a, b, choice, reason, j, judge_name, labeller) -> dict:
+def comparison_row(
+    messages: list[dict], a: str, b: str, choice: str, reason: str, j: Judgement | None,
+    judge_name: str, labeller: str,
+) -> dict:  # fmt: skip
+    """One comparison as prefs.py stores it; `choice` is prefer_a, prefer_b, tie or both_bad and `j`
+    the judge's draft, if one was asked (the terminal labeller and the web page's compare view)."""
     if choice == "prefer_b":
         chosen, rejected, verdict, pick = b, a, "prefer", "B"
     else:  # ties and both-bad keep A first; their verdict tells the trainers to skip them

@@ -4,6 +4,7 @@ feedback store. The app is put together here; its parts live beside it:
     protocol.py       request bodies, OpenAI's error shape, request checks
     routes_openai.py  GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions
     routes_store.py   GET / (the chat page: web/), /v1/conversations[/{id}], POST /v1/feedback
+    routes_compare.py the page's compare view: a pick between two answers -> --comparisons FILE
     streaming.py      jobs -> text (stop strings, tool calls) -> SSE chunks
     auth.py           API keys -> users (who owns which conversation), the Host allow-list
     middleware.py     Host check, API key, body size and time limits, security headers, errors in
@@ -34,20 +35,22 @@ a conversation, sends each turn with its id, and rates answers by their completi
 Security (docs/security.md, "The server"): each conversation belongs to the user whose key stored
 it, and only they (or an admin) can list, read, rate, extend or delete it; the Host header must be
 one the server answers to (against DNS rebinding); connections and bodies have deadlines
-(command.py). The page renders model output with its own small Markdown renderer that escapes all
-HTML first and never makes an <img>; every response carries a Content-Security-Policy
-(middleware.py) that allows nothing from elsewhere.
+(command.py). The page renders model output with markdown-it (raw HTML off) and DOMPurify (a short
+list of tags, http(s) links only, never an <img>), both vendored in web/vendor/; every response
+carries a Content-Security-Policy (middleware.py) that allows nothing from elsewhere.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
+from chatforge.align.label import Judge
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
-from chatforge.serve import routes_openai, routes_store
+from chatforge.serve import routes_compare, routes_openai, routes_store
 from chatforge.serve.auth import ADMIN, LOOPBACK_HOSTS, Keys, User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.middleware import Guard, add_error_handlers
@@ -69,11 +72,14 @@ def create_app(
     max_queue: int = 64,
     max_body_bytes: int = 1 << 20,
     body_timeout: float = 30.0,
+    comparisons: Path | None = None,
+    judge: Judge | None = None,
 ) -> FastAPI:
     """The server for one model. The scheduler thread starts with the app and stops with it.
     `api_key` is the admin's key (the single-user shortcut), `keys` everyone's; with neither, every
     caller is the local user. `allowed_hosts`: the Host names it answers (default: loopback names;
-    ["*"] for any)."""
+    ["*"] for any). `comparisons`: the file the compare view appends picks to (None: it keeps none),
+    `judge`: the model that drafts a pick there."""
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
@@ -89,9 +95,11 @@ def create_app(
 
     app = FastAPI(title="chatforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
+    app.state.compare = routes_compare.CompareState(comparisons, judge)
     add_error_handlers(app)
     app.include_router(routes_openai.router)
     app.include_router(routes_store.router)
+    app.include_router(routes_compare.router)
     all_keys = keys.copy() if keys else Keys()
     if api_key:
         all_keys.add(api_key, User(ADMIN, admin=True))

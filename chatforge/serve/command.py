@@ -20,6 +20,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from chatforge.align.label import Judge
 from chatforge.checkpoint import load_run
 from chatforge.device import pick_device
 from chatforge.errors import ChatforgeError
@@ -172,8 +173,18 @@ def build_server_app(args: ServeOptions):
         max_queue=args.max_queue,
         max_body_bytes=args.max_request_kb * 1024,
         body_timeout=args.body_timeout,
+        comparisons=Path(args.comparisons) if args.comparisons else run / "comparisons.jsonl",
+        judge=_judge(args),
     )
     return app, name, store.path, keys
+
+
+def _judge(args: ServeOptions) -> Judge | None:
+    """The compare view's judge, loaded as `chatforge prefs label --judge` loads it."""
+    if not args.judge:
+        return None
+    judged_by = load_run(args.judge, device=pick_device(args.device))
+    return Judge(judged_by.model, judged_by.tokenizer, name=Path(args.judge).name)
 
 
 def cmd_serve(args: ServeOptions) -> None:

@@ -141,6 +141,11 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    trim_history: bool = Field(
+        False,
+        description="chatforge extension (the web page sends it): leave the oldest turns out of the "
+        "prompt, never the system prompt, so it fits the context; the answer says how many",
+    )
 
 
 class CompletionRequest(SamplingRequest):

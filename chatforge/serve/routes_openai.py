@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from chatforge.chat import fit_window
 from chatforge.chat_format import render_prompt
 from chatforge.errors import ChatforgeError
 from chatforge.serve.protocol import (
@@ -91,10 +92,11 @@ def _message(m: ChatMessage) -> dict:
     return out
 
 
-def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dict], list[int], bool]:
-    """The request's messages, its prompt ids and whether tools are offered; 400 for what is not
-    supported. Tools as OpenAI has them: the schemas go into the prompt, a call comes back as
-    tool_calls (finish_reason "tool_calls"), and the client runs it and sends a tool message."""
+def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dict], list[int], bool, int]:
+    """The request's messages, its prompt ids, whether tools are offered and how many messages
+    `trim_history` left out of the prompt; 400 for what is not supported. Tools as OpenAI has
+    them: the schemas go into the prompt, a call comes back as tool_calls (finish_reason
+    "tool_calls"), and the client runs it and sends a tool message."""
     _check_model(srv, req.model)
     if req.logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
@@ -106,14 +108,35 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dic
     messages = [_message(m) for m in req.messages]
     try:
         ids = render_prompt(srv.tok, messages, tools=tools or None)
+        left_out = 0
+        if req.trim_history and len(ids) + _answer_room(srv, req) > srv.ctx:
+            ids, left_out = _trimmed_prompt(srv, req, messages, tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return messages, ids, bool(tools)
+    return messages, ids, bool(tools), left_out
+
+
+def _answer_room(srv: ServerState, req: ChatCompletionRequest) -> int:
+    """Tokens a trimmed prompt leaves for the answer: max_tokens, else a quarter of the context."""
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return asked if asked is not None else max(1, srv.ctx // 4)
+
+
+def _trimmed_prompt(
+    srv: ServerState, req: ChatCompletionRequest, messages: list[dict], tools: list[dict]
+) -> tuple[list[int], int]:
+    """The prompt without its oldest turns (the leading system messages stay), as `chatforge chat`
+    slides its window; the newest turn alone too long is left whole for token_budget's 400."""
+    n_head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    head, rest = messages[:n_head], messages[n_head:]
+    render = lambda ms: render_prompt(srv.tok, ms, tools=tools or None)  # noqa: E731
+    start, _ = fit_window(head, rest, 0, lambda ms: len(render(ms)), srv.ctx - _answer_room(srv, req))
+    return render(head + rest[start:]), start
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    messages, ids, tools = await run_in_threadpool(_chat_prompt, srv, req)
+    messages, ids, tools, left_out = await run_in_threadpool(_chat_prompt, srv, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
@@ -131,6 +154,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
     head = {"id": cid, "object": "chat.completion", "created": created, "model": srv.model_id}
     if conv_id is not None:
         head["conversation_id"] = conv_id
+    if req.trim_history:
+        head["trimmed_messages"] = left_out  # how many of the oldest messages the prompt left out
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(

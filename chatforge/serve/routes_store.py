@@ -1,4 +1,5 @@
-"""What the chat page uses besides the OpenAI API: its own files (GET /, /app.js, /style.css),
+"""What the chat page uses besides the OpenAI API: its own files (GET /, /app.js, /style.css and
+the vendored Markdown renderer and sanitiser under /vendor/),
 the stored conversations (/v1/conversations) and ratings (/v1/feedback), and the two helpers
 with which a chat completion stores itself (`conversation_for`, `store_request`)."""
 
@@ -21,6 +22,9 @@ WEB_FILES = {  # name -> media type; the page is these files and nothing else
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    # markdown-it and DOMPurify, vendored so the page works offline (versions: docs/web.md)
+    "vendor/markdown-it.min.js": "text/javascript; charset=utf-8",
+    "vendor/purify.min.js": "text/javascript; charset=utf-8",
 }
 
 router = APIRouter()
@@ -48,6 +52,13 @@ async def app_js(srv: State) -> Response:
 @router.get("/style.css", include_in_schema=False)
 async def style_css(srv: State) -> Response:
     return _file(srv, "style.css")
+
+
+@router.get("/vendor/{name}", include_in_schema=False)
+async def vendor_js(name: str, srv: State) -> Response:
+    if f"vendor/{name}" not in WEB_FILES:
+        raise APIError(404, f"Unknown URL GET /vendor/{name}", code="unknown_url")
+    return _file(srv, f"vendor/{name}")
 
 
 # ---- storing a chat completion -------------------------------------------------------------

@@ -5,96 +5,62 @@
 // answer by its id, which is "<completion id>-<choice index>" (POST /v1/feedback). Reopening a
 // conversation shows the newest branch of its message tree.
 //
-// Model output is shown through renderMarkdown, which escapes ALL HTML before adding its own few
-// tags, allows only http(s) links, and never creates an <img> (an image URL could carry the
-// conversation to another server). The Content-Security-Policy header backs this up.
+// Model output is shown through renderMarkdown: markdown-it (raw HTML off) renders it and DOMPurify
+// keeps only the tags and attributes listed below, links only to http(s), and no <img> (an image URL
+// could carry the conversation to another server). Both are vendored under /vendor/ (docs/web.md),
+// and the Content-Security-Policy (scripts from this server only, nothing inline) backs this up.
 "use strict";
 
 // ---- Markdown, safely -----------------------------------------------------------------------
-const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const md = window.markdownit({ html: false, linkify: false, typographer: false, breaks: true });
+// headings from h3: answers are not documents
+md.renderer.rules.heading_open = (tokens, i) => `<h${Math.min(6, Number(tokens[i].tag.slice(1)) + 2)}>`;
+md.renderer.rules.heading_close = (tokens, i) => `</h${Math.min(6, Number(tokens[i].tag.slice(1)) + 2)}>`;
+// an image becomes a link labelled "image: alt", never loaded (the sanitiser checks its URL)
+md.renderer.rules.image = (tokens, i) => {
+  const t = tokens[i];
+  const alt = md.utils.escapeHtml(t.content || t.attrGet("src"));
+  return `<a href="${md.utils.escapeHtml(t.attrGet("src"))}">image: ${alt}</a>`;
+};
 
-function escapeHtml(s) {
-  return s.replace(/[&<>"']/g, (c) => ESCAPES[c]);
-}
-
-// A link, only to http(s); `url` and `text` are already escaped, so they hold no quote or tag.
-function safeLink(url, text) {
-  if (!/^https?:\/\/[^\s<>"'`]+$/i.test(url)) return null;
-  return `<a href="${url}" rel="noopener noreferrer nofollow" target="_blank">${text}</a>`;
-}
-
-// Inline syntax on one escaped line: `code`, links, **bold**, *italic* / _italic_.
-// Code spans and links are set aside first (as \u0000N\u0000) so emphasis never rewrites them.
-function renderInline(escaped) {
-  const kept = [];
-  const keep = (html) => `\u0000${kept.push(html) - 1}\u0000`;
-  let s = escaped.replace(/`([^`]+)`/g, (_, code) => keep(`<code>${code}</code>`));
-  // ![alt](url): shown as a link labelled "image", never loaded
-  s = s.replace(/!\[([^\]]*)\]\(([^)\s]+)\)/g, (m, alt, url) => {
-    const link = safeLink(url, `image: ${alt || url}`);
-    return link ? keep(link) : m;
-  });
-  s = s.replace(/\[([^\]]+)\]\(([^)\s]+)\)/g, (m, text, url) => {
-    const link = safeLink(url, text);
-    return link ? keep(link) : m;
-  });
-  s = s.replace(/\*\*(?=\S)([^*]*?\S)\*\*/g, "<strong>$1</strong>");
-  s = s.replace(/__(?=\S)([^_]*?\S)__/g, "<strong>$1</strong>");
-  s = s.replace(/(^|[^*\w])\*(?=\S)([^*]*?\S)\*(?![*\w])/g, "$1<em>$2</em>");
-  s = s.replace(/(^|[^_\w])_(?=\S)([^_]*?\S)_(?![_\w])/g, "$1<em>$2</em>");
-  return s.replace(/\u0000(\d+)\u0000/g, (_, i) => kept[Number(i)]);
-}
-
-// Markdown -> HTML: fenced code blocks, headings, lists, paragraphs. Everything the model wrote is
-// escaped first; the only tags in the result are the ones written here.
-function renderMarkdown(src) {
-  const lines = escapeHtml(String(src).replace(/\u0000/g, "")).split("\n");
-  const out = [];
-  let para = [];
-  let list = null; // {tag: "ul" | "ol", items: []}
-  const flushPara = () => {
-    if (para.length) out.push(`<p>${para.map(renderInline).join("<br>")}</p>`);
-    para = [];
-  };
-  const flushList = () => {
-    if (list) out.push(`<${list.tag}>${list.items.map((x) => `<li>${renderInline(x)}</li>`).join("")}</${list.tag}>`);
-    list = null;
-  };
-  for (let i = 0; i < lines.length; i++) {
-    const line = lines[i];
-    if (/^\s*```/.test(line)) {
-      flushPara();
-      flushList();
-      const code = [];
-      for (i++; i < lines.length && !/^\s*```/.test(lines[i]); i++) code.push(lines[i]);
-      out.push(`<pre><code>${code.join("\n")}</code></pre>`);
-      continue;
-    }
-    const heading = /^(#{1,6})\s+(.*)$/.exec(line);
-    const bullet = /^\s*[-*+]\s+(.*)$/.exec(line);
-    const numbered = /^\s*\d+[.)]\s+(.*)$/.exec(line);
-    if (heading) {
-      flushPara();
-      flushList();
-      const level = Math.min(6, heading[1].length + 2); // h3..h6: answers are not documents
-      out.push(`<h${level}>${renderInline(heading[2])}</h${level}>`);
-    } else if (bullet || numbered) {
-      flushPara();
-      const tag = bullet ? "ul" : "ol";
-      if (list && list.tag !== tag) flushList();
-      if (!list) list = { tag, items: [] };
-      list.items.push((bullet || numbered)[1]);
-    } else if (!line.trim()) {
-      flushPara();
-      flushList();
-    } else {
-      flushList();
-      para.push(line);
-    }
+const SANITISE = {
+  ALLOWED_TAGS: ["p", "br", "strong", "em", "s", "code", "pre", "ul", "ol", "li", "a", "h3", "h4", "h5", "h6",
+    "blockquote", "table", "thead", "tbody", "tr", "th", "td", "hr"],
+  ALLOWED_ATTR: ["href", "start"],
+  ALLOWED_URI_REGEXP: /^https?:\/\//i,
+};
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName !== "A") return;
+  if (node.hasAttribute("href")) {
+    node.setAttribute("rel", "noopener noreferrer nofollow");
+    node.setAttribute("target", "_blank");
   }
-  flushPara();
-  flushList();
-  return out.join("");
+});
+
+// Markdown -> sanitised HTML.
+function renderMarkdown(src) {
+  return DOMPurify.sanitize(md.render(String(src)), SANITISE);
+}
+
+// A copy button on each code block of a rendered body (made as DOM nodes, after sanitising).
+function addCopyButtons(body) {
+  for (const pre of body.querySelectorAll("pre")) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "copy";
+    button.textContent = "Copy";
+    button.onclick = async () => {
+      const code = pre.querySelector("code") || pre;
+      try {
+        await navigator.clipboard.writeText(code.textContent.replace(/\n$/, "")); // markdown-it ends code with a newline
+        button.textContent = "Copied";
+      } catch (_) {
+        button.textContent = "Copy failed";
+      }
+      setTimeout(() => { button.textContent = "Copy"; }, 1500);
+    };
+    pre.append(button);
+  }
 }
 
 // ---- API --------------------------------------------------------------------------------------
@@ -131,8 +97,9 @@ async function apiError(res) {
   return new Error(message);
 }
 
-function status(text) {
+function status(text, info) {
   $("status").textContent = text || "";
+  $("status").classList.toggle("info", Boolean(info));
 }
 
 // ---- conversations ------------------------------------------------------------------------------
@@ -154,7 +121,11 @@ async function loadConversations() {
     open.className = "open";
     open.textContent = c.title || "(untitled)";
     open.title = `${c.n_messages} messages, ${c.up} up, ${c.down} down`;
-    open.onclick = () => openConversation(c.id);
+    open.onclick = () => {
+      showSidebar(false);
+      showMode("chat");
+      openConversation(c.id);
+    };
     const del = document.createElement("button");
     del.className = "delete";
     del.textContent = "×";
@@ -230,8 +201,12 @@ function addMessageElement(msg, finished) {
 }
 
 function showContent(msg) {
-  if (msg.role === "assistant") msg.body.innerHTML = renderMarkdown(msg.content); // escaped: see renderMarkdown
-  else msg.body.textContent = msg.content; // what people typed is shown exactly as text
+  if (msg.role === "assistant") {
+    msg.body.innerHTML = renderMarkdown(msg.content); // sanitised: see renderMarkdown
+    addCopyButtons(msg.body);
+  } else {
+    msg.body.textContent = msg.content; // what people typed is shown exactly as text
+  }
 }
 
 // Thumbs up/down, a comment and an optional better answer, saved with POST /v1/feedback.
@@ -325,7 +300,12 @@ async function send(text) {
   const msg = { role: "user", content: text };
   state.messages.push(msg);
   addMessageElement(msg, true);
-  await answer();
+  if (!(await answer()) && state.messages[state.messages.length - 1] === msg) {
+    // nothing came back: the message leaves the history (and goes back into the box to edit)
+    state.messages.pop();
+    msg.el.remove();
+    if (!$("input").value) $("input").value = text;
+  }
 }
 
 async function regenerate(old) {
@@ -337,7 +317,9 @@ async function regenerate(old) {
   await answer();
 }
 
-// Stream one answer to the branch on screen into a new assistant message.
+// Stream one answer to the branch on screen into a new assistant message; true when one came
+// back. The server leaves the oldest turns out of the prompt when they no longer fit the context
+// (trim_history) and says how many; those are shown faded.
 async function answer() {
   const system = $("system").value.trim();
   const history = state.messages.map((m) => ({ role: m.role, content: m.content }));
@@ -347,6 +329,7 @@ async function answer() {
     stream: true,
     temperature: Number($("temperature").value || 0.7),
     metadata: { conversation_id: state.conversationId },
+    trim_history: true,
   };
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
@@ -381,6 +364,7 @@ async function answer() {
           if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
           const chunk = JSON.parse(line.slice(6));
           if (chunk.error) throw new Error(chunk.error.message);
+          if (chunk.trimmed_messages !== undefined && state.leftOutFor !== msg) showLeftOut(chunk.trimmed_messages, msg);
           for (const c of chunk.choices) {
             msg.id = `${chunk.id}-${c.index}`;
             msg.el.dataset.id = msg.id;
@@ -393,7 +377,10 @@ async function answer() {
         }
       }
     }
-    if (finish === "length") status("(the answer reached its token limit)");
+    const notes = [];
+    if (state.leftOut) notes.push(`older messages were left out (${state.leftOut}) so the prompt fits the model's context`);
+    if (finish === "length") notes.push("the answer reached its token limit");
+    if (notes.length) status(`(${notes.join("; ")})`, true);
   } catch (e) {
     if (e.name === "AbortError") status("(answer stopped)");
     else status(e.message);
@@ -411,10 +398,133 @@ async function answer() {
     msg.el.dataset.done = "1";
     loadConversations();
   }
+  return Boolean(msg.id);
+}
+
+// Fade the `n` oldest messages (after the system prompt) that the prompt of `answering` left out.
+function showLeftOut(n, answering) {
+  state.leftOut = n;
+  state.leftOutFor = answering;
+  let i = 0;
+  for (const m of state.messages) {
+    if (m === answering) break;
+    m.el.classList.toggle("left-out", i++ < n);
+  }
 }
 
 function stopAnswer() {
   if (state.controller) state.controller.abort();
+}
+
+// ---- layout: the sidebar on a phone, chat or compare --------------------------------------------
+function showSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  $("scrim").hidden = !open;
+  $("menu").setAttribute("aria-expanded", String(open));
+}
+
+function showMode(mode) {
+  $("chat-view").hidden = mode !== "chat";
+  $("compare-view").hidden = mode !== "compare";
+  $("mode-chat").setAttribute("aria-selected", String(mode === "chat"));
+  $("mode-compare").setAttribute("aria-selected", String(mode === "compare"));
+  showSidebar(false);
+}
+
+// ---- compare: two answers, one pick -------------------------------------------------------------
+// Two samples of the served model for one prompt (a chat completion with n = 2), an optional judge
+// model's draft pick (POST /v1/compare/judge), and the person's pick appended to the server's
+// comparison file (POST /v1/compare), the format `chatforge prefs` reads.
+const compare = { messages: null, a: null, b: null, judge: null, busy: false };
+
+function initCompare() {
+  $("compare-form").onsubmit = (ev) => {
+    ev.preventDefault();
+    askPair();
+  };
+  for (const button of $("picks").querySelectorAll("button")) button.onclick = () => savePick(button.dataset.verdict);
+}
+
+function compareStatus(text) {
+  $("compare-status").textContent = text || "";
+}
+
+function showAnswer(id, text) {
+  const body = $(id).querySelector(".body");
+  body.innerHTML = renderMarkdown(text || "(empty answer)");
+  addCopyButtons(body);
+}
+
+async function askPair() {
+  const text = $("compare-prompt").value;
+  if (!text.trim() || compare.busy) return;
+  compare.busy = true;
+  $("compare-ask").disabled = true;
+  $("pair").hidden = true;
+  delete $("pair").dataset.saved;
+  $("judge-draft").hidden = true;
+  compareStatus("sampling two answers…");
+  const system = $("system").value.trim();
+  const messages = [...(system ? [{ role: "system", content: system }] : []), { role: "user", content: text }];
+  const temperature = Number($("temperature").value || 0);
+  const body = { model: state.model, messages, n: 2, temperature: temperature > 0 ? temperature : 1.0 };
+  const maxTokens = parseInt($("max-tokens").value, 10);
+  if (maxTokens > 0) body.max_tokens = maxTokens;
+  try {
+    const res = await api("POST", "/v1/chat/completions", body);
+    const [a, b] = res.choices.map((c) => c.message.content || "");
+    Object.assign(compare, { messages, a, b, judge: null });
+    showAnswer("answer-a", a);
+    showAnswer("answer-b", b);
+    paintPicks(null);
+    $("compare-comment").value = "";
+    $("pair").hidden = false;
+    compareStatus(a === b ? "(the two samples are the same: a tie, or ask again)" : "");
+    if (state.compareInfo && state.compareInfo.judge) await draftPick();
+  } catch (e) {
+    compareStatus(e.message);
+  } finally {
+    compare.busy = false;
+    $("compare-ask").disabled = false;
+  }
+}
+
+async function draftPick() {
+  compareStatus("the judge is reading both answers…");
+  const j = await api("POST", "/v1/compare/judge", { messages: compare.messages, a: compare.a, b: compare.b });
+  compare.judge = j;
+  $("judge-draft").textContent = `Judge (${j.model}) suggests ${j.pick} (p(A better) = ${j.p_a.toFixed(2)}): ${j.critique}`;
+  $("judge-draft").hidden = false;
+  paintPicks(null);
+  compareStatus("");
+}
+
+function paintPicks(chosen) {
+  const suggested = compare.judge ? `prefer_${compare.judge.pick.toLowerCase()}` : null;
+  for (const button of $("picks").querySelectorAll("button")) {
+    button.classList.toggle("suggested", button.dataset.verdict === suggested);
+    button.classList.toggle("on", button.dataset.verdict === chosen);
+    button.disabled = Boolean(chosen);
+  }
+}
+
+async function savePick(verdict) {
+  if (!compare.messages) return;
+  try {
+    const saved = await api("POST", "/v1/compare", {
+      messages: compare.messages,
+      a: compare.a,
+      b: compare.b,
+      verdict,
+      comment: $("compare-comment").value.trim() || null,
+      judge: compare.judge ? { pick: compare.judge.pick, p_a: compare.judge.p_a, critique: compare.judge.critique } : null,
+    });
+    paintPicks(verdict);
+    $("pair").dataset.saved = verdict;
+    compareStatus(`saved: ${saved.count} in the comparison file`);
+  } catch (e) {
+    compareStatus(`not saved: ${e.message}`);
+  }
 }
 
 // ---- start ------------------------------------------------------------------------------------
@@ -425,7 +535,15 @@ async function init() {
     localStorage.setItem("chatforge-api-key", keyInput.value.trim());
     init();
   };
-  $("new-chat").onclick = newChat;
+  $("new-chat").onclick = () => {
+    showMode("chat");
+    newChat();
+  };
+  $("menu").onclick = () => showSidebar(!document.body.classList.contains("sidebar-open"));
+  $("scrim").onclick = () => showSidebar(false);
+  $("mode-chat").onclick = () => showMode("chat");
+  $("mode-compare").onclick = () => showMode("compare");
+  initCompare();
   $("stop").onclick = stopAnswer;
   $("composer").onsubmit = (ev) => {
     ev.preventDefault();
@@ -445,6 +563,7 @@ async function init() {
     state.model = models.data[0].id;
     const health = await (await fetch("/health")).json();
     $("model-info").textContent = `${state.model}, context ${health.context} tokens`;
+    state.compareInfo = await api("GET", "/v1/compare");
   } catch (e) {
     status(e.message);
     return;
