@@ -219,7 +219,9 @@ class PretrainOptions(TrainingOptions):
     out: str | None = opt(None, "run folder for checkpoints, metrics and the final model")
     resume: bool = opt(False, _RESUME_HELP)
     dry_run: bool = opt(False, "print shapes, FLOPs and a memory estimate, train nothing")
-    vocab_size: int | None = opt(None, "with --dry-run: vocabulary to plan for")
+    vocab_size: int | None = opt(
+        None, "with --dry-run: vocabulary to plan for (default: the --data shards', else the preset's)"
+    )
     no_progress: bool = opt(False, "no progress bar")
 
     section: ClassVar[str | None] = "pretrain"
