@@ -392,8 +392,14 @@ class EvalOptions:
     world: str | None = opt(None, "world folder (for world_forward, world_reverse, bpb)")
     qa_file: list[str] = opt([], "jsonl of {question, answer, ...} (repeatable)", metavar="F", repeatable=True)
     people: str | None = opt(None, "comma-separated person ids to ask about", metavar="IDS")
-    mc: list[str] = opt([], "multiple-choice files or folders", metavar="FILE", nargs="+")
-    gsm8k: str | None = opt(None, "GSM8K-format jsonl", metavar="FILE")
+    mc: list[str] = opt(
+        [], "multiple-choice files or folders: ARC/HellaSwag/MMLU jsonl, MMLU csv, HellaSwag txt (where to "
+        "download them: README, 'Evaluation data')", metavar="FILE", nargs="+",
+    )  # fmt: skip
+    gsm8k: str | None = opt(
+        None, "GSM8K-format jsonl of {question, answer ending '#### N'} (e.g. openai/grade-school-math's "
+        "test.jsonl; README, 'Evaluation data')", metavar="FILE",
+    )  # fmt: skip
     bpb_file: list[str] = opt([], "texts for bpb (default: world held-out)", metavar="F", repeatable=True)
     tools_file: str | None = opt(
         None, "calculator problems (eval_tools.jsonl) for the tools task: asked with the calculator "
@@ -406,6 +412,7 @@ class EvalOptions:
     seed: int = opt(0, "seed for picking examples and sampling")
     device: str = opt("cpu", "cpu, cuda, mps or auto")
     out: str | None = opt(None, "write eval.json and eval.md here", metavar="DIR")
+    no_progress: bool = opt(False, "no progress bar (the per-task lines still print)")
 
 
 @dataclass
