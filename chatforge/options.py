@@ -358,7 +358,9 @@ class ExportOptions:
     )
     run: str = opt(None, "run folder (or checkpoint folder) to export", positional=True)
     out: str = opt(None, "the folder (hf) or .gguf file (gguf) to write", positional=True)
-    dtype: str = opt("f16", "gguf weight type for matrices: f32, f16, q8_0 (default f16)")
+    dtype: str | None = opt(
+        None, "weight type: hf f32 (default, exact), f16 or bf16; gguf f32, f16 (default) or q8_0 for matrices"
+    )
     force: bool = opt(False, "overwrite what is at OUT")
 
 

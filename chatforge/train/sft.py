@@ -9,7 +9,7 @@ language_model_stage, train/loop.py).
 
 With `--set sft.lora_rank=8` the base stays frozen and only low-rank adapters train
 (model/lora.py): checkpoints hold just the adapter, and the finished run folder holds the
-adapter (adapter.safetensors + adapter_config.json) and the merged model, so chat, eval and
+adapter (adapter_model.safetensors + adapter_config.json) and the merged model, so chat, eval and
 serving load it like any run. The base's chat format (chat_template, add_bos_token, ...) is
 kept in config.json either way, so imported models (SmolLM2) keep talking their own way.
 """
