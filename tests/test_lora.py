@@ -136,6 +136,11 @@ def test_adapter_round_trip_and_wrong_base_refused(tmp_path):
     save_file(load_file(str(tmp_path / "a" / lora.ADAPTER_FILE)), str(peft_written / lora.ADAPTER_FILE))
     with pytest.raises(ChatforgeError, match="PEFT adapter chatforge did not write"):
         lora.load_adapter(tiny(), peft_written)
+    older = tmp_path / "older"  # the layout before PEFT's: a one-line error that says what to do
+    older.mkdir()
+    (older / lora.ADAPTER_CONFIG).write_text(json.dumps({"format": "chatforge-lora", "rank": 4}))
+    with pytest.raises(ChatforgeError, match="earlier chatforge"):
+        lora.load_adapter(tiny(), older)
     (tmp_path / "a" / lora.ADAPTER_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ChatforgeError, match="corrupt"):
         lora.load_adapter(tiny(), tmp_path / "a")

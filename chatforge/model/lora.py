@@ -283,6 +283,11 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
         ) from None
     except json.JSONDecodeError as e:
         raise ChatforgeError(f"{path} is corrupt ({e.msg} at line {e.lineno})") from None
+    if isinstance(peft, dict) and peft.get("format") == ADAPTER_FORMAT:
+        raise ChatforgeError(
+            f"{path} is in the adapter layout of an earlier chatforge (adapter.safetensors); load its "
+            "merged model.safetensors instead, or train the adapter again"
+        )
     if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
         raise ChatforgeError(f"{path} is not a LoRA adapter config (peft_type {peft.get('peft_type')!r})")
     try:
