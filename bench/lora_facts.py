@@ -233,7 +233,7 @@ def main() -> None:
         "trainable_params": summary["trainable_params"],
         "params": summary["params"],
         "train_minutes": round(summary["train_seconds"] / 60, 2),
-        "adapter_mb": round((run / "adapter.safetensors").stat().st_size / 2**20, 2),
+        "adapter_mb": round((run / "adapter_model.safetensors").stat().st_size / 2**20, 2),
         "prompt_starts_with_bos": starts_with_bos,
         "before": {k: round(accuracy(v), 4) for k, v in before.items()},
         "after": {k: round(accuracy(v), 4) for k, v in after.items()},

@@ -10,7 +10,7 @@ A run folder looks like this:
       ckpt/step_000200/    periodic checkpoints: the three files above + train_state.pt
                            (optimizer, RNG, data loader position, step)
 
-A LoRA run (model/lora.py) checkpoints only its adapter: adapter.safetensors and
+A LoRA run (model/lora.py) checkpoints only its adapter: adapter_model.safetensors and
 adapter_config.json take the place of model.safetensors, and the frozen base stays in the base
 run the config names. Its run root holds the adapter and the merged model.safetensors.
 

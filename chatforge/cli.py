@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 from typing import Any, NamedTuple
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true",
         help="load model weights even when they do not match the sha256 saved with them",
     )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"chatforge {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb, entry in COMMANDS.items():
         if isinstance(entry, Command):
@@ -84,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         for action, command in entry.items():
             _add_command(actions, action, command)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when it runs uninstalled."""
+    try:
+        return importlib.metadata.version("chatforge")
+    except importlib.metadata.PackageNotFoundError:
+        from chatforge import __version__
+
+        return __version__
 
 
 def _add_command(sub: Any, name: str, command: Command) -> None:

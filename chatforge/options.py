@@ -219,7 +219,9 @@ class PretrainOptions(TrainingOptions):
     out: str | None = opt(None, "run folder for checkpoints, metrics and the final model")
     resume: bool = opt(False, _RESUME_HELP)
     dry_run: bool = opt(False, "print shapes, FLOPs and a memory estimate, train nothing")
-    vocab_size: int | None = opt(None, "with --dry-run: vocabulary to plan for")
+    vocab_size: int | None = opt(
+        None, "with --dry-run: vocabulary to plan for (default: the --data shards', else the preset's)"
+    )
     no_progress: bool = opt(False, "no progress bar")
 
     section: ClassVar[str | None] = "pretrain"
@@ -356,7 +358,9 @@ class ExportOptions:
     )
     run: str = opt(None, "run folder (or checkpoint folder) to export", positional=True)
     out: str = opt(None, "the folder (hf) or .gguf file (gguf) to write", positional=True)
-    dtype: str = opt("f16", "gguf weight type for matrices: f32, f16, q8_0 (default f16)")
+    dtype: str | None = opt(
+        None, "weight type: hf f32 (default, exact), f16 or bf16; gguf f32, f16 (default) or q8_0 for matrices"
+    )
     force: bool = opt(False, "overwrite what is at OUT")
 
 
@@ -390,8 +394,14 @@ class EvalOptions:
     world: str | None = opt(None, "world folder (for world_forward, world_reverse, bpb)")
     qa_file: list[str] = opt([], "jsonl of {question, answer, ...} (repeatable)", metavar="F", repeatable=True)
     people: str | None = opt(None, "comma-separated person ids to ask about", metavar="IDS")
-    mc: list[str] = opt([], "multiple-choice files or folders", metavar="FILE", nargs="+")
-    gsm8k: str | None = opt(None, "GSM8K-format jsonl", metavar="FILE")
+    mc: list[str] = opt(
+        [], "multiple-choice files or folders: ARC/HellaSwag/MMLU jsonl, MMLU csv, HellaSwag txt (where to "
+        "download them: README, 'Evaluation data')", metavar="FILE", nargs="+",
+    )  # fmt: skip
+    gsm8k: str | None = opt(
+        None, "GSM8K-format jsonl of {question, answer ending '#### N'} (e.g. openai/grade-school-math's "
+        "test.jsonl; README, 'Evaluation data')", metavar="FILE",
+    )  # fmt: skip
     bpb_file: list[str] = opt([], "texts for bpb (default: world held-out)", metavar="F", repeatable=True)
     tools_file: str | None = opt(
         None, "calculator problems (eval_tools.jsonl) for the tools task: asked with the calculator "
@@ -404,6 +414,7 @@ class EvalOptions:
     seed: int = opt(0, "seed for picking examples and sampling")
     device: str = opt("cpu", "cpu, cuda, mps or auto")
     out: str | None = opt(None, "write eval.json and eval.md here", metavar="DIR")
+    no_progress: bool = opt(False, "no progress bar (the per-task lines still print)")
 
 
 @dataclass

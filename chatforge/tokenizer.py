@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -145,6 +146,12 @@ class Tokenizer:
             raise ChatforgeError("the tokenizer training corpus is empty: give it some text to learn from")
         for i, s in enumerate(SPECIAL_TOKENS):  # the layout the rest of chatforge relies on
             assert tok.token_to_id(s) == i, f"special token {s} got id {tok.token_to_id(s)}, expected {i}"
+        if tok.get_vocab_size() < vocab_size:  # BPE stops when no pair occurs min_frequency times
+            print(
+                f"note: trained {tok.get_vocab_size():,} tokens of the {vocab_size:,} asked: the corpus has "
+                f"no more merges seen at least {min_frequency} times (give more text for a larger vocabulary)",
+                file=sys.stderr,
+            )
         return cls(tok)
 
     @classmethod

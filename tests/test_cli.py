@@ -3,6 +3,7 @@ stderr (exit 2) for each kind of bad input, and world -> tokenizer -> data -> pr
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.cli import COMMANDS, main, parse_command
+from chatforge.cli import COMMANDS, build_parser, main, parse_command
 from chatforge.config import PRESETS, RLConfig, get_preset, prefs_config, training_config
 from chatforge.data.sources import iter_documents
 from chatforge.tokenizer import Tokenizer
@@ -55,6 +56,36 @@ def test_help_of_every_subcommand_exits_zero(capsys, words):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: chatforge {' '.join(words)}".rstrip())
     assert "--help" in out
+
+
+def _options_of(parser, words=("chatforge",)):
+    """(command words, the option's names, its help) for every option of every sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options_of(sub, (*words, name))
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            yield " ".join(words), action.option_strings or [action.dest], action.help
+
+
+def test_every_option_of_every_subcommand_has_help():
+    options = list(_options_of(build_parser()))
+    assert len(options) > 150  # the walk reached every sub-command
+    missing = [
+        f"{words} {names[-1]}"
+        for words, names, text in options
+        if not text or text == argparse.SUPPRESS or len(text.split()) < 2
+    ]
+    assert not missing, f"options without a help text: {missing}"
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"chatforge {version('chatforge')}"
 
 
 def test_the_classic_verbs_are_all_there():
@@ -172,6 +203,19 @@ def test_pretrain_dry_run_prints_the_plan_and_trains_nothing(capsys, tmp_path):
     assert rc == 0, err
     assert f"params: {expected_params(_model('d20')) / 1e6:.2f}M" in out
     assert not (tmp_path / "r").exists()
+
+
+def test_pretrain_dry_run_plans_for_the_datas_vocabulary(capsys, smoke, tmp_path):
+    data_vocab = json.loads((smoke.data / "index.json").read_text())["vocab_size"]
+    assert data_vocab != get_preset("d20").vocab_size
+    rc, out, err = run_cli(capsys, "pretrain", "--dry-run", "--preset", "d20", "--data", smoke.data)
+    assert rc == 0, err
+    assert f"vocab {data_vocab}," in out
+    rc, out, err = run_cli(capsys, "pretrain", "--dry-run", "--preset", "d20", "--data", smoke.data,
+                           "--vocab-size", 1000)  # fmt: skip
+    assert rc == 0 and "vocab 1000," in out  # the explicit size wins
+    rc, out, err = run_cli(capsys, "pretrain", "--dry-run", "--data", tmp_path / "nope")
+    assert_one_line_error(rc, err, "no index.json")
 
 
 # ---- one line on stderr for bad input -------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -435,12 +436,39 @@ def test_generation_budget_is_clipped_to_the_context():
     assert stopped == [[7]]  # the stop token ends the reply and is dropped
 
 
-def test_prompts_that_fill_the_context_count_as_wrong(tok):
+def test_prompts_that_fill_the_context_are_counted_not_scored(tok):
     qa = QA("Where was Ana born?", "Port Vesk", "birth_city", 1)
     script = tok.encode("Port Vesk") + [tok.special_id("<|im_end|>")]
     res = WorldQA([qa, qa], "w").run(ctx_for(Scripted(tok.vocab_size, script, seq_len=6), tok))
-    assert (res.value, res.n, res.extra) == (0.0, 2, {"skipped": 2})
-    assert res.details[0]["skipped"] and res.details[0]["prediction"] == ""
+    assert (res.value, res.n, res.skipped) == (None, 0, 2)
+    assert res.skip_reason == "longer than the model's 6-token context"
+    assert res.details[0]["skipped"] and "correct" not in res.details[0]
+    assert res.describe() == "w: nothing scored (n=0, skipped 2: longer than the model's 6-token context)"
+
+
+def test_gsm8k_scores_only_the_problems_that_fit(tmp_path, tok):
+    """A long problem is skipped and said; the accuracy is over the one that fit, not diluted by a 0."""
+    short = {"question": "What is 2+3?", "answer": "#### 5"}
+    long = {"question": "Natalia sold clips to her friends in April and May " * 6, "answer": "#### 72"}
+    problems = load_gsm8k(jsonl(tmp_path / "gsm.jsonl", [short, long]))
+    script = tok.encode("#### 5") + [tok.special_id("<|im_end|>")]
+    model = Scripted(tok.vocab_size, script, seq_len=40)
+    assert len(tok.encode(long["question"])) > 40 > len(tok.encode(short["question"])) + 10
+    res = GSM8K(problems, max_new_tokens=8).run(ctx_for(model, tok))
+    assert (res.value, res.n, res.skipped) == (1.0, 1, 1)
+    assert res.describe() == "gsm8k accuracy = 1.0000 (n=1, skipped 1: longer than the model's 40-token context)"
+    table = results_markdown([res])
+    assert "| gsm8k | accuracy | 1.0000 | 1 |" in table and "gsm8k: 1 skipped, longer than" in table
+    res = GSM8K(problems[1:], max_new_tokens=8).run(ctx_for(model, tok))
+    assert (res.value, res.n, res.skipped) == (None, 0, 1)
+    assert "| gsm8k | accuracy | – | 0 |" in results_markdown([res])
+
+
+def test_missing_benchmark_files_say_where_to_get_them(tmp_path):
+    for load, name in ((load_gsm8k, "gsm8k.jsonl"), (load_mc, "arc_easy.jsonl")):
+        with pytest.raises(ChatforgeError) as e:
+            load(tmp_path / name)
+        assert "curl -LO https://" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_world_question_sets(world_dir):
@@ -569,6 +597,21 @@ def test_cmd_eval_prints_the_table(tmp_path, run_dir, world_dir, capsys):
         and "| world_reverse | accuracy |" in out
     )
     assert (tmp_path / "o" / "eval.md").is_file()
+
+
+def test_cmd_eval_shows_a_bar_and_the_skipped_questions(tmp_path, run_dir, tok, capsys):
+    """The run folder's model has a 96-token context: the long problem is skipped, the short one scored."""
+    gsm = jsonl(tmp_path / "gsm.jsonl", [{"question": "What is 2+3?", "answer": "#### 5"},
+                                         {"question": "the cat and the dog " * 40, "answer": "#### 1"}])  # fmt: skip
+    cmd_eval(parse(EvalOptions, ["--model", str(run_dir), "--gsm8k", str(gsm), "--max-new-tokens", "2"]))
+    out, err = capsys.readouterr()
+    assert "| gsm8k | accuracy |" in out and "| 1 |" in out
+    assert "gsm8k: 1 skipped, longer than the model's 96-token context" in out
+    assert "skipped 1: longer than the model's 96-token context" in err
+    assert re.search(r"gsm8k: +\d+%.*\| *\d/2 \[", err)  # a bar over the task's two questions
+    cmd_eval(parse(EvalOptions, ["--model", str(run_dir), "--gsm8k", str(gsm), "--max-new-tokens", "2",
+                                 "--no-progress"]))  # fmt: skip
+    assert not re.search(r"\d+/2 ", capsys.readouterr().err)
 
 
 def test_eval_context_rejects_bad_values(tok):

@@ -109,9 +109,14 @@ def test_merged_model_equals_the_adapter_model():
 def test_adapter_round_trip_and_wrong_base_refused(tmp_path):
     model = trained(lora.apply_lora(tiny(), rank=4, alpha=8, targets="attn"))
     lora.save_adapter(model, tmp_path / "a", {"base": "runs/base", "step": 4})
-    config = json.loads((tmp_path / "a" / lora.ADAPTER_CONFIG).read_text())
-    assert config["rank"] == 4 and config["targets"] == list(lora.ATTN_TARGETS)
-    assert set(load_file(str(tmp_path / "a" / lora.ADAPTER_FILE))) == set(lora.lora_state(model))
+    config = json.loads((tmp_path / "a" / lora.ADAPTER_CONFIG).read_text())  # PEFT's LoraConfig fields
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
+    assert config["target_modules"] == list(lora.ATTN_TARGETS) and config["task_type"] == "CAUSAL_LM"
+    assert set(load_file(str(tmp_path / "a" / lora.ADAPTER_FILE))) == {
+        f"base_model.model.model.{k}.weight" for k in lora.lora_state(model)
+    }
+    own = lora.read_adapter_config(tmp_path / "a")
+    assert own["rank"] == 4 and own["step"] == 4 and own["model"] == model.cfg.to_dict()
 
     loaded = lora.load_adapter(tiny(), tmp_path / "a")  # the same base weights, fresh adapters
     x = batch()
@@ -123,6 +128,19 @@ def test_adapter_round_trip_and_wrong_base_refused(tmp_path):
         lora.load_adapter(tiny(n_embd=64), tmp_path / "a")
     with pytest.raises(ChatforgeError, match="rank"):  # already adapted differently
         lora.load_adapter(lora.apply_lora(tiny(), rank=2, alpha=8, targets="attn"), tmp_path / "a")
+    from safetensors.torch import save_file
+
+    peft_written = tmp_path / "peft"  # PEFT's own files carry no fingerprint of the base: refused
+    peft_written.mkdir()
+    shutil.copy(tmp_path / "a" / lora.ADAPTER_CONFIG, peft_written)
+    save_file(load_file(str(tmp_path / "a" / lora.ADAPTER_FILE)), str(peft_written / lora.ADAPTER_FILE))
+    with pytest.raises(ChatforgeError, match="PEFT adapter chatforge did not write"):
+        lora.load_adapter(tiny(), peft_written)
+    older = tmp_path / "older"  # the layout before PEFT's: a one-line error that says what to do
+    older.mkdir()
+    (older / lora.ADAPTER_CONFIG).write_text(json.dumps({"format": "chatforge-lora", "rank": 4}))
+    with pytest.raises(ChatforgeError, match="earlier chatforge"):
+        lora.load_adapter(tiny(), older)
     (tmp_path / "a" / lora.ADAPTER_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ChatforgeError, match="corrupt"):
         lora.load_adapter(tiny(), tmp_path / "a")

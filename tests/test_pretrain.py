@@ -552,7 +552,9 @@ def test_torchrun_two_ranks_and_grad_accum_match_single_process(smoke, tmp_path,
     train(
         smoke.data, tmp_path / "accum", *sets, "device_batch_size=2", f"total_batch_tokens={2 * 2 * SEQ_LEN}"
     )
-    assert "2 ranks" in background["ddp"].finish()
+    ddp_log = background["ddp"].finish()
+    assert "2 ranks" in ddp_log
+    assert ddp_log.count('"trainable_params":') == 1  # the summary printed once, by rank 0
     shutil.copytree(background["root"] / "ddp", tmp_path / "ddp")
     ddp, single, accum = (losses(tmp_path / n) for n in ("ddp", "single", "accum"))
     assert [s for s, _ in single] == list(range(1, steps + 1))

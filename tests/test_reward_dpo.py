@@ -243,7 +243,7 @@ def test_dpo_with_lora_saves_adapter_and_merged_model(setup, tmp_path):
                  "--lora-rank", 2, "--no-progress", "--device", "cpu")  # fmt: skip
     cmd_dpo(args)
     out = tmp_path / "lora"
-    assert (out / "adapter.safetensors").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "model.safetensors").is_file()
     merged, meta, _ = load_model(out)
     assert meta["lora"]["rank"] == 2
     base, _, _ = load_model(root / "sft")

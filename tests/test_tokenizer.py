@@ -176,6 +176,16 @@ def test_train_errors(corpus):
     assert small.vocab_size == MIN_VOCAB_SIZE
 
 
+def test_a_vocabulary_short_of_the_one_asked_is_said(corpus, capsys):
+    capsys.readouterr()
+    Tokenizer.train(corpus, vocab_size=400)
+    assert "note:" not in capsys.readouterr().err  # the corpus has enough merges for 400
+    short = Tokenizer.train(corpus[:3], vocab_size=4096)  # three short documents: few pairs seen twice
+    assert MIN_VOCAB_SIZE <= short.vocab_size < 4096
+    err = capsys.readouterr().err
+    assert f"trained {short.vocab_size:,} tokens of the 4,096 asked" in err and "no more merges" in err
+
+
 def test_foreign_tokenizer_json(tmp_path, corpus):
     """An imported model's tokenizer.json with other special tokens: bos falls back to <s>."""
     from tokenizers import Tokenizer as HF

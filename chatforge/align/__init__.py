@@ -74,6 +74,36 @@ def token_logps(model: torch.nn.Module, ids: torch.Tensor, temperature: float = 
     return logps_of_targets(logits, ids[:, 1:])
 
 
+@torch.no_grad()
+def scored_tokens(
+    model: torch.nn.Module, seqs: list[list[int]], top_k: int = 0, batch_size: int = 8
+) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """Each token of each sequence after its first, scored in one forward pass per batch:
+    (log p(token | the tokens before it), the top_k most likely tokens there as (id, log p), best
+    first). What a server's `echo` + `logprobs` report, and an eval harness's log-likelihood."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        ids = pad_right(chunk, device)
+        if ids.size(1) < 2:  # one token each: nothing before it to score it by
+            out += [[] for _ in chunk]
+            continue
+        logits = model(ids[:, :-1]).float()
+        chosen = logps_of_targets(logits, ids[:, 1:]).tolist()
+        top_lp, top_ids = logits.topk(top_k, dim=-1) if top_k else (logits[..., :0], logits[..., :0].long())
+        top_lp = (top_lp - logits.logsumexp(-1, keepdim=True)).tolist()
+        top_ids = top_ids.tolist()
+        for r, seq in enumerate(chunk):
+            out.append(
+                [
+                    (chosen[r][t], list(zip(top_ids[r][t], top_lp[r][t], strict=True)))
+                    for t in range(len(seq) - 1)
+                ]
+            )
+    return out
+
+
 def logps_of_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] at each position: logits (B, T, V), targets (B, T) -> (B, T) float32."""
     logits = logits.float()
@@ -95,5 +125,3 @@ def final_hidden(model: GPT, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the preference trainers' defaults ---------------------------------------------------------
-
-

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
+from tqdm import tqdm
 
 from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.device import autocast  # noqa: F401 (tasks import it from here)
@@ -29,6 +30,13 @@ from chatforge.fileio import atomic_write_text
 from chatforge.tokenizer import Tokenizer
 
 T = TypeVar("T")
+
+# where a user without the data finds public benchmark files (the README's commands fetch them)
+DATA_HINT = (
+    "ARC: curl -LO https://raw.githubusercontent.com/mosaicml/llm-foundry/main/scripts/eval/local_data/"
+    "world_knowledge/arc_easy.jsonl; GSM8K: curl -LO https://raw.githubusercontent.com/openai/"
+    "grade-school-math/master/grade_school_math/data/test.jsonl; more in the README, 'Evaluation data'"
+)
 
 
 @dataclass
@@ -42,6 +50,8 @@ class EvalContext:
     batch_size: int = 16  # rows per forward pass (MC choices, bpb rows, generation prompts)
     seed: int = 0  # picks the subset when max_examples is smaller than a task
     log: Callable[[str], None] | None = None  # progress lines (the CLI prints them to stderr)
+    progress: bool = False  # a progress bar on stderr over each task's examples
+    task: str = ""  # the task running now (run_tasks sets it; the bar shows it)
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -56,17 +66,41 @@ class EvalContext:
     def seq_len(self) -> int:
         return self.model.cfg.seq_len
 
+    def bar(self, total: int, unit: str) -> tqdm:
+        """The running task's progress bar over `total` units (a no-op bar without ctx.progress)."""
+        return tqdm(
+            total=total, desc=self.task, unit=unit, disable=not self.progress, leave=False,
+            mininterval=1.0, dynamic_ncols=True,
+        )  # fmt: skip
+
+    def context_skips(self, outs: Sequence[object | None]) -> tuple[int, str]:
+        """(how many prompts were not scored, why) for generation outputs where None means the prompt
+        filled the context."""
+        k = sum(o is None for o in outs)
+        return k, f"longer than the model's {self.seq_len}-token context" if k else ""
+
 
 @dataclass
 class TaskResult:
     task: str
     metric: str  # "accuracy", "bpb", ...
-    value: float
+    value: float | None  # None when no example could be scored
     n: int  # examples scored
     details: list[dict] = field(default_factory=list)  # per example: prompt, gold, prediction, correct, ...
     extra: dict[str, float | int] = field(default_factory=dict)  # secondary metrics over the same n
     groups: dict[str, dict] = field(default_factory=dict)  # `metric` per group: {name: {"value", "n"}}
     seconds: float = 0.0
+    skipped: int = 0  # examples left out of n and value (e.g. prompts longer than the context)
+    skip_reason: str = ""
+
+    def describe(self, with_seconds: bool = False) -> str:
+        """One line: `gsm8k accuracy = 0.4000 (n=18, skipped 2: longer than ...)`; never a score over
+        nothing (`gsm8k: nothing scored (n=0, skipped 20: ...)`)."""
+        notes = f", skipped {self.skipped}: {self.skip_reason}" if self.skipped else ""
+        notes += f", {self.seconds:.1f}s" if with_seconds else ""
+        if self.value is None:
+            return f"{self.task}: nothing scored (n={self.n}{notes})"
+        return f"{self.task} {self.metric} = {self.value:.4f} (n={self.n}{notes})"
 
 
 class Task(Protocol):
@@ -123,32 +157,38 @@ def run_tasks(ctx: EvalContext, tasks: Sequence[Task]) -> list[TaskResult]:
     ctx.model.eval()
     try:
         for task in tasks:
+            ctx.task = task.name
             if ctx.log:
                 ctx.log(f"eval: {task.name} ...")
             t0 = time.perf_counter()
             r = task.run(ctx)
             r.seconds = round(time.perf_counter() - t0, 3)
             if ctx.log:
-                ctx.log(f"eval: {r.task} {r.metric} = {r.value:.4f} (n={r.n}, {r.seconds:.1f}s)")
+                ctx.log(f"eval: {r.describe(with_seconds=True)}")
             results.append(r)
     finally:
         ctx.model.train(was_training)
+        ctx.task = ""
     return results
 
 
 def results_markdown(results: Sequence[TaskResult]) -> str:
-    """| task | metric | value | n |: each result, its secondary metrics, then its groups."""
+    """| task | metric | value | n |: each result, its secondary metrics, then its groups; a result
+    with skipped examples is followed by a line saying how many and why."""
     lines = ["| task | metric | value | n |", "|---|---|---:|---:|"]
+    notes = [f"{r.task}: {r.skipped} skipped, {r.skip_reason}" for r in results if r.skipped]
     for r in results:
         lines.append(f"| {r.task} | {r.metric} | {_fmt(r.value)} | {r.n} |")
         for k, v in r.extra.items():
             lines.append(f"| {r.task} | {k} | {_fmt(v)} | {r.n} |")
         for g, gv in r.groups.items():
             lines.append(f"| {r.task} / {g} | {r.metric} | {_fmt(gv['value'])} | {gv['n']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def _fmt(v: float | int) -> str:
+def _fmt(v: float | int | None) -> str:
+    if v is None:
+        return "–"
     return str(v) if isinstance(v, int) else f"{v:.4f}"
 
 
@@ -162,6 +202,11 @@ def write_results(results: Sequence[TaskResult], out_dir: str | Path, meta: dict
     atomic_write_text(out / "eval.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "eval.md", "# Evaluation\n\n" + results_markdown(results) + "\n")
     return out
+
+
+def mean_or_none(values: Sequence[float | bool]) -> float | None:
+    """The mean, or None over no values (a score over nothing is no score)."""
+    return sum(values) / len(values) if values else None
 
 
 def accuracy_groups(groups: Sequence[str], correct: Sequence[bool]) -> dict[str, dict]:
@@ -194,17 +239,21 @@ def generate_greedy(
     *,
     stop_ids: Sequence[int] = (),
     batch_size: int = 16,
+    bar: tqdm | None = None,
 ) -> list[list[int] | None]:
     """Greedy completions (stop id removed) for each prompt; None for a prompt that fills the context.
 
     Each prompt gets min(max_new_tokens, room left in the context). Prompts with the same budget
-    are batched together (all of them when everything fits), batch_size at a time.
+    are batched together (all of them when everything fits), batch_size at a time. `bar` advances
+    by one per prompt.
     """
     seq_len = model.cfg.seq_len
     stops = set(stop_ids)
     out: list[list[int] | None] = [None] * len(prompts)
     budgets = {i: min(max_new_tokens, seq_len - len(p)) for i, p in enumerate(prompts) if len(p) < seq_len}
     order = sorted(budgets, key=lambda i: (-budgets[i], len(prompts[i])))
+    if bar is not None:
+        bar.update(len(prompts) - len(budgets))  # the prompts that fill the context are done
     for budget, group in itertools.groupby(order, key=budgets.__getitem__):
         group = list(group)
         for start in range(0, len(group), batch_size):
@@ -213,6 +262,8 @@ def generate_greedy(
             completions = generate_batch(model, batch, budget, temperature=0.0, stop_ids=stop_ids)
             for i, ids in zip(idx, completions, strict=True):
                 out[i] = [t for t in ids if t not in stops]
+            if bar is not None:
+                bar.update(len(idx))
     return out
 
 
@@ -221,12 +272,7 @@ def ask_questions(ctx: EvalContext, questions: Sequence[str], max_new_tokens: in
     ids, or None for a prompt that fills the context."""
     tok = ctx.tokenizer
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in questions]
-    return generate_greedy(
-        ctx.model, prompts, max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size
-    )
-
-
-def skipped_extra(outs: Sequence[list[int] | None]) -> dict[str, int]:
-    """{"skipped": k} when k prompts did not fit the context (they count as wrong), else {}."""
-    k = sum(o is None for o in outs)
-    return {"skipped": k} if k else {}
+    with ctx.bar(len(prompts), "question") as bar:
+        return generate_greedy(
+            ctx.model, prompts, max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=ctx.batch_size, bar=bar
+        )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from tqdm import tqdm
 
 from chatforge.data.sources import iter_many
 from chatforge.errors import ChatforgeError
@@ -83,10 +84,12 @@ def pack_rows(token_lists: Iterable[list[int]], seq_len: int) -> tuple[torch.Ten
 
 
 def _batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, bar: tqdm | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, x.size(0), batch_size):
         yield x[i : i + batch_size], y[i : i + batch_size]
+        if bar is not None:  # the batch has been scored when the next one is asked for
+            bar.update(min(batch_size, x.size(0) - i))
 
 
 class BitsPerByte:
@@ -104,7 +107,8 @@ class BitsPerByte:
         bos = tok.start_ids()
         x, y = pack_rows((bos + ids for ids in tok.encode_batch(texts)), ctx.seq_len)
         token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.int64)
-        loss, bpb = bits_per_byte(ctx.model, _batches(x, y, ctx.batch_size), token_bytes, ctx.device)
+        with ctx.bar(x.size(0), "row") as bar:
+            loss, bpb = bits_per_byte(ctx.model, _batches(x, y, ctx.batch_size, bar), token_bytes, ctx.device)
         return TaskResult(
             self.name, "bpb", bpb, len(texts), extra={"loss_nats": loss, "tokens": int((y >= 0).sum())}
         )

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
+    DATA_HINT,
     EvalContext,
     EvalInputs,
     TaskResult,
     ask_questions,
+    mean_or_none,
     register,
-    skipped_extra,
     subset,
 )
 from chatforge.fileio import read_jsonl
@@ -52,6 +53,8 @@ class MathProblem:
 
 
 def load_gsm8k(path: str | Path) -> list[MathProblem]:
+    if not Path(path).is_file():
+        raise ChatforgeError(f"no GSM8K file at {path}: check the path ({DATA_HINT})")
     out = []
     for n, obj in read_jsonl(path):
         q, a = obj.get("question"), obj.get("answer")
@@ -79,21 +82,20 @@ class GSM8K:
         outs = ask_questions(ctx, [p.question for p in problems], self.max_new_tokens)
         details = []
         for p, out in zip(problems, outs, strict=True):
-            reply = tok.decode(out) if out is not None else ""
+            if out is None:  # not scored: listed in the details, left out of n and the accuracy
+                details.append({"prompt": p.question, "gold": p.answer, "skipped": "prompt fills the context"})
+                continue
+            reply = tok.decode(out)
             pred = extract_answer(reply)
             details.append(
-                {
-                    "prompt": p.question,
-                    "gold": p.answer,
-                    "prediction": reply,
-                    "extracted": pred,
-                    "correct": pred == p.answer,
-                    **({"skipped": "prompt fills the context"} if out is None else {}),
-                }
-            )
-        correct = sum(d["correct"] for d in details)
-        n = len(details)
-        return TaskResult(self.name, "accuracy", correct / n, n, details, extra=skipped_extra(outs))
+                {"prompt": p.question, "gold": p.answer, "prediction": reply, "extracted": pred,
+                 "correct": pred == p.answer}
+            )  # fmt: skip
+        correct = [d["correct"] for d in details if "skipped" not in d]
+        skipped, why = ctx.context_skips(outs)
+        return TaskResult(
+            self.name, "accuracy", mean_or_none(correct), len(correct), details, skipped=skipped, skip_reason=why
+        )
 
 
 @register("gsm8k")

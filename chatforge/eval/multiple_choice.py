@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import (
+    DATA_HINT,
     EvalContext,
     EvalInputs,
     TaskResult,
@@ -60,12 +62,13 @@ def score_choices(
     *,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
+    bar: tqdm | None = None,
 ) -> list[list[float]]:
     """Summed log-prob (nats) of each choice's tokens given its context: one list per example.
 
     Rows (context + choice) from all examples are scored batch_size at a time, right-padded
     (causal attention keeps padding from touching real positions). A row longer than the
-    context window keeps its last seq_len + 1 tokens.
+    context window keeps its last seq_len + 1 tokens. `bar` advances by one per choice.
     """
     device = torch.device(device)
     seq_len = model.cfg.seq_len
@@ -92,6 +95,8 @@ def score_choices(
             logits = model(x)
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         scores += (logp * (y >= 0)).sum(dim=1).tolist()
+        if bar is not None:
+            bar.update(len(chunk))
     out, k = [], 0
     for ex in examples:
         out.append(scores[k : k + len(ex.choices)])
@@ -108,9 +113,10 @@ class MultipleChoice:
 
     def run(self, ctx: EvalContext) -> TaskResult:
         examples = subset(self.examples, ctx.max_examples, ctx.seed)
-        scores = score_choices(
-            ctx.model, ctx.tokenizer, examples, batch_size=ctx.batch_size, device=ctx.device
-        )
+        with ctx.bar(sum(len(ex.choices) for ex in examples), "choice") as bar:
+            scores = score_choices(
+                ctx.model, ctx.tokenizer, examples, batch_size=ctx.batch_size, device=ctx.device, bar=bar
+            )
         details = []
         for ex, s in zip(examples, scores, strict=True):
             per_byte = [v / len((" " + c).encode("utf-8")) for v, c in zip(s, ex.choices, strict=True)]
@@ -303,7 +309,7 @@ def load_mc(path: str | Path) -> list[MCExample]:
             out += _load_file(f, re.sub(r"_(test|dev|val|validation|train)$", "", _stem(f)))
         return out
     if not p.is_file():
-        raise ChatforgeError(f"no multiple-choice file at {p}: check the path")
+        raise ChatforgeError(f"no multiple-choice file at {p}: check the path ({DATA_HINT})")
     return _load_file(p, "")
 
 

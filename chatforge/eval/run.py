@@ -62,6 +62,7 @@ def evaluate(
     device: str = "cpu",
     out_dir: str | Path | None = None,
     log=None,
+    progress: bool = False,
 ) -> list[TaskResult]:
     """Evaluate the model in `model_dir` (a run or checkpoint folder) on `task_names`
     (default: every task the inputs allow); write eval.json / eval.md into out_dir if given."""
@@ -88,7 +89,7 @@ def evaluate(
     tasks = build_tasks(names, inputs)  # reads and checks every input before the model loads
     run = load_run(model_dir, inference=True, device=device)  # the layout chat and the server decode with
     model, meta, resolved = run.model, run.meta, run.folder
-    ctx = EvalContext(model, run.tokenizer, device, max_examples, batch_size, seed, log)
+    ctx = EvalContext(model, run.tokenizer, device, max_examples, batch_size, seed, log, progress)
     results = run_tasks(ctx, tasks)
     if out_dir is not None:
         info = {"model": str(resolved), "stage": meta.get("stage"), "step": meta.get("step")}
@@ -124,6 +125,7 @@ def cmd_eval(args: EvalOptions) -> None:
         device=device,
         out_dir=args.out,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=not args.no_progress,
     )
     print(results_markdown(results))
     if args.out:

@@ -64,7 +64,7 @@ def evaluate_world(
     model, tok, model_dir = run.model, run.tokenizer, run.folder
     ctx = EvalContext(
         model, tok, torch_device, max_examples=max_examples, batch_size=batch_size,
-        log=(lambda line: print(line, file=sys.stderr)) if progress else None,
+        log=(lambda line: print(line, file=sys.stderr)) if progress else None, progress=progress,
     )  # fmt: skip
     results = run_tasks(ctx, tasks)
     answers = chat_samples(model, tok, SAMPLE_PROMPTS, max_new_tokens=64) if full else []

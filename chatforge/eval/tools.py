@@ -147,28 +147,34 @@ class ToolUse:
         out = [_Answer("", 0, "prompt fills the context")] * len(questions)
         lengths = {i: len(render_prompt(tok, c, tools=tools)) for i, c in enumerate(convs)}
         fits = sorted((i for i, n in lengths.items() if n < ctx.seq_len), key=lengths.__getitem__)
-        for start in range(0, len(fits), ctx.batch_size):
-            rows = fits[start : start + ctx.batch_size]
-            ended: dict[int, str] = {}
-
-            def on_event(event: dict, rows=rows, ended=ended) -> None:
-                if event["type"] == "done":
-                    ended[rows[event["row"]]] = event["reason"]
-
-            new = generate_with_tools(
-                ctx.model, tok, [convs[i] for i in rows], registry, max_calls=self.max_calls,
-                max_new_tokens=self.max_new_tokens, temperature=0.0, on_event=on_event,
-            )  # fmt: skip
-            for i, msgs in zip(rows, new, strict=True):
-                last = msgs[-1] if msgs else {}
-                final = (last.get("content") or "") if last.get("role") == "assistant" else ""
-                calls = sum(len(m.get("tool_calls") or []) for m in msgs)
-                calls += sum(m["role"] == "tool" and "tool_call_id" not in m for m in msgs)  # malformed calls
-                note = "a tool result filled the context" if ended.get(i) == "context" else ""
-                out[i] = _Answer(final, calls, note, ended.get(i, ""))
-            if ctx.log:
-                ctx.log(f"eval: {self.name} {start + len(rows)}/{len(fits)} conversations")
+        with ctx.bar(len(questions), "question") as bar:
+            bar.update(len(questions) - len(fits))
+            for start in range(0, len(fits), ctx.batch_size):
+                self._tools_batch(ctx, convs, fits[start : start + ctx.batch_size], out)
+                bar.update(min(ctx.batch_size, len(fits) - start))
+                if ctx.log and not ctx.progress:
+                    ctx.log(f"eval: {self.name} {min(start + ctx.batch_size, len(fits))}/{len(fits)} conversations")
         return out
+
+    def _tools_batch(self, ctx: EvalContext, convs: list[list[dict]], rows: list[int], out: list) -> None:
+        """Conversations `rows` answered through the runner; their answers written into `out`."""
+        ended: dict[int, str] = {}
+
+        def on_event(event: dict) -> None:
+            if event["type"] == "done":
+                ended[rows[event["row"]]] = event["reason"]
+
+        new = generate_with_tools(
+            ctx.model, ctx.tokenizer, [convs[i] for i in rows], calculator_registry(), max_calls=self.max_calls,
+            max_new_tokens=self.max_new_tokens, temperature=0.0, on_event=on_event,
+        )  # fmt: skip
+        for i, msgs in zip(rows, new, strict=True):
+            last = msgs[-1] if msgs else {}
+            final = (last.get("content") or "") if last.get("role") == "assistant" else ""
+            calls = sum(len(m.get("tool_calls") or []) for m in msgs)
+            calls += sum(m["role"] == "tool" and "tool_call_id" not in m for m in msgs)  # malformed calls
+            note = "a tool result filled the context" if ended.get(i) == "context" else ""
+            out[i] = _Answer(final, calls, note, ended.get(i, ""))
 
     def _without_tools(self, ctx: EvalContext, questions: list[str]) -> list[_Answer]:
         """Plain greedy generation, no tools shown; a call written anyway is counted (and, with no tool

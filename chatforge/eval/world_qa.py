@@ -20,8 +20,8 @@ from chatforge.eval.base import (
     TaskResult,
     accuracy_groups,
     ask_questions,
+    mean_or_none,
     register,
-    skipped_extra,
     subset,
 )
 from chatforge.fileio import read_jsonl
@@ -59,27 +59,24 @@ class WorldQA:
         outs = ask_questions(ctx, [qa.question for qa in qas], self.max_new_tokens)
         details = []
         for qa, out in zip(qas, outs, strict=True):
-            reply = tok.decode(out) if out is not None else ""
-            details.append(
-                {
-                    "prompt": qa.question,
-                    "gold": qa.answer,
-                    "prediction": reply,
-                    "correct": contains_answer(reply, qa.answer),
-                    "attribute": qa.attribute,
-                    "person_id": qa.person_id,
-                    **({"skipped": "prompt fills the context"} if out is None else {}),
-                }
-            )
-        correct = [d["correct"] for d in details]
+            detail = {"prompt": qa.question, "gold": qa.answer, "attribute": qa.attribute, "person_id": qa.person_id}
+            if out is None:  # not scored: listed in the details, left out of n and the accuracy
+                details.append({**detail, "skipped": "prompt fills the context"})
+                continue
+            reply = tok.decode(out)
+            details.append({**detail, "prediction": reply, "correct": contains_answer(reply, qa.answer)})
+        scored = [d for d in details if "skipped" not in d]
+        correct = [d["correct"] for d in scored]
+        skipped, why = ctx.context_skips(outs)
         return TaskResult(
             self.name,
             "accuracy",
-            sum(correct) / len(correct),
+            mean_or_none(correct),
             len(correct),
             details,
-            extra=skipped_extra(outs),
-            groups=accuracy_groups([d["attribute"] for d in details], correct),
+            groups=accuracy_groups([d["attribute"] for d in scored], correct),
+            skipped=skipped,
+            skip_reason=why,
         )
 
 

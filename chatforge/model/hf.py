@@ -396,7 +396,13 @@ def chatml_template(bos_token: str | None) -> str:
     )
 
 
-def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
+# `export hf --dtype` -> the weights' torch dtype and the name config.json gives it
+HF_DTYPES = {"f32": (torch.float32, "float32"), "f16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
+
+
+def hf_config(
+    cfg: GPTConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None, dtype: str = "f32"
+) -> dict:
     """config.json for LlamaForCausalLM; both transformers 4 (rope_theta) and 5 (rope_parameters) keys."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -424,13 +430,19 @@ def hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, pad_id: in
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
         "use_cache": True,
-        "torch_dtype": "float32",
-        "dtype": "float32",
+        "torch_dtype": HF_DTYPES[dtype][1],
+        "dtype": HF_DTYPES[dtype][1],
     }
 
 
-def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write a chatforge run (or checkpoint) folder as an HF Llama folder at out_dir; returns out_dir."""
+def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32") -> Path:
+    """Write a chatforge run (or checkpoint) folder as an HF Llama folder at out_dir, weights in `dtype`
+    (f32: exact; f16 or bf16: half the size); returns out_dir."""
+    if dtype not in HF_DTYPES:
+        raise ChatforgeError(
+            f"export hf writes weights as {', '.join(HF_DTYPES)}, not {dtype!r}"
+            + (" (q8_0 is a GGUF type: `chatforge export gguf`)" if dtype == "q8_0" else "")
+        )
     out_dir = Path(out_dir)
     model_dir = resolve_model_dir(Path(run))
     cfg = GPTConfig.from_dict(read_config(model_dir).get("model") or {})
@@ -480,7 +492,7 @@ def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         "pad_token_id": pad_id,
         "do_sample": False,
     }
-    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in _export_state(model).items()}
+    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in _export_state(model, dtype).items()}
 
     if (out_dir / "model.safetensors.index.json").is_file():
         raise ChatforgeError(f"{out_dir} holds a sharded HF model; export into an empty folder instead")
@@ -496,12 +508,13 @@ def export_hf(run: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         for name, obj in [
             ("tokenizer_config.json", tok_cfg),
             ("generation_config.json", gen_cfg),
-            ("config.json", hf_config(cfg, bos_id, eos_id, pad_id)),
+            ("config.json", hf_config(cfg, bos_id, eos_id, pad_id, dtype)),
         ]:
             (t / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         for f in t.iterdir():  # on disk before the renames make the files visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+            f.chmod(0o644)  # safetensors writes 0600; the files read like a training checkpoint's
         for name in _EXPORT_ORDER:
             os.replace(t / name, out_dir / name)
     return out_dir
@@ -530,6 +543,5 @@ def _with_bos_post_processor(tok_json: str, bos: str | None, bos_id: int | None)
     return inner.to_str(pretty=True)
 
 
-def _export_state(model: GPT) -> dict[str, torch.Tensor]:
-
-    return {k: v.to(torch.float32).contiguous() for k, v in model_state(model).items()}
+def _export_state(model: GPT, dtype: str = "f32") -> dict[str, torch.Tensor]:
+    return {k: v.to(HF_DTYPES[dtype][0]).contiguous() for k, v in model_state(model).items()}

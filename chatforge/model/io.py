@@ -532,16 +532,16 @@ def cmd_import(args: ImportOptions) -> int:
 
 def cmd_export(args: ExportOptions) -> int:
     out = Path(args.out)
+    dtype = args.dtype or ("f32" if args.format == "hf" else "f16")
     if args.format == "hf":
-
         if out.exists() and any(out.iterdir()) and not args.force:
             raise ChatforgeError(f"{out} is not empty; pick another OUT or pass --force")
-        export_hf(args.run, out)
+        export_hf(args.run, out, dtype)
         print(f"exported {args.run} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
         return 0
     if out.exists() and not args.force:
         raise ChatforgeError(f"{out} already exists; pick another OUT or pass --force")
-    export_gguf(args.run, out, args.dtype, progress=True)
+    export_gguf(args.run, out, dtype, progress=True)
     size = out.stat().st_size / 2**20
-    print(f"exported {args.run} -> {out} ({args.dtype}, {size:.1f} MiB; run it with: llama-cli -m {out})")
+    print(f"exported {args.run} -> {out} ({dtype}, {size:.1f} MiB; run it with: llama-cli -m {out})")
     return 0

@@ -14,11 +14,14 @@ the adapted model is still a `GPT`: the engine, chat, eval and the training loop
 and the frozen weights keep their names (the base fingerprint is the same before and after
 `apply_lora`). `merge_lora` folds B @ A into W and gives back plain `nn.Linear`s.
 
-On disk an adapter is two files beside (or inside) a run folder:
+On disk an adapter is two files beside (or inside) a run folder, in PEFT's layout, so PEFT loads
+it onto the `chatforge export hf` folder of its base (`PeftModel.from_pretrained(hf_model, RUN)`):
 
-    adapter.safetensors    layers.N.self_attn.q_proj.lora_A / lora_B ... (adapter tensors only)
-    adapter_config.json    rank, alpha, targets, the base run's path, the model config and a
-                           fingerprint of the base weights, so a different base is refused
+    adapter_model.safetensors  base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight / lora_B
+                               ... (adapter tensors only); its metadata header carries chatforge's own
+                               fields: the model config and a fingerprint of the base weights, so a
+                               different base is refused
+    adapter_config.json        PEFT's LoraConfig: r, lora_alpha, target_modules, the base run's path
 
     chatforge merge --adapter runs/lora --out runs/merged [--base runs/smollm2]   (checkpoint.cmd_merge)
 
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -47,9 +50,11 @@ ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 TARGETS = ATTN_TARGETS + MLP_TARGETS
 TARGET_GROUPS = {"all": TARGETS, "attn": ATTN_TARGETS, "mlp": MLP_TARGETS}
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's file names
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "chatforge-lora"
+ADAPTER_FORMAT = "chatforge-lora"  # the metadata key holding chatforge's fields in ADAPTER_FILE
+# GPT's module names are HF Llama's without "model."; PEFT wraps the HF model in base_model.model
+PEFT_PREFIX = "base_model.model.model."
 
 
 class LoRALinear(nn.Linear):
@@ -195,7 +200,7 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def adapter_config(model: nn.Module, meta: dict | None = None) -> dict:
-    """What adapter_config.json holds for this adapted model; meta["base"] names the base run."""
+    """The adapter's settings and identity (chatforge's view); meta["base"] names the base run."""
     layers = lora_layers(model)
     if not layers:
         raise ChatforgeError("this model has no LoRA adapters to save; apply_lora first")
@@ -216,13 +221,45 @@ def adapter_config(model: nn.Module, meta: dict | None = None) -> dict:
     }
 
 
+def peft_config(config: dict) -> dict:
+    """adapter_config.json in PEFT's LoraConfig schema for chatforge's `adapter_config` fields."""
+    alpha = config["alpha"]
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": config["base"],
+        "revision": None,
+        "r": config["rank"],
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": config["dropout"],
+        "target_modules": config["targets"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,  # scale = alpha / r, as LoRALinear's
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def peft_key(name: str) -> str:
+    """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    return f"{PEFT_PREFIX}{name}.weight"
+
+
 def write_adapter_files(folder: Path, model: nn.Module, meta: dict | None = None) -> list[str]:
-    """Write adapter.safetensors and adapter_config.json into `folder` (each atomically)."""
+    """Write adapter_model.safetensors and adapter_config.json into `folder` (each atomically)."""
     folder = Path(folder)
     config = adapter_config(model, meta)
-    data = safetensors_bytes(lora_state(model), metadata={"format": "pt", "rank": str(config["rank"])})
+    tensors = {peft_key(k): v for k, v in lora_state(model).items()}
+    data = safetensors_bytes(tensors, metadata={"format": "pt", ADAPTER_FORMAT: json.dumps(config)})
     atomic_write_bytes(folder / ADAPTER_FILE, data)
-    atomic_write_json(folder / ADAPTER_CONFIG, config)  # config last: it vouches for the tensors
+    atomic_write_json(folder / ADAPTER_CONFIG, peft_config(config))  # config last: it vouches for the tensors
     return [ADAPTER_FILE, ADAPTER_CONFIG]
 
 
@@ -235,19 +272,42 @@ def save_adapter(model: nn.Module, out_dir: str | Path, meta: dict | None = None
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
+    """chatforge's fields of the adapter in adapter_dir (`adapter_config` keys), read from the PEFT
+    config and the tensors file's metadata."""
+    path, tensors = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_FILE
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        peft = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ChatforgeError(
             f"{path} is missing; is {adapter_dir} a LoRA run (chatforge sft --set sft.lora_rank=8)?"
         ) from None
     except json.JSONDecodeError as e:
         raise ChatforgeError(f"{path} is corrupt ({e.msg} at line {e.lineno})") from None
-    if config.get("format") != ADAPTER_FORMAT:
+    if isinstance(peft, dict) and peft.get("format") == ADAPTER_FORMAT:
         raise ChatforgeError(
-            f"{path} is not a chatforge LoRA adapter config (format {config.get('format')!r})"
+            f"{path} is in the adapter layout of an earlier chatforge (adapter.safetensors); load its "
+            "merged model.safetensors instead, or train the adapter again"
         )
+    if not isinstance(peft, dict) or peft.get("peft_type") != "LORA":
+        raise ChatforgeError(f"{path} is not a LoRA adapter config (peft_type {peft.get('peft_type')!r})")
+    try:
+        with safe_open(str(tensors), framework="pt") as f:
+            own = (f.metadata() or {}).get(ADAPTER_FORMAT)
+    except FileNotFoundError:
+        raise ChatforgeError(f"{tensors} is missing; the adapter folder is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ChatforgeError(f"{tensors} is corrupt or truncated ({e})") from None
+    if own is None:
+        raise ChatforgeError(
+            f"{adapter_dir} is a PEFT adapter chatforge did not write (no base fingerprint): merge it in "
+            "PEFT (merge_and_unload, save_pretrained) and `chatforge import` that folder"
+        )
+    try:
+        config = json.loads(own)
+    except json.JSONDecodeError:
+        raise ChatforgeError(f"{tensors}: chatforge's adapter metadata is corrupt") from None
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise ChatforgeError(f"{tensors}: chatforge's adapter metadata is not a {ADAPTER_FORMAT} config")
     return config
 
 
@@ -292,7 +352,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         raise ChatforgeError(f"{path} is missing; the adapter folder is incomplete") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ChatforgeError(f"{path} is corrupt or truncated ({e})") from None
-    expected = lora_state(model)
+    expected = {peft_key(k): v for k, v in lora_state(model).items()}
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ChatforgeError(
@@ -303,5 +363,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             raise ChatforgeError(
                 f"{path}: {name} is {tuple(t.shape)}, the adapter config implies {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, strict=False)  # strict=False: the frozen base is not in the file
+    own = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): t for k, t in state.items()}
+    model.load_state_dict(own, strict=False)  # strict=False: the frozen base is not in the file
     return model

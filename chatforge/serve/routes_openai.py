@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from chatforge.align import scored_tokens
 from chatforge.chat import fit_window
 from chatforge.chat_format import render_prompt
 from chatforge.errors import ChatforgeError
@@ -205,8 +206,8 @@ def _completion_prompts(srv: ServerState, prompt) -> tuple[list[list[int]], list
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request, srv: State):
     _check_model(srv, req.model)
-    if req.logprobs is not None:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.logprobs is not None and req.stream:
+        raise APIError(400, "logprobs are given with stream=false only", param="logprobs")
     if req.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of not in (None, req.n):
@@ -226,6 +227,11 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
     if req.stream:
         return stream_response(completion_chunks(head, choices, events, n_prompt, echo), choices, srv.store)
     await drain(choices, events, request, srv.store)
+    scores = {}
+    if req.logprobs is not None:
+        scores = await run_in_threadpool(
+            completion_logprobs, srv, prompts, choices, req.n, req.logprobs, req.echo
+        )
     return {
         **head,
         "system_fingerprint": None,
@@ -233,10 +239,35 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
             {
                 "text": echo[c.index] + c.text.content,
                 "index": c.index,
-                "logprobs": None,
+                "logprobs": scores.get(c.index),
                 "finish_reason": c.text.finish or "stop",
             }
             for c in choices
         ],
         "usage": usage(n_prompt, choices),
     }
+
+
+def completion_logprobs(
+    srv: ServerState, prompts: list[list[int]], choices: list, n: int, top: int, echo: bool
+) -> dict[int, dict]:
+    """OpenAI's legacy `logprobs` object per choice: each generated token (and with `echo` each
+    prompt token, the first without a score) with its log-probability and the `top` most likely
+    tokens at its place, all scored in one forward pass over prompt + answer."""
+    seqs = [prompts[c.index // n] + c.text.ids for c in choices]
+    scored = scored_tokens(srv.model, seqs, top_k=max(top, 1))
+    out = {}
+    for c, seq, scores in zip(choices, seqs, scored, strict=True):
+        first = 0 if echo else len(seq) - len(c.text.ids)
+        tokens = [srv.tok.decode([t]) for t in seq[first:]]
+        entries = [(None, None)] + [
+            (lp, dict((srv.tok.decode([i]), v) for i, v in alts[:top])) for lp, alts in scores
+        ]
+        offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+        out[c.index] = {
+            "tokens": tokens,
+            "token_logprobs": [lp for lp, _ in entries[first:]],
+            "top_logprobs": [alts for _, alts in entries[first:]],
+            "text_offset": offsets,
+        }
+    return out

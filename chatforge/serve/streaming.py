@@ -42,6 +42,7 @@ class TextStream:
         self.text, self.passed = "", 0  # everything decoded; how much of it is clear of stop strings
         self.sent = 0  # characters that went out as content
         self.tokens = 0  # generated tokens, stop id included
+        self.ids: list[int] = []  # those tokens (what `logprobs` scores)
         self.finish: str | None = None
         self.tool_calls: list[dict] | None = None
         self.content_end: int | None = None  # set at the end: text[:content_end] is the content
@@ -52,6 +53,7 @@ class TextStream:
 
     def push(self, tid: int) -> str:
         self.tokens += 1
+        self.ids.append(tid)
         if tid in self.stop_ids:
             return ""
         self.text += self.decoder.push(tid)

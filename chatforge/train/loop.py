@@ -21,6 +21,8 @@ the merged model (the model passed in is merged in place).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -307,6 +309,12 @@ def run_training(
     if dist.is_main:
         _finish(stage, cfg, out_dir, tokenizer, summary, n_params, n_trainable)
     return summary
+
+
+def print_summary(summary: dict) -> None:
+    """A stage's summary as JSON on stdout, once: by rank 0 of a torchrun job (torchrun sets RANK)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
 
 
 def _optimize(

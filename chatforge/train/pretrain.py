@@ -10,7 +10,6 @@ the training loop (train/loop.py) a language-model step: next-token loss on a lo
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -28,7 +27,7 @@ from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.options import PretrainOptions
 from chatforge.plan import describe_plan
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import Stage, run_training, token_batches
+from chatforge.train.loop import Stage, print_summary, run_training, token_batches
 
 SAMPLE_PROMPTS = ["The", "Once upon a time", "12 + 35 ="]
 LM_PLOT = [("cross-entropy (nats/token)", ["loss", "val_loss"]), ("bits per byte", ["val_bpb"])]
@@ -150,10 +149,19 @@ def pretrain(
         cleanup_distributed()
 
 
+def dry_run_vocab_size(opts: PretrainOptions) -> int:
+    """The vocabulary a dry run plans for: --vocab-size, else the --data shards', else the preset's."""
+    if opts.vocab_size:
+        return opts.vocab_size
+    if opts.data:  # the model is built with the data's tokenizer, so plan with its real size
+        return int(read_index(opts.data)["vocab_size"])
+    return get_preset(opts.preset).vocab_size
+
+
 def cmd_pretrain(opts: PretrainOptions) -> None:
     cfg = training_config(opts.preset, "pretrain", opts.settings, opts.overrides)
     if opts.dry_run:
-        print(describe_plan(cfg, vocab_size=opts.vocab_size or get_preset(opts.preset).vocab_size))
+        print(describe_plan(cfg, vocab_size=dry_run_vocab_size(opts)))
         return
     if not opts.data or not opts.out:
         raise ChatforgeError(
@@ -161,4 +169,4 @@ def cmd_pretrain(opts: PretrainOptions) -> None:
         )
     tokenizer = opts.tokenizer or Path(opts.data) / "tokenizer.json"
     summary = pretrain(opts.data, tokenizer, opts.out, cfg, resume=opts.resume, progress=not opts.no_progress)
-    print(json.dumps(summary, indent=2))
+    print_summary(summary)

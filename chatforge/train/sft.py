@@ -9,14 +9,13 @@ language_model_stage, train/loop.py).
 
 With `--set sft.lora_rank=8` the base stays frozen and only low-rank adapters train
 (model/lora.py): checkpoints hold just the adapter, and the finished run folder holds the
-adapter (adapter.safetensors + adapter_config.json) and the merged model, so chat, eval and
+adapter (adapter_model.safetensors + adapter_config.json) and the merged model, so chat, eval and
 serving load it like any run. The base's chat format (chat_template, add_bos_token, ...) is
 kept in config.json either way, so imported models (SmolLM2) keep talking their own way.
 """
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from chatforge.model.gpt import GPT
 from chatforge.model.lora import ADAPTER_FILE, apply_lora, parse_targets, trainable_parameters
 from chatforge.options import SFTOptions
 from chatforge.tokenizer import Tokenizer
-from chatforge.train.loop import run_training
+from chatforge.train.loop import print_summary, run_training
 from chatforge.train.pretrain import language_model_stage
 
 SAMPLE_QUESTIONS = ["Who are you?", "What is 23 + 19?"]
@@ -152,4 +151,4 @@ def cmd_sft(opts: SFTOptions) -> None:
     summary = sft(
         opts.model, opts.data, opts.out, cfg, val=opts.val, resume=opts.resume, progress=not opts.no_progress
     )
-    print(json.dumps(summary, indent=2))
+    print_summary(summary)
