@@ -394,6 +394,15 @@ def _template_turn_end(tok: Tokenizer) -> int | None:
     return tok.special_id(hit) if hit is not None else None
 
 
+def tool_call_start(tok: Tokenizer, name: str | None = None) -> list[int]:
+    """The ids an assistant answer begins with when it makes a tool call (to `name`, when given):
+    `<tool_call>`, then `{"name":"NAME","arguments":` as `parse_assistant` reads a call."""
+    ids = _tag(tok, TOOL_CALL_OPEN)
+    if name is not None:
+        ids += tok.encode('{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":')
+    return ids
+
+
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
 
 
