@@ -214,3 +214,53 @@ def test_smollm2_equals_transformers_with_its_default_system_prompt(smollm2_run)
     no_system = tok.decode(render_prompt(tok, CONVS[0]))
     assert no_system.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert turn_end_ids(tok) == [tok.special_id("<|im_end|>")]
+
+
+def test_gguf_export_carries_chatml_with_tools_and_names_its_pre_tokenizer(tmp_path):
+    """Read back with the gguf package: llama.cpp's pre-tokenizer name (the one whose regex is ours;
+    llama.cpp refuses names it does not know), chatforge's own name and regex beside it, and a
+    template that renders tools and tool calls as chatforge trains them, imported back as it is."""
+    import gguf
+
+    from chatforge.checkpoint import save_model
+    from chatforge.model.gpt import GPTConfig
+    from chatforge.model.io import export_gguf, import_gguf
+    from chatforge.tokenizer import SPLIT_PATTERN
+
+    tok = Tokenizer.train([TEXT] * 20, vocab_size=320)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=256, n_layer=1, n_embd=32, n_head=4, n_kv_head=2)
+    from chatforge.model.gpt import GPT
+
+    save_model(tmp_path / "run", GPT(cfg), tok.to_json(), {"stage": "sft"})
+    out = export_gguf(tmp_path / "run", tmp_path / "m.gguf", "f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
+    assert fields["tokenizer.ggml.pre"] == "bailingmoe"
+    assert fields["chatforge.tokenizer.pre"] == "chatforge"
+    assert fields["chatforge.tokenizer.split_regex"] == SPLIT_PATTERN
+    template = fields["tokenizer.chat_template"]
+    assert "tools" in template and "tool_calls" in template and "<tool_call>" in template
+
+    back = Tokenizer.load(import_gguf(out, tmp_path / "back"))
+    assert back.chat_template == template
+    # arguments as an object: a JSON string is shown as given, where chatforge re-dumps it compactly
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    tools = [{"type": "function", "function": {"name": "add", "description": "adds",
+              "parameters": {"type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}}}]  # fmt: skip
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "It is 5."},
+    ]
+    assert render_prompt(back, conv[:2], tools=tools) == render_prompt(tok, conv[:2], tools=tools)
+    assert render_conversation(back, conv, tools=tools) == render_conversation(tok, conv, tools=tools)
+    assert turn_end_ids(back)[0] == tok.special_id("<|im_end|>")
+
+
+def test_import_refuses_a_template_that_does_not_parse(tmp_path):
+    folder = tiny_hf_folder(tmp_path, "zephyr")
+    (folder / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content }}")
+    with pytest.raises(ChatforgeError, match=r"zephyr: the chat template does not parse \(.*\); fix"):
+        import_hf(folder, tmp_path / "run")
