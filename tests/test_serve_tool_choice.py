@@ -152,3 +152,34 @@ def test_engine_forces_and_bans_per_row(tok):
     assert out[id(rows[0])] == free  # a row without constraints is untouched by its neighbours'
     assert out[id(rows[1])][: len(forced)] == forced
     assert out[id(rows[2])][0] != free[0]
+
+
+def test_tool_choice_where_the_tokenizer_writes_tags_as_text(tmp_path):
+    """A tokenizer without a <tool_call> token (SmolLM2's): "none" stops at the tag's text, and a
+    forced call begins with the tag's text tokens."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from chatforge.serve.protocol import ChatCompletionRequest
+    from chatforge.serve.routes_openai import _tool_choice
+
+    inner = HF(models.BPE())
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    inner.train_from_iterator(TEXTS, trainer=trainer)
+    srv = SimpleNamespace(tok=Tokenizer(inner))
+
+    def choice(value):
+        return _tool_choice(srv, ChatCompletionRequest(model=MODEL_ID, messages=MSGS, tools=TOOLS, tool_choice=value))
+
+    off = choice("none")
+    assert off.stops == [TOOL_CALL_OPEN] and not off.banned_ids and not off.tools
+    assert srv.tok.decode(choice("required").forced_ids) == TOOL_CALL_OPEN
+    named = choice({"type": "function", "function": {"name": "add"}})
+    assert srv.tok.decode(named.forced_ids) == '<tool_call>{"name":"add","arguments":'
