@@ -267,11 +267,20 @@ def compile_template(source: str) -> CompiledTemplate:
     return CompiledTemplate(template, uses_tools, "tool_calls" in source)
 
 
+def _alternation(specials: tuple[str, ...]) -> str:
+    return "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)"  # longest first
+
+
 @lru_cache(maxsize=16)
 def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern:
-    """A marked special token, a lone marker, or an unmarked special token (longest first)."""
-    alt = "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)"
+    """A marked special token, a lone marker, or an unmarked special token."""
+    alt = _alternation(specials)
     return re.compile(f"{_MARK_OPEN}({alt}){_MARK_CLOSE}|[{_MARK_OPEN}{_MARK_CLOSE}]|({alt})")
+
+
+@lru_cache(maxsize=16)
+def _plain_specials_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile(_alternation(specials))
 
 
 def _specials(tok: Tokenizer) -> tuple[str, ...]:
@@ -333,7 +342,7 @@ def template_text(
     template = compile_template(tok.chat_template)
     if tools and not template.uses_tools:  # shown as chatforge shows them, not silently dropped
         messages, tools = with_tools(messages, tools), None
-    plain = re.compile("|".join(map(re.escape, sorted(_specials(tok), key=len, reverse=True))) or "(?!)")
+    plain = _plain_specials_pattern(_specials(tok))
 
     def token(i: int | None) -> str | None:
         return tok.id_to_token(i) if i is not None and 0 <= i < tok.vocab_size else None
