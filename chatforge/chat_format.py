@@ -10,6 +10,14 @@
 
 Every message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; the tags are special tokens
 (tokenizer.py) inserted by id, so text typed by a user can never close a turn or forge a call.
+
+An imported model keeps its own chat template (`tok.chat_template`, from the run's config.json):
+it is rendered as transformers' `apply_chat_template` renders it (a jinja2 sandbox with trim_blocks,
+lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`; messages, tools, add_generation_prompt,
+bos_token, eos_token), and the text is encoded with the template's own special-token strings as
+special ids while the same strings inside messages stay text (`sanitize_control_tokens=True`).
+Tool calls and tools go to a template that knows them; to one that does not, as chatforge writes
+them (tools in the system turn, calls as `<tool_call>{json}</tool_call>` text).
 """
 
 from __future__ import annotations
@@ -17,8 +25,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import read_jsonl
@@ -173,7 +189,8 @@ def render_conversation(
     Starts with `tok.start_ids()` (the BOS, unless the model adds none); each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
     `max_len` cuts both lists (reporting the truncation is the caller's job)."""
     validate_conversation(messages)
-    ids, mask = _render(tok, messages, tools)
+    render = _render_templated if tok.chat_template else _render
+    ids, mask = render(tok, messages, tools)
     if max_len is not None:
         ids, mask = ids[:max_len], mask[:max_len]
     return ids, mask
@@ -182,8 +199,217 @@ def render_conversation(
 def render_prompt(tok: Tokenizer, messages: list[dict], *, tools: list[dict] | None = None) -> list[int]:
     """The conversation so far followed by `<|im_start|>assistant\\n`: what generation continues."""
     validate_conversation(messages, require_assistant=False)
+    if tok.chat_template:
+        return _template_ids(tok, messages, tools, add_generation_prompt=True)
     ids, _ = _render(tok, messages, tools)
     return ids + _tag(tok, IM_START) + tok.encode("assistant\n")
+
+
+# ---- a model's own chat template -----------------------------------------------------------
+# Private-use characters put around special-token strings found in what a user wrote: after the
+# template has run, a marked token is their text and an unmarked one is the template's own.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_PROBE = "chatforge turn-end probe"  # an assistant message whose end shows the turn-end token
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker) renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' tojson: jinja's own escapes HTML characters, which a prompt must not
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _one_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@dataclass(frozen=True)
+class CompiledTemplate:
+    template: jinja2.Template
+    uses_tools: bool  # reads the `tools` variable
+    uses_tool_calls: bool  # renders an assistant message's tool_calls
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> CompiledTemplate:
+    """A chat template compiled as transformers compiles it; ChatforgeError when it does not parse."""
+    if not isinstance(source, str):
+        raise ChatforgeError("chat_template in the run's config.json must be a string (a jinja template)")
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        template = env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatforgeError(
+            f"the chat template does not parse ({_one_line(e)}); fix chat_template"
+        ) from None
+    uses_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+    return CompiledTemplate(template, uses_tools, "tool_calls" in source)
+
+
+def _alternation(specials: tuple[str, ...]) -> str:
+    return "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) or "(?!)"  # longest first
+
+
+@lru_cache(maxsize=16)
+def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    """A marked special token, a lone marker, or an unmarked special token."""
+    alt = _alternation(specials)
+    return re.compile(f"{_MARK_OPEN}({alt}){_MARK_CLOSE}|[{_MARK_OPEN}{_MARK_CLOSE}]|({alt})")
+
+
+@lru_cache(maxsize=16)
+def _plain_specials_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile(_alternation(specials))
+
+
+def _specials(tok: Tokenizer) -> tuple[str, ...]:
+    return tuple(sorted(tok.id_to_token(i) for i in tok.special_ids))
+
+
+def encode_with_specials(tok: Tokenizer, text: str) -> list[int]:
+    """Text in which special-token strings are the special tokens (a rendered template, a raw
+    completions prompt, as vLLM and llama.cpp read one); marked ones (user text) stay text."""
+    ids: list[int] = []
+    plain: list[str] = []
+    pos = 0
+    for m in _specials_pattern(_specials(tok)).finditer(text):
+        plain.append(text[pos : m.start()])
+        pos = m.end()
+        if m.group(1) is not None:  # a special token a user wrote: text
+            plain.append(m.group(1))
+        elif m.group(2) is not None:  # the template's own
+            ids += tok.encode("".join(plain)) if any(plain) else []
+            plain = []
+            ids.append(tok.special_id(m.group(2)))
+    plain.append(text[pos:])
+    return ids + (tok.encode("".join(plain)) if any(plain) else [])
+
+
+def _marked(obj: Any, pattern: re.Pattern) -> Any:
+    """Strings (in dicts and lists) with their special-token strings marked as user text."""
+    if isinstance(obj, str):
+        obj = obj.replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "")
+        return pattern.sub(lambda m: _MARK_OPEN + m.group(0) + _MARK_CLOSE, obj)
+    if isinstance(obj, dict):
+        return {k: _marked(v, pattern) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_marked(v, pattern) for v in obj]
+    return obj
+
+
+def _template_messages(messages: list[dict], template: CompiledTemplate, specials: re.Pattern) -> list[dict]:
+    """Messages as the template sees them: keys with None dropped (as transformers does), user text
+    marked; tool calls as chatforge's text form when the template has no place for them."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") or []
+        m = _marked({k: v for k, v in m.items() if v is not None}, specials)
+        if calls and not template.uses_tool_calls:
+            m.pop("tool_calls")
+            text = "".join(
+                TOOL_CALL_OPEN + _marked(_tool_call_json(c), specials) + TOOL_CALL_CLOSE for c in calls
+            )
+            m["content"] = m.get("content", "") + text
+        out.append(m)
+    return out
+
+
+def template_text(
+    tok: Tokenizer, messages: list[dict], tools: list[dict] | None, *, add_generation_prompt: bool
+) -> str:
+    """The model's template rendered (special tokens a user wrote marked); ChatforgeError if it fails."""
+    template = compile_template(tok.chat_template)
+    if tools and not template.uses_tools:  # shown as chatforge shows them, not silently dropped
+        messages, tools = with_tools(messages, tools), None
+    plain = _plain_specials_pattern(_specials(tok))
+
+    def token(i: int | None) -> str | None:
+        return tok.id_to_token(i) if i is not None and 0 <= i < tok.vocab_size else None
+
+    bos = token(tok.chat_bos_id if tok.chat_bos_id is not None else tok.bos_id)
+    variables = {"bos_token": bos, "eos_token": token(tok.chat_eos_id)}
+    try:
+        return template.template.render(
+            messages=_template_messages(messages, template, plain),
+            tools=_marked(tools, plain) if tools else None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in variables.items() if v is not None},
+        )
+    except Exception as e:  # the template is the model's code: any failure is its message, one line
+        raise ChatforgeError(f"the model's chat template failed to render: {_one_line(e)}") from None
+
+
+def _template_ids(tok: Tokenizer, messages: list[dict], tools, *, add_generation_prompt: bool) -> list[int]:
+    return encode_with_specials(
+        tok, template_text(tok, messages, tools, add_generation_prompt=add_generation_prompt)
+    )
+
+
+def _render_templated(tok: Tokenizer, messages: list[dict], tools) -> tuple[list[int], list[int]]:
+    """Ids and a loss mask through the model's template: an assistant turn's tokens are those its
+    message adds after the generation prompt, up to and including the turn-end token."""
+    ids = _template_ids(tok, messages, tools, add_generation_prompt=False)
+    mask = [0] * len(ids)
+    ends = set(turn_end_ids(tok))
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _template_ids(tok, messages[:i], tools, add_generation_prompt=True)
+        through = _template_ids(tok, messages[: i + 1], tools, add_generation_prompt=False)
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            raise ChatforgeError(
+                "the model's chat template renders earlier turns differently once later ones follow, "
+                "so its assistant tokens cannot be told apart for training"
+            )
+        end = next((k + 1 for k in range(len(before), len(through)) if ids[k] in ends), len(through))
+        mask[len(before) : end] = [1] * (end - len(before))
+    return ids, mask
+
+
+def _template_turn_end(tok: Tokenizer) -> int | None:
+    """The special token the model's template writes right after an assistant message, if any."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = template_text(tok, probe, None, add_generation_prompt=False)
+    except ChatforgeError:
+        return None
+    k = text.find(_PROBE)
+    if k < 0:
+        return None
+    after = text[k + len(_PROBE) :].lstrip()
+    hit = next((s for s in sorted(_specials(tok), key=len, reverse=True) if after.startswith(s)), None)
+    return tok.special_id(hit) if hit is not None else None
+
+
+def tool_call_start(tok: Tokenizer, name: str | None = None) -> list[int]:
+    """The ids an assistant answer begins with when it makes a tool call (to `name`, when given):
+    `<tool_call>`, then `{"name":"NAME","arguments":` as `parse_assistant` reads a call."""
+    ids = _tag(tok, TOOL_CALL_OPEN)
+    if name is not None:
+        ids += tok.encode('{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":')
+    return ids
 
 
 _TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
@@ -242,7 +468,11 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
 
 def turn_end_ids(tok: Tokenizer) -> list[int]:
     """The ids that end an assistant turn, where generation stops: <|im_end|>, and the BOS
-    (<|endoftext|>), which a model that has not learned <|im_end|> writes at a document's end."""
+    (<|endoftext|>), which a model that has not learned <|im_end|> writes at a document's end.
+    With a model's own template: the special token its template writes after an assistant's
+    message (Llama 3's <|eot_id|>, Zephyr's </s>), then the model's recorded EOS."""
+    if tok.chat_template:
+        return list(dict.fromkeys(i for i in (_template_turn_end(tok), tok.chat_eos_id) if i is not None))
     ids = [tok.special_id(IM_END)] if tok.has_special(IM_END) else []
     if tok.bos_id is not None:
         ids.append(tok.bos_id)

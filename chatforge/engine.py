@@ -146,7 +146,30 @@ class Row:
     top_p: float | None = None
     generator: torch.Generator | None = None  # None: the global RNG
     stop_ids: frozenset[int] = frozenset()
+    banned_ids: frozenset[int] = frozenset()  # never sampled (tool_choice "none": the tool-call token)
+    forced_ids: Sequence[int] = ()  # the first new tokens, whatever the model prefers (a forced tool call)
     generated: int = 0  # new tokens so far, counted by the decoder
+
+
+def _constrained(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """Each row's banned ids set to -inf (a copy; the logits as they are when no row bans any)."""
+    banned = [(j, sorted(r.banned_ids)) for j, r in enumerate(rows) if r.banned_ids]
+    if banned:
+        logits = logits.clone()
+        for j, ids in banned:
+            logits[j, ids] = float("-inf")
+    return logits
+
+
+def _forced(tokens: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """The sampled ids with each row's next forced id put in place while it has forced ids left."""
+    forced = [(j, r.forced_ids[r.generated]) for j, r in enumerate(rows) if r.generated < len(r.forced_ids)]
+    if forced:
+        tokens = tokens.clone()
+        tokens[torch.tensor([j for j, _ in forced], device=tokens.device)] = torch.tensor(
+            [int(t) for _, t in forced], device=tokens.device
+        )
+    return tokens
 
 
 def _sample_each(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
@@ -263,7 +286,7 @@ class BatchDecoder:
     def _sample(self, logits: torch.Tensor, first: int) -> list[tuple[Row, int, bool]]:
         """Sample rows first.. (one per logits row), count them, and remove the finished ones."""
         rows = self.rows[first:]
-        tokens = _sample_each(logits, rows)
+        tokens = _forced(_sample_each(_constrained(logits, rows), rows), rows)
         self.next_token = torch.cat([self.next_token[:first], tokens]) if first else tokens
         events = []
         for row, t in zip(rows, tokens.tolist(), strict=True):

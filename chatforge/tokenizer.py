@@ -83,11 +83,17 @@ LONG_TEXT = 4096  # characters; longer texts are encoded without holding the GIL
 class Tokenizer:
     """A thin wrapper over a HF `tokenizers.Tokenizer`, with chatforge's conventions."""
 
-    def __init__(self, inner: HFTokenizer, *, add_bos: bool = True):
+    def __init__(self, inner: HFTokenizer, *, add_bos: bool = True, chat: dict | None = None):
         self._tok = inner
         # Whether a document / prompt starts with bos_id. Chatforge's own models always do;
         # an imported model says in its config (SmolLM2's template adds nothing first).
         self.add_bos = add_bos
+        # An imported model's own chat template and the token ids it names (chat_format.py renders
+        # with it); None for chatforge's own models, which speak ChatML.
+        chat = chat or {}
+        self.chat_template: str | None = chat.get("chat_template") or None
+        self.chat_bos_id: int | None = chat.get("bos_token_id")
+        self.chat_eos_id: int | None = chat.get("eos_token_id")
         # Special-token strings inside text are encoded as ordinary text (see module doc).
         self._tok.encode_special_tokens = True
         added = self._tok.get_added_tokens_decoder()  # id -> AddedToken
@@ -159,11 +165,12 @@ class Tokenizer:
         """Load a `tokenizer.json` file, or a folder (e.g. a run folder) that contains one.
 
         A run folder's config.json may say `"add_bos_token": false` (imported models whose chat
-        template starts with no BOS); the tokenizer then leaves it out of prompts and documents."""
+        template starts with no BOS); the tokenizer then leaves it out of prompts and documents.
+        Its `chat_template` (an imported model's own) and token ids travel with the tokenizer."""
         p = Path(path)
-        add_bos = True
+        meta: dict = {}
         if p.is_dir():
-            add_bos = _run_adds_bos(p)
+            meta = _run_chat_meta(p)
             p = p / "tokenizer.json"
         if not p.is_file():
             raise ChatforgeError(
@@ -173,7 +180,7 @@ class Tokenizer:
             inner = HFTokenizer.from_file(str(p))
         except Exception as e:  # the Rust side raises a plain Exception on bad JSON / unknown fields
             raise ChatforgeError(f"{p} is not a valid HF tokenizer.json ({str(e).splitlines()[0]})") from e
-        return cls(inner, add_bos=add_bos)
+        return cls(inner, add_bos=meta.get("add_bos_token", True) is not False, chat=meta)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `tokenizer.json` atomically; `path` is the file, or a folder to put it in."""
@@ -315,13 +322,17 @@ class Tokenizer:
         return self._byte_ids
 
 
-def _run_adds_bos(folder: Path) -> bool:
-    """A run folder's `add_bos_token` (config.json); True when absent or unreadable."""
+def _run_chat_meta(folder: Path) -> dict:
+    """What a run folder's config.json says about its chat format: add_bos_token, chat_template,
+    bos_token_id, eos_token_id ({} when absent or unreadable)."""
     try:
         meta = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return meta.get("add_bos_token", True) is not False
-    except (OSError, ValueError, AttributeError):
-        return True
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    keys = ("add_bos_token", "chat_template", "bos_token_id", "eos_token_id")
+    return {k: meta[k] for k in keys if meta.get(k) is not None}
 
 
 def _is_byte_level(inner: HFTokenizer) -> bool:

@@ -114,7 +114,8 @@ def test_gguf_to_chatforge_to_transformers(tmp_path, tiny_tok):
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"] == TEMPLATE  # the imported model's own template travels on
     gen = json.loads((out / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == [2, 0] and gen["bos_token_id"] == 0
+    # the stop ids chatforge uses with this template: the <|im_end|> it writes after an answer (= the EOS)
+    assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 0
 
 
 def test_tokenizer_and_chat_template_match_chatforge(tmp_path, chat_tok):

@@ -20,8 +20,8 @@ from chatforge.chat_format import render_prompt  # noqa: E402
 from chatforge.checkpoint import load_model, save_model  # noqa: E402
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
+from chatforge.model.hf import chatml_template  # noqa: E402
 from chatforge.model.io import (  # noqa: E402
-    CHATML_TEMPLATE,
     export_gguf,
     import_gguf,
     permute_qk,
@@ -359,10 +359,10 @@ def test_export_tokenizer_metadata(tmp_path, tiny_tok):
     assert fields["tokenizer.ggml.eos_token_id"] == tiny_tok.special_id("<|im_end|>")
     assert fields["tokenizer.ggml.padding_token_id"] == 0
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
-    assert fields["tokenizer.chat_template"] == CHATML_TEMPLATE
+    assert fields["tokenizer.chat_template"] == chatml_template(tokens[0])
     # the template says what render_prompt says, BOS included
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi (there) 42?"}]
-    text = jinja2.Template(CHATML_TEMPLATE).render(
+    text = jinja2.Template(fields["tokenizer.chat_template"]).render(
         messages=messages, add_generation_prompt=True, bos_token=tokens[0]
     )
     assert text == tiny_tok.decode(render_prompt(tiny_tok, messages))

@@ -17,11 +17,15 @@ from chatforge.conversations import build_sft_data, write_sft_data
 from chatforge.errors import ChatforgeError
 from chatforge.model import lora
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.hf import chatml_template
 from chatforge.options import MergeOptions, parse
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.optim import build_optimizers
 from chatforge.train.sft import sft
 from chatforge.world import build_world
+
+# a real template (rendered for every prompt since runs use their stored one), ChatML as chatforge's
+CHATML = chatml_template(None)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +175,7 @@ def base_run(tmp_path_factory) -> tuple[Path, Path]:
     tok = Tokenizer.train([m["content"] for c in data.train for m in c], vocab_size=512)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=128, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    meta = {"stage": "import", "chat_template": "{{ chatml }}", "add_bos_token": False, "name": "tiny"}
+    meta = {"stage": "import", "chat_template": CHATML, "add_bos_token": False, "name": "tiny"}
     ckpt.save_model(root / "base", GPT(cfg), tok.to_json(), meta)
     return root / "base", root / "sft_data"
 
@@ -192,7 +196,7 @@ def test_sft_with_lora_rank_writes_adapter_and_merged_model_and_resumes_exactly(
 
     # the run folder: the adapter apart + a plain merged model that loads like any run
     meta = ckpt.read_config(out)
-    assert meta["chat_template"] == "{{ chatml }}" and meta["add_bos_token"] is False  # the base's format
+    assert meta["chat_template"] == CHATML and meta["add_bos_token"] is False  # the base's format
     assert meta["lora"]["rank"] == 4 and meta["stage"] == "sft"
     merged, _, _ = ckpt.load_model(out)
     adapted = lora.load_adapter(ckpt.load_model(base)[0], out)
@@ -232,7 +236,7 @@ def test_merge_command_writes_a_run_folder_equal_to_the_sft_output(base_run, tmp
     reference, _, _ = ckpt.load_model(tmp_path / "sft")
     ours, theirs = merged.state_dict(), reference.state_dict()
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert meta["stage"] == "merge" and meta["chat_template"] == "{{ chatml }}"
+    assert meta["stage"] == "merge" and meta["chat_template"] == CHATML
     assert Tokenizer.load(tmp_path / "m").to_json() == Tokenizer.load(base).to_json()
     with pytest.raises(ChatforgeError, match="already holds a model"):
         ckpt.cmd_merge(parse(MergeOptions, ["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]))

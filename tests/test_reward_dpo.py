@@ -28,10 +28,14 @@ from chatforge.checkpoint import load_model, read_config, save_model
 from chatforge.conversations import split_people
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.model.hf import chatml_template  # noqa: E402
 from chatforge.options import DPOOptions, RewardOptions, WinrateOptions
 from chatforge.options import parse as parse_options
 from chatforge.tokenizer import Tokenizer
 from chatforge.world import build_world
+
+# a real template (rendered for every prompt since runs use their stored one), ChatML as chatforge's
+CHATML = chatml_template("<|endoftext|>")
 
 
 def nll_sigmoid(x: float) -> float:
@@ -56,7 +60,7 @@ def setup(tmp_path_factory):
     tok = Tokenizer.train(texts * 3, 400)
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=96, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
-    save_model(root / "sft", GPT(cfg), tok.to_json(), {"stage": "sft", "chat_template": "chatml-test"})
+    save_model(root / "sft", GPT(cfg), tok.to_json(), {"stage": "sft", "chat_template": CHATML})
     return root, tok
 
 
@@ -126,7 +130,7 @@ def test_reward_model_learns_a_rigged_pair(setup, tmp_path):
     r_good, r_bad = score(rm, rtok, [[*q, {"role": "assistant", "content": a}] for a in (good, bad)])
     assert r_good > r_bad + 0.5
     meta = read_config(tmp_path / "rm")
-    assert meta["stage"] == "reward" and meta["chat_template"] == "chatml-test"  # the base's chat format kept
+    assert meta["stage"] == "reward" and meta["chat_template"] == CHATML  # the base's chat format kept
     metrics = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "rm" / "reward.png").stat().st_size > 1000
@@ -219,7 +223,7 @@ def test_dpo_end_to_end_writes_a_chat_able_run_and_learns(setup, tmp_path):
     cmd_dpo(args)
     out = tmp_path / "dpo"
     policy, meta, _ = load_model(out)  # a normal run folder
-    assert meta["stage"] == "dpo" and meta["dpo"]["beta"] == 0.5 and meta["chat_template"] == "chatml-test"
+    assert meta["stage"] == "dpo" and meta["dpo"]["beta"] == 0.5 and meta["chat_template"] == CHATML
     summary = json.loads((out / "dpo_summary.json").read_text())
     assert summary["val_pairs"] > 0 and len(summary["samples"]) > 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

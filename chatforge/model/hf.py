@@ -8,6 +8,7 @@ converter interleaves Q/K rows; see io.py). What this file adds is the checking 
   that is not hidden/heads, sliding windows, other architectures); one or many safetensors shards,
   every tensor shape-checked and cast to float32; tokenizer.json plus the chat template and BOS/EOS
   facts from tokenizer_config.json / generation_config.json, stored in the run's meta like import_gguf.
+  The run is then prompted with that template (chat_format.py), stopping at its end-of-turn token.
 - export: config.json (LlamaForCausalLM, float32), model.safetensors, the run's tokenizer.json,
   tokenizer_config.json with a chat template that gives the ids `render_prompt` gives (or the imported
   model's own template), generation_config.json whose EOS ids are the stop ids chatforge's chat uses.
@@ -33,7 +34,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from chatforge.chat_format import TOOLS_INSTRUCTION, turn_end_ids
+from chatforge.chat_format import TOOLS_INSTRUCTION, compile_template, turn_end_ids
 from chatforge.checkpoint import load_run, model_state, read_config, resolve_model_dir, save_model
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig, rope_tables
@@ -322,10 +323,16 @@ def import_hf(folder: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     eos = eos if eos is not None else _first_id(gen.get("eos_token_id", hf.get("eos_token_id")))
     add_bos = tok_cfg.get("add_bos_token")
     pad = tok_id("pad_token")
+    template = _chat_template(folder, tok_cfg)
+    if template:  # chat_format renders it for every prompt: a template that does not parse fails here
+        try:
+            compile_template(template)
+        except ChatforgeError as e:
+            raise ChatforgeError(f"{folder}: {e}") from None
     meta = {
         "stage": "import",
         "source": str(folder),
-        "chat_template": _chat_template(folder, tok_cfg),
+        "chat_template": template,
         "bos_token_id": bos if bos is not None else tok_id("bos_token"),
         "eos_token_id": eos,
         "padding_token_id": pad if pad is not None else _first_id(hf.get("pad_token_id")),

@@ -19,7 +19,8 @@ Export does the reverse, as llama.cpp's convert_hf_to_gguf.py would for the same
 permuted (`permute_qk`), norms and other 1-D tensors in f32, matrices in f32, f16 or Q8_0 (a matrix
 whose rows are not whole 32-value Q8_0 blocks falls back to f16), `output.weight` only when untied,
 and the tokenizer as `gpt2` (byte-level BPE) metadata with the llama.cpp pre-tokenizer name whose
-split regex is ours, the special ids and a ChatML chat template.
+split regex is ours (llama.cpp refuses names it does not know; `chatforge.tokenizer.pre` and
+`.split_regex` name ours), the special ids and ChatML with tools as the chat template.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from gguf.quants import dequantize, quantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from chatforge.chat_format import compile_template
 from chatforge.checkpoint import load_run, save_model
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig, rope_tables
-from chatforge.model.hf import export_hf, import_hf, looks_like_hf_folder
+from chatforge.model.hf import chatml_template, export_hf, import_hf, looks_like_hf_folder
 from chatforge.options import ExportOptions, ImportOptions
 from chatforge.tokenizer import BOS, IM_END, SPLIT_PATTERN, Tokenizer
 
@@ -306,10 +308,16 @@ def import_gguf(path: str | Path, out_dir: str | Path) -> Path:
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope_cos, model.rope_sin = (t.to("cpu") for t in _rope(cfg))
+    template = _field(reader, "tokenizer.chat_template", "", required=False)
+    if template:  # chat_format renders it for every prompt: a template that does not parse fails here
+        try:
+            compile_template(template)
+        except ChatforgeError as e:
+            raise ChatforgeError(f"{path}: {e}") from None
     meta = {
         "stage": "import",
         "source": str(path),
-        "chat_template": _field(reader, "tokenizer.chat_template", "", required=False),
+        "chat_template": template,
         "bos_token_id": _int_or_none(_field(reader, "tokenizer.ggml.bos_token_id", -1, required=False)),
         "eos_token_id": _int_or_none(_field(reader, "tokenizer.ggml.eos_token_id", -1, required=False)),
         "padding_token_id": _int_or_none(
@@ -335,13 +343,10 @@ def _int_or_none(x) -> int | None:
 # ==================================================================== export
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
-# ChatML, as chatforge's render_prompt builds it: BOS, then `<|im_start|>role\ncontent<|im_end|>\n` per
-# message, then the assistant header. The leading bos_token is for HF's apply_chat_template (which adds
-# no BOS itself); llama.cpp strips it again when the GGUF says add_bos_token, so there is one BOS.
-CHATML_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# llama.cpp accepts only the pre-tokenizer names it knows (anything else fails the load), so
+# tokenizer.ggml.pre names the one whose split regex is chatforge's (see _CHATFORGE_PRE); these
+# keys say what the tokenizer really is, for any reader that looks.
+CHATFORGE_PRE_KEY, CHATFORGE_REGEX_KEY = "chatforge.tokenizer.pre", "chatforge.tokenizer.split_regex"
 _F16_MAX = 65504.0
 
 
@@ -427,7 +432,12 @@ def _add_tokenizer(w, tok, meta: dict, n_vocab: int) -> None:
             add(int(i))
     w.add_add_bos_token(add_bos)
     w.add_add_eos_token(False)
-    w.add_chat_template(meta.get("chat_template") or CHATML_TEMPLATE)
+    if pre in _CHATFORGE_PRE and not meta.get("tokenizer_pre"):  # chatforge's own tokenizer
+        w.add_string(CHATFORGE_PRE_KEY, "chatforge")
+        w.add_string(CHATFORGE_REGEX_KEY, SPLIT_PATTERN)
+    # an import's own template, else ChatML with tools as chatforge trains it (render_prompt's ids;
+    # the leading BOS is one llama.cpp strips again when it adds its own)
+    w.add_chat_template(meta.get("chat_template") or chatml_template(tokens[bos] if add_bos else None))
 
 
 def _gguf_tensor(name: str, w: torch.Tensor, dtype: str):

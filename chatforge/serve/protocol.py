@@ -108,6 +108,17 @@ class ToolDef(_Strict):
     function: FunctionDef
 
 
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """tool_choice {"type": "function", "function": {"name": ...}}: the answer is a call to that function."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -137,7 +148,7 @@ class ChatCompletionRequest(SamplingRequest):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)

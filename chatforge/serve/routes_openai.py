@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from chatforge.align import scored_tokens
 from chatforge.chat import fit_window
-from chatforge.chat_format import render_prompt
+from chatforge.chat_format import encode_with_specials, render_prompt, tool_call_start
 from chatforge.errors import ChatforgeError
 from chatforge.serve.protocol import (
     MAX_N,
@@ -39,6 +40,7 @@ from chatforge.serve.streaming import (
     stream_response,
     usage,
 )
+from chatforge.tokenizer import TOOL_CALL_OPEN
 
 router = APIRouter()
 
@@ -93,28 +95,68 @@ def _message(m: ChatMessage) -> dict:
     return out
 
 
-def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dict], list[int], bool, int]:
-    """The request's messages, its prompt ids, whether tools are offered and how many messages
+@dataclass
+class ToolChoice:
+    """What a request's tool_choice asks of generation: tools in the prompt and parsed from the
+    answer, the ids the answer must begin with, the ids it may not contain, extra stop strings."""
+
+    tools: list[dict] = field(default_factory=list)
+    forced_ids: list[int] = field(default_factory=list)
+    banned_ids: frozenset[int] = frozenset()
+    stops: list[str] = field(default_factory=list)
+
+
+def _tool_choice(srv: ServerState, req: ChatCompletionRequest) -> ToolChoice:
+    """OpenAI's tool_choice: "auto" (the default with tools) lets the model choose; "none" keeps
+    tools out of the prompt and the tool-call token out of the answer (banned, or a stop string
+    where the tokenizer writes it as text); "required" makes the answer begin with a tool call;
+    {"type": "function", "function": {"name": N}} with a call to N."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice
+    if choice is None or choice == "auto":
+        return ToolChoice(tools=tools)
+    if choice == "none":
+        if srv.tok.has_special(TOOL_CALL_OPEN):
+            return ToolChoice(banned_ids=frozenset({srv.tok.special_id(TOOL_CALL_OPEN)}))
+        return ToolChoice(stops=[TOOL_CALL_OPEN])
+    if not tools:
+        raise APIError(
+            400,
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            param="tool_choice",
+        )
+    if choice == "required":
+        return ToolChoice(tools=tools, forced_ids=tool_call_start(srv.tok))
+    name = choice.function.name
+    if name not in {t["function"]["name"] for t in tools}:
+        raise APIError(
+            400,
+            f"Invalid value for 'tool_choice': function '{name}' is not one of the request's tools.",
+            param="tool_choice",
+        )
+    return ToolChoice(tools=tools, forced_ids=tool_call_start(srv.tok, name))
+
+
+def _chat_prompt(
+    srv: ServerState, req: ChatCompletionRequest
+) -> tuple[list[dict], list[int], ToolChoice, int]:
+    """The request's messages, its prompt ids, what its tool_choice asks and how many messages
     `trim_history` left out of the prompt; 400 for what is not supported. Tools as OpenAI has
     them: the schemas go into the prompt, a call comes back as tool_calls (finish_reason
     "tool_calls"), and the client runs it and sends a tool message."""
     _check_model(srv, req.model)
     if req.logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
-    if req.tool_choice not in (None, "auto", "none"):
-        raise APIError(
-            400, 'tool_choice may be "auto" or "none": this server cannot force a call', param="tool_choice"
-        )
-    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
+    choice = _tool_choice(srv, req)
     messages = [_message(m) for m in req.messages]
     try:
-        ids = render_prompt(srv.tok, messages, tools=tools or None)
+        ids = render_prompt(srv.tok, messages, tools=choice.tools or None)
         left_out = 0
         if req.trim_history and len(ids) + _answer_room(srv, req) > srv.ctx:
-            ids, left_out = _trimmed_prompt(srv, req, messages, tools)
+            ids, left_out = _trimmed_prompt(srv, req, messages, choice.tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return messages, ids, bool(tools), left_out
+    return messages, ids, choice, left_out
 
 
 def _answer_room(srv: ServerState, req: ChatCompletionRequest) -> int:
@@ -137,12 +179,23 @@ def _trimmed_prompt(
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    messages, ids, tools, left_out = await run_in_threadpool(_chat_prompt, srv, req)
+    messages, ids, tool_choice, left_out = await run_in_threadpool(_chat_prompt, srv, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
-    sampling, stops = sampling_settings(req), stop_strings(req.stop)
+    sampling, stops = sampling_settings(req), stop_strings(req.stop) + tool_choice.stops
     conv_id = await run_in_threadpool(conversation_for, srv, req, user)  # checked before work starts
-    choices, events = start_jobs(srv, [ids], req.n, budget, sampling, req.seed, stops, tools=tools)
+    choices, events = start_jobs(
+        srv,
+        [ids],
+        req.n,
+        budget,
+        sampling,
+        req.seed,
+        stops,
+        tools=bool(tool_choice.tools),
+        forced_ids=tool_choice.forced_ids,
+        banned_ids=tool_choice.banned_ids,
+    )
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     if conv_id is not None or req.store:
         try:
@@ -181,7 +234,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
 
 # ---- completions ---------------------------------------------------------------------------
 def _completion_prompts(srv: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
-    """The request's prompt(s) as token ids (text gets the model's start token) and as text."""
+    """The request's prompt(s) as token ids and as text. Text gets the model's start token (unless
+    it begins with it) and its special-token strings (`<|im_start|>`) are the special tokens, as
+    vLLM and llama.cpp read a raw prompt: the caller writes the whole prompt, template and all."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(x, int) for x in prompt):
@@ -191,7 +246,7 @@ def _completion_prompts(srv: ServerState, prompt) -> tuple[list[list[int]], list
     out, texts = [], []
     vocab = srv.model.cfg.vocab_size
     for p in prompt:
-        ids = srv.tok.start_ids() + srv.tok.encode(p) if isinstance(p, str) else list(p)
+        ids = _text_prompt(srv, p) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "a prompt must hold at least one token", param="prompt")
         if min(ids) < 0 or max(ids) >= vocab:
@@ -201,6 +256,12 @@ def _completion_prompts(srv: ServerState, prompt) -> tuple[list[list[int]], list
     if len(out) > MAX_N:
         raise APIError(400, f"at most {MAX_N} prompts per request", param="prompt")
     return out, texts
+
+
+def _text_prompt(srv: ServerState, text: str) -> list[int]:
+    ids = encode_with_specials(srv.tok, text)
+    start = srv.tok.start_ids()
+    return ids if ids[: len(start)] == start else start + ids
 
 
 @router.post("/v1/completions")

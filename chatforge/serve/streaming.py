@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -110,9 +110,12 @@ def start_jobs(
     seed,
     stops,
     tools: bool = False,
+    forced_ids: Sequence[int] = (),
+    banned_ids: frozenset[int] = frozenset(),
 ) -> tuple[list[Choice], asyncio.Queue]:
     """Submit n jobs per prompt to the scheduler; their events arrive on the returned queue. With
-    tools, generation also stops after the model's `</tool_call>` (TextStream finds it as text too)."""
+    tools, generation also stops after the model's `</tool_call>` (TextStream finds it as text too).
+    Every answer begins with `forced_ids` and never holds `banned_ids` (tool_choice)."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     if srv.inbox is None or srv.inbox.loop is not loop:
         srv.inbox = Inbox(loop)
@@ -135,6 +138,8 @@ def start_jobs(
                 on_event=on_event,
                 seed=None if seed is None else (seed + j) % 2**63,
                 stop_ids=job_stops,
+                forced_ids=forced_ids,
+                banned_ids=banned_ids,
                 **sampling,
             )
             choices.append(Choice(i, job, TextStream(srv.tok, set(stop_ids), stops, tools)))
