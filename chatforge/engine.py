@@ -21,7 +21,6 @@ seed per row), so a batch produces the same tokens as running its prompts one by
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -179,6 +178,22 @@ def reservation(row: Row) -> int:
     return len(row.prompt) + max(row.budget, 1) - 1
 
 
+class LayerCache:
+    """Keys (or values) held as one tensor per layer, (rows, kv heads, columns, head dim), indexed as
+    one (layers, rows, kv heads, columns, head dim) tensor is: `k[layer, :, :, a:b]`, as Attention does.
+    One tensor per layer lets the pool be reallocated a layer at a time, so growing it holds one
+    layer twice for a moment, not the whole cache."""
+
+    def __init__(self, layers: list[torch.Tensor]) -> None:
+        self.layers = layers
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        return self.layers[index[0]][index[1:]]
+
+    def __setitem__(self, index: tuple, value: torch.Tensor) -> None:
+        self.layers[index[0]][index[1:]] = value
+
+
 class BatchDecoder:
     """Rows of one KV cache that advance together: `admit` prefills new rows, `step` gives every
     live row its next token with one forward, `remove` frees rows. A row also leaves by itself when
@@ -191,10 +206,11 @@ class BatchDecoder:
     sits, only about its RoPE position (each row passes its own, 0 at its first token) and the mask
     (a row sees columns >= start_r), so a row computes what it would compute alone.
 
-    Memory by need: the pool starts empty and holds only the rows live now x the columns they span
-    (rounded up to COLUMN_CHUNK, at most `max_len`). When a joining prompt is longer than `col`, or
-    the columns run out, the pool is reallocated to fit (live rows copied, the oldest moved to column
-    0) or, when its size is right, the rows move within it. It is freed when the last row leaves and
+    Memory by need: the pool (a tensor per layer for keys and one for values) starts empty and holds
+    only the rows live now x the columns they span (rounded up to COLUMN_CHUNK, at most `max_len`).
+    When a joining prompt is longer than `col`, or the columns run out, the pool is reallocated to
+    fit, a layer at a time (live rows copied, the oldest moved to column 0) or, when its size is
+    right, the rows move within it. It is freed when the last row leaves and
     shrunk when most rows have left. `max_tokens` caps its size (rows x columns): rows share columns,
     so B rows whose longest `reservation` is R need B x R; `fits` says whether joining rows keep every
     possible future within the cap, and `admit` refuses rows that do not (the server's scheduler
@@ -205,8 +221,13 @@ class BatchDecoder:
         self.model, self.device, self.dtype = model, param.device, param.dtype
         self.capacity, self.max_len = capacity, max_len
         self.max_tokens = capacity * max_len if max_tokens is None else max_tokens
-        self.pool = KVCache(model.cfg, 0, 0, device=self.device, dtype=self.dtype)
-        self.cache = copy.copy(self.pool)  # handed to the model: k and v become views into the pool
+        cfg = model.cfg
+        self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+        self.k: list[torch.Tensor] = []  # per layer: (rows, kv heads, columns, head dim)
+        self.v: list[torch.Tensor] = []
+        self.pool_rows = self.pool_cols = 0
+        self.cache = KVCache(cfg, 0, 0, device=self.device)  # handed to the model: k, v set to views
+        self._allocate(0, 0)
         self.rows: list[Row] = []
         self.start: list[int] = []  # each live row's first column
         self.col = 0  # the column every row writes next
@@ -220,21 +241,22 @@ class BatchDecoder:
         self.step_view = False  # self.cache no longer views the live rows
         self.padded = any(self.start)
         self.start_t = torch.tensor(self.start, dtype=torch.long, device=self.device)
-        cols = torch.arange(self.pool.max_len, device=self.device)
+        cols = torch.arange(self.pool_cols, device=self.device)
         self.key_ok = cols[None, :] >= self.start_t[:, None]  # (B, columns): a row's own columns
 
     def _view(self, rows: slice, first_col: int, pos: int) -> KVCache:
         """The cache for a forward: `rows` of the pool from column `first_col` on, filled up to `pos`."""
         c = self.cache
-        c.k, c.v = self.pool.k[:, rows, :, first_col:], self.pool.v[:, rows, :, first_col:]
-        c.max_len, c.pos = self.pool.max_len - first_col, pos
+        c.k = LayerCache([t[rows, :, first_col:] for t in self.k])
+        c.v = LayerCache([t[rows, :, first_col:] for t in self.v])
+        c.max_len, c.pos = self.pool_cols - first_col, pos
         return c
 
     # ---- memory ---------------------------------------------------------------------------
     @property
     def allocated_tokens(self) -> int:
         """Token slots the pool holds now (rows x columns)."""
-        return self.pool.k.size(1) * self.pool.max_len
+        return self.pool_rows * self.pool_cols
 
     @property
     def used_tokens(self) -> int:
@@ -259,16 +281,34 @@ class BatchDecoder:
         rounded = -(-need // COLUMN_CHUNK) * COLUMN_CHUNK
         return max(need, min(rounded, self.max_len, self.max_tokens // max(rows, 1)))
 
+    def _allocate(
+        self, rows: int, cols: int, move: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    ) -> None:
+        """A pool of `rows` x `cols`, a layer at a time: each new layer (zeros: padding stays finite)
+        gets `move(old, new)` and the old one is freed before the next is made."""
+        self.cache.k = self.cache.v = None  # drop the views, which would keep the old layers alive
+        for layers in (self.k, self.v):
+            for i in range(self.n_layer):
+                shape = (rows, self.kv_heads, cols, self.head_dim)
+                new = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if move is not None:
+                    move(layers[i], new)
+                if i < len(layers):
+                    layers[i] = new
+                else:
+                    layers.append(new)
+        self.pool_rows, self.pool_cols = rows, cols
+
     def _reallocate(self, rows: int, cols: int, new_col: int) -> None:
         """A pool of `rows` x `cols` holding the live rows' columns, moved so `col` becomes `new_col`."""
         B, lo, c = len(self.rows), min(self.start, default=self.col), self.col
         d = new_col - c
-        pool = KVCache(self.model.cfg, rows, cols, device=self.device, dtype=self.dtype)
-        if B and c > lo:
-            pool.k[:, :B, :, lo + d : c + d] = self.pool.k[:, :B, :, lo:c]
-            pool.v[:, :B, :, lo + d : c + d] = self.pool.v[:, :B, :, lo:c]
-        self.pool = pool
-        self.cache = copy.copy(pool)
+
+        def move(old: torch.Tensor, new: torch.Tensor) -> None:
+            if B and c > lo:
+                new[:B, :, lo + d : c + d] = old[:B, :, lo:c]
+
+        self._allocate(rows, cols, move)
         self.reallocations += 1
         self._moved(d)
 
@@ -278,18 +318,18 @@ class BatchDecoder:
         lo = min(self.start, default=self.col)
         new_col = max(self.col - lo, left)  # the live rows compacted to column 0, or moved right
         need = new_col + 1
-        if rows > self.pool.k.size(1) or need > self.pool.max_len:
+        if rows > self.pool_rows or need > self.pool_cols:
             self._reallocate(rows, self._columns_for(need, rows), new_col)
-        elif self.col < left or self.col >= self.pool.max_len:
+        elif self.col < left or self.col >= self.pool_cols:
             self._shift(new_col - self.col)
 
     def _shrink_if_sparse(self) -> None:
         """After rows left: free the pool when none is live, shrink it when half its rows are free."""
         B = len(self.rows)
-        if B == 0 and self.pool.k.numel():
+        if B == 0 and self.allocated_tokens:
             self.col = 0
             self._reallocate(0, 0, 0)
-        elif 0 < B <= self.pool.k.size(1) // 2:
+        elif 0 < B <= self.pool_rows // 2:
             span = self.col - min(self.start)
             self._reallocate(B, self._columns_for(span + 1, B), span)
 
@@ -333,7 +373,7 @@ class BatchDecoder:
         """One forward for every live row (each feeds its last token) and one new token per row.
         Returns (row, token, finished) per row in batch order; finished rows have already left."""
         B = len(self.rows)
-        if self.col >= self.pool.max_len:  # out of columns: grow the pool, or move the rows left
+        if self.col >= self.pool_cols:  # out of columns: grow the pool, or move the rows left
             self._make_room(B, 0)
         if self.step_view:  # the live rows are as at the last step: only the write column moved
             cache, cache.pos = self.cache, self.col
@@ -372,8 +412,8 @@ class BatchDecoder:
         if first < len(keep):
             sel = torch.tensor(keep[first:], device=self.device)
             n = len(keep)
-            for t in (self.pool.k, self.pool.v):
-                t[:, first:n, :, : self.col] = t[:, :, :, : self.col].index_select(1, sel)
+            for t in (*self.k, *self.v):
+                t[first:n, :, : self.col] = t[:, :, : self.col].index_select(0, sel)
         self.next_token = self.next_token[torch.tensor(keep, dtype=torch.long, device=self.device)]
         self.rows = [self.rows[j] for j in keep]
         self.start = [self.start[j] for j in keep]
@@ -383,11 +423,11 @@ class BatchDecoder:
     def _shift(self, d: int) -> None:
         """Move every live row's columns by d (right if d > 0, left if d < 0)."""
         B, c = len(self.rows), self.col
-        for t in (self.pool.k, self.pool.v):
+        for t in (*self.k, *self.v):
             if d > 0:
-                t[:, :B, :, d : c + d] = t[:, :B, :, :c].clone()
+                t[:B, :, d : c + d] = t[:B, :, :c].clone()
             else:
-                t[:, :B, :, : c + d] = t[:, :B, :, -d:c].clone()
+                t[:B, :, : c + d] = t[:B, :, -d:c].clone()
         self._moved(d)
 
     def _moved(self, d: int) -> None:
