@@ -101,6 +101,9 @@ def start_server(
         time.sleep(0.3)
 
 
+FILLER = "Here is some background text that the question comes after, to make the prompt long. "
+
+
 async def one_request(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
     body = {
         "model": model,
@@ -155,7 +158,7 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))], 4)
 
 
-async def load(url: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
+async def load(url: str, model: str, clients: int, duration: float, max_tokens: int, filler: int = 0) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         await one_request(client, model, "warm up", 4)  # first-call costs out of the measurement
@@ -163,16 +166,28 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         t0 = time.perf_counter()
         deadline = t0 + duration
 
+        kv_peak = {"allocated_tokens": 0, "waiting": 0}
+
+        async def watch() -> None:  # the KV cache's largest allocation and the longest queue seen
+            while True:  # until cancelled
+                now = (await client.get("/health")).json()
+                kv = now["kv_cache"]
+                kv_peak["allocated_tokens"] = max(kv_peak["allocated_tokens"], kv["allocated_tokens"])
+                kv_peak["budget_tokens"] = kv["budget_tokens"]
+                kv_peak["waiting"] = max(kv_peak["waiting"], now["waiting"])
+                await asyncio.sleep(0.25)
+
         async def worker(i: int) -> None:
             k = 0
             while time.perf_counter() < deadline:
-                results.append(
-                    await one_request(client, model, QUESTIONS[(i + k) % len(QUESTIONS)], max_tokens)
-                )
+                question = FILLER * filler + QUESTIONS[(i + k) % len(QUESTIONS)]
+                results.append(await one_request(client, model, question, max_tokens))
                 k += 1
 
+        watcher = asyncio.create_task(watch())
         await asyncio.gather(*(worker(i) for i in range(clients)))
         wall = time.perf_counter() - t0
+        watcher.cancel()
         health = (await client.get("/health")).json()
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -191,6 +206,7 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         "latency_p99_s": pct([r["latency"] for r in ok], 99),
         "latency_mean_s": round(statistics.fmean(r["latency"] for r in ok), 4) if ok else None,
         "server": health["stats"],
+        "kv_cache_peak": kv_peak,
     }
 
 
@@ -232,6 +248,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per mode")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--long-prompts", type=int, default=0, metavar="N",
+        help="put N sentences of filler before each question (long prompts fill the KV cache)",
+    )  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
     ap.add_argument(
@@ -248,6 +268,7 @@ def main() -> None:
             "clients": args.clients,
             "duration_s": args.duration,
             "max_tokens": args.max_tokens,
+            "long_prompts": args.long_prompts,
             "device": args.device,
             "cpu_count": os.cpu_count(),
         }
@@ -261,7 +282,9 @@ def main() -> None:
         try:
             before = server_memory_mb(proc.pid)
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            report[mode] = asyncio.run(load(url, model, args.clients, args.duration, args.max_tokens))
+            report[mode] = asyncio.run(
+                load(url, model, args.clients, args.duration, args.max_tokens, args.long_prompts)
+            )
             after = server_memory_mb(proc.pid)
             report[mode]["memory"] = {
                 "rss_before_requests_mb": before["rss_mb"],

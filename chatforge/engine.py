@@ -28,6 +28,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, KVCache
+from chatforge.model.quant import _release_freed_memory as release_freed_memory
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -332,6 +333,9 @@ class BatchDecoder:
         elif 0 < B <= self.pool_rows // 2:
             span = self.col - min(self.start)
             self._reallocate(B, self._columns_for(span + 1, B), span)
+        else:
+            return
+        release_freed_memory()  # a layer is a few MB: glibc would keep the freed pages otherwise
 
     def admit(self, rows: list[Row]) -> list[tuple[Row, int, bool]]:
         """Prefill the rows' prompts in one forward (left-padded to the longest; only the last position

@@ -471,8 +471,8 @@ class ServeOptions:
         "context, or what the KV cache holds if less)", short=("-c", "--ctx-size"), metavar="TOKENS",
     )  # fmt: skip
     kv_cache_mb: float = opt(
-        512.0, "KV cache budget in MB, allocated as requests need it; requests wait when it is full "
-        "(default 512)", metavar="MB",
+        384.0, "KV cache budget in MB, allocated as requests need it; requests wait when it is full "
+        "(default 384)", metavar="MB",
     )  # fmt: skip
     kv_cache_tokens: int | None = opt(
         None, "KV cache budget in tokens, instead of --kv-cache-mb", metavar="TOKENS"
