@@ -10,9 +10,10 @@ finished or cancelled ones. How a batch runs:
     one prefill forward (per-row RoPE positions, a mask hiding the padding, last position's logits)
     then one forward of length 1 per step for the rows still running
 
-The KV cache is allocated once (never concatenated per token). Padding goes on the left so every
-row's next token sits in the same column; RoPE positions start at 0 on each row's first real
-token, so a row computes what it would compute alone. When a row finishes (a stop id or its token
+The KV cache is allocated by need, in chunks of columns, never concatenated per token (see
+`BatchDecoder`: it grows with the rows, shrinks when they leave, within a token budget the server
+sets). Padding goes on the left so every row's next token sits in the same column; RoPE positions
+start at 0 on each row's first real token, so a row computes what it would compute alone. When a row finishes (a stop id or its token
 budget), it leaves the batch and the cache, so the remaining rows do not pay for it.
 
 Reproducibility: each row samples with its own `torch.Generator` (seed s + row index, or a
