@@ -208,7 +208,8 @@ class Scheduler:
         admit: list[Job] = []
         while self.waiting:
             head = self.waiting[0]
-            if not head.cancelled.is_set() and not self.decoder.fits([*admit, head]):
+            joining = [job for job in admit if not job.cancelled.is_set()]
+            if not head.cancelled.is_set() and not self.decoder.fits([*joining, head]):
                 break  # the budget or the rows are full: it waits, and so do the ones behind it
             admit.append(self.waiting.popleft())
         return admit
