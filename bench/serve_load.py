@@ -8,8 +8,11 @@ so the clients do not compete with it for the interpreter lock): first with `--m
 number of clients (continuous batching), then with `--max-batch 1` (one request at a time, the
 rest queue). Each client sends streaming chat completions back to back until the time is up; the
 requests still running then are allowed to finish. Reported per mode, as JSON: requests/s,
-generated tokens/s, p50/p99 time to first token and whole-request latency, errors, and the
-server's own rows-per-forward counters from /health.
+generated tokens/s, p50/p99 time to first token and whole-request latency, errors, the
+server's own rows-per-forward counters from /health, and the server process's memory: resident
+set (RSS) once it answers /health and before any request, after the load, and its peak.
+
+    PYTHONPATH=. python bench/serve_load.py --model RUN --modes batched --duration 10   # memory check
 
 Without --model, a random model of the cpu preset's shape (4 layers x 192, vocabulary 2048,
 context 128) is created in a temporary folder: its near-uniform next-token distribution rarely
@@ -98,6 +101,9 @@ def start_server(
         time.sleep(0.3)
 
 
+FILLER = "Here is some background text that the question comes after, to make the prompt long. "
+
+
 async def one_request(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
     body = {
         "model": model,
@@ -135,6 +141,16 @@ async def one_request(client: httpx.AsyncClient, model: str, question: str, max_
     }
 
 
+def server_memory_mb(pid: int) -> dict:
+    """The server process's resident memory now (VmRSS) and at its peak (VmHWM), in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mb": fields["VmRSS"], "peak_rss_mb": fields["VmHWM"]}
+
+
 def pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -142,7 +158,7 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))], 4)
 
 
-async def load(url: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
+async def load(url: str, model: str, clients: int, duration: float, max_tokens: int, filler: int = 0) -> dict:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         await one_request(client, model, "warm up", 4)  # first-call costs out of the measurement
@@ -150,16 +166,28 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         t0 = time.perf_counter()
         deadline = t0 + duration
 
+        kv_peak = {"allocated_tokens": 0, "waiting": 0}
+
+        async def watch() -> None:  # the KV cache's largest allocation and the longest queue seen
+            while True:  # until cancelled
+                now = (await client.get("/health")).json()
+                kv = now["kv_cache"]
+                kv_peak["allocated_tokens"] = max(kv_peak["allocated_tokens"], kv["allocated_tokens"])
+                kv_peak["budget_tokens"] = kv["budget_tokens"]
+                kv_peak["waiting"] = max(kv_peak["waiting"], now["waiting"])
+                await asyncio.sleep(0.25)
+
         async def worker(i: int) -> None:
             k = 0
             while time.perf_counter() < deadline:
-                results.append(
-                    await one_request(client, model, QUESTIONS[(i + k) % len(QUESTIONS)], max_tokens)
-                )
+                question = FILLER * filler + QUESTIONS[(i + k) % len(QUESTIONS)]
+                results.append(await one_request(client, model, question, max_tokens))
                 k += 1
 
+        watcher = asyncio.create_task(watch())
         await asyncio.gather(*(worker(i) for i in range(clients)))
         wall = time.perf_counter() - t0
+        watcher.cancel()
         health = (await client.get("/health")).json()
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -178,6 +206,7 @@ async def load(url: str, model: str, clients: int, duration: float, max_tokens: 
         "latency_p99_s": pct([r["latency"] for r in ok], 99),
         "latency_mean_s": round(statistics.fmean(r["latency"] for r in ok), 4) if ok else None,
         "server": health["stats"],
+        "kv_cache_peak": kv_peak,
     }
 
 
@@ -219,8 +248,15 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per mode")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--long-prompts", type=int, default=0, metavar="N",
+        help="put N sentences of filler before each question (long prompts fill the KV cache)",
+    )  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
+    ap.add_argument(
+        "--modes", default="batched,one_at_a_time", help="which servers to run (comma-separated)"
+    )
     ap.add_argument("--out", metavar="FILE.json", help="also write the report here")
     ap.add_argument("--plot", metavar="FILE.png", help="bar charts of the two modes")
     args = ap.parse_args()
@@ -232,16 +268,29 @@ def main() -> None:
             "clients": args.clients,
             "duration_s": args.duration,
             "max_tokens": args.max_tokens,
+            "long_prompts": args.long_prompts,
             "device": args.device,
             "cpu_count": os.cpu_count(),
         }
     }
+    modes = args.modes.split(",")
     for mode, max_batch in (("batched", args.clients), ("one_at_a_time", 1)):
+        if mode not in modes:
+            continue
         print(f"[{mode}] starting the server with --max-batch {max_batch} ...", file=sys.stderr, flush=True)
         proc, url = start_server(run, max_batch, tmp / f"{mode}.sqlite", args.device, args.threads)
         try:
+            before = server_memory_mb(proc.pid)
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            report[mode] = asyncio.run(load(url, model, args.clients, args.duration, args.max_tokens))
+            report[mode] = asyncio.run(
+                load(url, model, args.clients, args.duration, args.max_tokens, args.long_prompts)
+            )
+            after = server_memory_mb(proc.pid)
+            report[mode]["memory"] = {
+                "rss_before_requests_mb": before["rss_mb"],
+                "rss_after_load_mb": after["rss_mb"],
+                "peak_rss_mb": after["peak_rss_mb"],
+            }
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -253,17 +302,19 @@ def main() -> None:
             f"[{mode}] {r['requests']} requests, {r['errors']} errors, {r['tokens_per_s']} tokens/s, "
             f"TTFT p50 {r['ttft_p50_s']} s, latency p50 {r['latency_p50_s']} s, "
             f"rows/forward max {r['server']['max_rows_per_forward']} "
-            f"mean {r['server']['mean_rows_per_forward']}",
+            f"mean {r['server']['mean_rows_per_forward']}; RSS before requests "
+            f"{r['memory']['rss_before_requests_mb']} MB, peak {r['memory']['peak_rss_mb']} MB",
             file=sys.stderr,
             flush=True,
         )
-    one = report["one_at_a_time"]["tokens_per_s"]
-    report["speedup_tokens_per_s"] = round(report["batched"]["tokens_per_s"] / one, 2) if one else None
+    if "batched" in report and "one_at_a_time" in report:
+        one = report["one_at_a_time"]["tokens_per_s"]
+        report["speedup_tokens_per_s"] = round(report["batched"]["tokens_per_s"] / one, 2) if one else None
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    if args.plot:
+    if args.plot and "speedup_tokens_per_s" in report:
         plot(report, Path(args.plot))
         print(f"plot written to {args.plot}", file=sys.stderr)
 

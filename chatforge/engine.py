@@ -10,9 +10,10 @@ finished or cancelled ones. How a batch runs:
     one prefill forward (per-row RoPE positions, a mask hiding the padding, last position's logits)
     then one forward of length 1 per step for the rows still running
 
-The KV cache is allocated once (never concatenated per token). Padding goes on the left so every
-row's next token sits in the same column; RoPE positions start at 0 on each row's first real
-token, so a row computes what it would compute alone. When a row finishes (a stop id or its token
+The KV cache is allocated by need, in chunks of columns, never concatenated per token (see
+`BatchDecoder`: it grows with the rows, shrinks when they leave, within a token budget the server
+sets). Padding goes on the left so every row's next token sits in the same column; RoPE positions
+start at 0 on each row's first real token, so a row computes what it would compute alone. When a row finishes (a stop id or its token
 budget), it leaves the batch and the cache, so the remaining rows do not pay for it.
 
 Reproducibility: each row samples with its own `torch.Generator` (seed s + row index, or a
@@ -21,7 +22,6 @@ seed per row), so a batch produces the same tokens as running its prompts one by
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, KVCache
+from chatforge.model.quant import _release_freed_memory as release_freed_memory
 
 
 # ---- sampling ------------------------------------------------------------------------------
@@ -187,31 +188,77 @@ def _sample_each(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return out
 
 
+COLUMN_CHUNK = 256  # the cache grows by this many columns at a time (fewer copies, little slack)
+
+
+def kv_bytes_per_token(model: GPT) -> int:
+    """Bytes one token's keys and values take in the cache, all layers together."""
+    cfg, param = model.cfg, next(model.parameters())
+    return 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * param.element_size()
+
+
+def reservation(row: Row) -> int:
+    """The most cache columns a row can ever hold: its prompt and every sampled token but the last
+    (which is never fed back)."""
+    return len(row.prompt) + max(row.budget, 1) - 1
+
+
+class LayerCache:
+    """Keys (or values) held as one tensor per layer, (rows, kv heads, columns, head dim), indexed as
+    one (layers, rows, kv heads, columns, head dim) tensor is: `k[layer, :, :, a:b]`, as Attention does.
+    One tensor per layer lets the pool be reallocated a layer at a time, so growing it holds one
+    layer twice for a moment, not the whole cache."""
+
+    def __init__(self, layers: list[torch.Tensor]) -> None:
+        self.layers = layers
+
+    def __getitem__(self, index: tuple) -> torch.Tensor:
+        return self.layers[index[0]][index[1:]]
+
+    def __setitem__(self, index: tuple, value: torch.Tensor) -> None:
+        self.layers[index[0]][index[1:]] = value
+
+
 class BatchDecoder:
     """Rows of one KV cache that advance together: `admit` prefills new rows, `step` gives every
     live row its next token with one forward, `remove` frees rows. A row also leaves by itself when
     it samples one of its stop ids or reaches its budget.
 
-    The cache is allocated once: `capacity` rows x `max_len` columns. Live rows are packed in rows
-    0..B-1 in admission order; each forward runs on a view of those rows (`self.cache`, the one
-    object the model is handed). All rows write their next key/value into the same column `col`, so
-    row r's tokens occupy columns [start_r, col): left padding, generalised to rows that join at
-    different times. Attention does not care where a key sits, only about its RoPE position (each
-    row passes its own, 0 at its first token) and the mask (a row sees columns >= start_r), so a row
-    computes what it would compute alone. When a joining prompt is longer than `col`, the rows move
-    right to make room; when `col` reaches the end, they move left so the oldest starts at column 0.
-    A row never holds more than the model's context, so `seq_len` columns always fit."""
+    Layout: live rows are packed in rows 0..B-1 of the pool in admission order; each forward runs
+    on a view of those rows (`self.cache`, the one object the model is handed). All rows write their
+    next key/value into the same column `col`, so row r's tokens occupy columns [start_r, col): left
+    padding, generalised to rows that join at different times. Attention does not care where a key
+    sits, only about its RoPE position (each row passes its own, 0 at its first token) and the mask
+    (a row sees columns >= start_r), so a row computes what it would compute alone.
 
-    def __init__(self, model: GPT, capacity: int, max_len: int) -> None:
+    Memory by need: the pool (a tensor per layer for keys and one for values) starts empty and holds
+    only the rows live now x the columns they span (rounded up to COLUMN_CHUNK, at most `max_len`).
+    When a joining prompt is longer than `col`, or the columns run out, the pool is reallocated to
+    fit, a layer at a time (live rows copied, the oldest moved to column 0) or, when its size is
+    right, the rows move within it. It is freed when the last row leaves and
+    shrunk when most rows have left. `max_tokens` caps its size (rows x columns): rows share columns,
+    so B rows whose longest `reservation` is R need B x R; `fits` says whether joining rows keep every
+    possible future within the cap, and `admit` refuses rows that do not (the server's scheduler
+    keeps them waiting instead). A row never holds more than `max_len` tokens."""
+
+    def __init__(self, model: GPT, capacity: int, max_len: int, max_tokens: int | None = None) -> None:
         param = next(model.parameters())
-        self.model, self.device = model, param.device
-        self.pool = KVCache(model.cfg, capacity, max_len, device=param.device, dtype=param.dtype)
-        self.cache = copy.copy(self.pool)  # handed to the model: k and v become views into the pool
+        self.model, self.device, self.dtype = model, param.device, param.dtype
+        self.capacity, self.max_len = capacity, max_len
+        self.max_tokens = capacity * max_len if max_tokens is None else max_tokens
+        cfg = model.cfg
+        self.n_layer, self.kv_heads, self.head_dim = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+        self.k: list[torch.Tensor] = []  # per layer: (rows, kv heads, columns, head dim)
+        self.v: list[torch.Tensor] = []
+        self.pool_rows = self.pool_cols = 0
+        self.cache = KVCache(cfg, 0, 0, device=self.device)  # handed to the model: k, v set to views
+        self._allocate(0, 0)
         self.rows: list[Row] = []
         self.start: list[int] = []  # each live row's first column
         self.col = 0  # the column every row writes next
         self.next_token = torch.zeros(0, dtype=torch.long, device=param.device)  # each row's, fed next step
         self.shifts = 0  # times the rows' columns moved (a long prompt joined, or the columns ran out)
+        self.reallocations = 0  # times the pool was allocated anew (grown, shrunk or compacted)
         self._rows_changed()
 
     def _rows_changed(self) -> None:
@@ -219,27 +266,114 @@ class BatchDecoder:
         self.step_view = False  # self.cache no longer views the live rows
         self.padded = any(self.start)
         self.start_t = torch.tensor(self.start, dtype=torch.long, device=self.device)
-        cols = torch.arange(self.pool.max_len, device=self.device)
-        self.key_ok = cols[None, :] >= self.start_t[:, None]  # (B, max_len): a row's own columns
+        cols = torch.arange(self.pool_cols, device=self.device)
+        self.key_ok = cols[None, :] >= self.start_t[:, None]  # (B, columns): a row's own columns
 
     def _view(self, rows: slice, first_col: int, pos: int) -> KVCache:
         """The cache for a forward: `rows` of the pool from column `first_col` on, filled up to `pos`."""
         c = self.cache
-        c.k, c.v = self.pool.k[:, rows, :, first_col:], self.pool.v[:, rows, :, first_col:]
-        c.max_len, c.pos = self.pool.max_len - first_col, pos
+        c.k = LayerCache([t[rows, :, first_col:] for t in self.k])
+        c.v = LayerCache([t[rows, :, first_col:] for t in self.v])
+        c.max_len, c.pos = self.pool_cols - first_col, pos
         return c
+
+    # ---- memory ---------------------------------------------------------------------------
+    @property
+    def allocated_tokens(self) -> int:
+        """Token slots the pool holds now (rows x columns)."""
+        return self.pool_rows * self.pool_cols
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens the live rows hold in the cache (padding not counted)."""
+        return sum(self.col - s for s in self.start)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """What the live rows may come to need: rows x the longest reservation."""
+        return len(self.rows) * max((reservation(r) for r in self.rows), default=0)
+
+    def fits(self, rows: Sequence[Row]) -> bool:
+        """Whether these rows can join now without the pool ever outgrowing `max_tokens` or the rows."""
+        together = [*self.rows, *rows]
+        longest = max(reservation(r) for r in together)
+        return len(together) <= self.capacity and longest <= self.max_len and (
+            len(together) * longest <= self.max_tokens
+        )
+
+    def _columns_for(self, need: int, rows: int) -> int:
+        """Columns to allocate for `need`: rounded up to a chunk, within max_len and the token cap."""
+        rounded = -(-need // COLUMN_CHUNK) * COLUMN_CHUNK
+        return max(need, min(rounded, self.max_len, self.max_tokens // max(rows, 1)))
+
+    def _allocate(
+        self, rows: int, cols: int, move: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    ) -> None:
+        """A pool of `rows` x `cols`, a layer at a time: each new layer (zeros: padding stays finite)
+        gets `move(old, new)` and the old one is freed before the next is made."""
+        self.cache.k = self.cache.v = None  # drop the views, which would keep the old layers alive
+        for layers in (self.k, self.v):
+            for i in range(self.n_layer):
+                shape = (rows, self.kv_heads, cols, self.head_dim)
+                new = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if move is not None:
+                    move(layers[i], new)
+                if i < len(layers):
+                    layers[i] = new
+                else:
+                    layers.append(new)
+        self.pool_rows, self.pool_cols = rows, cols
+
+    def _reallocate(self, rows: int, cols: int, new_col: int) -> None:
+        """A pool of `rows` x `cols` holding the live rows' columns, moved so `col` becomes `new_col`."""
+        B, lo, c = len(self.rows), min(self.start, default=self.col), self.col
+        d = new_col - c
+
+        def move(old: torch.Tensor, new: torch.Tensor) -> None:
+            if B and c > lo:
+                new[:B, :, lo + d : c + d] = old[:B, :, lo:c]
+
+        self._allocate(rows, cols, move)
+        self.reallocations += 1
+        self._moved(d)
+
+    def _make_room(self, rows: int, left: int) -> None:
+        """Ensure `rows` rows, at least `left` columns before the write column and one free at it.
+        Reallocate when the pool is too small; else move the rows within it when they must move."""
+        lo = min(self.start, default=self.col)
+        new_col = max(self.col - lo, left)  # the live rows compacted to column 0, or moved right
+        need = new_col + 1
+        if rows > self.pool_rows or need > self.pool_cols:
+            self._reallocate(rows, self._columns_for(need, rows), new_col)
+        elif self.col < left or self.col >= self.pool_cols:
+            self._shift(new_col - self.col)
+
+    def _shrink_if_sparse(self) -> None:
+        """After rows left: free the pool when none is live, shrink it when half its rows are free."""
+        B = len(self.rows)
+        if B == 0 and self.allocated_tokens:
+            self.col = 0
+            self._reallocate(0, 0, 0)
+        elif 0 < B <= self.pool_rows // 2:
+            span = self.col - min(self.start)
+            self._reallocate(B, self._columns_for(span + 1, B), span)
+        else:
+            return
+        release_freed_memory()  # a layer is a few MB: glibc would keep the freed pages otherwise
 
     def admit(self, rows: list[Row]) -> list[tuple[Row, int, bool]]:
         """Prefill the rows' prompts in one forward (left-padded to the longest; only the last position
         is projected onto the vocabulary) into columns ending at `col`, and sample each one's first
         token. Returns (row, token, finished) per row; a finished row has already left."""
         B, n, L = len(self.rows), len(rows), max(len(r.prompt) for r in rows)
-        if B + n > self.pool.k.size(1) or L > self.pool.max_len:
-            raise ChatforgeError(f"{n} prompts of up to {L} tokens do not fit the decoder's free rows")
+        if not self.fits(rows):
+            raise ChatforgeError(
+                f"{n} prompts of up to {L} tokens do not fit the decoder's free rows and cache "
+                f"({B} of {self.capacity} rows live, {self.max_tokens} token slots)"
+            )
         if B == 0:
-            self.col = L
-        elif self.col < L:  # not enough columns left of the write column: move every row right
-            self._shift(L - self.col)
+            self.col = 0
+        self._make_room(B + n, L)  # L columns left of the write column for the prompts
         pad = [L - len(r.prompt) for r in rows]
         idx = torch.tensor(
             [[0] * k + [int(t) for t in r.prompt] for k, r in zip(pad, rows, strict=True)], device=self.device
@@ -267,8 +401,8 @@ class BatchDecoder:
         """One forward for every live row (each feeds its last token) and one new token per row.
         Returns (row, token, finished) per row in batch order; finished rows have already left."""
         B = len(self.rows)
-        if self.col >= self.pool.max_len:  # out of columns: move all rows left, the oldest to column 0
-            self._shift(-min(self.start))
+        if self.col >= self.pool_cols:  # out of columns: grow the pool, or move the rows left
+            self._make_room(B, 0)
         if self.step_view:  # the live rows are as at the last step: only the write column moved
             cache, cache.pos = self.cache, self.col
         else:
@@ -306,26 +440,29 @@ class BatchDecoder:
         if first < len(keep):
             sel = torch.tensor(keep[first:], device=self.device)
             n = len(keep)
-            for t in (self.pool.k, self.pool.v):
-                t[:, first:n, :, : self.col] = t[:, :, :, : self.col].index_select(1, sel)
+            for t in (*self.k, *self.v):
+                t[first:n, :, : self.col] = t[:, :, : self.col].index_select(0, sel)
         self.next_token = self.next_token[torch.tensor(keep, dtype=torch.long, device=self.device)]
         self.rows = [self.rows[j] for j in keep]
         self.start = [self.start[j] for j in keep]
-        if not self.rows:
-            self.col = 0
         self._rows_changed()
+        self._shrink_if_sparse()
 
     def _shift(self, d: int) -> None:
         """Move every live row's columns by d (right if d > 0, left if d < 0)."""
         B, c = len(self.rows), self.col
-        for t in (self.pool.k, self.pool.v):
+        for t in (*self.k, *self.v):
             if d > 0:
-                t[:, :B, :, d : c + d] = t[:, :B, :, :c].clone()
+                t[:B, :, d : c + d] = t[:B, :, :c].clone()
             else:
-                t[:, :B, :, : c + d] = t[:, :B, :, -d:c].clone()
+                t[:B, :, : c + d] = t[:B, :, -d:c].clone()
+        self._moved(d)
+
+    def _moved(self, d: int) -> None:
+        """The live rows' columns moved by d: update their starts and the write column."""
         self.start = [s + d for s in self.start]
-        self.col = c + d
-        self.shifts += 1
+        self.col += d
+        self.shifts += d != 0 and bool(self.rows)  # an empty decoder only picks its write column
         self._rows_changed()
 
 

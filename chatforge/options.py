@@ -29,7 +29,7 @@ def opt(
     help: str = "",
     *,
     flag: str | None = None,
-    short: str | None = None,
+    short: str | tuple[str, ...] | None = None,
     metavar: str | None = None,
     choices: tuple | None = None,
     required: bool = False,
@@ -82,8 +82,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f.name, type=kind, **kw)
             continue
         names = [m["flag"] or "--" + f.name.replace("_", "-")]
-        if m["short"]:
-            names.insert(0, m["short"])
+        if m["short"]:  # a short flag, or a tuple of other names (aliases)
+            names[:0] = [m["short"]] if isinstance(m["short"], str) else list(m["short"])
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", **kw)
             continue
@@ -477,6 +477,21 @@ class ServeOptions:
     )  # fmt: skip
     max_batch: int = opt(16, "sequences generated together (1 = one at a time)")
     max_queue: int = opt(64, "requests allowed to wait; more get 429 (default 64)")
+    max_model_len: int | None = opt(
+        None, "most tokens per request, prompt + completion; longer ones get 400 (default: the model's "
+        "context, or what the KV cache holds if less)", short=("-c", "--ctx-size"), metavar="TOKENS",
+    )  # fmt: skip
+    kv_cache_mb: float = opt(
+        384.0, "KV cache budget in MB, allocated as requests need it; requests wait when it is full "
+        "(default 384)", metavar="MB",
+    )  # fmt: skip
+    kv_cache_tokens: int | None = opt(
+        None, "KV cache budget in tokens, instead of --kv-cache-mb", metavar="TOKENS"
+    )
+    log_level: str = opt(
+        "info", "log level; info logs one access line per request (default info)",
+        choices=("debug", "info", "warning", "error"),
+    )  # fmt: skip
     db: str | None = opt(None, "feedback SQLite file (default RUN/feedback.sqlite)", metavar="FILE")
     comparisons: str | None = opt(
         None, "the web page's compare view appends picks here, the format `chatforge prefs` reads "

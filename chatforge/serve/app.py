@@ -11,6 +11,7 @@ feedback store. The app is put together here; its parts live beside it:
                       OpenAI's shape
     state.py          ServerState (model, tokenizer, scheduler, store) that every route shares
     command.py        `chatforge serve`'s options and uvicorn
+    metrics.py        GET /metrics (Prometheus) and the access log
 
 Requests go through a `Scheduler` (scheduler.py): every running generation shares one forward
 pass per token (continuous batching); `--max-batch 1` serves one at a time. Errors use OpenAI's
@@ -50,7 +51,7 @@ from fastapi import FastAPI
 from chatforge.align.label import Judge
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
-from chatforge.serve import routes_compare, routes_openai, routes_store
+from chatforge.serve import metrics, routes_compare, routes_openai, routes_store
 from chatforge.serve.auth import ADMIN, LOOPBACK_HOSTS, Keys, User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.middleware import Guard, add_error_handlers
@@ -70,6 +71,8 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     max_batch: int = 16,
     max_queue: int = 64,
+    max_model_len: int | None = None,
+    kv_cache_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
     body_timeout: float = 30.0,
     comparisons: Path | None = None,
@@ -84,7 +87,9 @@ def create_app(
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
         )
-    scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue)
+    scheduler = Scheduler(
+        model, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens
+    )
     srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page())
 
     @asynccontextmanager
@@ -100,6 +105,7 @@ def create_app(
     app.include_router(routes_openai.router)
     app.include_router(routes_store.router)
     app.include_router(routes_compare.router)
+    app.include_router(metrics.router)
     all_keys = keys.copy() if keys else Keys()
     if api_key:
         all_keys.add(api_key, User(ADMIN, admin=True))
@@ -110,4 +116,6 @@ def create_app(
         max_body_bytes=max_body_bytes,
         body_timeout=body_timeout,
     )
+    srv.keys_required = bool(all_keys)
+    app.add_middleware(metrics.AccessLog, metrics=scheduler.metrics)  # outermost: sees every answer
     return app

@@ -6,14 +6,22 @@ environment or the command line) and the address. Without keys the server listen
 only; any other address is refused (fail closed). uvicorn runs with deadlines (`uvicorn_config`):
 a connection must finish its request's headers within --header-timeout seconds (else it is closed,
 so slow clients cannot pile up), its body within --body-timeout (middleware.Guard), and at most
---max-connections are open at once."""
+--max-connections are open at once.
+
+Memory: the KV cache is allocated as requests need it, up to --kv-cache-mb (or --kv-cache-tokens);
+--max-model-len caps prompt + completion per request. Logs: --log-level, one access line per
+request at info (metrics.AccessLog). The port is bound before the model loads, so a port already in
+use is one line naming it, before anything says "serving"."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import logging
 import os
 import resource
+import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from chatforge.align.label import Judge
 from chatforge.checkpoint import load_run
 from chatforge.device import pick_device
+from chatforge.engine import kv_bytes_per_token
 from chatforge.errors import ChatforgeError
 from chatforge.options import ServeOptions, add_options, options_from_args
 from chatforge.serve.app import create_app
@@ -108,8 +117,10 @@ def uvicorn_config(
     port: int = 8000,
     header_timeout: float = 10.0,
     max_connections: int = 1000,
+    log_level: str = "warning",
 ) -> uvicorn.Config:
-    """uvicorn's settings for this server: header deadline, keep-alive, connection cap."""
+    """uvicorn's settings for this server: header deadline, keep-alive, connection cap. uvicorn's
+    own access log is off: metrics.AccessLog writes one that names the user and the latency."""
     if header_timeout <= 0 or max_connections < 1:
         raise ChatforgeError("--header-timeout must be > 0 and --max-connections >= 1")
     protocol = type("DeadlineH11", (DeadlineH11,), {"header_timeout": header_timeout})
@@ -118,7 +129,8 @@ def uvicorn_config(
         host=host,
         port=port,
         http=protocol,
-        log_level="warning",
+        log_level=log_level,
+        access_log=False,
         lifespan="on",
         timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=max_connections,
@@ -141,9 +153,72 @@ def open_files_for(connections: int) -> None:
             )
 
 
-def build_server_app(args: ServeOptions):
-    """Check the options, load the run and build the app `cmd_serve` runs (separate so tests can call
-    it). Returns (app, model id, feedback file, keys)."""
+def configure_logging(level: str) -> None:
+    """Log lines to stderr at `level` (debug, info, warning, error): chatforge's and uvicorn's."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("chatforge").setLevel(level.upper())
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use fails in one line, first."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ChatforgeError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ChatforgeError(
+                f"port {port} on {host} is already in use (another server?); pick a free one with "
+                f"--port N, or stop the program that holds it (e.g. `ss -ltnp 'sport = :{port}'`)"
+            ) from None
+        raise ChatforgeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def kv_cache_budget(args: ServeOptions, model) -> tuple[int, int | None]:
+    """(KV cache budget in tokens, max_model_len or None for the default) from the options.
+    Without --max-model-len, a cache smaller than the model's context caps it (said on stderr)."""
+    per_token = kv_bytes_per_token(model)
+    if args.kv_cache_tokens is not None:
+        tokens = args.kv_cache_tokens
+        what = f"--kv-cache-tokens {tokens}"
+    else:
+        if args.kv_cache_mb <= 0:
+            raise ChatforgeError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb:g}")
+        tokens = int(args.kv_cache_mb * 2**20 // per_token)
+        what = f"--kv-cache-mb {args.kv_cache_mb:g} ({tokens} tokens of this model's cache)"
+    ctx = model.cfg.seq_len
+    if args.max_model_len is not None:
+        if not 2 <= args.max_model_len <= ctx:
+            raise ChatforgeError(f"--max-model-len must be in 2..{ctx} (the model's context), got {args.max_model_len}")
+        if tokens < args.max_model_len:
+            raise ChatforgeError(
+                f"{what} cannot hold one request of --max-model-len {args.max_model_len}; "
+                "raise the cache budget or lower --max-model-len"
+            )
+        return tokens, args.max_model_len
+    if tokens < 2:
+        raise ChatforgeError(f"{what} holds no request at all; raise it")
+    if tokens < ctx:
+        print(
+            f"chatforge: note: {what} holds less than the model's context of {ctx}; requests are "
+            f"capped at {tokens} tokens (raise the budget, or set --max-model-len to silence this)",
+            file=sys.stderr,
+        )
+        return tokens, tokens
+    return tokens, None
+
+
+def checked_keys(args: ServeOptions) -> Keys:
+    """Check the options that need no model, and return the keys (fail closed: no keys, loopback only)."""
     if args.max_batch < 1:
         raise ChatforgeError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 1 <= args.port <= 65535:
@@ -157,8 +232,18 @@ def build_server_app(args: ServeOptions):
             "conversation; give keys (--keys FILE, --api-key-file FILE or $CHATFORGE_API_KEY) "
             "or listen on 127.0.0.1"
         )
+    return keys
+
+
+def build_server_app(args: ServeOptions, keys: Keys | None = None):
+    """Check the options, load the run and build the app `cmd_serve` runs (separate so tests can call
+    it). `keys`: from `checked_keys`, when the caller checked already. Returns (app, model id,
+    feedback file, keys)."""
+    if keys is None:
+        keys = checked_keys(args)
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
     loaded = load_run(args.model, inference=True, device=pick_device(args.device))
+    kv_tokens, max_model_len = kv_cache_budget(args, loaded.model)
     run = Path(args.model).resolve()
     store = FeedbackStore(Path(args.db) if args.db else run / "feedback.sqlite")
     name = args.name or run.name
@@ -171,6 +256,8 @@ def build_server_app(args: ServeOptions):
         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_model_len=max_model_len,
+        kv_cache_tokens=kv_tokens,
         max_body_bytes=args.max_request_kb * 1024,
         body_timeout=args.body_timeout,
         comparisons=Path(args.comparisons) if args.comparisons else run / "comparisons.jsonl",
@@ -188,8 +275,11 @@ def _judge(args: ServeOptions) -> Judge | None:
 
 
 def cmd_serve(args: ServeOptions) -> None:
+    configure_logging(args.log_level)
     open_files_for(args.max_connections)
-    app, name, db, keys = build_server_app(args)
+    keys = checked_keys(args)
+    sock = bind_port(args.host, args.port)  # before the model loads: a taken port fails first, in one line
+    app, name, db, keys = build_server_app(args, keys)
     hosts = allowed_hosts(args.host, args.allowed_hosts)
     config = uvicorn_config(
         app,
@@ -197,6 +287,12 @@ def cmd_serve(args: ServeOptions) -> None:
         port=args.port,
         header_timeout=args.header_timeout,
         max_connections=args.max_connections,
+        log_level=args.log_level,
+    )
+    sched = app.state.server.scheduler
+    memory = (
+        f"context {sched.max_model_len}, KV cache up to {sched.decoder.max_tokens} tokens "
+        f"({sched.decoder.max_tokens * kv_bytes_per_token(app.state.server.model) / 2**20:.0f} MB)"
     )
     who = (
         f"keys for {', '.join(keys.users)}"
@@ -204,12 +300,12 @@ def cmd_serve(args: ServeOptions) -> None:
         else "no API key: loopback only, and every caller sees every conversation"
     )
     print(
-        f"serving {name} (batch {args.max_batch}) at http://{args.host}:{args.port}/ "
+        f"serving {name} (batch {args.max_batch}, {memory}) at http://{args.host}:{args.port}/ "
         f"(chat page; OpenAI API under /v1), {who}, feedback in {db}; answers to Host "
         f"{', '.join(hosts)} (more with --allowed-hosts)",
         flush=True,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -7,10 +7,16 @@ A row leaves the batch the moment it finishes (a stop id, its budget, or its cli
 waiting job takes its place at the next step: nobody waits for the slowest answer of a batch.
 
 The rows, their KV cache and their sampling are engine.BatchDecoder's, the same core that
-`engine.generate` runs: a KV cache of `max_batch` rows x `seq_len` columns allocated once, into
-whose free rows a joining prompt is prefilled directly. Rows cost a copy only when one leaves or
-the columns run out, never per token (stacking a cache per sequence at every step would copy
-every row's whole cache per token).
+`engine.generate` runs: one KV cache whose rows the running jobs share, allocated by need (the rows
+live now x the columns they span, grown in chunks, freed when the last row leaves) under a budget
+of `kv_cache_tokens` token slots. Rows cost a copy only when one leaves or the pool grows, never per
+token (stacking a cache per sequence at every step would copy every row's whole cache per token).
+
+Memory and waiting: a job reserves the columns it may come to need (prompt + its token budget),
+and the rows share columns, so B rows cost B x the longest reservation. A waiting job joins only
+when that stays within the budget and a row is free (`BatchDecoder.fits`), in arrival order: when
+the budget is full, new requests wait in the queue; nothing runs out of memory mid-answer and no
+answer is cut short. `max_model_len` caps prompt + completion per request.
 
 Exactness: a row computes what it would compute alone (its own RoPE positions and attention mask)
 and samples with its own generator, so greedy (and seeded) output matches `engine.generate` for
@@ -32,6 +38,7 @@ import torch
 from chatforge.engine import BatchDecoder, Row, check_sampling, token_budgets
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
+from chatforge.serve.metrics import SchedulerMetrics
 
 
 class QueueFull(ChatforgeError):
@@ -91,15 +98,37 @@ class Stats:
 class Scheduler:
     """Owns the model on one thread; `submit(job)` from any thread. See the module docstring."""
 
-    def __init__(self, model: GPT, *, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_model_len: int | None = None,
+        kv_cache_tokens: int | None = None,
+    ) -> None:
+        """max_model_len: prompt + completion per request (default: the model's context);
+        kv_cache_tokens: the KV cache's budget in token slots (default: max_batch x max_model_len)."""
         if max_batch < 1:
             raise ChatforgeError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
             raise ChatforgeError(f"max_queue must be >= 0, got {max_queue}")
-        self.model = model
+        ctx = model.cfg.seq_len
+        max_model_len = ctx if max_model_len is None else max_model_len
+        if not 2 <= max_model_len <= ctx:
+            raise ChatforgeError(f"max_model_len must be in 2..{ctx} (the model's context), got {max_model_len}")
+        kv_cache_tokens = max_batch * max_model_len if kv_cache_tokens is None else kv_cache_tokens
+        if kv_cache_tokens < max_model_len:
+            raise ChatforgeError(
+                f"a KV cache of {kv_cache_tokens} tokens cannot hold one request of max_model_len "
+                f"{max_model_len}; raise the cache or lower max_model_len"
+            )
+        self.model, self.max_model_len = model, max_model_len
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = next(model.parameters()).device
-        self.decoder = BatchDecoder(model, max_batch, model.cfg.seq_len)
+        self.decoder = BatchDecoder(model, max_batch, max_model_len, max_tokens=kv_cache_tokens)
+        self.metrics = SchedulerMetrics()  # for /metrics: fed here, gauges read from `load`
+        self.metrics.watch(self.load)
         self.waiting: collections.deque[Job] = collections.deque()
         self.stats = Stats()
         self._cv = threading.Condition()
@@ -127,11 +156,17 @@ class Scheduler:
 
     def check(self, job: Job) -> int:
         """Validate a job (prompt ids, budget, sampling) without queueing it: ChatforgeError if bad.
-        Returns its budget: min(max_new_tokens, context - prompt length), as in the engine."""
+        Returns its budget: min(max_new_tokens, max_model_len - prompt length), as in the engine."""
         check_sampling(job.temperature, job.top_k, job.top_p)
         if job.max_new_tokens < 1:
             raise ChatforgeError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
-        return token_budgets(self.model, [job.prompt], job.max_new_tokens)[0]
+        budget = token_budgets(self.model, [job.prompt], job.max_new_tokens)[0]
+        if len(job.prompt) >= self.max_model_len:
+            raise ChatforgeError(
+                f"the prompt has {len(job.prompt)} tokens but this server's max_model_len is "
+                f"{self.max_model_len}, leaving no room to generate; shorten the prompt"
+            )
+        return min(budget, self.max_model_len - len(job.prompt))
 
     def submit(self, *jobs: Job) -> None:
         """Queue jobs (all or none). Raises QueueFull when the waiting line is full, ChatforgeError
@@ -152,8 +187,32 @@ class Scheduler:
             self._cv.notify_all()
 
     def load(self) -> dict:
+        """What runs and waits now, and the KV cache's use in token slots."""
         with self._cv:
-            return {"active": len(self.active), "waiting": len(self.waiting), "max_batch": self.max_batch}
+            d = self.decoder
+            return {
+                "active": len(self.active),
+                "waiting": len(self.waiting),
+                "max_batch": self.max_batch,
+                "kv_cache": {
+                    "used_tokens": d.used_tokens,  # the live rows' tokens
+                    "reserved_tokens": d.reserved_tokens,  # what they may come to need
+                    "allocated_tokens": d.allocated_tokens,  # what the pool holds now
+                    "budget_tokens": d.max_tokens,
+                },
+            }
+
+    def _next_admissions(self) -> list[Job]:
+        """Waiting jobs that may join now, in arrival order (called holding the lock): as many as
+        there are free rows and KV budget; cancelled ones too (they only need their end event)."""
+        admit: list[Job] = []
+        while self.waiting:
+            head = self.waiting[0]
+            joining = [job for job in admit if not job.cancelled.is_set()]
+            if not head.cancelled.is_set() and not self.decoder.fits([*joining, head]):
+                break  # the budget or the rows are full: it waits, and so do the ones behind it
+            admit.append(self.waiting.popleft())
+        return admit
 
     # ---- the scheduler thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -164,9 +223,7 @@ class Scheduler:
                         self._cv.wait()
                     if self._stop:
                         break
-                    admit = []
-                    while self.waiting and len(self.active) + len(admit) < self.max_batch:
-                        admit.append(self.waiting.popleft())
+                    admit = self._next_admissions()
                 try:
                     self._admit(admit)
                     self._drop_cancelled()
@@ -177,6 +234,7 @@ class Scheduler:
                     admitted = {id(job) for job in admit}
                     for job in [*admit, *(j for j in self.active if id(j) not in admitted)]:
                         job.on_event("error", message)
+                        self.metrics.finished("error")
                     self.decoder.remove(self.active)
             for job in [*self.active, *self.waiting]:  # shutting down: tell whoever is still waiting
                 job.on_event("error", "the server is shutting down")
@@ -185,10 +243,15 @@ class Scheduler:
         """Deliver each job's new token, and "done" to the ones that finished (they have left)."""
         for job, token, finished in events:
             self.stats.tokens += 1
+            if job.generated == 1:
+                self.metrics.first_token(time.perf_counter() - job.submitted)
             job.on_event("token", token)
             if finished:
-                job.on_event("done", "stop" if token in job.stop_ids else "length")
+                reason = "stop" if token in job.stop_ids else "length"
+                job.on_event("done", reason)
+                self.metrics.finished(reason)
                 self.stats.finished += 1
+        self.metrics.generated(len(events))
         self.stats.shifts = self.decoder.shifts
 
     def _admit(self, jobs: list[Job]) -> None:
@@ -199,6 +262,7 @@ class Scheduler:
             job = jobs[0]
             if job.cancelled.is_set():
                 job.on_event("done", "cancelled")
+                self.metrics.finished("cancelled")
                 self.stats.cancelled += 1
             else:
                 events = self.decoder.admit([job])
@@ -210,6 +274,7 @@ class Scheduler:
         cancelled = [job for job in self.active if job.cancelled.is_set()]
         for job in cancelled:
             job.on_event("done", "cancelled")
+            self.metrics.finished("cancelled")
             self.stats.cancelled += 1
         if cancelled:
             self.decoder.remove(cancelled)

@@ -52,10 +52,12 @@ class ServerState:
     page: dict[str, bytes] = field(default_factory=dict)  # the chat page's files, read once at start
     created: int = field(default_factory=lambda: int(time.time()))
     inbox: Inbox | None = None  # made on the first request, for the loop that serves it
+    keys_required: bool = False  # whether the server has keys (then /metrics needs an admin's)
 
     @property
     def ctx(self) -> int:
-        return self.model.cfg.seq_len
+        """Most tokens per request, prompt + completion: --max-model-len (default the model's context)."""
+        return self.scheduler.max_model_len
 
 
 async def _server_state(request: Request) -> ServerState:
