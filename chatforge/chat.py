@@ -33,6 +33,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
 from chatforge.options import ChatOptions
+from chatforge.redteam.defenses import DefenseStack, InputBlocked, parse_defenses
 from chatforge.terminal import ControlStripper, strip_controls
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
@@ -233,6 +234,7 @@ class ChatSession:
         assistant_prefix: str = "assistant> ",
         registry: ToolRegistry | None = None,
         max_calls: int = 4,
+        defenses: DefenseStack | None = None,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
@@ -246,6 +248,7 @@ class ChatSession:
         self.assistant_prefix = assistant_prefix
         self.registry = registry
         self.max_calls = max_calls
+        self.defenses = defenses  # what each prompt and answer passes through (redteam/defenses.py)
         self.tools = registry.schemas() if registry is not None else None
         self.messages: list[dict] = []  # user / assistant turns, the system prompt kept apart
         self.window = 0  # index of the oldest message the model still sees
@@ -338,6 +341,13 @@ class ChatSession:
         visible = self._fit(buf)
         if visible is None:
             return
+        if self.defenses is not None:
+            try:
+                visible = self.defenses.prepare(visible)
+            except InputBlocked as e:  # fail closed: the message is not sent and not kept
+                self.messages.pop()
+                self._say(f"({e})", buf)
+                return
         seed = None if self.seed is None else self.seed + self.turns
         self.turns += 1
         if self.registry is not None:
@@ -345,10 +355,12 @@ class ChatSession:
             return
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
+        checked = self.defenses is not None and self.defenses.checks_output  # shown whole, once checked
 
         def on_token(delta: str) -> None:
             pieces.append(delta)
-            self._emit(stripper.push(delta), buf)
+            if not checked:
+                self._emit(stripper.push(delta), buf)
 
         self._emit(self.assistant_prefix, buf)
         try:
@@ -370,14 +382,19 @@ class ChatSession:
                 return
         else:
             self._emit(stripper.end() + "\n", buf)
+        if checked:
+            text = self.defenses.check_answer(text)
+            self._emit(strip_controls(text) + "\n", buf)
         self.messages.append(parse_assistant(text))
 
     def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
         at_start = [False]  # the cursor is at the start of a line (after a tool line)
         stripper = ControlStripper()  # model text and tool output may hold terminal control sequences
+        checked = self.defenses is not None and self.defenses.checks_output  # the answer shown once checked
+        registry = self.registry if self.defenses is None else self.defenses.guard_registry(self.registry, visible)
 
         def on_text(delta: str) -> None:
-            delta = stripper.push(delta)
+            delta = "" if checked else stripper.push(delta)
             if at_start[0]:
                 delta = delta.lstrip()
             if delta:
@@ -392,7 +409,7 @@ class ChatSession:
         self._emit(self.assistant_prefix, buf)
         try:
             new, reason = chat_turn_with_tools(
-                self.model, self.tok, visible, self.registry, max_new_tokens=self.max_new_tokens,
+                self.model, self.tok, visible, registry, max_new_tokens=self.max_new_tokens,
                 max_calls=self.max_calls, seed=seed, on_text=on_text, on_tool=on_tool, **self.sampling,
             )  # fmt: skip
         except KeyboardInterrupt:  # the runner keeps nothing of an interrupted turn: forget the question
@@ -402,6 +419,10 @@ class ChatSession:
             self.messages.pop()
             return
         on_text(stripper.end())
+        if checked and new and new[-1]["role"] == "assistant" and new[-1].get("content"):
+            new[-1] = self.defenses.checked_message(new[-1], visible)
+            self._emit(strip_controls(new[-1]["content"]), buf)
+            at_start[0] = False
         if not at_start[0]:
             self._emit("\n", buf)
         if reason == "context":
@@ -470,6 +491,7 @@ def cmd_chat(args: ChatOptions) -> None:
     if args.max_calls < 0:
         raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
+    defenses = parse_defenses(args.defenses)  # a bad name fails before the model loads
     run = load_run(args.model, args.quantize or True, pick_device(args.device))
     model, tok, model_dir = run.model, run.tokenizer, run.folder
     ctx = model.cfg.seq_len
@@ -480,7 +502,7 @@ def cmd_chat(args: ChatOptions) -> None:
         if args.tools == "all":  # what guards the model's code, said before any of it runs
             print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
         if args.prompt is not None:
-            _one_prompt(args, model, tok, registry, tools, max_new, asked)
+            _one_prompt(args, model, tok, registry, tools, max_new, asked, defenses)
             return
         if tools:  # the tool descriptions alone must leave room for a question and its answer
             head = [{"role": "system", "content": args.system}] if args.system else []
@@ -495,6 +517,7 @@ def cmd_chat(args: ChatOptions) -> None:
         session = ChatSession(
             model, tok, system=args.system, max_new_tokens=max_new, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
+            defenses=defenses,
         )  # fmt: skip
         banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
         if registry is not None:
@@ -505,13 +528,18 @@ def cmd_chat(args: ChatOptions) -> None:
         _tidy_files(folder, temporary)
 
 
-def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None) -> None:
+def _one_prompt(
+    args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, defenses: DefenseStack | None
+) -> None:
     """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr."""
     ctx = model.cfg.seq_len
     temperature = 0.0 if args.temperature is None else args.temperature
     check_sampling(temperature, args.top_k, args.top_p)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
+    if defenses is not None:  # a scanner's refusal is an error: nothing is generated
+        messages = defenses.prepare(messages)
+        registry = registry if registry is None else defenses.guard_registry(registry, messages)
     n = len(render_prompt(tok, messages, tools=tools))
     if n >= ctx:
         hint = ""
@@ -533,6 +561,8 @@ def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int,
         if reason == "context":
             print("chatforge: a tool result filled the context; no answer", file=sys.stderr)
         text = final_answer(new)
+    if defenses is not None:
+        text = defenses.check_answer(text)
     print(strip_controls(text).strip(), flush=True)
 
 

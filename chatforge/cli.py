@@ -50,6 +50,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "winrate": Command(o.WinrateOptions, "chatforge.align.reward:cmd_winrate", "how often a reward model prefers one model's sampled answers to another's"),
     },
     "rl": Command(o.RLOptions, "chatforge.align.rl:cmd_rl", "reinforcement learning from a checkable reward (GRPO)"),
+    "redteam": Command(o.RedteamOptions, "chatforge.redteam.command:cmd_redteam", "attack your own model (jailbreaks, encodings, prompt injection, exfiltration) and measure defenses"),
     "serve": Command(o.ServeOptions, "chatforge.serve.command:cmd_serve", "OpenAI-compatible API server with a web chat page and a feedback store"),
     "feedback": {
         "list": Command(o.FeedbackListOptions, "chatforge.serve.feedback:cmd_feedback_list", "conversations in a feedback database, newest first, with their ratings"),

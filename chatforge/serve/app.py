@@ -51,6 +51,7 @@ from fastapi import FastAPI
 from chatforge.align.label import Judge
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
+from chatforge.redteam.defenses import DefenseStack
 from chatforge.serve import metrics, routes_compare, routes_openai, routes_store
 from chatforge.serve.auth import ADMIN, LOOPBACK_HOSTS, Keys, User
 from chatforge.serve.feedback import FeedbackStore
@@ -77,12 +78,13 @@ def create_app(
     body_timeout: float = 30.0,
     comparisons: Path | None = None,
     judge: Judge | None = None,
+    defenses: DefenseStack | None = None,
 ) -> FastAPI:
     """The server for one model. The scheduler thread starts with the app and stops with it.
     `api_key` is the admin's key (the single-user shortcut), `keys` everyone's; with neither, every
     caller is the local user. `allowed_hosts`: the Host names it answers (default: loopback names;
     ["*"] for any). `comparisons`: the file the compare view appends picks to (None: it keeps none),
-    `judge`: the model that drafts a pick there."""
+    `judge`: the model that drafts a pick there. `defenses`: what chat requests and answers pass through."""
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
@@ -90,7 +92,7 @@ def create_app(
     scheduler = Scheduler(
         model, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens
     )
-    srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page())
+    srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page(), defenses=defenses)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

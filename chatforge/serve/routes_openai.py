@@ -36,6 +36,8 @@ from chatforge.serve.streaming import (
     completion_chunks,
     drain,
     finish_choices,
+    pump,
+    sse,
     start_jobs,
     stream_response,
     usage,
@@ -150,10 +152,11 @@ def _chat_prompt(
     choice = _tool_choice(srv, req)
     messages = [_message(m) for m in req.messages]
     try:
-        ids = render_prompt(srv.tok, messages, tools=choice.tools or None)
+        shown = messages if srv.defenses is None else srv.defenses.prepare(messages)  # InputBlocked: 400
+        ids = render_prompt(srv.tok, shown, tools=choice.tools or None)
         left_out = 0
         if req.trim_history and len(ids) + _answer_room(srv, req) > srv.ctx:
-            ids, left_out = _trimmed_prompt(srv, req, messages, choice.tools)
+            ids, left_out = _trimmed_prompt(srv, req, shown, choice.tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
     return messages, ids, choice, left_out
@@ -212,6 +215,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         head["trimmed_messages"] = left_out  # how many of the oldest messages the prompt left out
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if srv.defenses is not None and srv.defenses.checks_output:
+            chunks = checked_chunks(srv, messages, head, choices, events, len(ids), include_usage)
+            return stream_response(chunks, choices, srv.store)
         return stream_response(
             chat_chunks(head, choices, events, len(ids), include_usage), choices, srv.store
         )
@@ -222,7 +228,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         "choices": [
             {
                 "index": c.index,
-                "message": answer_message(c.text),
+                "message": checked_answer(srv, answer_message(c.text), messages),
                 "logprobs": None,
                 "finish_reason": c.text.finish or "stop",
             }
@@ -230,6 +236,30 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         ],
         "usage": usage(len(ids), choices),
     }
+
+
+def checked_answer(srv: ServerState, message: dict, messages: list[dict]) -> dict:
+    """The answer after the server's --defenses (the canary, the output policy, tool permissions)."""
+    return message if srv.defenses is None else srv.defenses.checked_message(message, messages)
+
+
+async def checked_chunks(
+    srv: ServerState, messages: list[dict], head: dict, choices: list, events, n_prompt: int, include_usage: bool
+):
+    """A stream whose answers are checked first: each is generated whole, then sent as one chunk."""
+    async for _ in pump(choices, events, None):
+        pass
+    base = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
+    for c in choices:
+        msg = checked_answer(srv, answer_message(c.text), messages)
+        delta = {"role": "assistant", "content": msg.get("content") or ""}
+        if msg.get("tool_calls"):
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(msg["tool_calls"])]
+        finish = c.text.finish or "stop"
+        yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(n_prompt, choices)})
+    yield "data: [DONE]\n\n"
 
 
 # ---- completions ---------------------------------------------------------------------------
