@@ -15,6 +15,7 @@ from chatforge.redteam.harness import (
     Generate,
     asr_table,
     build_attacks,
+    cached,
     clean_accuracy,
     engine_generator,
     outcome_record,
@@ -92,7 +93,7 @@ def cmd_redteam(opts: RedteamOptions) -> None:
     from chatforge.device import pick_device
 
     run = load_run(opts.model, True, pick_device(opts.device))
-    generate = engine_generator(run.model, run.tokenizer, opts.max_new_tokens, opts.batch_size)
+    generate = cached(engine_generator(run.model, run.tokenizer, opts.max_new_tokens, opts.batch_size))
     report = redteam(generate, opts, Path(run.folder).name)
     out = Path(opts.out) if opts.out else Path(run.folder) / "redteam"
     for path in write_report(report, out):

@@ -60,6 +60,23 @@ def engine_generator(model, tok, max_new_tokens: int = 96, batch_size: int = 16)
     return generate
 
 
+def cached(generate: Generate) -> Generate:
+    """The same generator remembering its answers: greedy decoding gives a conversation one answer, so a
+    defense that leaves a prompt as it was (an output check, a scanner that lets it through) costs nothing."""
+    memory: dict[str, str | None] = {}
+
+    def generate_once(conversations: list[list[dict]], tools: list[list[dict] | None]) -> list[str | None]:
+        keys = [json.dumps([c, t], sort_keys=True) for c, t in zip(conversations, tools, strict=True)]
+        todo = [i for i, k in enumerate(keys) if k not in memory]
+        todo = [i for n, i in enumerate(todo) if keys[i] not in {keys[j] for j in todo[:n]}]
+        if todo:
+            texts = generate([conversations[i] for i in todo], [tools[i] for i in todo])
+            memory.update({keys[i]: t for i, t in zip(todo, texts, strict=True)})
+        return [memory[k] for k in keys]
+
+    return generate_once
+
+
 @dataclass
 class Outcome:
     attack: Attack

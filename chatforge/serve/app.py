@@ -43,6 +43,7 @@ carries a Content-Security-Policy (middleware.py) that allows nothing from elsew
 
 from __future__ import annotations
 
+import html
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def create_app(
         model, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens
     )
     srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page(), defenses=defenses)
+    if defenses is not None and "output-policy" in defenses.names:  # the page applies the same host list
+        hosts = html.escape(",".join(defenses.allowed_hosts), quote=True)
+        meta = f'<head>\n  <meta name="chatforge-link-hosts" content="{hosts}">'.encode()
+        srv.page["index.html"] = srv.page["index.html"].replace(b"<head>", meta, 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
