@@ -494,6 +494,8 @@ def cmd_chat(args: ChatOptions) -> None:
     defenses = parse_defenses(args.defenses)  # a bad name fails before the model loads
     run = load_run(args.model, args.quantize or True, pick_device(args.device))
     model, tok, model_dir = run.model, run.tokenizer, run.folder
+    if defenses is not None:  # for defenses that score text with the model
+        defenses.model, defenses.tok = model, tok
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
     registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)

@@ -50,8 +50,9 @@ def resolve_probes(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def redteam(generate: Generate, opts: RedteamOptions, model_name: str) -> dict:
-    """The whole run for any generator: every stack in --defenses against the same attacks."""
+def redteam(generate: Generate, opts: RedteamOptions, model_name: str, model=None, tok=None) -> dict:
+    """The whole run for any generator: every stack in --defenses against the same attacks. `model` and
+    `tok` go to the stacks for defenses that score text with the model."""
     probes = resolve_probes(opts.probes)
     stacks_spec = opts.defenses or ["none"]
     stacks = [parse_defenses(s, allowed_hosts=tuple(opts.allowed_hosts)) for s in stacks_spec]
@@ -65,7 +66,7 @@ def redteam(generate: Generate, opts: RedteamOptions, model_name: str) -> dict:
     runs = []
     for spec, stack in zip(stacks_spec, stacks, strict=True):
         if stack is not None:
-            stack.canary = canary
+            stack.canary, stack.model, stack.tok = canary, model, tok
         print(f"chatforge redteam: defenses {spec}: {len(probes)} probes", file=sys.stderr, flush=True)
         outcomes = run_attacks(generate, build_attacks(probes, goals, contexts), stack, canary)
         runs.append({
@@ -94,7 +95,7 @@ def cmd_redteam(opts: RedteamOptions) -> None:
 
     run = load_run(opts.model, True, pick_device(opts.device))
     generate = cached(engine_generator(run.model, run.tokenizer, opts.max_new_tokens, opts.batch_size))
-    report = redteam(generate, opts, Path(run.folder).name)
+    report = redteam(generate, opts, Path(run.folder).name, run.model, run.tokenizer)
     out = Path(opts.out) if opts.out else Path(run.folder) / "redteam"
     for path in write_report(report, out):
         print(path)

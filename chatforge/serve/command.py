@@ -247,6 +247,8 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
     loaded = load_run(args.model, inference=True, device=pick_device(args.device))
     kv_tokens, max_model_len = kv_cache_budget(args, loaded.model)
+    if defenses is not None:  # for defenses that score text with the model
+        defenses.model, defenses.tok = loaded.model, loaded.tokenizer
     run = Path(args.model).resolve()
     store = FeedbackStore(Path(args.db) if args.db else run / "feedback.sqlite")
     name = args.name or run.name
