@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--budget", type=float, default=780.0, help="seconds; no new step starts after this")
+    ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): no new step starts after this either")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -50,8 +52,12 @@ def main() -> None:
     run = load_run(run_dir, True, torch.device("cpu"))
     generate = cached(engine_generator(run.model, run.tokenizer, args.max_new_tokens, args.batch_size))
     reports: dict[str, dict] = {}
+    stop = None
+    if args.stop_at:
+        now = datetime.now(UTC)
+        stop = now.replace(hour=int(args.stop_at[:2]), minute=int(args.stop_at[3:5]), second=0)
     for part, stack in STEPS:
-        if time.perf_counter() - t0 > args.budget:
+        if time.perf_counter() - t0 > args.budget or (stop is not None and datetime.now(UTC) > stop):
             print(f"budget spent: {part} {stack} not run", flush=True)
             continue
         opts = RedteamOptions(model=str(run_dir), probes=PROBES[part], defenses=[stack], n_goals=args.n_goals,
