@@ -381,7 +381,7 @@ class ChatSession:
                 self.messages.pop()  # nothing was answered: forget the question too
                 return
         else:
-            self._emit(stripper.end() + "\n", buf)
+            self._emit(stripper.end() + ("" if checked else "\n"), buf)
         if checked:
             text = self.defenses.check_answer(text)
             self._emit(strip_controls(text) + "\n", buf)

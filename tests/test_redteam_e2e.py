@@ -174,3 +174,25 @@ def test_serve_post_processes_answers_with_defenses(obedient_run):
     ]
     status, err = ask("scan-invisible")
     assert status == 400 and "blocked by scan-invisible" in err["error"]["message"]
+
+
+def test_interactive_session_shows_only_the_checked_answer(obedient_run):
+    import io
+
+    from chatforge.chat import ChatSession
+    from chatforge.checkpoint import load_run
+
+    run = load_run(obedient_run, True, torch.device("cpu"))
+    a = exfil_attack()
+    out = io.StringIO()
+    session = ChatSession(run.model, run.tokenizer, system=a.messages[0]["content"], temperature=0.0,
+                          max_new_tokens=48, out=out, defenses=parse_defenses("output-policy"))  # fmt: skip
+    session.handle(a.messages[1]["content"])
+    assert (
+        out.getvalue() == "assistant> Friday. [image removed: status]\n"
+    )  # nothing streamed before the check
+    assert session.messages[-1]["content"] == "Friday. [image removed: status]"
+    blocked = ChatSession(
+        run.model, run.tokenizer, out=io.StringIO(), defenses=parse_defenses("scan-invisible")
+    )
+    assert "blocked by scan-invisible" in blocked.handle("hi\u200b there") and blocked.messages == []

@@ -19,7 +19,6 @@ import base64
 import binascii
 import re
 import secrets
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,7 +213,8 @@ class DefenseStack:
 
     @property
     def checks_output(self) -> bool:
-        return any(d.check is not None for _, d in self._each())
+        """Whether an answer must be seen whole before it is shown (an answer check or a tool gate)."""
+        return any(d.check is not None or d.gates_tools for _, d in self._each())
 
     def prepare(self, messages: list[dict]) -> list[dict]:
         """The conversation as the model should see it; InputBlocked when a scanner refuses it."""
@@ -289,8 +289,3 @@ def parse_defenses(spec: str | None, **settings: Any) -> DefenseStack | None:
     if sum(n in SPOTLIGHTS for n in names) > 1:
         raise ChatforgeError(f"choose one spotlighting mode of {', '.join(SPOTLIGHTS)}")
     return DefenseStack(tuple(dict.fromkeys(names)), **settings)
-
-
-def normalise(text: str) -> str:
-    """NFKC with invisible characters removed: what a human reader sees of the text."""
-    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))

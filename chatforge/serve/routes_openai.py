@@ -222,20 +222,26 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
             chat_chunks(head, choices, events, len(ids), include_usage), choices, srv.store
         )
     await drain(choices, events, request, srv.store)
+    answers = [checked_answer(srv, answer_message(c.text), messages) for c in choices]
     return {
         **head,
         "system_fingerprint": None,
         "choices": [
             {
                 "index": c.index,
-                "message": checked_answer(srv, answer_message(c.text), messages),
+                "message": msg,
                 "logprobs": None,
-                "finish_reason": c.text.finish or "stop",
+                "finish_reason": _finish(c.text.finish, msg),
             }
-            for c in choices
+            for c, msg in zip(choices, answers, strict=True)
         ],
         "usage": usage(len(ids), choices),
     }
+
+
+def _finish(reason: str | None, message: dict) -> str:
+    """The finish reason of a checked answer: "stop" where the defenses removed its tool calls."""
+    return "stop" if reason == "tool_calls" and not message.get("tool_calls") else reason or "stop"
 
 
 def checked_answer(srv: ServerState, message: dict, messages: list[dict]) -> dict:
@@ -255,7 +261,7 @@ async def checked_chunks(
         delta = {"role": "assistant", "content": msg.get("content") or ""}
         if msg.get("tool_calls"):
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(msg["tool_calls"])]
-        finish = c.text.finish or "stop"
+        finish = _finish(c.text.finish, msg)
         yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}]})
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(n_prompt, choices)})
