@@ -55,7 +55,8 @@ def redteam(generate: Generate, opts: RedteamOptions, model_name: str, model=Non
     `tok` go to the stacks for defenses that score text with the model."""
     probes = resolve_probes(opts.probes)
     stacks_spec = opts.defenses or ["none"]
-    stacks = [parse_defenses(s, allowed_hosts=tuple(opts.allowed_hosts)) for s in stacks_spec]
+    hosts = tuple(h.strip().lower() for item in opts.allowed_hosts for h in item.split(",") if h.strip())
+    stacks = [parse_defenses(s, allowed_hosts=hosts) for s in stacks_spec]
     if opts.goals:
         goals = read_goal_file(Path(opts.goals))
         goals = random.Random(opts.seed).sample(goals, min(len(goals), opts.n_goals))
@@ -68,7 +69,10 @@ def redteam(generate: Generate, opts: RedteamOptions, model_name: str, model=Non
         if stack is not None:
             stack.canary, stack.model, stack.tok = canary, model, tok
         print(f"chatforge redteam: defenses {spec}: {len(probes)} probes", file=sys.stderr, flush=True)
-        outcomes = run_attacks(generate, build_attacks(probes, goals, contexts), stack, canary)
+        attacks = build_attacks(probes, goals, contexts)
+        for attack in attacks:  # the exfiltration detector allows what the output policy allows
+            attack.allowed_hosts = hosts
+        outcomes = run_attacks(generate, attacks, stack, canary)
         runs.append({
             "defenses": list(stack.names) if stack else [],
             "asr": asr_table(outcomes),
