@@ -315,3 +315,22 @@ def test_answer_and_tool_injection_against_the_scripted_generator():
     by = {r["probe"]: r for r in rows}
     assert by["inject-html-comment-tool"]["asr"] == 0.0 and by["inject-html-comment-tool"]["blocked"] == 4
     assert by["inject-plain-tool"]["asr"] == 1.0  # plain text hides nothing: the scanner lets it through
+
+
+def test_cached_generator_answers_each_conversation_once():
+    from chatforge.redteam.harness import cached
+
+    seen = []
+
+    def generate(convs, tools):
+        seen.extend(c[-1]["content"] for c in convs)
+        return [c[-1]["content"].upper() for c in convs]
+
+    once = cached(generate)
+    ask = lambda *texts: [[{"role": "user", "content": t}] for t in texts]  # noqa: E731
+    assert once(ask("a", "b", "a"), [None] * 3) == ["A", "B", "A"]
+    assert once(ask("b", "c"), [None, None]) == ["B", "C"]
+    assert seen == ["a", "b", "c"]
+    assert (
+        once(ask("c"), [[{"type": "function"}]]) == ["C"] and seen[-1] == "c" and len(seen) == 4
+    )  # tools count
