@@ -12,7 +12,9 @@ import torch
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
     pytest.skip("headless test needs Chromium at /usr/bin/chromium", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs `pip install playwright`")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser test needs `pip install playwright`"
+)
 pytest.importorskip("uvicorn")
 
 from test_serve import serve  # noqa: E402
