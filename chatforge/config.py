@@ -61,6 +61,12 @@ class TrainConfig:
     keep_ckpts: int = 2
     log_every: int = 10
     compile: bool = False
+    # under torchrun: "ddp" keeps the whole model on every rank; "fsdp" (FSDP2) shards weights, gradients
+    # and optimizer states across the ranks, each block and the root apart (checkpoints stay whole)
+    parallel: str = knob("ddp", "how torchrun ranks share the model: ddp, or fsdp (FSDP2 sharding)")
+    activation_checkpointing: bool = knob(
+        False, "recompute each block's activations in the backward pass: far less memory, ~1/3 more compute"
+    )
     device: str = knob("auto", "cpu, cuda, mps (default: cuda if available)")
     seed: int = knob(1337, "seed of initialisation, data order and sampling")
     # LoRA (model/lora.py): rank > 0 freezes the model and trains low-rank adapters on the

@@ -1,5 +1,6 @@
-"""The ground floor every stage stands on: which device, one rank of a torchrun job, bf16
-autocast, summing a tensor over ranks, and the device's peak FLOP/s (for MFU and run plans)."""
+"""The ground floor every stage stands on: which device, one rank of a torchrun job (and whether a
+module is sharded across the ranks), bf16 autocast, reductions over ranks, and the device's peak
+FLOP/s and memory (for MFU and run plans)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,22 @@ def setup_distributed(device_name: str = "auto") -> Dist:
 def cleanup_distributed() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 sharded this module (or one inside it): its forward then needs every rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def all_reduce_max(n: int, dist: Dist) -> int:
+    """The largest of an integer over the ranks."""
+    if dist.world_size == 1:
+        return n
+    t = torch.tensor(n, device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t)
 
 
 def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
