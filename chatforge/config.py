@@ -168,6 +168,10 @@ class Preset:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # GRPO after SFT, calculator shown (the speedrun's rl stage; steps 0 = off)
     rl: RLConfig = field(default_factory=lambda: RLConfig(steps=0))
+    # the GPUs a GPU recipe is planned for (a key of device.GPU_MEMORY_GIB, and how many under torchrun):
+    # `chatforge presets` checks that its memory estimate fits them
+    gpu: str = ""
+    gpus: int = 1
 
 
 PRESETS: dict[str, Preset] = {
@@ -259,6 +263,7 @@ PRESETS: dict[str, Preset] = {
             ckpt_every=1000,
             compile=True,
         ),
+        gpu="H100",
     ),
     "d20": Preset(
         name="d20",
@@ -268,7 +273,9 @@ PRESETS: dict[str, Preset] = {
         pretrain=TrainConfig(
             depth=20,
             seq_len=2048,
-            device_batch_size=32,
+            # 16 rows x 2 accumulated per step on 8 GPUs: 32 rows would need ~96 GiB per GPU (the 64K-vocab
+            # logits and 20 layers of activations), more than an H100 has; the total batch is the same
+            device_batch_size=16,
             total_batch_tokens=524288,
             max_steps=21400,
             optimizer="muon",
@@ -281,6 +288,8 @@ PRESETS: dict[str, Preset] = {
             ckpt_every=2000,
             compile=True,
         ),
+        gpu="H100",
+        gpus=8,
     ),
 }
 

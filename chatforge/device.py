@@ -114,6 +114,19 @@ GPU_PEAK_FLOPS = {
 }
 
 
+# memory as torch reports it (total_memory, GiB) for the usual variant of each card; plans must fit in it
+GPU_MEMORY_GIB = {
+    "H200": 139.8,
+    "H100": 79.1,
+    "A100": 79.1,
+    "L40S": 44.4,
+    "L4": 22.0,
+    "A10": 22.0,
+    "4090": 23.6,
+    "3090": 23.6,
+}
+
+
 def peak_flops(device: torch.device) -> tuple[float, str]:
     """The device's peak FLOP/s for the dtype we train in, and how it was found."""
     if device.type == "cuda":
