@@ -61,6 +61,9 @@ class TrainConfig:
     keep_ckpts: int = 2
     log_every: int = 10
     compile: bool = False
+    # "auto": bf16 autocast on CUDA, fp32 on a CPU; "bf16" also on a CPU with native bf16 (AVX512_BF16, AMX),
+    # where matmuls run about twice as fast (docs/gpu.md compares the loss curves); "fp32" everywhere
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
     # under torchrun: "ddp" keeps the whole model on every rank; "fsdp" (FSDP2) shards weights, gradients
     # and optimizer states across the ranks, each block and the root apart (checkpoints stay whole)
     parallel: str = knob("ddp", "how torchrun ranks share the model: ddp, or fsdp (FSDP2 sharding)")

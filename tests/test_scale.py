@@ -1,5 +1,6 @@
-"""Fitting bigger models: activation checkpointing gives the same gradients while keeping less for
-backward, and every GPU preset's memory plan fits the GPU it names."""
+"""Fitting bigger models and training faster: activation checkpointing gives the same gradients while
+keeping less for backward, every GPU preset's memory plan fits the GPU it names, and the faster kernel
+paths (bf16 autocast on a CPU, fused AdamW) stay within tolerance of fp32 and the loop over tensors."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 from chatforge.config import PRESETS, get_preset
+from chatforge.device import autocast, cpu_has_native_bf16
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.plan import describe_plan, fits, plan
+from chatforge.train.optim import build_optimizers
 
 
 def saved_bytes_and_grads(model: GPT, idx: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
@@ -68,3 +71,62 @@ def test_the_memory_plan_counts_batch_checkpointing_and_sharding():
     assert sharded["memory_gib_activations"] == base["memory_gib_activations"]
     with pytest.raises(ChatforgeError, match="not a multiple"):
         at(device_batch_size=24)
+
+
+# ---- faster kernel paths, each against the fp32 reference ----------------------------------
+
+
+def tiny_model_and_batch() -> tuple[GPT, torch.Tensor]:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, seq_len=32, n_layer=2, n_embd=64, n_head=4, n_kv_head=2))
+    return model, torch.randint(0, 97, (4, 33))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_autocast_on_a_cpu_stays_near_fp32():
+    model, idx = tiny_model_and_batch()
+    _, want = saved_bytes_and_grads(model, idx)
+    with torch.no_grad():
+        loss32 = float(model(idx[:, :-1], idx[:, 1:]))
+    with autocast(torch.device("cpu"), "bf16"):
+        with torch.no_grad():
+            loss16 = model(idx[:, :-1], idx[:, 1:])
+        _, got = saved_bytes_and_grads(model, idx)
+    assert loss16.dtype == torch.float32 and float(loss16) == pytest.approx(loss32, rel=1e-2)
+    for name, grad in want.items():  # bf16 keeps 8 bits of mantissa: directions agree, not digits
+        cos = torch.nn.functional.cosine_similarity(got[name].flatten(), grad.flatten(), dim=0)
+        assert cos > 0.99, name
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
+    import chatforge.device as device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(ChatforgeError, match="precision=fp32"):
+        autocast(torch.device("cpu"), "bf16")
+    with pytest.raises(ChatforgeError, match="unknown precision"):
+        autocast(torch.device("cpu"), "fp16")
+
+
+def test_fused_adamw_matches_the_loop_over_tensors():
+    model, idx = tiny_model_and_batch()
+    loop_model, _ = tiny_model_and_batch()
+    cfg = get_preset("smoke").pretrain
+    (fused,) = build_optimizers(model, cfg)
+    assert fused.defaults["fused"]
+    loop = torch.optim.AdamW(
+        [{**g, "params": [dict(loop_model.named_parameters())[n] for n in names(model, g)]} for g in fused.param_groups],
+        betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False,
+    )  # fmt: skip
+    for _ in range(5):
+        for m, opt in ((model, fused), (loop_model, loop)):
+            m(idx[:, :-1], idx[:, 1:]).backward()
+            opt.step()
+            m.zero_grad(set_to_none=True)
+    for (name, p), q in zip(model.named_parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def names(model: GPT, group: dict) -> list[str]:
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [ids[id(p)] for p in group["params"]]

@@ -62,11 +62,12 @@ def language_model_stage(
     are not scored), validation loss and bits per byte on eval_batches() (a fresh pass, this rank's
     share), and the loader's position in every checkpoint."""
     grad_accum, tokens_per_step = token_batches(cfg, model, dist)
+    autocast(dist.device, cfg.precision)  # a precision this device cannot run fails here, before training
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=dist.device)
 
     def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
         x, y = loader.next_batch()
-        with autocast(dist.device):
+        with autocast(dist.device, cfg.precision):
             return module(x, y), {}
 
     def evaluate(module: torch.nn.Module) -> dict:
