@@ -32,16 +32,18 @@ def metrics(run: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in read_metrics(run / "metrics.jsonl") if key in r]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_fsdp_matches_ddp_and_resumes_from_its_whole_checkpoints(smoke, tmp_path, cli_env, optimizer):
+# with Muon, the FSDP2 run also recomputes its activations (activation checkpointing inside sharded blocks)
+@pytest.mark.parametrize("optimizer, fsdp_extra", [("adamw", []), ("muon", ["activation_checkpointing=true"])])
+def test_fsdp_matches_ddp_and_resumes_from_its_whole_checkpoints(smoke, tmp_path, cli_env, optimizer, fsdp_extra):
     opt = f"optimizer={optimizer}"
     ddp = torchrun(smoke, tmp_path / "ddp", cli_env, opt, f"max_steps={STEPS}", "ckpt_every=0")
     # FSDP stops half way (its checkpoint at step 2), then resumes to the end
-    half = torchrun(smoke, tmp_path / "fsdp", cli_env, opt, "parallel=fsdp", "max_steps=2", "ckpt_every=0")
+    opt = [opt, *fsdp_extra]
+    half = torchrun(smoke, tmp_path / "fsdp", cli_env, *opt, "parallel=fsdp", "max_steps=2", "ckpt_every=0")
     assert "2 ranks x 2 accum" in ddp.finish()
     assert "FSDP2 over 2 ranks" in half.finish()
     resumed = torchrun(
-        smoke, tmp_path / "fsdp", cli_env, opt, "parallel=fsdp", f"max_steps={STEPS}", "ckpt_every=0",
+        smoke, tmp_path / "fsdp", cli_env, *opt, "parallel=fsdp", f"max_steps={STEPS}", "ckpt_every=0",
         resume=True,
     )  # fmt: skip
     assert "resuming from" in resumed.finish()
