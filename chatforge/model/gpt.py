@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from chatforge.errors import ChatforgeError
 
@@ -238,7 +239,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+        # set by GPT.set_activation_checkpointing: keep only the block's input for backward, recompute the rest
+        self.checkpoint_activations = False
+
     def forward(self, x, cos, sin, cache, attn_mask):
+        if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, None, attn_mask, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, attn_mask)
+
+    def _forward(self, x, cos, sin, cache, attn_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -269,6 +278,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations during backward instead of keeping them: activation memory
+        drops from every layer's to one layer's plus the residual stream, for about a third more compute."""
+        for block in self.layers:
+            block.checkpoint_activations = on
 
     # ---- sizes -------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
