@@ -555,7 +555,11 @@ class ScalingSweepOptions:
     sizes: str = opt(
         "1x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims)"
     )
-    tokens: str = opt("128K,256K,512K,1M,2M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
+    tokens: str = opt("256K,512K,1M,2M,4M,8M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
+    max_flops: float = opt(
+        1.5e12, "leave out the runs with 6ND above this (N non-embedding): the costly corner of large models "
+        "on many tokens; 0 = the whole grid (default 1.5e12)",
+    )  # fmt: skip
     schedule: str = opt("wsd", "wsd: one stable run per size, a decay branch per budget; cosine: a run each",
                         choices=("wsd", "cosine"))  # fmt: skip
     cooldown_frac: float = opt(0.25, "wsd: share of each run spent decaying (default 0.25)")

@@ -13,7 +13,14 @@ from chatforge.errors import ChatforgeError
 from chatforge.options import ScalingPlanOptions, ScalingSweepOptions, parse
 from chatforge.scaling.fit import Law, analyse, fit_law, load_results
 from chatforge.scaling.plan import budget_flops, cmd_scaling_plan
-from chatforge.scaling.sweep import cmd_scaling_sweep, collect_results, parse_sizes, parse_tokens, run_config
+from chatforge.scaling.sweep import (
+    cmd_scaling_sweep,
+    collect_results,
+    parse_sizes,
+    parse_tokens,
+    plan_work,
+    run_config,
+)
 
 TRUE = Law(E=1.8, A=60.0, B=400.0, alpha=0.4, beta=0.35)
 
@@ -89,7 +96,7 @@ def test_plan_refuses_a_budget_below_the_smallest_model(capsys):
 def _tiny_sweep(smoke, out, *extra) -> ScalingSweepOptions:
     return parse(ScalingSweepOptions, [
         "--data", smoke.data, "--out", out, "--sizes", "1x32,2x32", "--tokens", "1K,2K,4K", "--seq-len", "32",
-        "--batch-rows", "4", "--warmup-steps", "2", "--eval-batches", "2", *extra,
+        "--batch-rows", "4", "--warmup-steps", "2", "--eval-batches", "2", "--max-flops", "0", *extra,
     ])  # fmt: skip
 
 
@@ -127,3 +134,14 @@ def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):
     branch = {r["tokens"]: r["val_loss"] for r in collect_results(tmp_path / "sweep")}
     whole = pretrain(smoke.data, smoke.tokenizer, tmp_path / "whole", run_config(opts, 1, 32, 16), progress=False)
     assert whole["val_loss_end"] == branch[2048]
+
+
+def test_max_flops_leaves_out_the_costly_corner():
+    opts = parse(ScalingSweepOptions, ["--data", "x", "--out", "y", "--max-flops", "2e11"])
+    counts = {(1, 32): {"params_nonembedding": 16480}, (4, 128): {"params_nonembedding": 853120}}
+    runs = plan_work(opts, [(1, 32), (4, 128)], [262144, 1048576], counts)
+    assert [r["name"] for r in runs] == ["1x32_t262144", "1x32_t1048576"]
+    assert [r["branch_step"] for r in runs] == [96, 384]  # the decay starts a quarter from the end
+    opts.max_flops = 1e10
+    with pytest.raises(ChatforgeError, match="above --max-flops"):
+        plan_work(opts, [(1, 32)], [262144], counts)

@@ -171,7 +171,7 @@ def _check_sweep_file(sweep_dir: Path, settings: dict) -> None:
     path = sweep_dir / SWEEP_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        fixed = {k: v for k, v in settings.items() if k not in ("sizes", "tokens", "threads")}
+        fixed = {k: v for k, v in settings.items() if k not in ("sizes", "tokens", "max_flops", "threads")}
         changed = sorted(k for k, v in fixed.items() if old.get(k) != v)
         if changed:
             raise ChatforgeError(
@@ -181,8 +181,11 @@ def _check_sweep_file(sweep_dir: Path, settings: dict) -> None:
     atomic_write_json(path, settings)
 
 
-def plan_work(opts: ScalingSweepOptions, sizes: list[tuple[int, int]], budgets: list[int]) -> list[dict]:
-    """The sweep's runs in order, smallest model first; under WSD each knows its branch step."""
+def plan_work(
+    opts: ScalingSweepOptions, sizes: list[tuple[int, int]], budgets: list[int], counts: dict
+) -> list[dict]:
+    """The sweep's runs in order, smallest model first, those within --max-flops; under WSD each knows
+    its branch step."""
     tokens_per_step = opts.seq_len * opts.batch_rows
     steps_of = {}
     for tokens in budgets:
@@ -196,6 +199,8 @@ def plan_work(opts: ScalingSweepOptions, sizes: list[tuple[int, int]], budgets: 
     for depth, width in sizes:
         label = size_label(depth, width)
         for tokens in budgets:
+            if opts.max_flops and 6.0 * counts[(depth, width)]["params_nonembedding"] * tokens > opts.max_flops:
+                continue
             steps = steps_of[tokens]
             run = {"size": (depth, width), "name": f"{label}_t{tokens}", "tokens": tokens, "steps": steps}
             if opts.schedule == "wsd":
@@ -209,6 +214,8 @@ def plan_work(opts: ScalingSweepOptions, sizes: list[tuple[int, int]], budgets: 
             elif opts.schedule != "cosine":
                 raise ChatforgeError(f"unknown --schedule {opts.schedule!r}: choose wsd or cosine")
             work.append(run)
+    if not work:
+        raise ChatforgeError(f"every run of the grid is above --max-flops {opts.max_flops:g}: raise it, or use 0")
     return work
 
 
@@ -221,7 +228,6 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
     tokenizer = Path(opts.tokenizer) if opts.tokenizer else data_dir / "tokenizer.json"
     vocab_size = read_index(data_dir)["vocab_size"]
     sizes, budgets = parse_sizes(opts.sizes), parse_tokens(opts.tokens)
-    work = plan_work(opts, sizes, budgets)
     settings = {
         **fingerprint(data_dir, tokenizer), "sizes": opts.sizes, "tokens": opts.tokens,
         **{k: v for k, v in asdict(opts).items() if k not in ("data", "out", "sizes", "tokens", "tokenizer")},
@@ -229,24 +235,25 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
     _check_sweep_file(sweep_dir, settings)
     torch.set_num_threads(opts.threads)
     counts = {size: model_counts(run_config(opts, *size, 1), vocab_size) for size in sizes}
-    runs = work
+    runs = plan_work(opts, sizes, budgets, counts)
     # progress is measured in model FLOPs (the stable runs' share is spread over their branches)
     cost = {w["name"]: counts[w["size"]]["flops_per_token"] * w["tokens"] for w in runs}
-    total_cost, done_cost, started = sum(cost.values()), 0.0, time.perf_counter()
+    left_cost = sum(cost[w["name"]] for w in runs if not (sweep_dir / "runs" / w["name"] / RESULT_FILE).is_file())
+    done_cost, started = 0.0, time.perf_counter()  # of this session's trainings
     print(
-        f"sweep: {len(sizes)} sizes x {len(budgets)} budgets = {len(runs)} runs ({opts.schedule}) on "
+        f"sweep: {len(sizes)} sizes x {len(budgets)} budgets, {len(runs)} runs within 6ND <= {opts.max_flops:g} "
+        f"({opts.schedule}) on "
         f"{data_dir} -> {sweep_dir}"
     )
     for i, item in enumerate(runs):
         run_dir = sweep_dir / "runs" / item["name"]
         if (run_dir / RESULT_FILE).is_file():
-            done_cost += cost[item["name"]]
             continue
         t0 = time.perf_counter()
         result = _run_one(opts, data_dir, tokenizer, sweep_dir, item, counts[item["size"]], settings)
         done_cost += cost[item["name"]]
         elapsed = time.perf_counter() - started
-        left = elapsed / done_cost * (total_cost - done_cost) if done_cost else float("nan")
+        left = elapsed / done_cost * (left_cost - done_cost)
         print(
             f"[{i + 1}/{len(runs)}] {item['name']}: {result['params_nonembedding']:,} params (non-embedding), "
             f"{item['tokens']:,} tokens: val loss {result['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s; "
@@ -254,7 +261,7 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
             flush=True,
         )
     _write_results(sweep_dir)
-    _cleanup_stable(sweep_dir, sizes, budgets)
+    _cleanup_stable(sweep_dir, runs)
     print(f"{len(collect_results(sweep_dir))} runs in {sweep_dir / RESULTS_FILE}; fit them with `chatforge scaling fit {sweep_dir}`")
 
 
@@ -295,9 +302,8 @@ def _run_one(
     return result
 
 
-def _cleanup_stable(sweep_dir: Path, sizes: list[tuple[int, int]], budgets: list[int]) -> None:
+def _cleanup_stable(sweep_dir: Path, runs: list[dict]) -> None:
     """Drop a size's stable checkpoints once all its branches are done (a grown grid retrains it)."""
-    for depth, width in sizes:
-        label = size_label(depth, width)
-        if all((sweep_dir / "runs" / f"{label}_t{t}" / RESULT_FILE).is_file() for t in budgets):
-            shutil.rmtree(sweep_dir / "runs" / f"{label}_stable", ignore_errors=True)
+    for size in {run["size"] for run in runs}:
+        if all((sweep_dir / "runs" / r["name"] / RESULT_FILE).is_file() for r in runs if r["size"] == size):
+            shutil.rmtree(sweep_dir / "runs" / f"{size_label(*size)}_stable", ignore_errors=True)
