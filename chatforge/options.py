@@ -564,8 +564,8 @@ class ScalingSweepOptions:
                         choices=("wsd", "cosine"))  # fmt: skip
     cooldown_frac: float = opt(0.25, "wsd: share of each run spent decaying (default 0.25)")
     seq_len: int = opt(128, "tokens per row (default 128)")
-    batch_rows: int = opt(16, "rows per step (default 16)")
-    lr: float = opt(3e-3, "AdamW learning rate, every size (default 3e-3)")
+    batch_rows: int = opt(8, "rows per step (default 8)")
+    lr: float = opt(1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)")
     warmup_steps: int = opt(16, "linear warmup steps (default 16)")
     eval_batches: int = opt(16, "validation batches for each run's final loss (default 16)")
     overrides: list[str] = opt(

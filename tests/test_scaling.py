@@ -122,7 +122,7 @@ def test_sweep_records_runs_and_resumes_run_by_run(smoke, tmp_path, one_thread, 
     assert again[lost["run"]] == lost["val_loss"]
     # another recipe in the same folder is refused
     with pytest.raises(ChatforgeError, match="other lr"):
-        cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "sweep", "--lr", "0.01"))
+        cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "sweep", "--lr", "0.02"))
 
 
 def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):

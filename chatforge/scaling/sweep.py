@@ -30,6 +30,7 @@ from chatforge.fileio import atomic_write_json, atomic_write_text
 from chatforge.options import ScalingSweepOptions
 
 HEAD_DIM = 32  # small widths: heads of 32 dims (one head below 64)
+LR_WIDTH = 32  # --lr is the learning rate at this width
 SWEEP_FILE, RESULTS_FILE, RESULT_FILE = "sweep.json", "results.jsonl", "result.json"
 
 
@@ -71,9 +72,10 @@ def size_label(depth: int, width: int) -> str:
 def run_config(opts: ScalingSweepOptions, depth: int, width: int, steps: int, **kw) -> TrainConfig:
     """The TrainConfig of one run of the sweep (kw: schedule fields that differ between stable and branch)."""
     n_head = max(1, width // HEAD_DIM)
+    lr = opts.lr * LR_WIDTH / width  # wider models take smaller steps (Adam's rule in muP)
     cfg = TrainConfig(
         depth=depth, model={"n_embd": width, "n_head": n_head, "n_kv_head": n_head}, seq_len=opts.seq_len,
-        device_batch_size=opts.batch_rows, max_steps=steps, lr=opts.lr, embed_lr=opts.lr,
+        device_batch_size=opts.batch_rows, max_steps=steps, lr=lr, embed_lr=lr,
         warmup_steps=opts.warmup_steps, schedule=opts.schedule, cooldown_frac=opts.cooldown_frac,
         final_lr_frac=0.0, eval_every=steps, eval_batches=opts.eval_batches, ckpt_every=0, keep_ckpts=0,
         log_every=10, device=opts.device, seed=opts.seed,
