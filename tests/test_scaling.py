@@ -141,7 +141,7 @@ def test_max_flops_leaves_out_the_costly_corner():
     counts = {(1, 32): {"params_nonembedding": 16480}, (4, 128): {"params_nonembedding": 853120}}
     runs = plan_work(opts, [(1, 32), (4, 128)], [262144, 1048576], counts)
     assert [r["name"] for r in runs] == ["1x32_t262144", "1x32_t1048576"]
-    assert [r["branch_step"] for r in runs] == [96, 384]  # the decay starts a quarter from the end
+    assert [r["branch_step"] for r in runs] == [192, 768]  # 256 and 1024 steps of 8 x 128: decay the last quarter
     opts.max_flops = 1e10
     with pytest.raises(ChatforgeError, match="above --max-flops"):
         plan_work(opts, [(1, 32)], [262144], counts)

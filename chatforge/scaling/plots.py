@@ -49,7 +49,7 @@ def _loss_vs_tokens(ax, rows, result, law, n_key, held) -> None:
         ax.scatter([r["tokens"] for r in out], [r["val_loss"] for r in out], s=90, facecolors="none",
                    edgecolors="red", zorder=3)  # fmt: skip
         ax.plot(d_line, law.loss(n, d_line), "--", color=color, alpha=0.7)
-    ax.set(xscale="log", yscale="log", xlabel="tokens D", ylabel="validation loss (nats/token)",
+    ax.set(xscale="log", xlabel="tokens D", ylabel="validation loss (nats/token)",
            title="loss vs tokens per model size (dashed: fit; red rings: held out)")  # fmt: skip
     ax.legend(fontsize=7)
 
