@@ -101,7 +101,7 @@ def horizon_lines(law: Law, params: str) -> list[str]:
         n_opt, d_opt = (float(x) for x in law.optimum(c))
         lines.append(
             f"  {name}: N {n / 1e6:.0f}M, D {d / 1e9:.2f}B ({d / n:.0f} tokens/param), C {c:.3g}; optimum N "
-            f"{n_opt / 1e6:.0f}M, D {d_opt / 1e9:.2f}B ({d_opt / n_opt:.0f} tokens/param); predicted loss "
+            f"{n_opt / 1e6:.3g}M, D {d_opt / 1e9:.3g}B ({d_opt / n_opt:.3g} tokens/param); predicted loss "
             f"{float(law.loss(n, d)):.3f} vs {float(law.loss(n_opt, d_opt)):.3f} at the optimum"
         )
     return lines
