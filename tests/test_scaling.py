@@ -145,3 +145,14 @@ def test_max_flops_leaves_out_the_costly_corner():
     opts.max_flops = 1e10
     with pytest.raises(ChatforgeError, match="above --max-flops"):
         plan_work(opts, [(1, 32)], [262144], counts)
+
+
+def test_isoflop_exponent_is_the_slope_of_the_vertices():
+    from chatforge.scaling.fit import isoflop_exponent
+
+    points = [{"n": 1.0}, {"n": 1e12}]
+    curves = [{"flops": c, "parabola_min_n": 10 * c**0.5, "points": points} for c in (1e6, 1e8, 1e10)]
+    assert isoflop_exponent(curves) == pytest.approx(0.5)
+    curves[1]["parabola_min_n"] = 1e13  # a vertex outside its curve's sizes does not count
+    assert isoflop_exponent(curves) == pytest.approx(0.5)
+    assert isoflop_exponent(curves[:1]) is None

@@ -222,6 +222,18 @@ def isoflop_curves(rows: list[dict], n_key: str, law: Law, levels: int = 5) -> l
     return out
 
 
+def isoflop_exponent(curves: list[dict]) -> float | None:
+    """N_opt ~ C^a measured without the law (Hoffmann's approach 2): the slope of log N at each IsoFLOP
+    parabola's vertex against log C, over the curves whose vertex lies inside their measured sizes."""
+    inside = [
+        (c["flops"], c["parabola_min_n"]) for c in curves
+        if c["parabola_min_n"] and min(p["n"] for p in c["points"]) < c["parabola_min_n"] < max(p["n"] for p in c["points"])
+    ]  # fmt: skip
+    if len(inside) < 2:
+        return None
+    return float(np.polyfit(np.log([c for c, _ in inside]), np.log([n for _, n in inside]), 1)[0])
+
+
 def split_heldout(rows: list[dict], n_key: str, holdout: str) -> tuple[list[dict], list[dict]]:
     """(runs fitted, runs predicted): with 'largest', every run of the largest N or the largest D is held out."""
     if holdout == "none":
@@ -253,6 +265,7 @@ def analyse(rows: list[dict], params: str = "nonembedding", holdout: str = "larg
     ]  # fmt: skip
     c_max = max(6.0 * r[n_key] * r["tokens"] for r in rows)
     n_opt, d_opt = law.optimum(c_max)
+    isoflop = isoflop_curves(rows, n_key, law)
     return {
         "params": params, "runs": len(rows), "fitted_runs": [r["run"] for r in fitted],
         "law": law.to_dict(), "intervals_95": intervals(laws), "bootstrap_fits": len(laws),
@@ -260,9 +273,10 @@ def analyse(rows: list[dict], params: str = "nonembedding", holdout: str = "larg
         "heldout": predicted,
         "heldout_max_abs_error": max((abs(p["error"]) for p in predicted), default=None),
         "monotone_violations": monotone_violations(rows, n_key),
-        "isoflop": isoflop_curves(rows, n_key, law),
+        "isoflop": isoflop,
         "compute_optimal": {
-            "a": law.a_exponent, "b": law.b_exponent, "at_flops": c_max, "n_opt": float(n_opt),
+            "a": law.a_exponent, "b": law.b_exponent, "a_isoflop": isoflop_exponent(isoflop),
+            "at_flops": c_max, "n_opt": float(n_opt),
             "d_opt": float(d_opt), "tokens_per_param": float(d_opt / n_opt),
         },
         "published": {"chinchilla": CHINCHILLA, "epoch": EPOCH},
@@ -281,6 +295,8 @@ def describe(result: dict) -> str:
     for p in result["heldout"]:
         lines.append(f"  held out {p['run']}: measured {p['measured']:.4f}, predicted {p['predicted']:.4f} ({p['error']:+.4f} nats)")
     opt = result["compute_optimal"]
+    if opt["a_isoflop"] is not None:
+        lines.append(f"  IsoFLOP minima (approach 2, no law): N_opt ~ C^{opt['a_isoflop']:.3f}")
     lines.append(
         f"  compute-optimal: N_opt ~ C^{opt['a']:.3f}, D_opt ~ C^{opt['b']:.3f}; at C = {opt['at_flops']:.3g} "
         f"N = {opt['n_opt']:.3g}, D = {opt['d_opt']:.3g}, {opt['tokens_per_param']:.1f} tokens per parameter "
