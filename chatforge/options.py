@@ -566,6 +566,7 @@ class ScalingSweepOptions:
     seq_len: int = opt(128, "tokens per row (default 128)")
     batch_rows: int = opt(8, "rows per step (default 8)")
     lr: float = opt(1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)")
+    lr_rule: str = opt("width", "width: lr x 32 / width; flat: --lr for every size", choices=("width", "flat"))
     warmup_steps: int = opt(16, "linear warmup steps (default 16)")
     eval_batches: int = opt(16, "validation batches for each run's final loss (default 16)")
     overrides: list[str] = opt(

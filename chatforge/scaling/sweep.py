@@ -72,7 +72,8 @@ def size_label(depth: int, width: int) -> str:
 def run_config(opts: ScalingSweepOptions, depth: int, width: int, steps: int, **kw) -> TrainConfig:
     """The TrainConfig of one run of the sweep (kw: schedule fields that differ between stable and branch)."""
     n_head = max(1, width // HEAD_DIM)
-    lr = opts.lr * LR_WIDTH / width  # wider models take smaller steps (Adam's rule in muP)
+    # wider models take smaller steps (Adam's rule in muP)
+    lr = opts.lr * LR_WIDTH / width if opts.lr_rule == "width" else opts.lr
     cfg = TrainConfig(
         depth=depth, model={"n_embd": width, "n_head": n_head, "n_kv_head": n_head}, seq_len=opts.seq_len,
         device_batch_size=opts.batch_rows, max_steps=steps, lr=lr, embed_lr=lr,
