@@ -15,6 +15,7 @@ def draw_plots(rows: list[dict], result: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     law, n_key = Law(**result["law"]), f"params_{result['params']}"
     held = {p["run"] for p in result["heldout"]}
@@ -25,6 +26,8 @@ def draw_plots(rows: list[dict], result: dict, out_dir: Path) -> list[Path]:
     ):  # fmt: skip
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
         draw(ax, rows, result, law, n_key, held)
+        for axis in (ax.xaxis, ax.yaxis):  # log axes: label the decades only, not every minor tick
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         fig.tight_layout()
         path = Path(out_dir) / f"scaling_{name}.png"
         fig.savefig(path, dpi=110)
