@@ -104,7 +104,9 @@ def test_sweep_records_runs_and_resumes_run_by_run(smoke, tmp_path, one_thread, 
     opts = _tiny_sweep(smoke, tmp_path / "sweep")
     cmd_scaling_sweep(opts)
     rows = collect_results(tmp_path / "sweep")
-    assert [(r["size"], r["tokens"]) for r in rows] == [(s, t) for s in ("1x32", "2x32") for t in (1024, 2048, 4096)]
+    assert [(r["size"], r["tokens"]) for r in rows] == [
+        (s, t) for s in ("1x32", "2x32") for t in (1024, 2048, 4096)
+    ]
     for r in rows:
         assert r["params_total"] > r["params_nonembedding"] > 0
         assert r["flops_6nd"] == 6 * r["params_nonembedding"] * r["tokens"]
@@ -132,7 +134,9 @@ def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):
     opts = _tiny_sweep(smoke, tmp_path / "sweep", "--sizes", "1x32", "--tokens", "2K,4K")
     cmd_scaling_sweep(opts)
     branch = {r["tokens"]: r["val_loss"] for r in collect_results(tmp_path / "sweep")}
-    whole = pretrain(smoke.data, smoke.tokenizer, tmp_path / "whole", run_config(opts, 1, 32, 16), progress=False)
+    whole = pretrain(
+        smoke.data, smoke.tokenizer, tmp_path / "whole", run_config(opts, 1, 32, 16), progress=False
+    )
     assert whole["val_loss_end"] == branch[2048]
 
 
@@ -141,7 +145,10 @@ def test_max_flops_leaves_out_the_costly_corner():
     counts = {(1, 32): {"params_nonembedding": 16480}, (4, 128): {"params_nonembedding": 853120}}
     runs = plan_work(opts, [(1, 32), (4, 128)], [262144, 1048576], counts)
     assert [r["name"] for r in runs] == ["1x32_t262144", "1x32_t1048576"]
-    assert [r["branch_step"] for r in runs] == [192, 768]  # 256 and 1024 steps of 8 x 128: decay the last quarter
+    assert [r["branch_step"] for r in runs] == [
+        192,
+        768,
+    ]  # 256 and 1024 steps of 8 x 128: decay the last quarter
     opts.max_flops = 1e10
     with pytest.raises(ChatforgeError, match="above --max-flops"):
         plan_work(opts, [(1, 32)], [262144], counts)

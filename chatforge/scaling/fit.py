@@ -146,7 +146,8 @@ def intervals(laws: list[Law], level: float = 0.95) -> dict:
     """Percentile intervals of each constant and of the compute-optimal exponents."""
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     values = {
-        k: [getattr(law, k) for law in laws] for k in ("E", "A", "B", "alpha", "beta", "a_exponent", "b_exponent")
+        k: [getattr(law, k) for law in laws]
+        for k in ("E", "A", "B", "alpha", "beta", "a_exponent", "b_exponent")
     }
     return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in values.items() if v}
 
@@ -293,7 +294,9 @@ def describe(result: dict) -> str:
         lines.append(f"  {k:5s} = {law[k]:10.4g}   95% [{lo:.4g}, {hi:.4g}]")
     lines.append(f"  RMS error of log-loss on the fitted runs: {result['rms_log_loss']:.4f}")
     for p in result["heldout"]:
-        lines.append(f"  held out {p['run']}: measured {p['measured']:.4f}, predicted {p['predicted']:.4f} ({p['error']:+.4f} nats)")
+        lines.append(
+            f"  held out {p['run']}: measured {p['measured']:.4f}, predicted {p['predicted']:.4f} ({p['error']:+.4f} nats)"
+        )
     opt = result["compute_optimal"]
     if opt["a_isoflop"] is not None:
         lines.append(f"  IsoFLOP minima (approach 2, no law): N_opt ~ C^{opt['a_isoflop']:.3f}")

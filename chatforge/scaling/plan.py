@@ -19,7 +19,9 @@ from chatforge.errors import ChatforgeError
 from chatforge.options import ScalingPlanOptions
 from chatforge.scaling.fit import CHINCHILLA, Law
 
-BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*gpu[- ]?hours?\s+(?:on\s+)?(\S+)\s*$", re.IGNORECASE)
+BUDGET_RE = re.compile(
+    r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*gpu[- ]?hours?\s+(?:on\s+)?(\S+)\s*$", re.IGNORECASE
+)
 
 
 def budget_flops(text: str, mfu: float) -> tuple[float, str]:
@@ -32,7 +34,9 @@ def budget_flops(text: str, mfu: float) -> tuple[float, str]:
     hours, gpu = float(match.group(1)), match.group(2)
     peak = next((v for k, v in GPU_PEAK_FLOPS.items() if k.lower() == gpu.lower()), None)
     if peak is None:
-        raise ChatforgeError(f"no peak FLOPs known for {gpu!r}: use one of {', '.join(GPU_PEAK_FLOPS)}, or --flops")
+        raise ChatforgeError(
+            f"no peak FLOPs known for {gpu!r}: use one of {', '.join(GPU_PEAK_FLOPS)}, or --flops"
+        )
     if not 0 < mfu <= 1:
         raise ChatforgeError(f"--mfu {mfu} must be in (0, 1]")
     flops = hours * 3600 * peak * mfu
@@ -63,7 +67,9 @@ def preset_params(name: str, params: str) -> tuple[int, int]:
 
     preset = get_preset(name)
     cfg = preset.pretrain
-    mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=preset.vocab_size, seq_len=cfg.seq_len, overrides=cfg.model)
+    mcfg = GPTConfig.from_depth(
+        cfg.depth, vocab_size=preset.vocab_size, seq_len=cfg.seq_len, overrides=cfg.model
+    )
     with torch.device("meta"):
         model = GPT(mcfg)
     n = model.num_params(non_embedding=params == "nonembedding")
@@ -109,7 +115,9 @@ def horizon_lines(law: Law, params: str) -> list[str]:
 
 def cmd_scaling_plan(opts: ScalingPlanOptions) -> None:
     if (opts.flops is None) == (opts.budget is None):
-        raise ChatforgeError('give the compute as --flops C (e.g. 1e19) or --budget "2 GPU-hours on H100", one of them')
+        raise ChatforgeError(
+            'give the compute as --flops C (e.g. 1e19) or --budget "2 GPU-hours on H100", one of them'
+        )
     law, params, source, smallest = load_fit(opts.fit)
     if opts.budget is not None:
         flops, how = budget_flops(opts.budget, opts.mfu)
@@ -117,7 +125,9 @@ def cmd_scaling_plan(opts: ScalingPlanOptions) -> None:
         flops, how = opts.flops, "given"
         if not (flops > 0 and math.isfinite(flops)):
             raise ChatforgeError(f"--flops {flops} must be a positive number of FLOPs, e.g. 1e19")
-    print(f"law: {source}: E {law.E:.3g}, A {law.A:.4g}, B {law.B:.4g}, alpha {law.alpha:.3f}, beta {law.beta:.3f}")
+    print(
+        f"law: {source}: E {law.E:.3g}, A {law.A:.4g}, B {law.B:.4g}, alpha {law.alpha:.3f}, beta {law.beta:.3f}"
+    )
     print(f"budget: {how}")
     print("\n".join(plan_lines(law, params, flops, smallest)))
     print("\n".join(horizon_lines(law, params)))

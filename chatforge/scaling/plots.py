@@ -47,7 +47,9 @@ def _loss_vs_tokens(ax, rows, result, law, n_key, held) -> None:
     d_line = np.geomspace(min(r["tokens"] for r in rows), max(r["tokens"] for r in rows), 50)
     for n, color in zip(sizes, _colors(len(sizes)), strict=True):
         line = sorted((r for r in rows if r[n_key] == n), key=lambda r: r["tokens"])
-        ax.plot([r["tokens"] for r in line], [r["val_loss"] for r in line], "o-", color=color, label=f"N = {n:,}")
+        ax.plot(
+            [r["tokens"] for r in line], [r["val_loss"] for r in line], "o-", color=color, label=f"N = {n:,}"
+        )
         out = [r for r in line if r["run"] in held]
         ax.scatter([r["tokens"] for r in out], [r["val_loss"] for r in out], s=90, facecolors="none",
                    edgecolors="red", zorder=3)  # fmt: skip
@@ -61,7 +63,9 @@ def _isoflop(ax, rows, result, law, n_key, held) -> None:
     curves = result["isoflop"]
     for curve, color in zip(curves, _colors(len(curves)), strict=True):
         ns = [p["n"] for p in curve["points"]]
-        ax.plot(ns, [p["loss"] for p in curve["points"]], "o-", color=color, label=f"C = {curve['flops']:.2g}")
+        ax.plot(
+            ns, [p["loss"] for p in curve["points"]], "o-", color=color, label=f"C = {curve['flops']:.2g}"
+        )
         ax.scatter([curve["measured_min_n"]], [curve["measured_min_loss"]], marker="*", s=180, color=color,
                    edgecolors="black", zorder=3)  # fmt: skip
         n_line = np.geomspace(min(ns), max(ns), 50)
@@ -87,7 +91,9 @@ def _surface(ax, rows, result, law, n_key, held) -> None:
 
 def _predicted_vs_measured(ax, rows, result, law, n_key, held) -> None:
     measured = np.array([r["val_loss"] for r in rows])
-    predicted = law.loss(np.array([r[n_key] for r in rows], float), np.array([r["tokens"] for r in rows], float))
+    predicted = law.loss(
+        np.array([r[n_key] for r in rows], float), np.array([r["tokens"] for r in rows], float)
+    )
     mask = np.array([r["run"] in held for r in rows])
     ax.scatter(measured[~mask], predicted[~mask], label="fitted runs", color="tab:blue")
     ax.scatter(measured[mask], predicted[mask], label="held out (largest N, largest D)", color="tab:red")

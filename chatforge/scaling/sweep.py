@@ -56,7 +56,9 @@ def parse_tokens(text: str) -> list[int]:
         try:
             value = float(number) * scale
         except ValueError:
-            raise ChatforgeError(f"bad token budget {item!r} in --tokens: write e.g. 128K,1M or 262144") from None
+            raise ChatforgeError(
+                f"bad token budget {item!r} in --tokens: write e.g. 128K,1M or 262144"
+            ) from None
         if value <= 0 or value != int(value):
             raise ChatforgeError(f"bad token budget {item!r} in --tokens: a positive whole number of tokens")
         out.append(int(value))
@@ -145,7 +147,9 @@ def _branch_from(stable_dir: Path, step: int, run_dir: Path) -> None:
         return
     source = stable_dir / CKPT_DIR / f"step_{step:06d}"
     if not source.is_dir():
-        raise ChatforgeError(f"{source} is missing: delete {stable_dir} and run the sweep again to retrain it")
+        raise ChatforgeError(
+            f"{source} is missing: delete {stable_dir} and run the sweep again to retrain it"
+        )
     tmp = run_dir / CKPT_DIR / f".tmp_step_{step:06d}_copy"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
@@ -202,7 +206,10 @@ def plan_work(
     for depth, width in sizes:
         label = size_label(depth, width)
         for tokens in budgets:
-            if opts.max_flops and 6.0 * counts[(depth, width)]["params_nonembedding"] * tokens > opts.max_flops:
+            if (
+                opts.max_flops
+                and 6.0 * counts[(depth, width)]["params_nonembedding"] * tokens > opts.max_flops
+            ):
                 continue
             steps = steps_of[tokens]
             run = {"size": (depth, width), "name": f"{label}_t{tokens}", "tokens": tokens, "steps": steps}
@@ -218,7 +225,9 @@ def plan_work(
                 raise ChatforgeError(f"unknown --schedule {opts.schedule!r}: choose wsd or cosine")
             work.append(run)
     if not work:
-        raise ChatforgeError(f"every run of the grid is above --max-flops {opts.max_flops:g}: raise it, or use 0")
+        raise ChatforgeError(
+            f"every run of the grid is above --max-flops {opts.max_flops:g}: raise it, or use 0"
+        )
     return work
 
 
@@ -241,7 +250,9 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
     runs = plan_work(opts, sizes, budgets, counts)
     # progress is measured in model FLOPs (the stable runs' share is spread over their branches)
     cost = {w["name"]: counts[w["size"]]["flops_per_token"] * w["tokens"] for w in runs}
-    left_cost = sum(cost[w["name"]] for w in runs if not (sweep_dir / "runs" / w["name"] / RESULT_FILE).is_file())
+    left_cost = sum(
+        cost[w["name"]] for w in runs if not (sweep_dir / "runs" / w["name"] / RESULT_FILE).is_file()
+    )
     done_cost, started = 0.0, time.perf_counter()  # of this session's trainings
     print(
         f"sweep: {len(sizes)} sizes x {len(budgets)} budgets, {len(runs)} runs within 6ND <= {opts.max_flops:g} "
@@ -265,7 +276,9 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
         )
     _write_results(sweep_dir)
     _cleanup_stable(sweep_dir, runs)
-    print(f"{len(collect_results(sweep_dir))} runs in {sweep_dir / RESULTS_FILE}; fit them with `chatforge scaling fit {sweep_dir}`")
+    print(
+        f"{len(collect_results(sweep_dir))} runs in {sweep_dir / RESULTS_FILE}; fit them with `chatforge scaling fit {sweep_dir}`"
+    )
 
 
 def _run_one(
