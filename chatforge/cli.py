@@ -56,6 +56,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "export": Command(o.FeedbackExportOptions, "chatforge.serve.feedback:cmd_feedback_export", "rated conversations as training data: sft or preference pairs"),
     },
     "doctor": Command(o.DoctorOptions, "chatforge.tools.sandbox:cmd_doctor", "what this machine gives the python tool's sandbox (Landlock, seccomp, namespaces) and whether it runs"),
+    "scaling": {
+        "sweep": Command(o.ScalingSweepOptions, "chatforge.scaling.sweep:cmd_scaling_sweep", "train a grid of model sizes x token budgets, resumable run by run"),
+        "fit": Command(o.ScalingFitOptions, "chatforge.scaling.fit:cmd_scaling_fit", "fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep; IsoFLOP view, plots, held-out check"),
+        "plan": Command(o.ScalingPlanOptions, "chatforge.scaling.plan:cmd_scaling_plan", "compute-optimal N, D and predicted loss for a FLOP or GPU-hour budget"),
+    },
     "presets": Command(o.PresetsOptions, "chatforge.plan:cmd_presets", "list presets with their model shapes, FLOPs and memory estimates"),
 }  # fmt: skip
 
@@ -63,6 +68,7 @@ GROUP_HELP = {
     "tokenizer": "train or evaluate a byte-level BPE tokenizer",
     "prefs": "stage 3: comparisons (label, world pairs), reward model, DPO",
     "feedback": "list rated conversations; export them as sft / prefs data",
+    "scaling": "scaling laws: sweep sizes x tokens, fit L(N, D), plan a compute budget",
 }
 
 

@@ -573,3 +573,58 @@ class FeedbackExportOptions:
         flag="--as", choices=("sft", "prefs"), required=True,
     )  # fmt: skip
     out: str = opt(None, "where to write (atomically)", metavar="FILE.jsonl", required=True)
+
+
+# ---- scaling laws -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ScalingSweepOptions:
+    data: str = opt(None, "shard folder from `chatforge data`", required=True)
+    out: str = opt(None, "sweep folder (runs/, sweep.json, results.jsonl); an existing one resumes", required=True)
+    tokenizer: str | None = opt(None, "tokenizer.json (default: DATA/tokenizer.json)")
+    sizes: str = opt(
+        "1x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims)"
+    )
+    tokens: str = opt("256K,512K,1M,2M,4M,8M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
+    max_flops: float = opt(
+        1.5e12, "leave out the runs with 6ND above this (N non-embedding): the costly corner of large models "
+        "on many tokens; 0 = the whole grid (default 1.5e12)",
+    )  # fmt: skip
+    schedule: str = opt("wsd", "wsd: one stable run per size, a decay branch per budget; cosine: a run each",
+                        choices=("wsd", "cosine"))  # fmt: skip
+    cooldown_frac: float = opt(0.25, "wsd: share of each run spent decaying (default 0.25)")
+    seq_len: int = opt(128, "tokens per row (default 128)")
+    batch_rows: int = opt(8, "rows per step (default 8)")
+    lr: float = opt(1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)")
+    lr_rule: str = opt("width", "width: lr x 32 / width; flat: --lr for every size", choices=("width", "flat"))
+    warmup_steps: int = opt(16, "linear warmup steps (default 16)")
+    eval_batches: int = opt(16, "validation batches for each run's final loss (default 16)")
+    overrides: list[str] = opt(
+        [], "override a training config field of every run, e.g. optimizer=muon (repeatable)", flag="--set",
+        metavar="FIELD=VALUE", repeatable=True,
+    )  # fmt: skip
+    threads: int = opt(1, "torch threads (default 1)")
+    device: str = opt("auto", "cpu, cuda, mps (default: cuda if available)")
+    seed: int = opt(1337, "seed of initialisation and data order (default 1337)")
+
+
+@dataclass
+class ScalingFitOptions:
+    sweep: str = opt(None, "sweep folder (or a results.jsonl)", positional=True)
+    params: str = opt("nonembedding", "N of the law: non-embedding or total parameters",
+                      choices=("nonembedding", "total"))  # fmt: skip
+    holdout: str = opt("largest", "runs left out of the fit and predicted: the largest N and the largest D, "
+                       "or none", choices=("largest", "none"))  # fmt: skip
+    bootstrap: int = opt(200, "bootstrap resamples for the intervals (default 200)")
+    seed: int = opt(0, "seed of the bootstrap")
+    out: str | None = opt(None, "report folder (default: SWEEP/report)")
+
+
+@dataclass
+class ScalingPlanOptions:
+    flops: float | None = opt(None, "training compute C in FLOPs, e.g. 1e19")
+    budget: str | None = opt(None, 'compute as GPU time, e.g. "2 GPU-hours on H100"')
+    mfu: float = opt(0.4, "with --budget: model FLOPs utilisation assumed (default 0.4)")
+    fit: str | None = opt(None, "a sweep folder or fit.json from `chatforge scaling fit` (default: "
+                          "Chinchilla's published constants)")  # fmt: skip
