@@ -184,7 +184,8 @@ def _trimmed_prompt(
 
 def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callable[[], JsonConstraint] | None:
     """What response_format asks: None for text, else a maker of one JsonConstraint per choice (the
-    schema compiled once); 400 for a schema that cannot be enforced."""
+    schema compiled once, here in the thread pool; each choice gets a copy); 400 for a schema that
+    cannot be enforced."""
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_schema" and fmt.json_schema is None:
@@ -199,10 +200,10 @@ def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callab
         raise APIError(400, "this model has no stop token to end a JSON answer with", param="response_format")
     ltok = guidance_tokenizer(srv.tok, srv.model.cfg.vocab_size, stop_ids)
     try:
-        grammar = json_grammar(schema, ltok)
+        start = JsonConstraint.compile(ltok, json_grammar(schema, ltok))
     except ChatforgeError as e:
         raise APIError(400, f"Invalid 'response_format': {e}", param="response_format") from None
-    return lambda: JsonConstraint(ltok, grammar)
+    return start.fresh
 
 
 @router.post("/v1/chat/completions")
