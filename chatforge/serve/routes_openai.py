@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from chatforge.align import scored_tokens
 from chatforge.chat import fit_window
-from chatforge.chat_format import encode_with_specials, render_prompt, tool_call_start
+from chatforge.chat_format import encode_with_specials, render_prompt, tool_call_start, turn_end_ids
+from chatforge.constrain import ANY_OBJECT, JsonConstraint, guidance_tokenizer, json_grammar
 from chatforge.errors import ChatforgeError
 from chatforge.serve.protocol import (
     MAX_N,
@@ -24,6 +26,7 @@ from chatforge.serve.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ResponseFormat,
     sampling_settings,
     stop_strings,
     token_budget,
@@ -145,8 +148,10 @@ def _chat_prompt(
     them: the schemas go into the prompt, a call comes back as tool_calls (finish_reason
     "tool_calls"), and the client runs it and sends a tool message."""
     _check_model(srv, req.model)
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.logprobs and req.stream:
+        raise APIError(400, "logprobs are given with stream=false only", param="logprobs")
     choice = _tool_choice(srv, req)
     messages = [_message(m) for m in req.messages]
     try:
@@ -177,9 +182,38 @@ def _trimmed_prompt(
     return render(head + rest[start:]), start
 
 
+def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callable[[], JsonConstraint] | None:
+    """What response_format asks: None for text, else a maker of one JsonConstraint per choice (the
+    schema compiled once, here in the thread pool; each choice gets a copy); 400 for a schema that
+    cannot be enforced."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(
+            400, "response_format of type json_schema needs a json_schema object", param="response_format"
+        )
+    schema = ANY_OBJECT
+    if fmt.type == "json_schema" and fmt.json_schema.json_schema is not None:
+        schema = fmt.json_schema.json_schema
+    stop_ids = turn_end_ids(srv.tok)
+    if not stop_ids:
+        raise APIError(400, "this model has no stop token to end a JSON answer with", param="response_format")
+    ltok = guidance_tokenizer(srv.tok, srv.model.cfg.vocab_size, stop_ids)
+    try:
+        start = JsonConstraint.compile(ltok, json_grammar(schema, ltok))
+    except ChatforgeError as e:
+        raise APIError(400, f"Invalid 'response_format': {e}", param="response_format") from None
+    return start.fresh
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
     messages, ids, tool_choice, left_out = await run_in_threadpool(_chat_prompt, srv, req)
+    constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
+    if constraint is not None and tool_choice.forced_ids:
+        raise APIError(
+            400, "a forced tool call (tool_choice) and a JSON response_format exclude each other", param="tool_choice"
+        )
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
     sampling, stops = sampling_settings(req), stop_strings(req.stop) + tool_choice.stops
@@ -195,6 +229,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         tools=bool(tool_choice.tools),
         forced_ids=tool_choice.forced_ids,
         banned_ids=tool_choice.banned_ids,
+        constraint=constraint,
     )
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     if conv_id is not None or req.store:
@@ -216,6 +251,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
             chat_chunks(head, choices, events, len(ids), include_usage), choices, srv.store
         )
     await drain(choices, events, request, srv.store)
+    scores = {}
+    if req.logprobs:
+        scores = await run_in_threadpool(chat_logprobs, srv, ids, choices, req.top_logprobs or 0)
     return {
         **head,
         "system_fingerprint": None,
@@ -223,7 +261,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
             {
                 "index": c.index,
                 "message": answer_message(c.text),
-                "logprobs": None,
+                "logprobs": scores.get(c.index),
                 "finish_reason": c.text.finish or "stop",
             }
             for c in choices
@@ -276,7 +314,10 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
     prompts, texts = await run_in_threadpool(_completion_prompts, srv, req.prompt)
     budget = min(token_budget(srv.ctx, len(p), req.max_tokens or 16, "max_tokens") for p in prompts)
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
-    choices, events = start_jobs(srv, prompts, req.n, budget, sampling, req.seed, stops)
+    constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
+    choices, events = start_jobs(
+        srv, prompts, req.n, budget, sampling, req.seed, stops, constraint=constraint
+    )
     head = {
         "id": "cmpl-" + secrets.token_hex(12),
         "object": "text_completion",
@@ -309,16 +350,23 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
     }
 
 
+def _scored_answers(
+    srv: ServerState, prompts: list[list[int]], choices: list, n: int, top: int
+) -> list[tuple[list[int], list]]:
+    """Each choice's prompt + answer ids, and `scored_tokens`' (log p, top alternatives) for every
+    token after the first, in one forward pass over them: what both kinds of `logprobs` report."""
+    seqs = [prompts[c.index // n] + c.text.ids for c in choices]
+    return list(zip(seqs, scored_tokens(srv.model, seqs, top_k=max(top, 1)), strict=True))
+
+
 def completion_logprobs(
     srv: ServerState, prompts: list[list[int]], choices: list, n: int, top: int, echo: bool
 ) -> dict[int, dict]:
     """OpenAI's legacy `logprobs` object per choice: each generated token (and with `echo` each
     prompt token, the first without a score) with its log-probability and the `top` most likely
     tokens at its place, all scored in one forward pass over prompt + answer."""
-    seqs = [prompts[c.index // n] + c.text.ids for c in choices]
-    scored = scored_tokens(srv.model, seqs, top_k=max(top, 1))
     out = {}
-    for c, seq, scores in zip(choices, seqs, scored, strict=True):
+    for c, (seq, scores) in zip(choices, _scored_answers(srv, prompts, choices, n, top), strict=True):
         first = 0 if echo else len(seq) - len(c.text.ids)
         tokens = [srv.tok.decode([t]) for t in seq[first:]]
         entries = [(None, None)] + [
@@ -330,5 +378,28 @@ def completion_logprobs(
             "token_logprobs": [lp for lp, _ in entries[first:]],
             "top_logprobs": [alts for _, alts in entries[first:]],
             "text_offset": offsets,
+        }
+    return out
+
+
+def chat_logprobs(srv: ServerState, prompt: list[int], choices: list, top: int) -> dict[int, dict]:
+    """OpenAI's chat `logprobs` per choice: {"content": [{token, logprob, bytes, top_logprobs}]}
+    for each answer token (a stop id that ended the turn left out), scored as completions' are."""
+    stop_ids = set(turn_end_ids(srv.tok))
+
+    def entry(i: int, lp: float) -> dict:
+        raw = srv.tok.decode_bytes([i]) if i < srv.tok.vocab_size else b""  # the model's padding ids: none
+        return {"token": srv.tok.decode([i]), "logprob": lp, "bytes": list(raw)}
+
+    out = {}
+    for c, (seq, scores) in zip(choices, _scored_answers(srv, [prompt], choices, len(choices), top), strict=True):
+        answer = c.text.ids[:-1] if c.text.ids and c.text.ids[-1] in stop_ids else c.text.ids
+        first = len(seq) - len(c.text.ids) - 1  # scores[k] is for seq[k + 1]
+        out[c.index] = {
+            "content": [
+                {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in alts[:top]]}
+                for t, (lp, alts) in zip(answer, scores[first:], strict=False)
+            ],
+            "refusal": None,
         }
     return out
