@@ -141,6 +141,9 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # chatforge extension: answer from this collection (`chatforge rag add`); the response carries
+    # the retrieved chunks as "documents" [{id, source, heading, text}], which the answer cites as [id]
+    collection: str | None = Field(None, min_length=1, max_length=64)
 
 
 class CompletionRequest(SamplingRequest):

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from chatforge.chat_format import render_prompt
 from chatforge.errors import ChatforgeError
+from chatforge.rag.answer import document_objects, rag_prompt
 from chatforge.serve.protocol import (
     MAX_N,
     APIError,
@@ -33,6 +34,7 @@ from chatforge.serve.streaming import (
     completion_chunks,
     drain,
     finish_choices,
+    sse,
     start_jobs,
     stream_response,
     usage,
@@ -91,7 +93,7 @@ def _message(m: ChatMessage) -> dict:
     return out
 
 
-def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dict], list[int], bool]:
+def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dict], list[int], bool, list[dict] | None]:
     """The request's messages, its prompt ids and whether tools are offered; 400 for what is not
     supported. Tools as OpenAI has them: the schemas go into the prompt, a call comes back as
     tool_calls (finish_reason "tool_calls"), and the client runs it and sends a tool message."""
@@ -104,16 +106,24 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dic
         )
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
     messages = [_message(m) for m in req.messages]
+    prompt, documents = messages, None
+    if req.collection is not None:  # the documents go into the prompt; the stored conversation stays as asked
+        asked = req.max_completion_tokens or req.max_tokens or 256
+        try:
+            rag = rag_prompt(req.collection, messages, srv.tok, srv.ctx - min(asked, srv.ctx // 4))
+        except ChatforgeError as e:
+            raise APIError(400, str(e), param="collection") from None
+        prompt, documents = rag.messages, document_objects(rag.hits)
     try:
-        ids = render_prompt(srv.tok, messages, tools=tools or None)
+        ids = render_prompt(srv.tok, prompt, tools=tools or None)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return messages, ids, bool(tools)
+    return messages, ids, bool(tools), documents
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    messages, ids, tools = await run_in_threadpool(_chat_prompt, srv, req)
+    messages, ids, tools, documents = await run_in_threadpool(_chat_prompt, srv, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
@@ -133,10 +143,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         head["conversation_id"] = conv_id
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(
-            chat_chunks(head, choices, events, len(ids), include_usage), choices, srv.store
-        )
+        chunks = chat_chunks(head, choices, events, len(ids), include_usage)
+        if documents is not None:  # one chunk with no choices says what [n] refers to, before the text
+            chunks = _after(sse({**head, "object": "chat.completion.chunk", "choices": [], "documents": documents}), chunks)
+        return stream_response(chunks, choices, srv.store)
     await drain(choices, events, request, srv.store)
+    if documents is not None:
+        head["documents"] = documents
     return {
         **head,
         "system_fingerprint": None,
@@ -151,6 +164,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         ],
         "usage": usage(len(ids), choices),
     }
+
+
+async def _after(first: str, rest):
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 # ---- completions ---------------------------------------------------------------------------
