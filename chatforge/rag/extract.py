@@ -132,6 +132,7 @@ _RST_INLINE = [
     (re.compile(r"`([^`<]*?)\s*(<[^>]*>)?`_{0,2}"), r"\1"),  # `link <url>`_ -> link
     (re.compile(r"\*\*([^*]+)\*\*|\*([^*]+)\*"), lambda m: m.group(1) or m.group(2)),
     (re.compile(r"\|(\w[\w-]*)\|"), r"\1"),  # substitutions
+    (re.compile(r"\\([^\w\s])"), r"\1"),  # escaped punctuation (a path's \Scripts stays)
 ]
 
 
@@ -158,15 +159,21 @@ def _rst(name: str, text: str) -> list[Block]:
             elif re.match(r":[\w -]+:(\s|$)", stripped):  # directive options (":maxdepth: 2"), not roles
                 lines.append("")
             else:
-                for pattern, repl in _RST_INLINE:
-                    line = pattern.sub(repl, line)
                 lines.append(line)
             i += 1
             continue
         if style not in levels:
             levels.append(style)
-        lines.append((levels.index(style) + 1, title))
-    return _blocks_with_headings(lines)
+        lines.append((levels.index(style) + 1, _rst_inline(title)))
+    return [Block(b.heading, _rst_inline(b.text)) for b in _blocks_with_headings(lines)]
+
+
+def _rst_inline(text: str) -> str:
+    """Roles, literals, links and emphasis reduced to their text (on whole paragraphs: a link's
+    target often sits on the next line)."""
+    for pattern, repl in _RST_INLINE:
+        text = pattern.sub(repl, text)
+    return text
 
 
 class _HTMLText(HTMLParser):
