@@ -601,10 +601,11 @@ class RagEvalOptions(RagCollectionOptions):
         None, 'jsonl of {question, answer, evidence: [strings the source chunk holds], source?: file name}; '
         "default: the collection's questions.jsonl (written by `chatforge rag world`)", metavar="FILE",
     )  # fmt: skip
-    k: int = opt(5, "recall@k and MRR@k; also the chunks put in an answer's prompt (default 5)")
+    k: int = opt(5, "recall@k and MRR@k (default 5)")
     modes: str = opt("bm25,dense,fused", "retrieval modes to measure, comma-separated")
     model: str | None = opt(None, "run folder: also measure answers closed-book vs with retrieval", metavar="RUN")
     max_examples: int | None = opt(None, "questions to ask the model (picked by --seed; retrieval uses all)", metavar="N")
+    answer_k: int | None = opt(None, "chunks put in an answer's prompt (default: --k)")
     max_new_tokens: int = opt(48, "answer length (default 48)")
     rerank: bool = opt(False, "re-rank the fused chunks by the model's log-likelihood of the question")
     seed: int = opt(0, "seed for picking questions")

@@ -156,8 +156,10 @@ def cmd_rag_eval(opts: RagEvalOptions) -> dict:
             run = load_run(opts.model, inference=True, device=pick_device(opts.device))
             asked = subset(questions, opts.max_examples, opts.seed)
             result["model"] = str(opts.model)
+            result["answer_k"] = opts.answer_k or opts.k
             result["answers"] = answer_metrics(
-                coll, asked, run.model, run.tokenizer, opts.k, embedder, opts.max_new_tokens, opts.rerank
+                coll, asked, run.model, run.tokenizer, opts.answer_k or opts.k, embedder, opts.max_new_tokens,
+                opts.rerank,
             )
     finally:
         coll.close()
