@@ -13,7 +13,7 @@ from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.checkpoint import save_model
 from chatforge.engine import generate_batch
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.options import ChatOptions
+from chatforge.options import ChatOptions, RagEvalOptions
 from chatforge.options import parse as parse_options
 from chatforge.rag.answer import rag_prompt
 from chatforge.rag.command import add_files
@@ -140,3 +140,42 @@ def test_rerank_orders_by_the_question_likelihood(tok, model):
     q = tok.encode("\nQuestion: " + QUESTION)
     expect = sequence_logps(model, [body + q], [[0] * len(body) + [1] * len(q)], "cpu").item()
     assert ranked[0].score == pytest.approx(expect, rel=1e-5)
+
+
+def test_scores_exact_match_citations_and_faithfulness():
+    from chatforge.rag.evaluate import score_answers
+
+    keeper = Hit(StoredChunk(1, "/k", "k.md", "", "The lighthouse keeper is Marta Quill."), 0.0)
+    tea = Hit(StoredChunk(2, "/t", "t.md", "", "Tea is brewed at ninety degrees."), 0.0)
+    questions = [{"question": "Keeper?", "answer": "Marta Quill", "kind": "forward"},
+                 {"question": "Keeper?", "answer": "Marta Quill", "kind": "reverse"},
+                 {"question": "Tea?", "answer": "ninety degrees", "kind": "forward"}]  # fmt: skip
+    closed = ["I do not know.", "Marta Quill.", "Hot."]
+    opened = ["Marta Quill [1].", "It is Marta Quill [2], see [9].", "Unsure."]
+    s = score_answers(questions, closed, opened, [[keeper, tea], [keeper, tea], [tea]])
+    assert s["closed_book"] == pytest.approx(1 / 3) and s["with_retrieval"] == pytest.approx(2 / 3)
+    assert s["by_kind"]["forward"] == {"closed_book": 0.0, "with_retrieval": 0.5, "n": 2}
+    assert s["citation_rate"] == pytest.approx(2 / 3)
+    assert s["faithfulness"] == 0.5  # the second answer cites [2] (tea), which does not hold the answer
+    assert [r["cited"] for r in s["rows"]] == [[1], [2], []]
+
+
+def test_rag_eval_end_to_end_on_a_world(tok, model, tmp_path, capsys):
+    from chatforge.rag.command import QUESTIONS_FILE, world_questions
+    from chatforge.rag.evaluate import cmd_rag_eval
+    from chatforge.world import build_world, write_world
+
+    write_world(build_world(5, 40, 8), tmp_path / "world", paraphrases=1)
+    coll = Collection.open("world", tmp_path / "root", create_with="hash-384")
+    add_files(coll, [(tmp_path / "world" / "heldout.jsonl", "heldout.jsonl")], HashEmbedder())
+    (coll.folder / QUESTIONS_FILE).write_text("".join(__import__("json").dumps(q) + "\n" for q in world_questions(tmp_path / "world")))
+    coll.close()
+    run = tmp_path / "run"
+    save_model(run, model, tok.to_json(), {"stage": "test"})
+    opts = parse_options(RagEvalOptions, ["--root", tmp_path / "root", "--model", run, "--max-examples", "3",
+                                          "--max-new-tokens", "4", "--answer-k", "2", "--out", tmp_path / "out"])  # fmt: skip
+    result = cmd_rag_eval(opts)
+    assert result["retrieval"]["bm25"]["recall@5"] == 1.0 and set(result["retrieval"]) == {"bm25", "dense", "fused"}
+    assert len(result["answers"]["rows"]) == 3 and result["answer_k"] == 2
+    assert (tmp_path / "out" / "rag_eval.md").read_text().startswith("| retrieval | recall@5 |")
+    assert "| bm25 | 1.000 |" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from chatforge.options import RagEvalOptions
 from chatforge.rag.answer import cited, fit_documents
 from chatforge.rag.command import QUESTIONS_FILE
 from chatforge.rag.embed import get_embedder
-from chatforge.rag.retrieve import MODES, rerank_by_likelihood, retrieve
+from chatforge.rag.retrieve import MODES, Hit, rerank_by_likelihood, retrieve
 from chatforge.rag.store import Collection, StoredChunk
 
 
@@ -78,8 +78,6 @@ def _generate(model, tok, prompts_messages: list[list[dict]], max_new_tokens: in
 
 def answer_metrics(coll, questions, model, tok, k: int, embedder, max_new_tokens: int, rerank: bool) -> dict:
     """Exact match closed-book and with retrieval (per kind), faithfulness, seconds per answer."""
-    from chatforge.eval.world_qa import contains_answer
-
     ctx = model.cfg.seq_len
     closed = _generate(model, tok, [[{"role": "user", "content": q["question"]}] for q in questions], max_new_tokens)
     rag_prompts, rag_hits = [], []
@@ -92,13 +90,22 @@ def answer_metrics(coll, questions, model, tok, k: int, embedder, max_new_tokens
         rag_prompts.append(messages)
         rag_hits.append(hits)
     opened = _generate(model, tok, rag_prompts, max_new_tokens)
-    seconds = (time.perf_counter() - start) / len(questions)
+    scores = score_answers(questions, closed, opened, rag_hits)
+    scores["seconds_per_answer_with_retrieval"] = (time.perf_counter() - start) / len(questions)
+    return scores
+
+
+def score_answers(questions: list[dict], closed: list[str], opened: list[str], hits: list[list[Hit]]) -> dict:
+    """Exact match (the gold answer as a whole phrase in the reply) closed-book and with retrieval,
+    per question kind; citation rate; faithfulness = among answers citing an in-range [n], the share
+    where a cited chunk holds the gold answer."""
+    from chatforge.eval.world_qa import contains_answer
+
     rows, citing, faithful = [], 0, 0
-    for q, a_closed, a_open, hits in zip(questions, closed, opened, rag_hits, strict=True):
-        refs = cited(a_open, hits)
-        holds = [contains_answer(h.chunk.text, q["answer"]) for _, h in refs]
+    for q, a_closed, a_open, given in zip(questions, closed, opened, hits, strict=True):
+        refs = cited(a_open, given)
         citing += bool(refs)
-        faithful += any(holds)
+        faithful += any(contains_answer(h.chunk.text, q["answer"]) for _, h in refs)
         rows.append({"question": q["question"], "answer": q["answer"], "kind": q.get("kind", "all"),
                      "closed_book": a_closed, "with_retrieval": a_open,
                      "closed_ok": contains_answer(a_closed, q["answer"]),
@@ -114,8 +121,7 @@ def answer_metrics(coll, questions, model, tok, k: int, embedder, max_new_tokens
         "closed_book": sum(r["closed_ok"] for r in rows) / len(rows),
         "with_retrieval": sum(r["open_ok"] for r in rows) / len(rows),
         "by_kind": by_kind, "citation_rate": citing / len(rows),
-        "faithfulness": faithful / citing if citing else 0.0,
-        "seconds_per_answer_with_retrieval": seconds, "rows": rows,
+        "faithfulness": faithful / citing if citing else 0.0, "rows": rows,
     }  # fmt: skip
 
 
