@@ -320,3 +320,24 @@ def test_minilm_dense_search_and_model_recorded(tmp_path):
     with pytest.raises(ChatforgeError, match="pass --embedding all-MiniLM-L6-v2"):
         retrieve(coll, "kitties", 1, HASH, "dense")
     coll.close()
+
+
+def test_missing_extra_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from chatforge.rag.embed import MiniLM
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "pypdf", None)
+    with pytest.raises(ChatforgeError, match=r'pip install "chatforge\[rag\]"'):
+        MiniLM()
+    with pytest.raises(ChatforgeError, match=r'a.pdf: reading PDF needs pypdf: pip install "chatforge\[rag\]"'):
+        extract("a.pdf", minimal_pdf("x"))
+    (tmp_path / "a.txt").write_text("hello")
+    monkeypatch.setattr("chatforge.rag.embed.EMBEDDERS", {"all-MiniLM-L6-v2": MiniLM, "hash-384": HashEmbedder})
+    from chatforge.rag.embed import get_embedder
+
+    get_embedder.cache_clear()
+    assert cli_main(["rag", "add", "--root", tmp_path / "root", "--collection", "new", tmp_path / "a.txt"]) == 2
+    get_embedder.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith('pip install "chatforge[rag]"')
+    assert not (tmp_path / "root" / "new").exists()  # no empty collection left behind

