@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from chatforge.errors import ChatforgeError
 from chatforge.rag.extract import Block
 
-MAX_CHARS = 1000  # about 250 tokens: within MiniLM's 256 word pieces, and 4 fit a 1k-token prompt
-OVERLAP_CHARS = 200
+MAX_CHARS = 600  # about 150 word pieces: MiniLM reads only 256 (1000 left 30% of Python-docs chunks cut)
+OVERLAP_CHARS = 120
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
 
 
