@@ -17,7 +17,8 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -170,17 +171,16 @@ class Collection:
     def _bump(self) -> None:
         self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
 
-    def _transaction(self):
-        conn = self.conn
-
-        class _Tx:
-            def __enter__(self) -> None:
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, kind, *_) -> None:
-                conn.execute("COMMIT" if kind is None else "ROLLBACK")
-
-        return _Tx()
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed whole, or rolled back (a killed process leaves none)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     # ---- reading -------------------------------------------------------------------------
     def documents(self) -> list[dict]:
