@@ -33,6 +33,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
 from chatforge.options import ChatOptions
+from chatforge.rag.answer import RagPrompt, rag_prompt, sources_line
 from chatforge.terminal import ControlStripper, strip_controls
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
@@ -233,6 +234,7 @@ class ChatSession:
         assistant_prefix: str = "assistant> ",
         registry: ToolRegistry | None = None,
         max_calls: int = 4,
+        rag: Callable[[list[dict], int], RagPrompt] | None = None,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
@@ -247,6 +249,7 @@ class ChatSession:
         self.registry = registry
         self.max_calls = max_calls
         self.tools = registry.schemas() if registry is not None else None
+        self.rag = rag  # (messages, prompt token budget) -> the prompt with retrieved documents
         self.messages: list[dict] = []  # user / assistant turns, the system prompt kept apart
         self.window = 0  # index of the oldest message the model still sees
         self.turns = 0  # answers generated, to vary the seed per answer
@@ -343,6 +346,8 @@ class ChatSession:
         if self.registry is not None:
             self._answer_with_tools(visible, seed, buf)
             return
+        rag = self.rag(visible, self.model.cfg.seq_len - self.reserve) if self.rag is not None else None
+        visible = rag.messages if rag is not None else visible
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
 
@@ -370,6 +375,8 @@ class ChatSession:
                 return
         else:
             self._emit(stripper.end() + "\n", buf)
+        if rag is not None:
+            self._say(strip_controls(sources_line(text, rag.hits)), buf)
         self.messages.append(parse_assistant(text))
 
     def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
@@ -475,12 +482,17 @@ def cmd_chat(args: ChatOptions) -> None:
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
     registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)
+    rag = None
+    if args.rag is not None:
+        if registry is not None:
+            raise ChatforgeError("--rag and --tools: use one of them")
+        rag = lambda messages, budget: rag_prompt(args.rag, messages, tok, budget, root=args.rag_root, k=args.rag_k)  # noqa: E731
     tools = registry.schemas() if registry is not None else None
     try:
         if args.tools == "all":  # what guards the model's code, said before any of it runs
             print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
         if args.prompt is not None:
-            _one_prompt(args, model, tok, registry, tools, max_new, asked)
+            _one_prompt(args, model, tok, registry, tools, max_new, asked, rag)
             return
         if tools:  # the tool descriptions alone must leave room for a question and its answer
             head = [{"role": "system", "content": args.system}] if args.system else []
@@ -495,6 +507,7 @@ def cmd_chat(args: ChatOptions) -> None:
         session = ChatSession(
             model, tok, system=args.system, max_new_tokens=max_new, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
+            rag=rag,
         )  # fmt: skip
         banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
         if registry is not None:
@@ -505,13 +518,15 @@ def cmd_chat(args: ChatOptions) -> None:
         _tidy_files(folder, temporary)
 
 
-def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None) -> None:
+def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, rag=None) -> None:
     """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr."""
     ctx = model.cfg.seq_len
     temperature = 0.0 if args.temperature is None else args.temperature
     check_sampling(temperature, args.top_k, args.top_p)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
+    retrieved = rag(messages, ctx - min(max_new, ctx // 4)) if rag is not None else None
+    messages = retrieved.messages if retrieved is not None else messages
     n = len(render_prompt(tok, messages, tools=tools))
     if n >= ctx:
         hint = ""
@@ -534,6 +549,8 @@ def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int,
             print("chatforge: a tool result filled the context; no answer", file=sys.stderr)
         text = final_answer(new)
     print(strip_controls(text).strip(), flush=True)
+    if retrieved is not None:
+        print(strip_controls(sources_line(text, retrieved.hits)), file=sys.stderr, flush=True)
 
 
 def run_interactive(session: ChatSession, banner: str) -> None:

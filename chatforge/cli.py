@@ -55,6 +55,14 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "list": Command(o.FeedbackListOptions, "chatforge.serve.feedback:cmd_feedback_list", "conversations in a feedback database, newest first, with their ratings"),
         "export": Command(o.FeedbackExportOptions, "chatforge.serve.feedback:cmd_feedback_export", "rated conversations as training data: sft or preference pairs"),
     },
+    "rag": {
+        "add": Command(o.RagAddOptions, "chatforge.rag.command:cmd_rag_add", "add files to a collection (changed ones replaced, unchanged skipped)"),
+        "remove": Command(o.RagRemoveOptions, "chatforge.rag.command:cmd_rag_remove", "delete files and their chunks from a collection"),
+        "list": Command(o.RagListOptions, "chatforge.rag.command:cmd_rag_list", "the collections, or one collection's documents"),
+        "search": Command(o.RagSearchOptions, "chatforge.rag.command:cmd_rag_search", "the chunks a query retrieves (BM25, dense, fused)"),
+        "world": Command(o.RagWorldOptions, "chatforge.rag.command:cmd_rag_world", "the world's held-out biographies as a collection, with forward and reverse questions"),
+        "eval": Command(o.RagEvalOptions, "chatforge.rag.evaluate:cmd_rag_eval", "recall@k, MRR, latency; with --model answers closed-book vs with retrieval"),
+    },
     "doctor": Command(o.DoctorOptions, "chatforge.tools.sandbox:cmd_doctor", "what this machine gives the python tool's sandbox (Landlock, seccomp, namespaces) and whether it runs"),
     "scaling": {
         "sweep": Command(o.ScalingSweepOptions, "chatforge.scaling.sweep:cmd_scaling_sweep", "train a grid of model sizes x token budgets, resumable run by run"),
@@ -69,6 +77,7 @@ GROUP_HELP = {
     "prefs": "stage 3: comparisons (label, world pairs), reward model, DPO",
     "feedback": "list rated conversations; export them as sft / prefs data",
     "scaling": "scaling laws: sweep sizes x tokens, fit L(N, D), plan a compute budget",
+    "rag": "collections of your files: add, search, answer from them with citations",
 }
 
 

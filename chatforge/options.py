@@ -417,6 +417,9 @@ class EvalOptions:
     no_progress: bool = opt(False, "no progress bar (the per-task lines still print)")
 
 
+_RAG_ROOT_HELP = "folder that holds the collections (default $CHATFORGE_RAG_ROOT, else ~/.chatforge/rag)"
+
+
 @dataclass
 class ChatOptions:
     model: str = opt(None, "run folder (or checkpoint folder) to load", metavar="RUN", required=True)
@@ -452,6 +455,12 @@ class ChatOptions:
         None, "run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
         choices=("bf16", "int8"),
     )  # fmt: skip
+    rag: str | None = opt(
+        None, "answer from this collection (`chatforge rag add`): retrieved chunks go into the prompt, "
+        "the answer cites them as [n]", metavar="NAME",
+    )  # fmt: skip
+    rag_root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
+    rag_k: int = opt(4, "with --rag: chunks retrieved per question (default 4)")
 
 
 @dataclass
@@ -628,3 +637,61 @@ class ScalingPlanOptions:
     mfu: float = opt(0.4, "with --budget: model FLOPs utilisation assumed (default 0.4)")
     fit: str | None = opt(None, "a sweep folder or fit.json from `chatforge scaling fit` (default: "
                           "Chinchilla's published constants)")  # fmt: skip
+# ---- retrieval (RAG) ---------------------------------------------------------------------------------------
+
+_EMBEDDING_HELP = "embedding model: all-MiniLM-L6-v2 (the default) or hash-384 (no extra needed)"
+
+
+@dataclass
+class RagCollectionOptions:
+    collection: str = opt("world", "collection name (default world: the world's held-out people)", metavar="NAME")
+    root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
+
+
+@dataclass
+class RagAddOptions(RagCollectionOptions):
+    files: list[str] = opt([], "files or folders (txt, md, rst, html, pdf, docx, jsonl)", positional=True, nargs="+")
+    embedding: str = opt("all-MiniLM-L6-v2", _EMBEDDING_HELP + "; fixed when the collection is created")
+
+
+@dataclass
+class RagRemoveOptions(RagCollectionOptions):
+    files: list[str] = opt([], "files (or folders) to delete from the collection", positional=True, nargs="+")
+
+
+@dataclass
+class RagListOptions:
+    collection: str | None = opt(None, "list this collection's documents (default: list the collections)", metavar="NAME")
+    root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
+
+
+@dataclass
+class RagSearchOptions(RagCollectionOptions):
+    query: str = opt("", "what to search for", positional=True)
+    k: int = opt(5, "chunks to show (default 5)")
+    mode: str = opt("fused", "bm25, dense, or both fused by reciprocal rank (default)", choices=("fused", "bm25", "dense"))
+    embedding: str | None = opt(None, _EMBEDDING_HELP + " (default: the collection's)")
+
+
+@dataclass
+class RagWorldOptions(RagCollectionOptions):
+    world: str = opt(None, "world folder (`chatforge world`): its held-out biographies", metavar="DIR", required=True)
+    embedding: str = opt("all-MiniLM-L6-v2", _EMBEDDING_HELP)
+
+
+@dataclass
+class RagEvalOptions(RagCollectionOptions):
+    questions: str | None = opt(
+        None, 'jsonl of {question, answer, evidence: [strings the source chunk holds], source?: file name}; '
+        "default: the collection's questions.jsonl (written by `chatforge rag world`)", metavar="FILE",
+    )  # fmt: skip
+    k: int = opt(5, "recall@k and MRR@k (default 5)")
+    modes: str = opt("bm25,dense,fused", "retrieval modes to measure, comma-separated")
+    model: str | None = opt(None, "run folder: also measure answers closed-book vs with retrieval", metavar="RUN")
+    max_examples: int | None = opt(None, "questions to ask the model (picked by --seed; retrieval uses all)", metavar="N")
+    answer_k: int | None = opt(None, "chunks put in an answer's prompt (default: --k)")
+    max_new_tokens: int = opt(48, "answer length (default 48)")
+    rerank: bool = opt(False, "re-rank the fused chunks by the model's log-likelihood of the question")
+    seed: int = opt(0, "seed for picking questions")
+    device: str = opt("cpu", "cpu, cuda, mps or auto")
+    out: str | None = opt(None, "write rag_eval.json and rag_eval.md here", metavar="DIR")

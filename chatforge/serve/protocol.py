@@ -176,6 +176,9 @@ class ChatCompletionRequest(SamplingRequest):
         description="chatforge extension (the web page sends it): leave the oldest turns out of the "
         "prompt, never the system prompt, so it fits the context; the answer says how many",
     )
+    # chatforge extension: answer from this collection (`chatforge rag add`); the response carries
+    # the retrieved chunks as "documents" [{id, source, heading, text}], which the answer cites as [id]
+    collection: str | None = Field(None, min_length=1, max_length=64)
 
 
 class CompletionRequest(SamplingRequest):

@@ -20,6 +20,7 @@ from chatforge.chat import fit_window
 from chatforge.chat_format import encode_with_specials, render_prompt, tool_call_start, turn_end_ids
 from chatforge.constrain import ANY_OBJECT, JsonConstraint, guidance_tokenizer, json_grammar
 from chatforge.errors import ChatforgeError
+from chatforge.rag.answer import document_objects, rag_prompt
 from chatforge.serve.protocol import (
     MAX_N,
     APIError,
@@ -39,6 +40,7 @@ from chatforge.serve.streaming import (
     completion_chunks,
     drain,
     finish_choices,
+    sse,
     start_jobs,
     stream_response,
     usage,
@@ -140,13 +142,23 @@ def _tool_choice(srv: ServerState, req: ChatCompletionRequest) -> ToolChoice:
     return ToolChoice(tools=tools, forced_ids=tool_call_start(srv.tok, name))
 
 
-def _chat_prompt(
-    srv: ServerState, req: ChatCompletionRequest
-) -> tuple[list[dict], list[int], ToolChoice, int]:
-    """The request's messages, its prompt ids, what its tool_choice asks and how many messages
-    `trim_history` left out of the prompt; 400 for what is not supported. Tools as OpenAI has
-    them: the schemas go into the prompt, a call comes back as tool_calls (finish_reason
-    "tool_calls"), and the client runs it and sends a tool message."""
+@dataclass
+class ChatPrompt:
+    """A chat request made ready to generate: the messages as asked (what is stored), the prompt's
+    ids, what tool_choice asks, how many old messages `trim_history` left out, and the chunks a
+    `collection` put into the prompt (None without one)."""
+
+    messages: list[dict]
+    ids: list[int]
+    tool_choice: ToolChoice
+    left_out: int = 0
+    documents: list[dict] | None = None
+
+
+def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
+    """The request as a prompt; 400 for what is not supported. Tools as OpenAI has them: the
+    schemas go into the prompt, a call comes back as tool_calls (finish_reason "tool_calls"), and
+    the client runs it and sends a tool message."""
     _check_model(srv, req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -154,14 +166,21 @@ def _chat_prompt(
         raise APIError(400, "logprobs are given with stream=false only", param="logprobs")
     choice = _tool_choice(srv, req)
     messages = [_message(m) for m in req.messages]
+    prompt, documents = messages, None
+    if req.collection is not None:  # the documents go into the prompt; the stored conversation stays as asked
+        try:
+            rag = rag_prompt(req.collection, messages, srv.tok, srv.ctx - min(_answer_room(srv, req), srv.ctx // 4))
+        except ChatforgeError as e:
+            raise APIError(400, str(e), param="collection") from None
+        prompt, documents = rag.messages, document_objects(rag.hits)
     try:
-        ids = render_prompt(srv.tok, messages, tools=choice.tools or None)
+        ids = render_prompt(srv.tok, prompt, tools=choice.tools or None)
         left_out = 0
         if req.trim_history and len(ids) + _answer_room(srv, req) > srv.ctx:
-            ids, left_out = _trimmed_prompt(srv, req, messages, choice.tools)
+            ids, left_out = _trimmed_prompt(srv, req, prompt, choice.tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return messages, ids, choice, left_out
+    return ChatPrompt(messages, ids, choice, left_out, documents)
 
 
 def _answer_room(srv: ServerState, req: ChatCompletionRequest) -> int:
@@ -208,7 +227,8 @@ def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callab
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    messages, ids, tool_choice, left_out = await run_in_threadpool(_chat_prompt, srv, req)
+    prompt = await run_in_threadpool(_chat_prompt, srv, req)
+    messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
     constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
     if constraint is not None and tool_choice.forced_ids:
         raise APIError(
@@ -244,13 +264,17 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
     if conv_id is not None:
         head["conversation_id"] = conv_id
     if req.trim_history:
-        head["trimmed_messages"] = left_out  # how many of the oldest messages the prompt left out
+        head["trimmed_messages"] = prompt.left_out  # how many of the oldest messages the prompt left out
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(
-            chat_chunks(head, choices, events, len(ids), include_usage), choices, srv.store
-        )
+        chunks = chat_chunks(head, choices, events, len(ids), include_usage)
+        if prompt.documents is not None:  # one chunk with no choices says what [n] refers to, before the text
+            first = {**head, "object": "chat.completion.chunk", "choices": [], "documents": prompt.documents}
+            chunks = _after(sse(first), chunks)
+        return stream_response(chunks, choices, srv.store)
     await drain(choices, events, request, srv.store)
+    if prompt.documents is not None:
+        head["documents"] = prompt.documents
     scores = {}
     if req.logprobs:
         scores = await run_in_threadpool(chat_logprobs, srv, ids, choices, req.top_logprobs or 0)
@@ -268,6 +292,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         ],
         "usage": usage(len(ids), choices),
     }
+
+
+async def _after(first: str, rest):
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 # ---- completions ---------------------------------------------------------------------------
