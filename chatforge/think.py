@@ -1,0 +1,392 @@
+"""Thinking time into accuracy: search strategies over one model's samples, one dial to pick them.
+
+    direct            the answer alone, greedy (System 1)
+    cot               the steps, then the answer, greedy (chain of thought)
+    vote:K            K sampled step traces, majority vote over their answers (self-consistency)
+    best-of:N:orm     N traces, the one the outcome reward model (align/reward.py) scores highest
+    best-of:N:prm     N traces, ranked by the process reward model's lowest step score
+    best-of:N:oracle  N traces, any one the exact checker accepts (pass@N: the ceiling)
+    tree:bBdD         Tree of Thoughts: D levels of B proposed next steps per kept state, each
+                      partial trace rated by the PRM, the best B kept (beam), dead ends left for
+                      the best states set aside earlier (backtracking)
+    K                 the same as vote:K
+
+Every strategy samples through the one engine (`engine.generate_batch`: all of a step's samples in
+one batch, seeded) and counts the tokens it generated, apart from the prompt tokens it fed and the
+tokens the verifiers read. A step is one line of the assistant's answer; the answer is the text
+after "Answer:" (or, without that line, the last number written).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from chatforge.align.rewards import last_number
+from chatforge.chat_format import render_prompt, turn_end_ids
+from chatforge.engine import generate_batch, token_budgets
+from chatforge.errors import ChatforgeError
+from chatforge.tasks import answer_line, split_steps
+
+SPEC_HELP = "write direct, cot, vote:K, best-of:N:orm|prm|oracle or tree:bBdD (e.g. vote:8, tree:b5d3)"
+VERIFIERS = ("orm", "prm", "oracle")
+_TREE_RE = re.compile(r"^b(-?\d+)d(-?\d+)$")
+
+
+# ---- the dial --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThinkSpec:
+    """A parsed strategy: its name, samples (or beam breadth), verifier and tree depth."""
+
+    strategy: str  # direct | cot | vote | best-of | tree
+    n: int = 1
+    verifier: str | None = None  # best-of: orm | prm | oracle; tree: prm
+    depth: int = 0
+
+    def __str__(self) -> str:
+        if self.strategy == "vote":
+            return f"vote:{self.n}"
+        if self.strategy == "best-of":
+            return f"best-of:{self.n}:{self.verifier}"
+        if self.strategy == "tree":
+            return f"tree:b{self.n}d{self.depth}"
+        return self.strategy
+
+
+def _count(text: str, what: str, example: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ChatforgeError(f"{what} must be a whole number, got {text!r}: write e.g. {example}") from None
+    if n < 1:
+        raise ChatforgeError(f"{what} must be at least 1, got {n}: write e.g. {example}")
+    return n
+
+
+def parse_spec(text: str) -> ThinkSpec:
+    """`vote:8` -> ThinkSpec("vote", 8); bad input -> ChatforgeError naming the fix."""
+    spec = str(text).strip().lower()
+    head, _, rest = spec.partition(":")
+    if spec in ("direct", "cot"):
+        return ThinkSpec(spec)
+    if spec.lstrip("-").isdigit():
+        return ThinkSpec("vote", _count(spec, "the number of samples", "vote:8"))
+    if head == "vote" and rest:
+        return ThinkSpec("vote", _count(rest, "vote's number of samples", "vote:8"))
+    if head == "best-of" and rest:
+        n, _, verifier = rest.partition(":")
+        verifier = verifier or "orm"
+        if verifier not in VERIFIERS:
+            raise ChatforgeError(
+                f"unknown verifier {verifier!r} in {text!r}: write best-of:8:orm, :prm or :oracle"
+            )
+        return ThinkSpec("best-of", _count(n, "best-of's number of samples", "best-of:8:orm"), verifier)
+    if head == "tree" and rest:
+        shape, _, value = rest.partition(":")
+        m = _TREE_RE.match(shape)
+        if not m or value not in ("", "prm"):
+            raise ChatforgeError(
+                f"bad tree shape {rest!r}: write tree:bBdD with breadth B and depth D, e.g. tree:b5d3"
+            )
+        breadth = _count(m.group(1), "the tree's breadth", "tree:b5d3")
+        return ThinkSpec("tree", breadth, "prm", _count(m.group(2), "the tree's depth", "tree:b5d3"))
+    raise ChatforgeError(f"unknown thinking strategy {text!r}: {SPEC_HELP}")
+
+
+def parse_request_think(value: object) -> ThinkSpec:
+    """The server's "think" field: a spec string, or {"strategy": ..., "n": ..., "verifier": ...,
+    "depth": ...} (n = samples or breadth)."""
+    if isinstance(value, str | int) and not isinstance(value, bool):
+        return parse_spec(str(value))
+    if isinstance(value, dict) and isinstance(value.get("strategy"), str):
+        s, n = value["strategy"], value.get("n", 1)
+        parts = {
+            "vote": f"vote:{n}",
+            "best-of": f"best-of:{n}:{value.get('verifier', 'orm')}",
+            "tree": f"tree:b{n}d{value.get('depth', 3)}",
+        }
+        return parse_spec(parts.get(s, s))
+    raise ChatforgeError(f'"think" must be a strategy string or an object with "strategy": {SPEC_HELP}')
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+
+def extract_answer(text: str) -> str | None:
+    """What follows "Answer:", else the last number written, else None."""
+    line = answer_line(text)
+    if line is not None:
+        return line
+    n = last_number(text)
+    return None if n is None else str(n)
+
+
+def majority_vote(answers: Sequence[str | None]) -> tuple[str | None, int]:
+    """(the most frequent answer, its index of first appearance); None answers do not vote. A tie goes
+    to the answer seen first, so the result depends only on the samples' order. (None, -1) if none."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None, -1
+    first = {}
+    for i, a in enumerate(answers):
+        if a is not None:
+            first.setdefault(a, i)
+    best = max(counts, key=lambda a: (counts[a], -first[a]))
+    return best, first[best]
+
+
+# ---- tree search ----------------------------------------------------------------------------------
+
+State = tuple[str, ...]  # the steps so far
+
+
+@dataclass
+class Node:
+    steps: State
+    value: float
+    done: bool
+
+
+def tree_search(
+    propose: Callable[[list[State]], list[list[str]]],
+    value: Callable[[list[State]], list[float]],
+    is_done: Callable[[State], bool],
+    breadth: int,
+    depth: int,
+    prune_below: float = -math.inf,
+) -> list[Node]:
+    """Beam search over steps with backtracking. Each level, `propose` gives next steps for every
+    kept state (all at once, so the caller batches them), `value` rates the new states (all at once);
+    states under `prune_below` are dropped, finished ones set apart, and the best `breadth` of the rest
+    kept; the others wait in reserve. A level that keeps nothing backtracks: the best states of the
+    reserve are expanded instead. Returns the finished states, then the unfinished ones still kept,
+    each group best first."""
+    beam, reserve, finished, seen = [Node((), 0.0, False)], [], [], {()}
+    for _ in range(depth):
+        proposals = propose([n.steps for n in beam])
+        new = []
+        for node, steps in zip(beam, proposals, strict=True):
+            for s in steps:
+                state = (*node.steps, s)
+                if state not in seen:
+                    seen.add(state)
+                    new.append(state)
+        scores = value(new) if new else []
+        alive = [Node(s, v, is_done(s)) for s, v in zip(new, scores, strict=True) if v >= prune_below]
+        finished += [n for n in alive if n.done]
+        open_ = sorted((n for n in alive if not n.done), key=lambda n: -n.value)
+        beam, spare = open_[:breadth], open_[breadth:]
+        reserve += spare
+        if not beam:  # a dead end: go back to the best states set aside
+            reserve.sort(key=lambda n: -n.value)
+            beam, reserve = reserve[:breadth], reserve[breadth:]
+            if not beam:
+                break
+    return sorted(finished, key=lambda n: -n.value) + sorted(beam, key=lambda n: -n.value)
+
+
+# ---- the thinker ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One answer the model wrote: its text, the answer extracted, the tokens it took."""
+
+    text: str
+    answer: str | None
+    tokens: int
+
+
+@dataclass
+class ThinkResult:
+    text: str  # the response chosen
+    answer: str | None
+    strategy: str
+    generated_tokens: int  # new tokens the engine generated, every sample and step counted
+    prompt_tokens: int  # tokens fed as prompts (each sample's prompt counted)
+    verifier_tokens: int = 0  # tokens the reward models read
+    candidates: list[tuple[str, float]] = field(default_factory=list)  # (text, score), best first
+
+
+@dataclass
+class Thinker:
+    """A model and what its strategies need: the tokenizer, optional reward models (an outcome one,
+    a process one), a task's answer extraction and, for the oracle, its exact checker."""
+
+    model: object
+    tok: object
+    orm: object | None = None
+    prm: object | None = None
+    extract: Callable[[str], str | None] = extract_answer
+    check: Callable[[str | None], bool] | None = None
+    temperature: float = 0.8
+    top_k: int | None = None
+    max_new_tokens: int = 160
+    step_tokens: int = 48
+    seed: int = 0
+    generated: int = 0
+    prompted: int = 0
+    verified: int = 0
+    _calls: int = 0
+    _line_ends: frozenset[int] | None = None
+
+    # -- the engine, counted
+    def generate(
+        self, prompts: list[list[int]], max_new: int, greedy: bool, stop: Sequence[int]
+    ) -> list[list[int]]:
+        """generate_batch over these prompts with this thinker's sampling, every token counted."""
+        budgets = token_budgets(self.model, prompts, max_new)
+        self._calls += 1
+        outs = generate_batch(
+            self.model, prompts, max(budgets), temperature=0.0 if greedy else self.temperature,
+            top_k=self.top_k, seeds=self.seed * 1_000_003 + self._calls * 10_007, stop_ids=stop,
+        )  # fmt: skip
+        self.generated += sum(len(o) for o in outs)
+        self.prompted += sum(len(p) for p in prompts)
+        return outs
+
+    def _text(self, ids: list[int]) -> str:
+        ends = set(turn_end_ids(self.tok))
+        return self.tok.decode([t for t in ids if t not in ends]).strip()
+
+    def sample(self, messages: list[dict], n: int, greedy: bool = False) -> list[Sample]:
+        """n answers to `messages` in one batch (greedy: one answer, however many asked)."""
+        prompt = render_prompt(self.tok, messages)
+        outs = self.generate(
+            [prompt] * (1 if greedy else n), self.max_new_tokens, greedy, turn_end_ids(self.tok)
+        )
+        return [Sample(t := self._text(o), self.extract(t), len(o)) for o in outs]
+
+    # -- verifiers
+    def _score(self, rm, messages: list[dict], texts: list[str]) -> list[float]:
+        from chatforge.align.reward import score
+
+        convs = [[*messages, {"role": "assistant", "content": t}] for t in texts]
+        self.verified += sum(len(render_prompt(self.tok, messages)) + len(self.tok.encode(t)) for t in texts)
+        return score(rm, self.tok, convs)
+
+    def orm_scores(self, messages: list[dict], texts: list[str]) -> list[float]:
+        return self._score(self.needs("orm", self.orm), messages, texts)
+
+    def prm_scores(self, messages: list[dict], texts: list[str]) -> list[float]:
+        """Each text's lowest step score: every prefix of its steps scored by the PRM in one batch."""
+        prm = self.needs("prm", self.prm)
+        prefixes, owner = [], []
+        for i, t in enumerate(texts):
+            steps = split_steps(t) or [t]
+            prefixes += ["\n".join(steps[: j + 1]) for j in range(len(steps))]
+            owner += [i] * len(steps)
+        scores = self._score(prm, messages, prefixes)
+        out = [math.inf] * len(texts)
+        for i, s in zip(owner, scores, strict=True):
+            out[i] = min(out[i], s)
+        return out
+
+    def needs(self, name: str, model: object | None) -> object:
+        if model is None:
+            flag = (
+                "--prm RUN (train one with `chatforge prefs prm`)"
+                if name == "prm"
+                else "--orm RUN (a `chatforge prefs reward` run)"
+            )
+            raise ChatforgeError(f"this strategy ranks with a {name.upper()} but none is loaded: pass {flag}")
+        return model
+
+    # -- steps for the tree
+    def line_ends(self) -> frozenset[int]:
+        """Token ids whose text holds a newline: a step ends at the first of them."""
+        if self._line_ends is None:
+            ids = range(self.tok.vocab_size)
+            self._line_ends = frozenset(i for i in ids if "\n" in self.tok.decode([i]))
+        return self._line_ends
+
+    def propose(self, messages: list[dict], states: list[State], k: int) -> list[list[str]]:
+        """k sampled next lines for each state, all in one batch; a finished answer ends its line
+        with the turn's end."""
+        base = render_prompt(self.tok, messages)
+        prompts = []
+        for s in states:
+            prompts += [base + (self.tok.encode("\n".join(s) + "\n") if s else [])] * k
+        ends = set(turn_end_ids(self.tok))
+        outs = self.generate(prompts, self.step_tokens, False, [*ends, *self.line_ends()])
+        lines = [self.tok.decode([t for t in o if t not in ends]).split("\n")[0].strip() for o in outs]
+        return [[ln for ln in lines[i * k : (i + 1) * k] if ln] for i in range(len(states))]
+
+
+def _done(state: State) -> bool:
+    return bool(state) and state[-1].startswith("Answer:")
+
+
+def think(
+    th: Thinker, spec: ThinkSpec, messages: list[dict], steps_messages: list[dict] | None = None
+) -> ThinkResult:
+    """Answer `messages` with `spec`. `steps_messages` is the prompt that asks for steps (a task's
+    "Think step by step."), default `messages`. Tokens are counted from this call's start."""
+    steps_messages = steps_messages or messages
+    g0, p0, v0 = th.generated, th.prompted, th.verified
+    cands: list[tuple[str, float]] = []
+    if spec.strategy in ("direct", "cot"):
+        s = th.sample(messages if spec.strategy == "direct" else steps_messages, 1, greedy=True)[0]
+        text = s.text
+    elif spec.strategy == "vote":
+        samples = th.sample(steps_messages, spec.n)
+        _, i = majority_vote([s.answer for s in samples])
+        text = samples[max(i, 0)].text
+    elif spec.strategy == "best-of":
+        samples = th.sample(steps_messages, spec.n)
+        scores = rank_scores(th, spec.verifier or "orm", steps_messages, samples)
+        cands = sorted(zip([s.text for s in samples], scores, strict=True), key=lambda c: -c[1])
+        text = cands[0][0]
+    elif spec.strategy == "tree":
+        text, cands = tree_answer(th, spec, steps_messages)
+    else:
+        raise ChatforgeError(f"unknown thinking strategy {spec.strategy!r}: {SPEC_HELP}")
+    return ThinkResult(
+        text, th.extract(text), str(spec), th.generated - g0, th.prompted - p0, th.verified - v0, cands
+    )
+
+
+def rank_scores(th: Thinker, verifier: str, messages: list[dict], samples: list[Sample]) -> list[float]:
+    """A score per sample (higher is better); ties keep the samples' order when sorted stably."""
+    texts = [s.text for s in samples]
+    if verifier == "orm":
+        return th.orm_scores(messages, texts)
+    if verifier == "prm":
+        return th.prm_scores(messages, texts)
+    if th.check is None:
+        raise ChatforgeError(
+            "best-of:N:oracle needs an exact checker, which only a task with known answers has"
+        )
+    return [float(th.check(s.answer)) for s in samples]
+
+
+def tree_answer(th: Thinker, spec: ThinkSpec, messages: list[dict]) -> tuple[str, list[tuple[str, float]]]:
+    """Tree of Thoughts with the PRM as the value; states still unfinished after `depth` levels are
+    completed greedily (one batch) and ranked with the finished ones."""
+    th.needs("prm", th.prm)
+
+    def value(states: list[State]) -> list[float]:
+        return th._score(th.prm, messages, ["\n".join(s) for s in states])
+
+    nodes = tree_search(
+        lambda states: th.propose(messages, states, spec.n), value, _done, spec.n, spec.depth
+    )  # fmt: skip
+    if not nodes:
+        s = th.sample(messages, 1, greedy=True)[0]
+        return s.text, []
+    texts = ["\n".join(n.steps) for n in nodes if n.done]
+    open_ = [n for n in nodes if not n.done][: spec.n]
+    if open_:
+        base = render_prompt(th.tok, messages)
+        outs = th.generate(
+            [base + th.tok.encode("\n".join(n.steps) + "\n") for n in open_], th.max_new_tokens, True,
+            turn_end_ids(th.tok),
+        )  # fmt: skip
+        texts += ["\n".join(n.steps) + "\n" + th._text(o) for n, o in zip(open_, outs, strict=True)]
+    ranked = sorted(zip(texts, th.prm_scores(messages, texts), strict=True), key=lambda c: -c[1])
+    return ranked[0][0], ranked
