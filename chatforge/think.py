@@ -256,11 +256,20 @@ class Thinker:
 
     def sample(self, messages: list[dict], n: int, greedy: bool = False) -> list[Sample]:
         """n answers to `messages` in one batch (greedy: one answer, however many asked)."""
-        prompt = render_prompt(self.tok, messages)
-        outs = self.generate(
-            [prompt] * (1 if greedy else n), self.max_new_tokens, greedy, turn_end_ids(self.tok)
-        )
-        return [Sample(t := self._text(o), self.extract(t), len(o)) for o in outs]
+        return self.sample_many([messages], n, greedy)[0]
+
+    def sample_many(
+        self, prompts: list[list[dict]], n: int, greedy: bool = False, rows: int = 0
+    ) -> list[list[Sample]]:
+        """n answers to each prompt, the prompts' samples batched together `rows` at a time (0: all)."""
+        k = 1 if greedy else n
+        ids = [render_prompt(self.tok, m) for m in prompts for _ in range(k)]
+        step = rows or len(ids)
+        outs: list[list[int]] = []
+        for i in range(0, len(ids), step):
+            outs += self.generate(ids[i : i + step], self.max_new_tokens, greedy, turn_end_ids(self.tok))
+        samples = [Sample(t := self._text(o), self.extract(t), len(o)) for o in outs]
+        return [samples[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     # -- verifiers
     def _score(self, rm, messages: list[dict], texts: list[str]) -> list[float]:
@@ -390,3 +399,114 @@ def tree_answer(th: Thinker, spec: ThinkSpec, messages: list[dict]) -> tuple[str
         texts += ["\n".join(n.steps) + "\n" + th._text(o) for n, o in zip(open_, outs, strict=True)]
     ranked = sorted(zip(texts, th.prm_scores(messages, texts), strict=True), key=lambda c: -c[1])
     return ranked[0][0], ranked
+
+
+# ---- verifiers for a task: labelled pairs and `chatforge prefs prm` ----------------------------------
+
+
+def _pair(task, p, chosen: list[str], rejected: list[str], kind: str) -> dict:
+    return {
+        "messages": task.prompt(p, steps=True),
+        "chosen": {"role": "assistant", "content": "\n".join(chosen)},
+        "rejected": {"role": "assistant", "content": "\n".join(rejected)},
+        "kind": kind,
+        "labeller": "program",
+    }
+
+
+def verifier_pairs(
+    task, problems: list, rng, process: bool, samples: list[list[str]] | None = None
+) -> list[dict]:
+    """Comparisons a reward model trains on, every label made by program.
+
+    Process (a PRM): a trace cut after a right step i beats the same trace cut after a wrong step i
+    (the first wrong step: `task.step_labels` confirms it is labelled bad and the steps before it
+    good); of the model's own traces, each one's prefix up to its first wrong step loses to the
+    reference's prefix of the same length. Outcome (an ORM): a whole right trace beats a whole wrong
+    one (the model's own, or the reference with a wrong answer line)."""
+    rows = []
+    for j, p in enumerate(problems):
+        refs = task.traces(p, rng, 1)
+        if not refs:
+            continue
+        ref = refs[0]
+        for i in range(len(ref)):
+            wrong = task.wrong_step(p, ref, i, rng)
+            if wrong is None or task.step_labels(p, [*ref[:i], wrong])[i] is not False:
+                continue
+            if process:
+                rows.append(_pair(task, p, ref[: i + 1], [*ref[:i], wrong], "program_step"))
+            elif i == len(ref) - 1:
+                rows.append(_pair(task, p, ref, [*ref[:i], wrong], "program_answer"))
+        for text in samples[j] if samples else []:
+            steps = split_steps(text)
+            labels = task.step_labels(p, steps)
+            if False not in labels:
+                continue
+            if process:
+                i = labels.index(False)
+                rows.append(_pair(task, p, ref[: i + 1], steps[: i + 1], "own_step"))
+            else:
+                rows.append(_pair(task, p, ref, steps, "own_answer"))
+    return rows
+
+
+def _ranks(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        ranks = int(lo), int(hi or lo)
+    except ValueError:
+        raise ChatforgeError(f"--ranks takes LO-HI, e.g. 1-800, got {text!r}") from None
+    if not 1 <= ranks[0] <= ranks[1] <= 800:
+        raise ChatforgeError(f"--ranks {text} reaches outside 1-800: puzzles 801-900 are kept for reporting")
+    return ranks
+
+
+def task_problems(opts) -> tuple[object, list]:
+    """The task and its training problems for `prefs prm` (game24: --ranks of --puzzles)."""
+    from chatforge.tasks import get_task
+
+    task = get_task(opts.task)
+    if opts.task == "game24":
+        return task, task.load(opts.puzzles, _ranks(opts.ranks))
+    return task, task.make(opts.problems, seed=101)
+
+
+def cmd_prm(opts) -> None:
+    import json
+    import random
+    from pathlib import Path
+
+    from chatforge import checkpoint as ckpt
+    from chatforge.align.prefs import write_prefs
+    from chatforge.align.reward import pref_train_config, train_reward
+    from chatforge.device import pick_device
+
+    cfg = pref_train_config(opts)
+    if opts.samples < 0:
+        raise ChatforgeError(f"--samples must be 0 or more, got {opts.samples}")
+    task, problems = task_problems(opts)
+    texts = None
+    if opts.samples:
+        run = ckpt.load_run(opts.model, device=pick_device(cfg.device), inference=True)
+        th = Thinker(run.model, run.tokenizer, extract=task.extract, temperature=1.0, seed=cfg.seed)
+        drawn = th.sample_many([task.prompt(p, True) for p in problems], opts.samples, rows=256)
+        texts = [[s.text for s in group] for group in drawn]
+    rows = verifier_pairs(task, problems, random.Random(cfg.seed), not opts.outcome, texts)
+    if not rows:
+        raise ChatforgeError("no labelled pairs came out of these problems; give more (--ranks, --problems)")
+    pairs = Path(opts.out) / "verifier_pairs.jsonl"
+    pairs.parent.mkdir(parents=True, exist_ok=True)
+    write_prefs(pairs, rows)
+    kind = "outcome" if opts.outcome else "process"
+    print(f"{len(rows)} {kind} pairs from {len(problems)} {opts.task} problems -> {pairs}")
+    summary = train_reward(
+        Path(opts.model),
+        pairs,
+        Path(opts.out),
+        cfg,
+        resume=opts.resume,
+        progress=not opts.no_progress,
+        kind=kind,
+    )
+    print(json.dumps(summary, indent=2, default=str))

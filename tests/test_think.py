@@ -266,3 +266,55 @@ def test_oracle_best_of_is_pass_at_k(tiny):
     th.check = lambda a: a == target and samples[0].text != target
     r = think.think(th, parse_spec("best-of:4:oracle"), g.prompt(p, True))
     assert r.text == target or samples[0].text == target
+
+
+# ---- verifiers -----------------------------------------------------------------------------------
+
+
+def test_verifier_pairs_put_the_first_wrong_step_below_the_right_one():
+    from chatforge.think import verifier_pairs
+
+    task = WorldSteps()
+    problems = task.make(6, 0)
+    own = [
+        ["1. nonsense\nAnswer: 3", task._trace(p)[0] + "\nAnswer: 1"] for p in problems
+    ]  # two wrong traces each
+    rows = verifier_pairs(task, problems, random.Random(0), True, own)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"program_step", "own_step"}
+    for r in rows:
+        p = next(p for p in problems if task.prompt(p, True) == r["messages"])
+        good, bad = r["chosen"]["content"].split("\n"), r["rejected"]["content"].split("\n")
+        assert len(good) == len(bad)
+        assert task.step_labels(p, good) == [True] * len(good)
+        assert task.step_labels(p, bad)[-1] is False and all(task.step_labels(p, bad)[:-1])
+    outcome = verifier_pairs(task, problems, random.Random(0), False, own)
+    assert {r["kind"] for r in outcome} == {"program_answer", "own_answer"}
+    for r in outcome:
+        p = next(p for p in problems if task.prompt(p, True) == r["messages"])
+        assert task.check(p, task.extract(r["chosen"]["content"]))
+        assert not task.check(p, task.extract(r["rejected"]["content"]))
+
+
+def test_prefs_prm_trains_a_process_reward_model(tmp_path):
+    from chatforge.align.reward import load_reward_model
+    from chatforge.checkpoint import read_config, save_model
+    from chatforge.cli import parse_command, run_command
+
+    task = WorldSteps()
+    texts = ["\n".join(task._trace(p)) + " " + p.question for p in task.make(40, 101)]
+    tok = Tokenizer.train(texts, 400)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=160, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+    save_model(tmp_path / "sft", GPT(cfg), tok.to_json(), {"stage": "sft"})
+    out = tmp_path / "prm"
+    argv = ["prefs", "prm", "--model", tmp_path / "sft", "--task", "world", "--problems", 6, "--samples", 2]
+    run_command(*parse_command([*argv, "--out", out, "--steps", 3, "--batch-size", 4, "--no-progress"]))
+    assert read_config(out)["reward_kind"] == "process"
+    rm, _ = load_reward_model(out)
+    assert isinstance(rm, RewardModel)
+    assert sum(1 for _ in open(out / "verifier_pairs.jsonl")) >= 6 * 3
+    with pytest.raises(ChatforgeError, match="801-900"):
+        run_command(
+            *parse_command(["prefs", "prm", "--model", tmp_path / "sft", "--ranks", "700-850", "--out", out])
+        )
