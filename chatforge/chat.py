@@ -213,6 +213,7 @@ class ChatSession:
         self.registry = registry
         self.max_calls = max_calls
         self.tools = registry.schemas() if registry is not None else None
+        self.thinker = None  # set by --think: answers come from think.think, not one sample
         self.messages: list[dict] = []  # user / assistant turns, the system prompt kept apart
         self.window = 0  # index of the oldest message the model still sees
         self.turns = 0  # answers generated, to vary the seed per answer
@@ -313,6 +314,14 @@ class ChatSession:
         self.turns += 1
         if self.registry is not None:
             self._answer_with_tools(visible, seed, buf)
+            return
+        if self.thinker is not None:
+            from chatforge.think import think, usage_note
+
+            r = think(self.thinker, self.thinker.spec, visible)
+            self._emit(self.assistant_prefix + strip_controls(r.text) + "\n", buf)
+            self._say(f"({usage_note(r)})", buf)
+            self.messages.append({"role": "assistant", "content": r.text})
             return
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
@@ -447,9 +456,18 @@ def cmd_chat(args: ChatOptions) -> None:
     max_new = min(args.max_new_tokens, ctx - 1)
     registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)
     tools = registry.schemas() if registry is not None else None
+    thinker = _thinker(args, model, tok, max_new)
     try:
         if args.tools == "all":  # what guards the model's code, said before any of it runs
             print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
+        if args.prompt is not None and thinker is not None:
+            from chatforge.think import think, usage_note
+
+            head = [{"role": "system", "content": args.system}] if args.system else []
+            r = think(thinker, thinker.spec, [*head, {"role": "user", "content": args.prompt}])
+            print(f"chatforge: {usage_note(r)}", file=sys.stderr)
+            print(strip_controls(r.text).strip(), flush=True)
+            return
         if args.prompt is not None:
             _one_prompt(args, model, tok, registry, tools, max_new, asked)
             return
@@ -467,6 +485,7 @@ def cmd_chat(args: ChatOptions) -> None:
             model, tok, system=args.system, max_new_tokens=max_new, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
         )  # fmt: skip
+        session.thinker = thinker
         banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
         if registry is not None:
             banner += f"\ntools: {', '.join(registry.names())}"
@@ -474,6 +493,20 @@ def cmd_chat(args: ChatOptions) -> None:
         run_interactive(session, banner)
     finally:
         _tidy_files(folder, temporary)
+
+
+def _thinker(args, model: GPT, tok: Tokenizer, max_new: int):
+    """--think SPEC: the Thinker that answers instead of one sample (None without --think)."""
+    if args.think is None:
+        return None
+    from chatforge.think import load_thinker, parse_spec
+
+    if args.tools:
+        raise ChatforgeError("--think samples plain answers and ranks them; drop --tools to use it")
+    return load_thinker(
+        model, tok, parse_spec(args.think), prm=args.prm, orm=args.orm, device=next(model.parameters()).device,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, max_new_tokens=max_new,
+    )  # fmt: skip
 
 
 def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None) -> None:

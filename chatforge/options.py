@@ -467,6 +467,12 @@ class ChatOptions:
         None, "run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
         choices=("bf16", "int8"),
     )  # fmt: skip
+    think: str | None = opt(
+        None, "spend tokens on thinking: direct, cot, vote:K (or K), best-of:N:orm|prm, tree:bBdD "
+        "(docs/thinking.md); tokens spent go to stderr", metavar="SPEC",
+    )  # fmt: skip
+    prm: str | None = opt(None, "process reward model for best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN")
+    orm: str | None = opt(None, "outcome reward model for best-of:N:orm (`prefs prm --outcome` or `prefs reward`)", metavar="RUN")
 
 
 @dataclass

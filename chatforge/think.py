@@ -229,6 +229,7 @@ class Thinker:
     max_new_tokens: int = 160
     step_tokens: int = 48
     seed: int = 0
+    spec: ThinkSpec | None = None  # the strategy chat and the server answer with
     generated: int = 0
     prompted: int = 0
     verified: int = 0
@@ -510,3 +511,46 @@ def cmd_prm(opts) -> None:
         kind=kind,
     )
     print(json.dumps(summary, indent=2, default=str))
+
+
+# ---- the dial in chat and the server ----------------------------------------------------------------
+
+
+def _load_verifier(path: str, tok, device, kind: str):
+    from chatforge.align.reward import load_reward_model
+    from chatforge.checkpoint import load_run
+
+    flag = "--prm" if kind == "process" else "--orm"
+    recorded = load_run(path, device="cpu").meta.get("reward_kind", "outcome")
+    if recorded != kind:
+        raise ChatforgeError(
+            f"{flag} {path} is an {recorded} reward model; give a `chatforge prefs prm`"
+            + (" run" if kind == "process" else " --outcome (or `prefs reward`) run")
+        )
+    rm, rm_tok = load_reward_model(path, device)
+    if rm_tok.to_json() != tok.to_json():
+        raise ChatforgeError(f"{flag} {path} has another tokenizer than the model; give one trained from it")
+    return rm
+
+
+def load_thinker(
+    model, tok, spec: ThinkSpec, *, prm: str | None = None, orm: str | None = None, device="cpu", **sampling
+) -> Thinker:
+    """A Thinker for `spec`, with the reward models it needs loaded (and only those): a missing one
+    is a one-line error naming the flag."""
+    th = Thinker(model, tok, spec=spec, **{k: v for k, v in sampling.items() if v is not None})
+    if spec.verifier == "prm":
+        th.prm = _load_verifier(th.needs("prm", prm), tok, device, "process")
+    if spec.verifier == "orm":
+        th.orm = _load_verifier(th.needs("orm", orm), tok, device, "outcome")
+    if spec.verifier == "oracle":
+        raise ChatforgeError(
+            "best-of:N:oracle needs an exact checker, which only a task with known answers has"
+        )
+    return th
+
+
+def usage_note(r: ThinkResult) -> str:
+    return f"think {r.strategy}: {r.generated_tokens} tokens generated, {r.prompt_tokens} prompt tokens" + (
+        f", {r.verifier_tokens} read by the verifier" if r.verifier_tokens else ""
+    )

@@ -318,3 +318,68 @@ def test_prefs_prm_trains_a_process_reward_model(tmp_path):
         run_command(
             *parse_command(["prefs", "prm", "--model", tmp_path / "sft", "--ranks", "700-850", "--out", out])
         )
+
+
+# ---- the dial in chat ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny):
+    from chatforge.checkpoint import save_model
+
+    _, _, tok, model, _ = tiny
+    root = tmp_path_factory.mktemp("think_run")
+    save_model(root / "sft", model, tok.to_json(), {"stage": "sft"})
+    return root / "sft"
+
+
+def test_chat_think_prints_the_answer_and_the_tokens_spent(tiny_run, capsys):
+    from chatforge.cli import parse_command, run_command
+
+    argv = [
+        "chat",
+        "--model",
+        tiny_run,
+        "-p",
+        "Make 24 from 1 1 4 6.",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        16,
+    ]
+    run_command(*parse_command([*argv, "--think", "vote:3"]))
+    out, err = capsys.readouterr()
+    assert "think vote:3:" in err and "tokens generated" in err
+    spent = int(err.split("think vote:3: ")[1].split(" tokens")[0])
+    assert 3 <= spent <= 3 * 16 and out.strip() != ""
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--think", "vote:0"], "at least 1"),
+        (["--think", "best-of:2:prm"], "--prm RUN"),
+        (["--think", "tree:b2d2"], "--prm RUN"),
+        (["--think", "best-of:2:orm"], "--orm RUN"),
+        (["--think", "mull"], "unknown thinking strategy"),
+        (["--think", "vote:2", "--tools", "calculator"], "drop --tools"),
+    ],
+)
+def test_chat_think_bad_input_is_one_line(tiny_run, extra, says):
+    from chatforge.cli import parse_command, run_command
+
+    argv = ["chat", "--model", tiny_run, "-p", "hi", "--device", "cpu", *extra]
+    with pytest.raises(ChatforgeError, match=says):
+        run_command(*parse_command(argv))
+
+
+def test_chat_think_refuses_an_outcome_model_as_the_prm(tiny_run, tmp_path):
+    from chatforge.align.reward import save_reward_model
+    from chatforge.checkpoint import load_run
+    from chatforge.cli import parse_command, run_command
+
+    run = load_run(tiny_run)
+    save_reward_model(tmp_path / "orm", RewardModel(run.model), run.tokenizer, {"reward_kind": "outcome"})
+    argv = ["chat", "--model", tiny_run, "-p", "hi", "--device", "cpu", "--think", "best-of:2:prm"]
+    with pytest.raises(ChatforgeError, match="outcome reward model; give a `chatforge prefs prm` run"):
+        run_command(*parse_command([*argv, "--prm", tmp_path / "orm"]))
