@@ -554,3 +554,50 @@ def usage_note(r: ThinkResult) -> str:
     return f"think {r.strategy}: {r.generated_tokens} tokens generated, {r.prompt_tokens} prompt tokens" + (
         f", {r.verifier_tokens} read by the verifier" if r.verifier_tokens else ""
     )
+
+
+_SERVER_THINKING = __import__("threading").Lock()  # one thinking request at a time beside the scheduler
+
+
+def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict | None = None) -> dict:
+    """A chat completion answered by the request's "think" strategy (run in the thread pool). The
+    usage counts every token the strategy generated as completion tokens, as OpenAI counts reasoning
+    tokens, with `completion_tokens_details.reasoning_tokens` = those not in the answer returned."""
+    from chatforge.serve.protocol import APIError, sampling_settings
+
+    try:
+        spec = parse_request_think(req.think)
+    except ChatforgeError as e:
+        raise APIError(400, str(e), param="think") from None
+    if req.stream or req.n != 1 or req.tools:
+        raise APIError(
+            400, '"think" answers once, whole and without tools: drop stream, n and tools', param="think"
+        )
+    sampling = sampling_settings(req)
+    verifiers = verifiers or {}
+    th = Thinker(
+        srv.model, srv.tok, orm=verifiers.get("orm"), prm=verifiers.get("prm"), spec=spec,
+        temperature=sampling["temperature"], top_k=sampling["top_k"], seed=req.seed or 0,
+        max_new_tokens=min(req.max_completion_tokens or req.max_tokens or 256, srv.ctx - n_prompt),
+    )  # fmt: skip
+    try:
+        with _SERVER_THINKING:
+            r = think(th, spec, messages)
+    except ChatforgeError as e:
+        raise APIError(400, str(e).replace("pass --prm RUN", "this server has none"), param="think") from None
+    answer_tokens = len(srv.tok.encode(r.text))
+    return {
+        "object": "chat.completion",
+        "model": srv.model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": r.generated_tokens,
+            "total_tokens": n_prompt + r.generated_tokens,
+            "completion_tokens_details": {"reasoning_tokens": max(0, r.generated_tokens - answer_tokens)},
+            "think": {
+                "strategy": r.strategy, "generated_tokens": r.generated_tokens, "prompt_tokens_fed": r.prompt_tokens,
+                "verifier_tokens": r.verifier_tokens,
+            },
+        },
+    }  # fmt: skip

@@ -141,6 +141,8 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # chatforge extension: a thinking strategy ("vote:8", or {"strategy": "vote", "n": 8}); docs/thinking.md
+    think: str | int | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):

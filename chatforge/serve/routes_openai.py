@@ -114,6 +114,11 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> tuple[list[dic
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
     messages, ids, tools = await run_in_threadpool(_chat_prompt, srv, req)
+    if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
+        from chatforge.think import serve_think
+
+        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids))
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply}
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
