@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 from chatforge.align.rewards import last_number
@@ -160,15 +160,27 @@ def tree_search(
     depth: int,
     prune_below: float = -math.inf,
 ) -> list[Node]:
-    """Beam search over steps with backtracking. Each level, `propose` gives next steps for every
-    kept state (all at once, so the caller batches them), `value` rates the new states (all at once);
-    states under `prune_below` are dropped, finished ones set apart, and the best `breadth` of the rest
-    kept; the others wait in reserve. A level that keeps nothing backtracks: the best states of the
+    """One tree search (see `search_steps`) with its proposer and value function called directly."""
+    return run_lockstep(
+        [search_steps(is_done, breadth, depth, prune_below)],
+        lambda ids, asks: [propose(states) for states in asks],
+        lambda ids, asks: [value(states) if states else [] for states in asks],
+    )[0]
+
+
+def search_steps(
+    is_done: Callable[[State], bool], breadth: int, depth: int, prune_below: float = -math.inf
+) -> Generator[list[State], list, list[Node]]:
+    """Beam search over steps with backtracking, as a generator that asks for what it needs: it
+    yields the kept states and is sent the next steps proposed for each, then yields the new states
+    and is sent their values (always in that order, so many searches run in step: `run_lockstep`).
+    States under `prune_below` are dropped, finished ones set apart, the best `breadth` of the rest
+    kept and the others held in reserve. A level that keeps nothing backtracks: the best states of the
     reserve are expanded instead. Returns the finished states, then the unfinished ones still kept,
     each group best first."""
     beam, reserve, finished, seen = [Node((), 0.0, False)], [], [], {()}
     for _ in range(depth):
-        proposals = propose([n.steps for n in beam])
+        proposals = yield [n.steps for n in beam]
         new = []
         for node, steps in zip(beam, proposals, strict=True):
             for s in steps:
@@ -176,7 +188,7 @@ def tree_search(
                 if state not in seen:
                     seen.add(state)
                     new.append(state)
-        scores = value(new) if new else []
+        scores = yield new
         alive = [Node(s, v, is_done(s)) for s, v in zip(new, scores, strict=True) if v >= prune_below]
         finished += [n for n in alive if n.done]
         open_ = sorted((n for n in alive if not n.done), key=lambda n: -n.value)
@@ -188,6 +200,30 @@ def tree_search(
             if not beam:
                 break
     return sorted(finished, key=lambda n: -n.value) + sorted(beam, key=lambda n: -n.value)
+
+
+def run_lockstep(
+    searches: list[Generator],
+    propose_many: Callable[[list[int], list[list[State]]], list[list[list[str]]]],
+    value_many: Callable[[list[int], list[list[State]]], list[list[float]]],
+) -> list[list[Node]]:
+    """Drive several `search_steps` together: each round, one proposer call for every search's
+    states and one value call for every search's new states, so the engine sees them in one batch.
+    The callbacks get the indices of the searches still running and what each of them asks."""
+    asks = {i: next(g) for i, g in enumerate(searches)}
+    results: list[list[Node]] = [[] for _ in searches]
+    phase = propose_many
+    while asks:
+        ids = list(asks)
+        answers = phase(ids, [asks[i] for i in ids])
+        for i, answer in zip(ids, answers, strict=True):
+            try:
+                asks[i] = searches[i].send(answer)
+            except StopIteration as stop:
+                results[i] = stop.value
+                del asks[i]
+        phase = value_many if phase is propose_many else propose_many
+    return results
 
 
 # ---- the thinker ----------------------------------------------------------------------------------
@@ -229,6 +265,7 @@ class Thinker:
     max_new_tokens: int = 160
     step_tokens: int = 48
     seed: int = 0
+    batch_rows: int = 256  # sequences per engine call: the KV cache of a bigger batch would not pay
     spec: ThinkSpec | None = None  # the strategy chat and the server answer with
     generated: int = 0
     prompted: int = 0
@@ -240,13 +277,17 @@ class Thinker:
     def generate(
         self, prompts: list[list[int]], max_new: int, greedy: bool, stop: Sequence[int]
     ) -> list[list[int]]:
-        """generate_batch over these prompts with this thinker's sampling, every token counted."""
-        budgets = token_budgets(self.model, prompts, max_new)
-        self._calls += 1
-        outs = generate_batch(
-            self.model, prompts, max(budgets), temperature=0.0 if greedy else self.temperature,
-            top_k=self.top_k, seeds=self.seed * 1_000_003 + self._calls * 10_007, stop_ids=stop,
-        )  # fmt: skip
+        """generate_batch over these prompts, `batch_rows` at a time, with this thinker's sampling
+        (each call seeded afresh from `seed`), every token counted."""
+        outs: list[list[int]] = []
+        for i in range(0, len(prompts), self.batch_rows):
+            chunk = prompts[i : i + self.batch_rows]
+            budgets = token_budgets(self.model, chunk, max_new)
+            self._calls += 1
+            outs += generate_batch(
+                self.model, chunk, max(budgets), temperature=0.0 if greedy else self.temperature,
+                top_k=self.top_k, seeds=self.seed * 1_000_003 + self._calls * 10_007, stop_ids=stop,
+            )  # fmt: skip
         self.generated += sum(len(o) for o in outs)
         self.prompted += sum(len(p) for p in prompts)
         return outs
@@ -259,41 +300,35 @@ class Thinker:
         """n answers to `messages` in one batch (greedy: one answer, however many asked)."""
         return self.sample_many([messages], n, greedy)[0]
 
-    def sample_many(
-        self, prompts: list[list[dict]], n: int, greedy: bool = False, rows: int = 0
-    ) -> list[list[Sample]]:
-        """n answers to each prompt, the prompts' samples batched together `rows` at a time (0: all)."""
+    def sample_many(self, prompts: list[list[dict]], n: int, greedy: bool = False) -> list[list[Sample]]:
+        """n answers to each prompt, every prompt's samples in the same batches."""
         k = 1 if greedy else n
         ids = [render_prompt(self.tok, m) for m in prompts for _ in range(k)]
-        step = rows or len(ids)
-        outs: list[list[int]] = []
-        for i in range(0, len(ids), step):
-            outs += self.generate(ids[i : i + step], self.max_new_tokens, greedy, turn_end_ids(self.tok))
+        outs = self.generate(ids, self.max_new_tokens, greedy, turn_end_ids(self.tok))
         samples = [Sample(t := self._text(o), self.extract(t), len(o)) for o in outs]
         return [samples[i * k : (i + 1) * k] for i in range(len(prompts))]
 
-    # -- verifiers
-    def _score(self, rm, messages: list[dict], texts: list[str]) -> list[float]:
+    # -- verifiers: items are (prompt messages, answer text)
+    def _score(self, rm, items: list[tuple[list[dict], str]]) -> list[float]:
         from chatforge.align.reward import score
 
-        convs = [[*messages, {"role": "assistant", "content": t}] for t in texts]
-        self.verified += sum(len(render_prompt(self.tok, messages)) + len(self.tok.encode(t)) for t in texts)
-        return score(rm, self.tok, convs)
+        convs = [[*m, {"role": "assistant", "content": t}] for m, t in items]
+        self.verified += sum(len(render_prompt(self.tok, m)) + len(self.tok.encode(t)) for m, t in items)
+        return score(rm, self.tok, convs, batch_size=64) if convs else []
 
-    def orm_scores(self, messages: list[dict], texts: list[str]) -> list[float]:
-        return self._score(self.needs("orm", self.orm), messages, texts)
+    def orm_scores(self, items: list[tuple[list[dict], str]]) -> list[float]:
+        return self._score(self.needs("orm", self.orm), items)
 
-    def prm_scores(self, messages: list[dict], texts: list[str]) -> list[float]:
-        """Each text's lowest step score: every prefix of its steps scored by the PRM in one batch."""
+    def prm_scores(self, items: list[tuple[list[dict], str]]) -> list[float]:
+        """Each answer's lowest step score: every prefix of its steps scored by the PRM, all in one go."""
         prm = self.needs("prm", self.prm)
         prefixes, owner = [], []
-        for i, t in enumerate(texts):
+        for i, (m, t) in enumerate(items):
             steps = split_steps(t) or [t]
-            prefixes += ["\n".join(steps[: j + 1]) for j in range(len(steps))]
+            prefixes += [(m, "\n".join(steps[: j + 1])) for j in range(len(steps))]
             owner += [i] * len(steps)
-        scores = self._score(prm, messages, prefixes)
-        out = [math.inf] * len(texts)
-        for i, s in zip(owner, scores, strict=True):
+        out = [math.inf] * len(items)
+        for i, s in zip(owner, self._score(prm, prefixes), strict=True):
             out[i] = min(out[i], s)
         return out
 
@@ -315,17 +350,17 @@ class Thinker:
             self._line_ends = frozenset(i for i in ids if "\n" in self.tok.decode([i]))
         return self._line_ends
 
-    def propose(self, messages: list[dict], states: list[State], k: int) -> list[list[str]]:
-        """k sampled next lines for each state, all in one batch; a finished answer ends its line
-        with the turn's end."""
-        base = render_prompt(self.tok, messages)
-        prompts = []
-        for s in states:
-            prompts += [base + (self.tok.encode("\n".join(s) + "\n") if s else [])] * k
+    def _continue(self, messages: list[dict], steps: State) -> list[int]:
+        """The prompt ids that continue an answer after `steps`."""
+        return render_prompt(self.tok, messages) + (self.tok.encode("\n".join(steps) + "\n") if steps else [])
+
+    def propose(self, asks: list[tuple[list[dict], list[State]]], k: int) -> list[list[list[str]]]:
+        """k sampled next lines for each state of each (messages, states), all in the same batches."""
+        prompts = [self._continue(m, s) for m, states in asks for s in states for _ in range(k)]
         ends = set(turn_end_ids(self.tok))
-        outs = self.generate(prompts, self.step_tokens, False, [*ends, *self.line_ends()])
-        lines = [self.tok.decode([t for t in o if t not in ends]).split("\n")[0].strip() for o in outs]
-        return [[ln for ln in lines[i * k : (i + 1) * k] if ln] for i in range(len(states))]
+        outs = self.generate(prompts, self.step_tokens, False, [*ends, *self.line_ends()]) if prompts else []
+        lines = iter(self.tok.decode([t for t in o if t not in ends]).split("\n")[0].strip() for o in outs)
+        return [[[ln for ln in (next(lines) for _ in range(k)) if ln] for _ in states] for _, states in asks]
 
 
 def _done(state: State) -> bool:
@@ -353,7 +388,7 @@ def think(
         cands = sorted(zip([s.text for s in samples], scores, strict=True), key=lambda c: -c[1])
         text = cands[0][0]
     elif spec.strategy == "tree":
-        text, cands = tree_answer(th, spec, steps_messages)
+        text, cands = tree_answers(th, spec, [steps_messages])[0]
     else:
         raise ChatforgeError(f"unknown thinking strategy {spec.strategy!r}: {SPEC_HELP}")
     return ThinkResult(
@@ -363,11 +398,11 @@ def think(
 
 def rank_scores(th: Thinker, verifier: str, messages: list[dict], samples: list[Sample]) -> list[float]:
     """A score per sample (higher is better); ties keep the samples' order when sorted stably."""
-    texts = [s.text for s in samples]
+    items = [(messages, s.text) for s in samples]
     if verifier == "orm":
-        return th.orm_scores(messages, texts)
+        return th.orm_scores(items)
     if verifier == "prm":
-        return th.prm_scores(messages, texts)
+        return th.prm_scores(items)
     if th.check is None:
         raise ChatforgeError(
             "best-of:N:oracle needs an exact checker, which only a task with known answers has"
@@ -375,31 +410,52 @@ def rank_scores(th: Thinker, verifier: str, messages: list[dict], samples: list[
     return [float(th.check(s.answer)) for s in samples]
 
 
-def tree_answer(th: Thinker, spec: ThinkSpec, messages: list[dict]) -> tuple[str, list[tuple[str, float]]]:
-    """Tree of Thoughts with the PRM as the value; states still unfinished after `depth` levels are
-    completed greedily (one batch) and ranked with the finished ones."""
+def tree_answers(
+    th: Thinker, spec: ThinkSpec, prompts: list[list[dict]]
+) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Tree of Thoughts for each prompt, all searches in step (one engine batch per level), the PRM
+    rating partial traces. States still unfinished after `depth` levels are completed greedily, and
+    every answer is ranked by its lowest step score. Returns (best text, [(text, score)...]) each."""
     th.needs("prm", th.prm)
+    searches = [search_steps(_done, spec.n, spec.depth) for _ in prompts]
 
-    def value(states: list[State]) -> list[float]:
-        return th._score(th.prm, messages, ["\n".join(s) for s in states])
+    def propose_many(ids: list[int], asks: list[list[State]]) -> list[list[list[str]]]:
+        return th.propose([(prompts[i], a) for i, a in zip(ids, asks, strict=True)], spec.n)
 
-    nodes = tree_search(
-        lambda states: th.propose(messages, states, spec.n), value, _done, spec.n, spec.depth
-    )  # fmt: skip
-    if not nodes:
-        s = th.sample(messages, 1, greedy=True)[0]
-        return s.text, []
-    texts = ["\n".join(n.steps) for n in nodes if n.done]
-    open_ = [n for n in nodes if not n.done][: spec.n]
-    if open_:
-        base = render_prompt(th.tok, messages)
-        outs = th.generate(
-            [base + th.tok.encode("\n".join(n.steps) + "\n") for n in open_], th.max_new_tokens, True,
+    def value_many(ids: list[int], asks: list[list[State]]) -> list[list[float]]:
+        flat = [(prompts[i], "\n".join(s)) for i, a in zip(ids, asks, strict=True) for s in a]
+        scores = iter(th._score(th.prm, flat))
+        return [[next(scores) for _ in a] for a in asks]
+
+    nodes = run_lockstep(searches, propose_many, value_many)
+    items, owner = [], []
+    ends = [(i, n) for i, ns in enumerate(nodes) for n in [m for m in ns if not m.done][: spec.n]]
+    outs = (
+        th.generate(
+            [th._continue(prompts[i], n.steps) for i, n in ends],
+            th.max_new_tokens,
+            True,
             turn_end_ids(th.tok),
-        )  # fmt: skip
-        texts += ["\n".join(n.steps) + "\n" + th._text(o) for n, o in zip(open_, outs, strict=True)]
-    ranked = sorted(zip(texts, th.prm_scores(messages, texts), strict=True), key=lambda c: -c[1])
-    return ranked[0][0], ranked
+        )
+        if ends
+        else []
+    )
+    for i, ns in enumerate(nodes):
+        for n in ns:
+            if n.done:
+                items.append((prompts[i], "\n".join(n.steps)))
+                owner.append(i)
+    for (i, n), o in zip(ends, outs, strict=True):
+        items.append((prompts[i], "\n".join(n.steps) + "\n" + th._text(o)))
+        owner.append(i)
+    ranked: list[list[tuple[str, float]]] = [[] for _ in prompts]
+    for i, item, score in zip(owner, items, th.prm_scores(items), strict=True):
+        ranked[i].append((item[1], score))
+    out = []
+    for i, cands in enumerate(ranked):
+        cands.sort(key=lambda c: -c[1])
+        out.append((cands[0][0], cands) if cands else (th.sample(prompts[i], 1, greedy=True)[0].text, []))
+    return out
 
 
 # ---- verifiers for a task: labelled pairs and `chatforge prefs prm` ----------------------------------
@@ -491,7 +547,7 @@ def cmd_prm(opts) -> None:
     if opts.samples:
         run = ckpt.load_run(opts.model, device=pick_device(cfg.device), inference=True)
         th = Thinker(run.model, run.tokenizer, extract=task.extract, temperature=1.0, seed=cfg.seed)
-        drawn = th.sample_many([task.prompt(p, True) for p in problems], opts.samples, rows=256)
+        drawn = th.sample_many([task.prompt(p, True) for p in problems], opts.samples)
         texts = [[s.text for s in group] for group in drawn]
     rows = verifier_pairs(task, problems, random.Random(cfg.seed), not opts.outcome, texts)
     if not rows:

@@ -133,6 +133,32 @@ def test_tree_search_keeps_the_beam_breadth_and_batches_each_level():
     assert nodes[0].steps == ("02", "12", "22")
 
 
+def test_searches_in_lockstep_find_what_each_finds_alone():
+    from chatforge.think import run_lockstep, search_steps
+
+    def propose(states):
+        return [[f"{len(s)}{(len(s) + i) % 4}" for i in range(3)] for s in states]
+
+    def value_for(offset):
+        return lambda states: [((int(s[-1][-1]) + offset) % 4) / 4 for s in states]
+
+    done = lambda s: len(s) == 3  # noqa: E731
+    alone = [tree_search(propose, value_for(k), done, breadth=2, depth=3) for k in range(3)]
+    calls = []
+
+    def propose_many(ids, asks):
+        calls.append(ids)
+        return [propose(states) for states in asks]
+
+    together = run_lockstep(
+        [search_steps(done, 2, 3) for _ in range(3)],
+        propose_many,
+        lambda ids, asks: [value_for(i)(states) for i, states in zip(ids, asks, strict=True)],
+    )
+    assert [[n.steps for n in r] for r in together] == [[n.steps for n in r] for r in alone]
+    assert calls == [[0, 1, 2]] * 3  # one proposer call per level for all three searches
+
+
 # ---- the tasks -----------------------------------------------------------------------------------
 
 
