@@ -357,8 +357,13 @@ class Thinker:
     def propose(self, asks: list[tuple[list[dict], list[State]]], k: int) -> list[list[list[str]]]:
         """k sampled next lines for each state of each (messages, states), all in the same batches."""
         prompts = [self._continue(m, s) for m, states in asks for s in states for _ in range(k)]
+        room = [j for j, p in enumerate(prompts) if len(p) < self.model.cfg.seq_len]  # full ones end there
         ends = set(turn_end_ids(self.tok))
-        outs = self.generate(prompts, self.step_tokens, False, [*ends, *self.line_ends()]) if prompts else []
+        outs: list[list[int]] = [[] for _ in prompts]
+        if room:
+            made = self.generate([prompts[j] for j in room], self.step_tokens, False, [*ends, *self.line_ends()])
+            for j, o in zip(room, made, strict=True):
+                outs[j] = o
         lines = iter(self.tok.decode([t for t in o if t not in ends]).split("\n")[0].strip() for o in outs)
         return [[[ln for ln in (next(lines) for _ in range(k)) if ln] for _ in states] for _, states in asks]
 
@@ -430,6 +435,7 @@ def tree_answers(
     nodes = run_lockstep(searches, propose_many, value_many)
     items, owner = [], []
     ends = [(i, n) for i, ns in enumerate(nodes) for n in [m for m in ns if not m.done][: spec.n]]
+    ends = [(i, n) for i, n in ends if len(th._continue(prompts[i], n.steps)) < th.model.cfg.seq_len]
     outs = (
         th.generate(
             [th._continue(prompts[i], n.steps) for i, n in ends],
@@ -451,10 +457,12 @@ def tree_answers(
     ranked: list[list[tuple[str, float]]] = [[] for _ in prompts]
     for i, item, score in zip(owner, items, th.prm_scores(items), strict=True):
         ranked[i].append((item[1], score))
+    empty = [i for i, cands in enumerate(ranked) if not cands]  # nothing survived: a greedy answer instead
+    fallback = dict(zip(empty, th.sample_many([prompts[i] for i in empty], 1, greedy=True), strict=True))
     out = []
     for i, cands in enumerate(ranked):
         cands.sort(key=lambda c: -c[1])
-        out.append((cands[0][0], cands) if cands else (th.sample(prompts[i], 1, greedy=True)[0].text, []))
+        out.append((cands[0][0], cands) if cands else (fallback[i][0].text, []))
     return out
 
 
