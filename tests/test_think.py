@@ -409,3 +409,16 @@ def test_chat_think_refuses_an_outcome_model_as_the_prm(tiny_run, tmp_path):
     argv = ["chat", "--model", tiny_run, "-p", "hi", "--device", "cpu", "--think", "best-of:2:prm"]
     with pytest.raises(ChatforgeError, match="outcome reward model; give a `chatforge prefs prm` run"):
         run_command(*parse_command([*argv, "--prm", tmp_path / "orm"]))
+
+
+def test_interactive_chat_answers_by_the_strategy(tiny):
+    import io
+
+    from chatforge.chat import ChatSession
+
+    _, _, tok, model, _ = tiny
+    session = ChatSession(model, tok, out=io.StringIO(), max_new_tokens=12)
+    session.thinker = Thinker(model, tok, spec=parse_spec("vote:2"), max_new_tokens=12)
+    printed = session.handle("Make 24 from 1 1 4 6.")
+    assert "(think vote:2: " in printed and session.thinker.generated > 0
+    assert [m["role"] for m in session.conversation()] == ["user", "assistant"]
