@@ -67,7 +67,9 @@ def one_seed(
             (th.generated - before) / len(problems),
             [task.check(p, g[0].answer) for p, g in zip(problems, got, strict=True)],
         )
+    t0 = time.time()
     pool = th.sample_many(steps_q, max(budgets))
+    print(f"  {len(problems)} x {max(budgets)} samples in {time.time() - t0:.0f}s", flush=True)
     items = [(q, s.text) for q, group in zip(steps_q, pool, strict=True) for s in group]
     k = max(budgets)
     scores = {}
@@ -75,6 +77,7 @@ def one_seed(
         scores["orm"] = th.orm_scores(items)
     if th.prm is not None:
         scores["prm"] = th.prm_scores(items)
+    print(f"  scored by the verifiers at {time.time() - t0:.0f}s", flush=True)
     for n in budgets:
         tokens = sum(s.tokens for group in pool for s in group[:n]) / len(problems)
         vote = [
@@ -96,6 +99,7 @@ def one_seed(
         for shape in trees:
             before = th.generated
             answers = tree_answers(th, parse_spec(f"tree:{shape}"), steps_q)
+            print(f"  tree:{shape} at {time.time() - t0:.0f}s", flush=True)
             out[f"tree:{shape}"] = (
                 (th.generated - before) / len(problems),
                 [task.check(p, task.extract(text)) for p, (text, _) in zip(problems, answers, strict=True)],

@@ -272,6 +272,7 @@ class Thinker:
     verified: int = 0
     _calls: int = 0
     _line_ends: frozenset[int] | None = None
+    _scores: dict = field(default_factory=dict)  # (reward model, prompt, answer) -> score
 
     # -- the engine, counted
     def generate(
@@ -310,11 +311,21 @@ class Thinker:
 
     # -- verifiers: items are (prompt messages, answer text)
     def _score(self, rm, items: list[tuple[list[dict], str]]) -> list[float]:
+        """The reward model's score of each (prompt, answer). Each distinct pair is scored once per
+        thinker (samples and tree states share their first steps), shortest first so a batch pads little."""
         from chatforge.align.reward import score
 
-        convs = [[*m, {"role": "assistant", "content": t}] for m, t in items]
-        self.verified += sum(len(render_prompt(self.tok, m)) + len(self.tok.encode(t)) for m, t in items)
-        return score(rm, self.tok, convs, batch_size=64) if convs else []
+        keys = [(id(rm), tuple((m["role"], m["content"]) for m in msgs), t) for msgs, t in items]
+        todo = {k: item for k, item in zip(keys, items, strict=True) if k not in self._scores}
+        if todo:
+            lengths = {
+                k: len(render_prompt(self.tok, m)) + len(self.tok.encode(t)) for k, (m, t) in todo.items()
+            }
+            order = sorted(todo, key=lengths.__getitem__)
+            convs = [[*todo[k][0], {"role": "assistant", "content": todo[k][1]}] for k in order]
+            self._scores.update(zip(order, score(rm, self.tok, convs, batch_size=64), strict=True))
+            self.verified += sum(lengths.values())
+        return [self._scores[k] for k in keys]
 
     def orm_scores(self, items: list[tuple[list[dict], str]]) -> list[float]:
         return self._score(self.needs("orm", self.orm), items)
@@ -361,7 +372,9 @@ class Thinker:
         ends = set(turn_end_ids(self.tok))
         outs: list[list[int]] = [[] for _ in prompts]
         if room:
-            made = self.generate([prompts[j] for j in room], self.step_tokens, False, [*ends, *self.line_ends()])
+            made = self.generate(
+                [prompts[j] for j in room], self.step_tokens, False, [*ends, *self.line_ends()]
+            )
             for j, o in zip(room, made, strict=True):
                 outs[j] = o
         lines = iter(self.tok.decode([t for t in o if t not in ends]).split("\n")[0].strip() for o in outs)
