@@ -29,7 +29,7 @@ case "${1:?train or curves}" in
       [ -f "$RUN/orm_$task/model.safetensors" ] || verifier $task "$RUN/orm_$task" --outcome
     done ;;
   curves)
-    curve world --problems 100
-    curve game24 --ranks 801-900 ;;
+    curve game24 --ranks 801-900 --trees b1d4,b2d4,b4d4
+    curve world --problems 60 --trees b1d4,b2d4 ;;
   *) echo "unknown part $1" >&2; exit 2 ;;
 esac
