@@ -15,7 +15,7 @@ PY=${PYTHON:-python}
 SEEDS=${SEEDS:-0,1,2}
 verifier() {  # task, out, [--outcome]
   $PY -m chatforge.cli prefs prm --model "$RUN/sft" --task "$1" --out "$2" ${3:-} --steps 150 --lr 3e-4 \
-    --problems 600 --samples 4 --no-progress
+    --problems 600 --samples 4 --no-progress --resume
 }
 curve() {  # task, extra flags
   $PY bench/think_curve.py --model "$RUN/sft" --prm "$RUN/prm_$1" --orm "$RUN/orm_$1" --task "$1" \
