@@ -189,6 +189,8 @@ def main() -> None:
     orm = load_reward_model(args.orm)[0] if args.orm else None
     budgets = [int(b) for b in args.budgets.split(",")]
     trees = [t for t in args.trees.split(",") if t]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     per_seed = []
     for seed in (int(s) for s in args.seeds.split(",")):
         th = Thinker(
@@ -202,21 +204,25 @@ def main() -> None:
         )
         per_seed.append(one_seed(th, task, problems, budgets, trees))
         print(f"seed {seed} done at {time.time() - t0:.0f}s", flush=True)
+        write(
+            args, task, problems, per_seed, out, time.time() - t0
+        )  # after every seed: a cut run keeps its seeds
+
+
+def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float) -> None:
     points = aggregate(per_seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    seeds = ",".join(args.seeds.split(",")[: len(per_seed)])
     what = (
         f"Game of 24, ranks {args.ranks}"
         if args.task == "game24"
         else f"world age problems ({len(problems)})"
     )
-    title = f"{what}: {Path(args.model).name}, seeds {args.seeds}"
     atomic_write_json(out / "curve.json", {
         "task": args.task, "problems": len(problems), "model": args.model, "prm": args.prm, "orm": args.orm,
-        "seeds": args.seeds, "temperature": args.temperature, "points": points, "seconds": round(time.time() - t0),
+        "seeds": seeds, "temperature": args.temperature, "points": points, "seconds": round(seconds),
         "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4,
     })  # fmt: skip
-    plot(points, title, out / "curve.png")
+    plot(points, f"{what}: {Path(args.model).name}, seeds {seeds}", out / "curve.png")
     for p in points:
         lo, hi = p["ci95"]
         print(
