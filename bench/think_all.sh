@@ -29,9 +29,10 @@ case "${1:?train, game24 or world}" in
   train)
     $PY bench/think_train.py --out "$RUN" --pretrain-steps 1200 --sft-steps 400
     verifiers world ;;
-  game24)
+  game24)  # then the world curve in what is left of the lane's 15 minutes (it writes after each seed)
     verifiers game24
-    curve game24 --ranks 801-900 --trees b1d4,b2d4,b3d4 ;;
+    curve game24 --ranks 801-900 --trees b1d4,b2d4,b3d4
+    curve world --problems 60 --trees b1d4,b2d4 ;;
   world)
     verifiers world
     curve world --problems 60 --trees b1d4,b2d4 ;;
