@@ -16,6 +16,7 @@ OUT/curve.json and OUT/curve.png.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -168,7 +169,7 @@ def plot(points: list[dict], title: str, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model")
     ap.add_argument("--prm")
     ap.add_argument("--orm")
     ap.add_argument("--task", choices=("game24", "world"), default="game24")
@@ -180,7 +181,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="pool the seeds of earlier runs' curve.json (same task)"
+    )
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     task, problems = problems_for(args.task, args.ranks, args.problems)
@@ -209,6 +215,26 @@ def main() -> None:
         )  # after every seed: a cut run keeps its seeds
 
 
+def merge(args) -> None:
+    """One curve from runs made seed by seed (each run's per-seed results, pooled)."""
+    runs = [json.loads((Path(d) / "curve.json").read_text()) for d in args.merge]
+    if len({r["task"] for r in runs}) != 1:
+        sys.exit("--merge takes runs of one task")
+    per_seed = [
+        {k: (v[0], [bool(c) for c in v[1]]) for k, v in seed.items()} for r in runs for seed in r["per_seed"]
+    ]
+    args.seeds = ",".join(r["seeds"] for r in runs)
+    args.task, args.model, args.prm, args.orm = (
+        runs[0]["task"],
+        runs[0]["model"],
+        runs[0]["prm"],
+        runs[0]["orm"],
+    )
+    args.temperature = runs[0]["temperature"]
+    problems = [None] * runs[0]["problems"]
+    write(args, None, problems, per_seed, Path(args.out), sum(r["seconds"] for r in runs))
+
+
 def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float) -> None:
     points = aggregate(per_seed)
     seeds = ",".join(args.seeds.split(",")[: len(per_seed)])
@@ -221,6 +247,7 @@ def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float)
         "task": args.task, "problems": len(problems), "model": args.model, "prm": args.prm, "orm": args.orm,
         "seeds": seeds, "temperature": args.temperature, "points": points, "seconds": round(seconds),
         "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4,
+        "per_seed": [{k: [tokens, [int(c) for c in correct]] for k, (tokens, correct) in r.items()} for r in per_seed],
     })  # fmt: skip
     plot(points, f"{what}: {Path(args.model).name}, seeds {seeds}", out / "curve.png")
     for p in points:
