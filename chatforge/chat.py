@@ -35,6 +35,7 @@ from chatforge.model.gpt import GPT
 from chatforge.options import ChatOptions
 from chatforge.rag.answer import RagPrompt, rag_prompt, sources_line
 from chatforge.terminal import ControlStripper, strip_controls
+from chatforge.think import load_thinker, parse_spec, think, usage_note
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
 from chatforge.tools.registry import ToolRegistry
@@ -250,6 +251,7 @@ class ChatSession:
         self.max_calls = max_calls
         self.tools = registry.schemas() if registry is not None else None
         self.rag = rag  # (messages, prompt token budget) -> the prompt with retrieved documents
+        self.thinker = None  # set by --think: answers come from think.think, not one sample
         self.messages: list[dict] = []  # user / assistant turns, the system prompt kept apart
         self.window = 0  # index of the oldest message the model still sees
         self.turns = 0  # answers generated, to vary the seed per answer
@@ -348,6 +350,12 @@ class ChatSession:
             return
         rag = self.rag(visible, self.model.cfg.seq_len - self.reserve) if self.rag is not None else None
         visible = rag.messages if rag is not None else visible
+        if self.thinker is not None:
+            r = think(self.thinker, self.thinker.spec, visible)
+            self._emit(self.assistant_prefix + strip_controls(r.text) + "\n", buf)
+            self._say(f"({usage_note(r)})", buf)
+            self.messages.append({"role": "assistant", "content": r.text})
+            return
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
 
@@ -488,9 +496,16 @@ def cmd_chat(args: ChatOptions) -> None:
             raise ChatforgeError("--rag and --tools: use one of them")
         rag = lambda messages, budget: rag_prompt(args.rag, messages, tok, budget, root=args.rag_root, k=args.rag_k)  # noqa: E731
     tools = registry.schemas() if registry is not None else None
+    thinker = _thinker(args, model, tok, max_new)
     try:
         if args.tools == "all":  # what guards the model's code, said before any of it runs
             print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
+        if args.prompt is not None and thinker is not None:
+            head = [{"role": "system", "content": args.system}] if args.system else []
+            r = think(thinker, thinker.spec, [*head, {"role": "user", "content": args.prompt}])
+            print(f"chatforge: {usage_note(r)}", file=sys.stderr)
+            print(strip_controls(r.text).strip(), flush=True)
+            return
         if args.prompt is not None:
             _one_prompt(args, model, tok, registry, tools, max_new, asked, rag)
             return
@@ -509,6 +524,7 @@ def cmd_chat(args: ChatOptions) -> None:
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
             rag=rag,
         )  # fmt: skip
+        session.thinker = thinker
         banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
         if registry is not None:
             banner += f"\ntools: {', '.join(registry.names())}"
@@ -516,6 +532,18 @@ def cmd_chat(args: ChatOptions) -> None:
         run_interactive(session, banner)
     finally:
         _tidy_files(folder, temporary)
+
+
+def _thinker(args, model: GPT, tok: Tokenizer, max_new: int):
+    """--think SPEC: the Thinker that answers instead of one sample (None without --think)."""
+    if args.think is None:
+        return None
+    if args.tools:
+        raise ChatforgeError("--think samples plain answers and ranks them; drop --tools to use it")
+    return load_thinker(
+        model, tok, parse_spec(args.think), prm=args.prm, orm=args.orm, device=next(model.parameters()).device,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, max_new_tokens=max_new,
+    )  # fmt: skip
 
 
 def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, rag=None) -> None:

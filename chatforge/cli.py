@@ -48,6 +48,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "reward": Command(o.RewardOptions, "chatforge.align.reward:cmd_reward", "train a reward model (Bradley-Terry) on comparisons"),
         "dpo": Command(o.DPOOptions, "chatforge.align.dpo:cmd_dpo", "direct preference optimisation against a frozen reference"),
         "winrate": Command(o.WinrateOptions, "chatforge.align.reward:cmd_winrate", "how often a reward model prefers one model's sampled answers to another's"),
+        "prm": Command(o.PRMOptions, "chatforge.think:cmd_prm", "a process reward model (or --outcome: an outcome one) on a task's traces, steps labelled by program"),
     },
     "rl": Command(o.RLOptions, "chatforge.align.rl:cmd_rl", "reinforcement learning from a checkable reward (GRPO)"),
     "serve": Command(o.ServeOptions, "chatforge.serve.command:cmd_serve", "OpenAI-compatible API server with a web chat page and a feedback store"),

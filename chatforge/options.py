@@ -273,6 +273,32 @@ class RewardOptions(PrefTrainOptions):
 
 
 @dataclass
+class PRMOptions(TrainingOptions):
+    """`prefs prm`: a process (or, with --outcome, an outcome) reward model for a thinking task."""
+
+    model: str = opt(
+        None, "run folder to start from (the SFT model that writes the traces)", metavar="SFT_RUN", required=True
+    )
+    task: str = opt("game24", "the task whose traces are labelled", choices=("game24", "world"))
+    puzzles: str = opt("../shared/data/game24/24.csv", "game24: the puzzles' csv (rank, puzzle)", metavar="CSV")
+    ranks: str = opt(
+        "1-800", "game24: the ranks to train on (at most 1-800: 801-900 are for reporting)", metavar="LO-HI"
+    )
+    problems: int = opt(3000, "world: problems to make (default 3000)")
+    samples: int = opt(8, "the model's own traces per problem, labelled by program (default 8; 0 = none)")
+    outcome: bool = opt(False, "compare whole answers (an ORM) instead of answers cut after a step (a PRM)")
+    out: str = opt(
+        None, "run folder to write (its verifier_pairs.jsonl holds the labelled pairs)", metavar="RUN",
+        required=True,
+    )  # fmt: skip
+    resume: bool = opt(False, _RESUME_HELP)
+    no_progress: bool = opt(False, "no progress bar")
+
+    section: ClassVar[str | None] = "prefs"
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = PrefTrainOptions.config_flags
+
+
+@dataclass
 class DPOOptions(PrefTrainOptions):
     beta: float = opt(0.1, "strength of the pull towards the reference (default 0.1)")
     rpo_alpha: float = opt(
@@ -461,6 +487,12 @@ class ChatOptions:
     )  # fmt: skip
     rag_root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
     rag_k: int = opt(4, "with --rag: chunks retrieved per question (default 4)")
+    think: str | None = opt(
+        None, "spend tokens on thinking: direct, cot, vote:K (or K), best-of:N:orm|prm, tree:bBdD "
+        "(docs/thinking.md); tokens spent go to stderr", metavar="SPEC",
+    )  # fmt: skip
+    prm: str | None = opt(None, "process reward model for best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN")
+    orm: str | None = opt(None, "outcome reward model for best-of:N:orm (`prefs prm --outcome` or `prefs reward`)", metavar="RUN")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from chatforge.rag.embed import Embedder, get_embedder
 from chatforge.rag.extract import FORMATS, file_format
 from chatforge.rag.retrieve import retrieve
 from chatforge.rag.store import Collection, collection_exists, list_collections
+from chatforge.world import ATTRIBUTES, fact_questions, load_world, reverse_questions
 
 QUESTIONS_FILE = "questions.jsonl"
 
@@ -144,7 +145,6 @@ def world_questions(world_dir: str | Path, seed: int = 0) -> list[dict]:
     """Questions about the held-out people: one forward question per attribute, and the reverse
     "Who is X's son?" where the answer is a held-out person whose biography names X as a parent.
     `evidence` is what the source chunk holds (the subject's name and the answer)."""
-    from chatforge.world import ATTRIBUTES, fact_questions, load_world, reverse_questions
 
     world = load_world(world_dir)
     rng = random.Random(f"chatforge-rag-questions:{seed}")

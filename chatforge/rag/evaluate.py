@@ -15,7 +15,12 @@ import statistics
 import time
 from pathlib import Path
 
+from chatforge.chat_format import render_prompt, turn_end_ids
+from chatforge.checkpoint import load_run
+from chatforge.device import pick_device
 from chatforge.errors import ChatforgeError
+from chatforge.eval.base import generate_greedy, subset
+from chatforge.eval.world_qa import contains_answer
 from chatforge.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from chatforge.options import RagEvalOptions
 from chatforge.rag.answer import cited, fit_documents
@@ -68,8 +73,6 @@ def retrieval_metrics(coll: Collection, questions: list[dict], k: int, mode: str
 
 
 def _generate(model, tok, prompts_messages: list[list[dict]], max_new_tokens: int) -> list[str]:
-    from chatforge.chat_format import render_prompt, turn_end_ids
-    from chatforge.eval.base import generate_greedy
 
     prompts = [render_prompt(tok, m) for m in prompts_messages]
     outs = generate_greedy(model, prompts, max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=4)
@@ -99,7 +102,6 @@ def score_answers(questions: list[dict], closed: list[str], opened: list[str], h
     """Exact match (the gold answer as a whole phrase in the reply) closed-book and with retrieval,
     per question kind; citation rate; faithfulness = among answers citing an in-range [n], the share
     where a cited chunk holds the gold answer."""
-    from chatforge.eval.world_qa import contains_answer
 
     rows, citing, faithful = [], 0, 0
     for q, a_closed, a_open, given in zip(questions, closed, opened, hits, strict=True):
@@ -142,7 +144,6 @@ def markdown(result: dict) -> str:
 
 
 def cmd_rag_eval(opts: RagEvalOptions) -> dict:
-    from chatforge.eval.base import subset
 
     modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -156,8 +157,6 @@ def cmd_rag_eval(opts: RagEvalOptions) -> dict:
         result = {"collection": opts.collection, "questions": str(path), "k": opts.k, "embedding": coll.embedding,
                   "retrieval": {m: retrieval_metrics(coll, questions, opts.k, m, embedder) for m in modes}}  # fmt: skip
         if opts.model:
-            from chatforge.checkpoint import load_run
-            from chatforge.device import pick_device
 
             run = load_run(opts.model, inference=True, device=pick_device(opts.device))
             asked = subset(questions, opts.max_examples, opts.seed)

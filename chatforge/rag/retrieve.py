@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from chatforge.align import sequence_logps
 from chatforge.errors import ChatforgeError
 from chatforge.rag.embed import Embedder
 from chatforge.rag.store import Collection, StoredChunk
@@ -68,7 +69,6 @@ def rerank_by_likelihood(model, tok, question: str, hits: list[Hit], device=None
     the same tokens for every chunk, so the sums compare); the score becomes that log-likelihood."""
     import torch
 
-    from chatforge.align import sequence_logps
 
     q = tok.encode("\nQuestion: " + question)
     room = model.cfg.seq_len - len(q) - len(tok.start_ids())

@@ -179,6 +179,8 @@ class ChatCompletionRequest(SamplingRequest):
     # chatforge extension: answer from this collection (`chatforge rag add`); the response carries
     # the retrieved chunks as "documents" [{id, source, heading, text}], which the answer cites as [id]
     collection: str | None = Field(None, min_length=1, max_length=64)
+    # chatforge extension: a thinking strategy ("vote:8", or {"strategy": "vote", "n": 8}); docs/thinking.md
+    think: str | int | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):

@@ -7,6 +7,7 @@ loop must keep answering everyone else meanwhile."""
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from chatforge.serve.streaming import (
     stream_response,
     usage,
 )
+from chatforge.think import Thinker, parse_request_think, think
 from chatforge.tokenizer import TOOL_CALL_OPEN
 
 router = APIRouter()
@@ -229,6 +231,9 @@ def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callab
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
     prompt = await run_in_threadpool(_chat_prompt, srv, req)
     messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
+    if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
+        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids))
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply}
     constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
     if constraint is not None and tool_choice.forced_ids:
         raise APIError(
@@ -298,6 +303,51 @@ async def _after(first: str, rest):
     yield first
     async for chunk in rest:
         yield chunk
+
+
+_THINKING = threading.Lock()  # one thinking request at a time beside the scheduler
+
+
+def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict | None = None) -> dict:
+    """A chat completion answered by the request's "think" strategy (run in the thread pool). The
+    usage counts every token the strategy generated as completion tokens, as OpenAI counts reasoning
+    tokens, with `completion_tokens_details.reasoning_tokens` = those not in the answer returned."""
+    try:
+        spec = parse_request_think(req.think)
+    except ChatforgeError as e:
+        raise APIError(400, str(e), param="think") from None
+    if req.stream or req.n != 1 or req.tools:
+        raise APIError(
+            400, '"think" answers once, whole and without tools: drop stream, n and tools', param="think"
+        )
+    sampling = sampling_settings(req)
+    verifiers = verifiers or {}
+    th = Thinker(
+        srv.model, srv.tok, orm=verifiers.get("orm"), prm=verifiers.get("prm"), spec=spec,
+        temperature=sampling["temperature"], top_k=sampling["top_k"], seed=req.seed or 0,
+        max_new_tokens=min(req.max_completion_tokens or req.max_tokens or 256, srv.ctx - n_prompt),
+    )  # fmt: skip
+    try:
+        with _THINKING:
+            r = think(th, spec, messages)
+    except ChatforgeError as e:
+        raise APIError(400, str(e).replace("pass --prm RUN", "this server has none"), param="think") from None
+    answer_tokens = len(srv.tok.encode(r.text))
+    return {
+        "object": "chat.completion",
+        "model": srv.model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": r.generated_tokens,
+            "total_tokens": n_prompt + r.generated_tokens,
+            "completion_tokens_details": {"reasoning_tokens": max(0, r.generated_tokens - answer_tokens)},
+            "think": {
+                "strategy": r.strategy, "generated_tokens": r.generated_tokens, "prompt_tokens_fed": r.prompt_tokens,
+                "verifier_tokens": r.verifier_tokens,
+            },
+        },
+    }  # fmt: skip
 
 
 # ---- completions ---------------------------------------------------------------------------
