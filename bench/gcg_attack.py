@@ -47,22 +47,26 @@ def advbench_goals(data: Path, span: str) -> list[str]:
 
 
 def filter_figures(model, tok, attacked: list[str], window: int, fpr: float, data: Path) -> dict:
+    """Thresholds calibrated on the seed tasks at rate `fpr` and at 0 (their largest score); the
+    false-positive rate of each on the held-out instructions, and what each flags of the attacks."""
     sets = benign_prompts(data)
     t0 = time.perf_counter()
-    threshold = calibrate_threshold(model, tok, sets["seed_tasks"], false_positive_rate=fpr, window=window)
     held_out = max_window_perplexities(model, tok, sets["user_oriented_instructions"], window)
     attacked_ppl = max_window_perplexities(model, tok, attacked, window) if attacked else []
-    return {
-        "window": window,
-        "calibrated_on": f"self_instruct seed_tasks ({len(sets['seed_tasks'])}), target rate {fpr}",
-        "threshold": threshold,
-        "held_out_benign": len(held_out),
-        "false_positives": sum(p > threshold for p in held_out),
-        "false_positive_rate": sum(p > threshold for p in held_out) / len(held_out),
-        "attacked_ppl": attacked_ppl,
-        "attacked_flagged": sum(p > threshold for p in attacked_ppl),
-        "seconds": time.perf_counter() - t0,
-    }
+    out = {"window": window, "calibrated_on": f"self_instruct seed_tasks ({len(sets['seed_tasks'])})",
+           "held_out_benign": len(held_out), "attacked_ppl": attacked_ppl, "by_rate": {}}  # fmt: skip
+    for rate in dict.fromkeys([fpr, 0.0]):
+        threshold = calibrate_threshold(
+            model, tok, sets["seed_tasks"], false_positive_rate=rate, window=window
+        )
+        out["by_rate"][str(rate)] = {
+            "threshold": threshold,
+            "false_positives": sum(p > threshold for p in held_out),
+            "false_positive_rate": sum(p > threshold for p in held_out) / len(held_out),
+            "attacked_flagged": sum(p > threshold for p in attacked_ppl),
+        }
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def main() -> None:
