@@ -324,6 +324,7 @@ class GPT(nn.Module):
         loss_reduction: str = "mean",
         last_only: bool = False,
         return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V), or the loss if targets (B, T) are given (-1 = ignored).
 
@@ -334,16 +335,18 @@ class GPT(nn.Module):
         and the vocabulary projection is the largest matmul of a short sequence.
         return_hidden=True returns the final normalised hidden states (B, T, n_embd) instead of
         logits: what a reward model's scalar head reads.
+        inputs_embeds (B, T, n_embd) replaces embed_tokens(idx) (idx may then be None): gradient attacks
+        differentiate through one-hot rows of the embedding matrix.
         """
-        B, T = idx.shape
+        B, T = (idx if inputs_embeds is None else inputs_embeds).shape[:2]
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ChatforgeError(f"context overflow: {start + T} tokens > cache size {cache.max_len}")
         cos, sin = self._rope(start, T, positions)
         if cache is not None and start > 0 and T > 1 and attn_mask is None:
             # new tokens see all cached ones and are causal among themselves (bottom-right alignment)
-            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-        x = self.embed_tokens(idx)
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=cos.device).tril(diagonal=start)
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         for block in self.layers:
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:
