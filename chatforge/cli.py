@@ -48,6 +48,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "reward": Command(o.RewardOptions, "chatforge.align.reward:cmd_reward", "train a reward model (Bradley-Terry) on comparisons"),
         "dpo": Command(o.DPOOptions, "chatforge.align.dpo:cmd_dpo", "direct preference optimisation against a frozen reference"),
         "winrate": Command(o.WinrateOptions, "chatforge.align.reward:cmd_winrate", "how often a reward model prefers one model's sampled answers to another's"),
+        "prm": Command(o.PRMOptions, "chatforge.think:cmd_prm", "a process reward model (or --outcome: an outcome one) on a task's traces, steps labelled by program"),
     },
     "rl": Command(o.RLOptions, "chatforge.align.rl:cmd_rl", "reinforcement learning from a checkable reward (GRPO)"),
     "redteam": Command(o.RedteamOptions, "chatforge.redteam.command:cmd_redteam", "attack your own model (jailbreaks, encodings, prompt injection, exfiltration) and measure defenses"),
@@ -56,7 +57,20 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "list": Command(o.FeedbackListOptions, "chatforge.serve.feedback:cmd_feedback_list", "conversations in a feedback database, newest first, with their ratings"),
         "export": Command(o.FeedbackExportOptions, "chatforge.serve.feedback:cmd_feedback_export", "rated conversations as training data: sft or preference pairs"),
     },
+    "rag": {
+        "add": Command(o.RagAddOptions, "chatforge.rag.command:cmd_rag_add", "add files to a collection (changed ones replaced, unchanged skipped)"),
+        "remove": Command(o.RagRemoveOptions, "chatforge.rag.command:cmd_rag_remove", "delete files and their chunks from a collection"),
+        "list": Command(o.RagListOptions, "chatforge.rag.command:cmd_rag_list", "the collections, or one collection's documents"),
+        "search": Command(o.RagSearchOptions, "chatforge.rag.command:cmd_rag_search", "the chunks a query retrieves (BM25, dense, fused)"),
+        "world": Command(o.RagWorldOptions, "chatforge.rag.command:cmd_rag_world", "the world's held-out biographies as a collection, with forward and reverse questions"),
+        "eval": Command(o.RagEvalOptions, "chatforge.rag.evaluate:cmd_rag_eval", "recall@k, MRR, latency; with --model answers closed-book vs with retrieval"),
+    },
     "doctor": Command(o.DoctorOptions, "chatforge.tools.sandbox:cmd_doctor", "what this machine gives the python tool's sandbox (Landlock, seccomp, namespaces) and whether it runs"),
+    "scaling": {
+        "sweep": Command(o.ScalingSweepOptions, "chatforge.scaling.sweep:cmd_scaling_sweep", "train a grid of model sizes x token budgets, resumable run by run"),
+        "fit": Command(o.ScalingFitOptions, "chatforge.scaling.fit:cmd_scaling_fit", "fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep; IsoFLOP view, plots, held-out check"),
+        "plan": Command(o.ScalingPlanOptions, "chatforge.scaling.plan:cmd_scaling_plan", "compute-optimal N, D and predicted loss for a FLOP or GPU-hour budget"),
+    },
     "presets": Command(o.PresetsOptions, "chatforge.plan:cmd_presets", "list presets with their model shapes, FLOPs and memory estimates"),
 }  # fmt: skip
 
@@ -64,6 +78,8 @@ GROUP_HELP = {
     "tokenizer": "train or evaluate a byte-level BPE tokenizer",
     "prefs": "stage 3: comparisons (label, world pairs), reward model, DPO",
     "feedback": "list rated conversations; export them as sft / prefs data",
+    "scaling": "scaling laws: sweep sizes x tokens, fit L(N, D), plan a compute budget",
+    "rag": "collections of your files: add, search, answer from them with citations",
 }
 
 

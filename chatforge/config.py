@@ -61,6 +61,15 @@ class TrainConfig:
     keep_ckpts: int = 2
     log_every: int = 10
     compile: bool = False
+    # "auto": bf16 autocast on CUDA, fp32 on a CPU; "bf16" also on a CPU with native bf16 (AVX512_BF16, AMX),
+    # where matmuls run about twice as fast (docs/gpu.md compares the loss curves); "fp32" everywhere
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    # under torchrun: "ddp" keeps the whole model on every rank; "fsdp" (FSDP2) shards weights, gradients
+    # and optimizer states across the ranks, each block and the root apart (checkpoints stay whole)
+    parallel: str = knob("ddp", "how torchrun ranks share the model: ddp, or fsdp (FSDP2 sharding)")
+    activation_checkpointing: bool = knob(
+        False, "recompute each block's activations in the backward pass: far less memory, ~1/3 more compute"
+    )
     device: str = knob("auto", "cpu, cuda, mps (default: cuda if available)")
     seed: int = knob(1337, "seed of initialisation, data order and sampling")
     # LoRA (model/lora.py): rank > 0 freezes the model and trains low-rank adapters on the
@@ -162,6 +171,10 @@ class Preset:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # GRPO after SFT, calculator shown (the speedrun's rl stage; steps 0 = off)
     rl: RLConfig = field(default_factory=lambda: RLConfig(steps=0))
+    # the GPUs a GPU recipe is planned for (a key of device.GPU_MEMORY_GIB, and how many under torchrun):
+    # `chatforge presets` checks that its memory estimate fits them
+    gpu: str = ""
+    gpus: int = 1
 
 
 PRESETS: dict[str, Preset] = {
@@ -253,6 +266,7 @@ PRESETS: dict[str, Preset] = {
             ckpt_every=1000,
             compile=True,
         ),
+        gpu="H100",
     ),
     "d20": Preset(
         name="d20",
@@ -262,7 +276,9 @@ PRESETS: dict[str, Preset] = {
         pretrain=TrainConfig(
             depth=20,
             seq_len=2048,
-            device_batch_size=32,
+            # 16 rows x 2 accumulated per step on 8 GPUs: 32 rows would need ~96 GiB per GPU (the 64K-vocab
+            # logits and 20 layers of activations), more than an H100 has; the total batch is the same
+            device_batch_size=16,
             total_batch_tokens=524288,
             max_steps=21400,
             optimizer="muon",
@@ -275,6 +291,8 @@ PRESETS: dict[str, Preset] = {
             ckpt_every=2000,
             compile=True,
         ),
+        gpu="H100",
+        gpus=8,
     ),
 }
 

@@ -1,5 +1,6 @@
-"""The ground floor every stage stands on: which device, one rank of a torchrun job, bf16
-autocast, summing a tensor over ranks, and the device's peak FLOP/s (for MFU and run plans)."""
+"""The ground floor every stage stands on: which device, one rank of a torchrun job (and whether a
+module is sharded across the ranks), bf16 autocast, reductions over ranks, and the device's peak
+FLOP/s and memory (for MFU and run plans)."""
 
 from __future__ import annotations
 
@@ -71,16 +72,54 @@ def cleanup_distributed() -> None:
         tdist.destroy_process_group()
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 sharded this module (or one inside it): its forward then needs every rank."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def all_reduce_max(n: int, dist: Dist) -> int:
+    """The largest of an integer over the ranks."""
+    if dist.world_size == 1:
+        return n
+    t = torch.tensor(n, device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t)
+
+
 def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:
     if dist.world_size > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; fp32 elsewhere (this CPU has no fast bf16 math)."""
-    if device.type == "cuda":
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    line = re.search(r"^flags\s*:(.*)$", info, flags=re.M)
+    return set(line.group(1).split()) if line else set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX: bf16 matmuls at about twice fp32's speed (without them oneDNN emulates, slower)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The training and evaluation dtype. "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16": bf16
+    autocast on any device (on a CPU only with native bf16); "fp32": no autocast."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ChatforgeError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
+    if device.type == "cuda" and precision != "fp32":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and precision == "bf16":
+        if not cpu_has_native_bf16():
+            raise ChatforgeError(
+                "precision bf16 on this CPU would be emulated and slower (no avx512_bf16 or amx_bf16 in "
+                "/proc/cpuinfo); use precision=fp32"
+            )
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -97,6 +136,19 @@ GPU_PEAK_FLOPS = {
 }
 
 
+# memory as torch reports it (total_memory, GiB) for the usual variant of each card; plans must fit in it
+GPU_MEMORY_GIB = {
+    "H200": 139.8,
+    "H100": 79.1,
+    "A100": 79.1,
+    "L40S": 44.4,
+    "L4": 22.0,
+    "A10": 22.0,
+    "4090": 23.6,
+    "3090": 23.6,
+}
+
+
 def peak_flops(device: torch.device) -> tuple[float, str]:
     """The device's peak FLOP/s for the dtype we train in, and how it was found."""
     if device.type == "cuda":
@@ -110,8 +162,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
         info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         mhz = re.findall(r"cpu MHz\s*:\s*([\d.]+)", info)
         ghz = float(mhz[0]) / 1000 if mhz else 2.5
-        flags = info.split("flags", 1)[1].split("\n", 1)[0] if "flags" in info else ""
-        per_cycle = 64 if " avx512f" in flags else 32 if " fma" in flags else 8
+        flags = cpu_flags()
+        per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 8
         threads = torch.get_num_threads()
         return (
             threads * ghz * 1e9 * per_cycle,

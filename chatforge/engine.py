@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -136,6 +137,19 @@ def _generators(seeds: int | Sequence[int] | None, n: int, device) -> list[torch
 
 
 # ---- the batch decoder -----------------------------------------------------------------------
+class TokenConstraint(Protocol):
+    """A row's rule for which tokens may come next (a grammar, e.g. structured output's JSON schema):
+    asked for the allowed ids before each of the row's samples, told each token the row took."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """(vocab_size,) bool: True where the next token may be that id; never all False."""
+        ...
+
+    def advance(self, token: int) -> None:
+        """The row took `token` (sampled or forced)."""
+        ...
+
+
 @dataclass(eq=False, kw_only=True)  # compared by identity: each is one live sequence
 class Row:
     """One sequence for a BatchDecoder: its prompt, how many new tokens it may take, how it samples."""
@@ -149,16 +163,22 @@ class Row:
     stop_ids: frozenset[int] = frozenset()
     banned_ids: frozenset[int] = frozenset()  # never sampled (tool_choice "none": the tool-call token)
     forced_ids: Sequence[int] = ()  # the first new tokens, whatever the model prefers (a forced tool call)
+    constraint: TokenConstraint | None = None  # the allowed next tokens, step by step (structured output)
     generated: int = 0  # new tokens so far, counted by the decoder
 
 
 def _constrained(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """Each row's banned ids set to -inf (a copy; the logits as they are when no row bans any)."""
+    """Each row's banned ids, and the ids its constraint does not allow now, set to -inf (a copy;
+    the logits as they are when no row bans or constrains any)."""
     banned = [(j, sorted(r.banned_ids)) for j, r in enumerate(rows) if r.banned_ids]
-    if banned:
+    ruled = [(j, r.constraint) for j, r in enumerate(rows) if r.constraint is not None]
+    if banned or ruled:
         logits = logits.clone()
         for j, ids in banned:
             logits[j, ids] = float("-inf")
+        for j, rule in ruled:
+            allowed = rule.allowed(logits.size(-1)).to(logits.device)
+            logits[j].masked_fill_(~allowed, float("-inf"))
     return logits
 
 
@@ -425,6 +445,8 @@ class BatchDecoder:
         events = []
         for row, t in zip(rows, tokens.tolist(), strict=True):
             row.generated += 1
+            if row.constraint is not None:
+                row.constraint.advance(t)
             events.append((row, t, t in row.stop_ids or row.generated >= row.budget))
         finished = [row for row, _, done in events if done]
         if finished:

@@ -273,6 +273,32 @@ class RewardOptions(PrefTrainOptions):
 
 
 @dataclass
+class PRMOptions(TrainingOptions):
+    """`prefs prm`: a process (or, with --outcome, an outcome) reward model for a thinking task."""
+
+    model: str = opt(
+        None, "run folder to start from (the SFT model that writes the traces)", metavar="SFT_RUN", required=True
+    )
+    task: str = opt("game24", "the task whose traces are labelled", choices=("game24", "world"))
+    puzzles: str = opt("../shared/data/game24/24.csv", "game24: the puzzles' csv (rank, puzzle)", metavar="CSV")
+    ranks: str = opt(
+        "1-800", "game24: the ranks to train on (at most 1-800: 801-900 are for reporting)", metavar="LO-HI"
+    )
+    problems: int = opt(3000, "world: problems to make (default 3000)")
+    samples: int = opt(8, "the model's own traces per problem, labelled by program (default 8; 0 = none)")
+    outcome: bool = opt(False, "compare whole answers (an ORM) instead of answers cut after a step (a PRM)")
+    out: str = opt(
+        None, "run folder to write (its verifier_pairs.jsonl holds the labelled pairs)", metavar="RUN",
+        required=True,
+    )  # fmt: skip
+    resume: bool = opt(False, _RESUME_HELP)
+    no_progress: bool = opt(False, "no progress bar")
+
+    section: ClassVar[str | None] = "prefs"
+    config_flags: ClassVar[dict[str, tuple[str, ...]]] = PrefTrainOptions.config_flags
+
+
+@dataclass
 class DPOOptions(PrefTrainOptions):
     beta: float = opt(0.1, "strength of the pull towards the reference (default 0.1)")
     rpo_alpha: float = opt(
@@ -422,6 +448,9 @@ _DEFENSES_HELP = (
 )
 
 
+_RAG_ROOT_HELP = "folder that holds the collections (default $CHATFORGE_RAG_ROOT, else ~/.chatforge/rag)"
+
+
 @dataclass
 class ChatOptions:
     model: str = opt(None, "run folder (or checkpoint folder) to load", metavar="RUN", required=True)
@@ -458,6 +487,18 @@ class ChatOptions:
         choices=("bf16", "int8"),
     )  # fmt: skip
     defenses: str | None = opt(None, _DEFENSES_HELP, metavar="NAMES")
+    rag: str | None = opt(
+        None, "answer from this collection (`chatforge rag add`): retrieved chunks go into the prompt, "
+        "the answer cites them as [n]", metavar="NAME",
+    )  # fmt: skip
+    rag_root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
+    rag_k: int = opt(4, "with --rag: chunks retrieved per question (default 4)")
+    think: str | None = opt(
+        None, "spend tokens on thinking: direct, cot, vote:K (or K), best-of:N:orm|prm, tree:bBdD "
+        "(docs/thinking.md); tokens spent go to stderr", metavar="SPEC",
+    )  # fmt: skip
+    prm: str | None = opt(None, "process reward model for best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN")
+    orm: str | None = opt(None, "outcome reward model for best-of:N:orm (`prefs prm --outcome` or `prefs reward`)", metavar="RUN")
 
 
 @dataclass
@@ -614,3 +655,116 @@ class FeedbackExportOptions:
         flag="--as", choices=("sft", "prefs"), required=True,
     )  # fmt: skip
     out: str = opt(None, "where to write (atomically)", metavar="FILE.jsonl", required=True)
+
+
+# ---- scaling laws -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ScalingSweepOptions:
+    data: str = opt(None, "shard folder from `chatforge data`", required=True)
+    out: str = opt(None, "sweep folder (runs/, sweep.json, results.jsonl); an existing one resumes", required=True)
+    tokenizer: str | None = opt(None, "tokenizer.json (default: DATA/tokenizer.json)")
+    sizes: str = opt(
+        "1x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims)"
+    )
+    tokens: str = opt("256K,512K,1M,2M,4M,8M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
+    max_flops: float = opt(
+        1.5e12, "leave out the runs with 6ND above this (N non-embedding): the costly corner of large models "
+        "on many tokens; 0 = the whole grid (default 1.5e12)",
+    )  # fmt: skip
+    schedule: str = opt("wsd", "wsd: one stable run per size, a decay branch per budget; cosine: a run each",
+                        choices=("wsd", "cosine"))  # fmt: skip
+    cooldown_frac: float = opt(0.25, "wsd: share of each run spent decaying (default 0.25)")
+    seq_len: int = opt(128, "tokens per row (default 128)")
+    batch_rows: int = opt(8, "rows per step (default 8)")
+    lr: float = opt(1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)")
+    lr_rule: str = opt("width", "width: lr x 32 / width; flat: --lr for every size", choices=("width", "flat"))
+    warmup_steps: int = opt(16, "linear warmup steps (default 16)")
+    eval_batches: int = opt(16, "validation batches for each run's final loss (default 16)")
+    overrides: list[str] = opt(
+        [], "override a training config field of every run, e.g. optimizer=muon (repeatable)", flag="--set",
+        metavar="FIELD=VALUE", repeatable=True,
+    )  # fmt: skip
+    threads: int = opt(1, "torch threads (default 1)")
+    device: str = opt("auto", "cpu, cuda, mps (default: cuda if available)")
+    seed: int = opt(1337, "seed of initialisation and data order (default 1337)")
+
+
+@dataclass
+class ScalingFitOptions:
+    sweep: str = opt(None, "sweep folder (or a results.jsonl)", positional=True)
+    params: str = opt("nonembedding", "N of the law: non-embedding or total parameters",
+                      choices=("nonembedding", "total"))  # fmt: skip
+    holdout: str = opt("largest", "runs left out of the fit and predicted: the largest N and the largest D, "
+                       "or none", choices=("largest", "none"))  # fmt: skip
+    bootstrap: int = opt(200, "bootstrap resamples for the intervals (default 200)")
+    seed: int = opt(0, "seed of the bootstrap")
+    out: str | None = opt(None, "report folder (default: SWEEP/report)")
+
+
+@dataclass
+class ScalingPlanOptions:
+    flops: float | None = opt(None, "training compute C in FLOPs, e.g. 1e19")
+    budget: str | None = opt(None, 'compute as GPU time, e.g. "2 GPU-hours on H100"')
+    mfu: float = opt(0.4, "with --budget: model FLOPs utilisation assumed (default 0.4)")
+    fit: str | None = opt(None, "a sweep folder or fit.json from `chatforge scaling fit` (default: "
+                          "Chinchilla's published constants)")  # fmt: skip
+# ---- retrieval (RAG) ---------------------------------------------------------------------------------------
+
+_EMBEDDING_HELP = "embedding model: all-MiniLM-L6-v2 (the default) or hash-384 (no extra needed)"
+
+
+@dataclass
+class RagCollectionOptions:
+    collection: str = opt("world", "collection name (default world: the world's held-out people)", metavar="NAME")
+    root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
+
+
+@dataclass
+class RagAddOptions(RagCollectionOptions):
+    files: list[str] = opt([], "files or folders (txt, md, rst, html, pdf, docx, jsonl)", positional=True, nargs="+")
+    embedding: str = opt("all-MiniLM-L6-v2", _EMBEDDING_HELP + "; fixed when the collection is created")
+
+
+@dataclass
+class RagRemoveOptions(RagCollectionOptions):
+    files: list[str] = opt([], "files (or folders) to delete from the collection", positional=True, nargs="+")
+
+
+@dataclass
+class RagListOptions:
+    collection: str | None = opt(None, "list this collection's documents (default: list the collections)", metavar="NAME")
+    root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
+
+
+@dataclass
+class RagSearchOptions(RagCollectionOptions):
+    query: str = opt("", "what to search for", positional=True)
+    k: int = opt(5, "chunks to show (default 5)")
+    mode: str = opt("fused", "bm25, dense, or both fused by reciprocal rank (default)", choices=("fused", "bm25", "dense"))
+    embedding: str | None = opt(None, _EMBEDDING_HELP + " (default: the collection's)")
+
+
+@dataclass
+class RagWorldOptions(RagCollectionOptions):
+    world: str = opt(None, "world folder (`chatforge world`): its held-out biographies", metavar="DIR", required=True)
+    embedding: str = opt("all-MiniLM-L6-v2", _EMBEDDING_HELP)
+
+
+@dataclass
+class RagEvalOptions(RagCollectionOptions):
+    questions: str | None = opt(
+        None, 'jsonl of {question, answer, evidence: [strings the source chunk holds], source?: file name}; '
+        "default: the collection's questions.jsonl (written by `chatforge rag world`)", metavar="FILE",
+    )  # fmt: skip
+    k: int = opt(5, "recall@k and MRR@k (default 5)")
+    modes: str = opt("bm25,dense,fused", "retrieval modes to measure, comma-separated")
+    model: str | None = opt(None, "run folder: also measure answers closed-book vs with retrieval", metavar="RUN")
+    max_examples: int | None = opt(None, "questions to ask the model (picked by --seed; retrieval uses all)", metavar="N")
+    answer_k: int | None = opt(None, "chunks put in an answer's prompt (default: --k)")
+    max_new_tokens: int = opt(48, "answer length (default 48)")
+    rerank: bool = opt(False, "re-rank the fused chunks by the model's log-likelihood of the question")
+    seed: int = opt(0, "seed for picking questions")
+    device: str = opt("cpu", "cpu, cuda, mps or auto")
+    out: str | None = opt(None, "write rag_eval.json and rag_eval.md here", metavar="DIR")

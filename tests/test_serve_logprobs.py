@@ -1,6 +1,7 @@
 """`/v1/completions` with `logprobs` (and `echo`), what lm-evaluation-harness's local-completions
 model asks for: each token's log-probability equals the model's own, scored by hand here; the top
-alternatives are the model's most likely tokens; the generated token is the greedy one."""
+alternatives are the model's most likely tokens; the generated token is the greedy one. And
+`/v1/chat/completions` with `logprobs`/`top_logprobs`, in OpenAI's chat shape, scored the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from test_serve import MODEL_ID, TEXTS, serve, tiny_model
 
 from chatforge.align import scored_tokens
+from chatforge.chat_format import render_prompt, turn_end_ids
+from chatforge.engine import generate
 from chatforge.serve.app import create_app
 from chatforge.tokenizer import Tokenizer
 
@@ -80,3 +83,35 @@ def test_logprobs_without_echo_cover_the_answer_only(client, tok):
     assert all(len(top) <= 2 for top in lp.top_logprobs)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL_ID, prompt="x", max_tokens=2, logprobs=1, stream=True)
+
+
+def test_chat_logprobs_are_the_models(client, model, tok):
+    msgs = [{"role": "user", "content": "The quick brown fox"}]
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    prompt = render_prompt(tok, msgs)
+    answer = list(generate(model, prompt, 6, stop_ids=turn_end_ids(tok)))  # greedy: what the server said
+    answer = answer[:-1] if answer[-1] in turn_end_ids(tok) else answer  # a stop id is not content
+    dists = by_hand(model, prompt + answer + [0])[len(prompt) - 1 :]
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(answer) > 0
+    for entry, t, dist in zip(content, answer, dists, strict=False):
+        assert entry.token == tok.decode([t]) and bytes(entry.bytes) == tok.decode_bytes([t])
+        assert entry.logprob == pytest.approx(dist[t].item(), abs=1e-4)
+        best = dist.topk(3)
+        assert [tok.decode([i]) for i in best.indices.tolist()] == [a.token for a in entry.top_logprobs]
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+    # a token may hold part of a character (its `token` then shows U+FFFD): its bytes are exact
+    assert b"".join(bytes(e.bytes) for e in content).decode(errors="replace") == r.choices[0].message.content
+    plain = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=3, temperature=0, logprobs=True)
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+    assert client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=3).choices[0].logprobs is None
+
+
+def test_chat_logprobs_refused_where_not_given(client):
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2, logprobs=True, stream=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2, top_logprobs=2)

@@ -302,8 +302,11 @@ def train_reward(
     val_data: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    kind: str = "outcome",
 ) -> dict:
-    """Train a reward model from the run `base` on the comparisons in `data`; returns a summary."""
+    """Train a reward model from the run `base` on the comparisons in `data`; returns a summary.
+    `kind` is recorded: "outcome" (whole answers compared) or "process" (answers cut after a step:
+    a PRM, think.py's step scorer)."""
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -334,6 +337,7 @@ def train_reward(
     meta = {
         **ckpt.inherited_meta(base_meta),
         "stage": "reward",
+        "reward_kind": kind,
         "train": asdict(cfg),
         "data": str(data),
         "base": str(model_dir),

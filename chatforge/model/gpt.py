@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from chatforge.errors import ChatforgeError
 
@@ -238,7 +239,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+        # set by GPT.set_activation_checkpointing: keep only the block's input for backward, recompute the rest
+        self.checkpoint_activations = False
+
     def forward(self, x, cos, sin, cache, attn_mask):
+        if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, None, attn_mask, use_reentrant=False)
+        return self._forward(x, cos, sin, cache, attn_mask)
+
+    def _forward(self, x, cos, sin, cache, attn_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -269,6 +278,12 @@ class GPT(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations during backward instead of keeping them: activation memory
+        drops from every layer's to one layer's plus the residual stream, for about a third more compute."""
+        for block in self.layers:
+            block.checkpoint_activations = on
 
     # ---- sizes -------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
@@ -309,6 +324,7 @@ class GPT(nn.Module):
         loss_reduction: str = "mean",
         last_only: bool = False,
         return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, V), or the loss if targets (B, T) are given (-1 = ignored).
 
@@ -319,16 +335,18 @@ class GPT(nn.Module):
         and the vocabulary projection is the largest matmul of a short sequence.
         return_hidden=True returns the final normalised hidden states (B, T, n_embd) instead of
         logits: what a reward model's scalar head reads.
+        inputs_embeds (B, T, n_embd) replaces embed_tokens(idx) (idx may then be None): gradient attacks
+        differentiate through one-hot rows of the embedding matrix.
         """
-        B, T = idx.shape
+        B, T = (idx if inputs_embeds is None else inputs_embeds).shape[:2]
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ChatforgeError(f"context overflow: {start + T} tokens > cache size {cache.max_len}")
         cos, sin = self._rope(start, T, positions)
         if cache is not None and start > 0 and T > 1 and attn_mask is None:
             # new tokens see all cached ones and are causal among themselves (bottom-right alignment)
-            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(diagonal=start)
-        x = self.embed_tokens(idx)
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=cos.device).tril(diagonal=start)
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
         for block in self.layers:
             x = block(x, cos, sin, cache, attn_mask)
         if cache is not None:

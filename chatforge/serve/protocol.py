@@ -119,6 +119,24 @@ class NamedToolChoice(_Strict):
     function: FunctionName
 
 
+class JsonSchemaFormat(_Strict):
+    """response_format's json_schema: a name, and the schema the answer must follow (none: any
+    JSON object). The answer is held to the schema whether `strict` is true or not."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")  # the name `schema` is pydantic's
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: "text" (no constraint), "json_object" (any JSON object) or
+    "json_schema" (JSON valid against json_schema.schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -152,11 +170,17 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
     trim_history: bool = Field(
         False,
         description="chatforge extension (the web page sends it): leave the oldest turns out of the "
         "prompt, never the system prompt, so it fits the context; the answer says how many",
     )
+    # chatforge extension: answer from this collection (`chatforge rag add`); the response carries
+    # the retrieved chunks as "documents" [{id, source, heading, text}], which the answer cites as [id]
+    collection: str | None = Field(None, min_length=1, max_length=64)
+    # chatforge extension: a thinking strategy ("vote:8", or {"strategy": "vote", "n": 8}); docs/thinking.md
+    think: str | int | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -165,6 +189,9 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    response_format: ResponseFormat | None = Field(
+        None, description="as on chat completions (vLLM's extension): the text must be JSON"
+    )
 
 
 class ConversationCreate(_Strict):

@@ -7,7 +7,9 @@ loop must keep answering everyone else meanwhile."""
 from __future__ import annotations
 
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +18,17 @@ from starlette.concurrency import run_in_threadpool
 
 from chatforge.align import scored_tokens
 from chatforge.chat import fit_window
-from chatforge.chat_format import encode_with_specials, render_prompt, tool_call_start
+from chatforge.chat_format import encode_with_specials, render_prompt, tool_call_start, turn_end_ids
+from chatforge.constrain import ANY_OBJECT, JsonConstraint, guidance_tokenizer, json_grammar
 from chatforge.errors import ChatforgeError
+from chatforge.rag.answer import document_objects, rag_prompt
 from chatforge.serve.protocol import (
     MAX_N,
     APIError,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ResponseFormat,
     sampling_settings,
     stop_strings,
     token_budget,
@@ -42,6 +47,7 @@ from chatforge.serve.streaming import (
     stream_response,
     usage,
 )
+from chatforge.think import Thinker, parse_request_think, think
 from chatforge.tokenizer import TOOL_CALL_OPEN
 
 router = APIRouter()
@@ -139,27 +145,47 @@ def _tool_choice(srv: ServerState, req: ChatCompletionRequest) -> ToolChoice:
     return ToolChoice(tools=tools, forced_ids=tool_call_start(srv.tok, name))
 
 
-def _chat_prompt(
-    srv: ServerState, req: ChatCompletionRequest
-) -> tuple[list[dict], list[int], ToolChoice, int]:
-    """The request's messages, its prompt ids, what its tool_choice asks and how many messages
-    `trim_history` left out of the prompt; 400 for what is not supported. Tools as OpenAI has
-    them: the schemas go into the prompt, a call comes back as tool_calls (finish_reason
-    "tool_calls"), and the client runs it and sends a tool message."""
+@dataclass
+class ChatPrompt:
+    """A chat request made ready to generate: the messages as asked (what is stored), the prompt's
+    ids, what tool_choice asks, how many old messages `trim_history` left out, and the chunks a
+    `collection` put into the prompt (None without one)."""
+
+    messages: list[dict]
+    ids: list[int]
+    tool_choice: ToolChoice
+    left_out: int = 0
+    documents: list[dict] | None = None
+
+
+def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
+    """The request as a prompt; 400 for what is not supported. Tools as OpenAI has them: the
+    schemas go into the prompt, a call comes back as tool_calls (finish_reason "tool_calls"), and
+    the client runs it and sends a tool message."""
     _check_model(srv, req.model)
-    if req.logprobs:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.logprobs and req.stream:
+        raise APIError(400, "logprobs are given with stream=false only", param="logprobs")
     choice = _tool_choice(srv, req)
     messages = [_message(m) for m in req.messages]
+    prompt, documents = messages, None
+    if req.collection is not None:  # the documents go into the prompt; the stored conversation stays as asked
+        try:
+            rag = rag_prompt(req.collection, messages, srv.tok, srv.ctx - min(_answer_room(srv, req), srv.ctx // 4))
+        except ChatforgeError as e:
+            raise APIError(400, str(e), param="collection") from None
+        prompt, documents = rag.messages, document_objects(rag.hits)
     try:
-        shown = messages if srv.defenses is None else srv.defenses.prepare(messages)  # InputBlocked: 400
-        ids = render_prompt(srv.tok, shown, tools=choice.tools or None)
+        if srv.defenses is not None:  # the request's own turns and any retrieved documents; InputBlocked: 400
+            prompt = srv.defenses.prepare(prompt)
+        ids = render_prompt(srv.tok, prompt, tools=choice.tools or None)
         left_out = 0
         if req.trim_history and len(ids) + _answer_room(srv, req) > srv.ctx:
-            ids, left_out = _trimmed_prompt(srv, req, shown, choice.tools)
+            ids, left_out = _trimmed_prompt(srv, req, prompt, choice.tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return messages, ids, choice, left_out
+    return ChatPrompt(messages, ids, choice, left_out, documents)
 
 
 def _answer_room(srv: ServerState, req: ChatCompletionRequest) -> int:
@@ -180,9 +206,42 @@ def _trimmed_prompt(
     return render(head + rest[start:]), start
 
 
+def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callable[[], JsonConstraint] | None:
+    """What response_format asks: None for text, else a maker of one JsonConstraint per choice (the
+    schema compiled once, here in the thread pool; each choice gets a copy); 400 for a schema that
+    cannot be enforced."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise APIError(
+            400, "response_format of type json_schema needs a json_schema object", param="response_format"
+        )
+    schema = ANY_OBJECT
+    if fmt.type == "json_schema" and fmt.json_schema.json_schema is not None:
+        schema = fmt.json_schema.json_schema
+    stop_ids = turn_end_ids(srv.tok)
+    if not stop_ids:
+        raise APIError(400, "this model has no stop token to end a JSON answer with", param="response_format")
+    ltok = guidance_tokenizer(srv.tok, srv.model.cfg.vocab_size, stop_ids)
+    try:
+        start = JsonConstraint.compile(ltok, json_grammar(schema, ltok))
+    except ChatforgeError as e:
+        raise APIError(400, f"Invalid 'response_format': {e}", param="response_format") from None
+    return start.fresh
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    messages, ids, tool_choice, left_out = await run_in_threadpool(_chat_prompt, srv, req)
+    prompt = await run_in_threadpool(_chat_prompt, srv, req)
+    messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
+    if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
+        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids))
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply}
+    constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
+    if constraint is not None and tool_choice.forced_ids:
+        raise APIError(
+            400, "a forced tool call (tool_choice) and a JSON response_format exclude each other", param="tool_choice"
+        )
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = token_budget(srv.ctx, len(ids), max_tokens, "max_tokens")
     sampling, stops = sampling_settings(req), stop_strings(req.stop) + tool_choice.stops
@@ -198,6 +257,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         tools=bool(tool_choice.tools),
         forced_ids=tool_choice.forced_ids,
         banned_ids=tool_choice.banned_ids,
+        constraint=constraint,
     )
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     if conv_id is not None or req.store:
@@ -212,17 +272,24 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
     if conv_id is not None:
         head["conversation_id"] = conv_id
     if req.trim_history:
-        head["trimmed_messages"] = left_out  # how many of the oldest messages the prompt left out
+        head["trimmed_messages"] = prompt.left_out  # how many of the oldest messages the prompt left out
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if srv.defenses is not None and srv.defenses.checks_output:
             chunks = checked_chunks(srv, messages, head, choices, events, len(ids), include_usage)
-            return stream_response(chunks, choices, srv.store)
-        return stream_response(
-            chat_chunks(head, choices, events, len(ids), include_usage), choices, srv.store
-        )
+        else:
+            chunks = chat_chunks(head, choices, events, len(ids), include_usage)
+        if prompt.documents is not None:  # one chunk with no choices says what [n] refers to, before the text
+            first = {**head, "object": "chat.completion.chunk", "choices": [], "documents": prompt.documents}
+            chunks = _after(sse(first), chunks)
+        return stream_response(chunks, choices, srv.store)
     await drain(choices, events, request, srv.store)
     answers = [checked_answer(srv, answer_message(c.text), messages) for c in choices]
+    if prompt.documents is not None:
+        head["documents"] = prompt.documents
+    scores = {}
+    if req.logprobs:
+        scores = await run_in_threadpool(chat_logprobs, srv, ids, choices, req.top_logprobs or 0)
     return {
         **head,
         "system_fingerprint": None,
@@ -230,7 +297,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
             {
                 "index": c.index,
                 "message": msg,
-                "logprobs": None,
+                "logprobs": scores.get(c.index),
                 "finish_reason": _finish(c.text.finish, msg),
             }
             for c, msg in zip(choices, answers, strict=True)
@@ -266,6 +333,57 @@ async def checked_chunks(
     if include_usage:
         yield sse({**base, "choices": [], "usage": usage(n_prompt, choices)})
     yield "data: [DONE]\n\n"
+
+
+async def _after(first: str, rest):
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+_THINKING = threading.Lock()  # one thinking request at a time beside the scheduler
+
+
+def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict | None = None) -> dict:
+    """A chat completion answered by the request's "think" strategy (run in the thread pool). The
+    usage counts every token the strategy generated as completion tokens, as OpenAI counts reasoning
+    tokens, with `completion_tokens_details.reasoning_tokens` = those not in the answer returned."""
+    try:
+        spec = parse_request_think(req.think)
+    except ChatforgeError as e:
+        raise APIError(400, str(e), param="think") from None
+    if req.stream or req.n != 1 or req.tools:
+        raise APIError(
+            400, '"think" answers once, whole and without tools: drop stream, n and tools', param="think"
+        )
+    sampling = sampling_settings(req)
+    verifiers = verifiers or {}
+    th = Thinker(
+        srv.model, srv.tok, orm=verifiers.get("orm"), prm=verifiers.get("prm"), spec=spec,
+        temperature=sampling["temperature"], top_k=sampling["top_k"], seed=req.seed or 0,
+        max_new_tokens=min(req.max_completion_tokens or req.max_tokens or 256, srv.ctx - n_prompt),
+    )  # fmt: skip
+    try:
+        with _THINKING:
+            r = think(th, spec, messages)
+    except ChatforgeError as e:
+        raise APIError(400, str(e).replace("pass --prm RUN", "this server has none"), param="think") from None
+    answer_tokens = len(srv.tok.encode(r.text))
+    return {
+        "object": "chat.completion",
+        "model": srv.model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": r.generated_tokens,
+            "total_tokens": n_prompt + r.generated_tokens,
+            "completion_tokens_details": {"reasoning_tokens": max(0, r.generated_tokens - answer_tokens)},
+            "think": {
+                "strategy": r.strategy, "generated_tokens": r.generated_tokens, "prompt_tokens_fed": r.prompt_tokens,
+                "verifier_tokens": r.verifier_tokens,
+            },
+        },
+    }  # fmt: skip
 
 
 # ---- completions ---------------------------------------------------------------------------
@@ -312,7 +430,10 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
     prompts, texts = await run_in_threadpool(_completion_prompts, srv, req.prompt)
     budget = min(token_budget(srv.ctx, len(p), req.max_tokens or 16, "max_tokens") for p in prompts)
     sampling, stops = sampling_settings(req), stop_strings(req.stop)
-    choices, events = start_jobs(srv, prompts, req.n, budget, sampling, req.seed, stops)
+    constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
+    choices, events = start_jobs(
+        srv, prompts, req.n, budget, sampling, req.seed, stops, constraint=constraint
+    )
     head = {
         "id": "cmpl-" + secrets.token_hex(12),
         "object": "text_completion",
@@ -345,16 +466,23 @@ async def completions(req: CompletionRequest, request: Request, srv: State):
     }
 
 
+def _scored_answers(
+    srv: ServerState, prompts: list[list[int]], choices: list, n: int, top: int
+) -> list[tuple[list[int], list]]:
+    """Each choice's prompt + answer ids, and `scored_tokens`' (log p, top alternatives) for every
+    token after the first, in one forward pass over them: what both kinds of `logprobs` report."""
+    seqs = [prompts[c.index // n] + c.text.ids for c in choices]
+    return list(zip(seqs, scored_tokens(srv.model, seqs, top_k=max(top, 1)), strict=True))
+
+
 def completion_logprobs(
     srv: ServerState, prompts: list[list[int]], choices: list, n: int, top: int, echo: bool
 ) -> dict[int, dict]:
     """OpenAI's legacy `logprobs` object per choice: each generated token (and with `echo` each
     prompt token, the first without a score) with its log-probability and the `top` most likely
     tokens at its place, all scored in one forward pass over prompt + answer."""
-    seqs = [prompts[c.index // n] + c.text.ids for c in choices]
-    scored = scored_tokens(srv.model, seqs, top_k=max(top, 1))
     out = {}
-    for c, seq, scores in zip(choices, seqs, scored, strict=True):
+    for c, (seq, scores) in zip(choices, _scored_answers(srv, prompts, choices, n, top), strict=True):
         first = 0 if echo else len(seq) - len(c.text.ids)
         tokens = [srv.tok.decode([t]) for t in seq[first:]]
         entries = [(None, None)] + [
@@ -366,5 +494,28 @@ def completion_logprobs(
             "token_logprobs": [lp for lp, _ in entries[first:]],
             "top_logprobs": [alts for _, alts in entries[first:]],
             "text_offset": offsets,
+        }
+    return out
+
+
+def chat_logprobs(srv: ServerState, prompt: list[int], choices: list, top: int) -> dict[int, dict]:
+    """OpenAI's chat `logprobs` per choice: {"content": [{token, logprob, bytes, top_logprobs}]}
+    for each answer token (a stop id that ended the turn left out), scored as completions' are."""
+    stop_ids = set(turn_end_ids(srv.tok))
+
+    def entry(i: int, lp: float) -> dict:
+        raw = srv.tok.decode_bytes([i]) if i < srv.tok.vocab_size else b""  # the model's padding ids: none
+        return {"token": srv.tok.decode([i]), "logprob": lp, "bytes": list(raw)}
+
+    out = {}
+    for c, (seq, scores) in zip(choices, _scored_answers(srv, [prompt], choices, len(choices), top), strict=True):
+        answer = c.text.ids[:-1] if c.text.ids and c.text.ids[-1] in stop_ids else c.text.ids
+        first = len(seq) - len(c.text.ids) - 1  # scores[k] is for seq[k + 1]
+        out[c.index] = {
+            "content": [
+                {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in alts[:top]]}
+                for t, (lp, alts) in zip(answer, scores[first:], strict=False)
+            ],
+            "refusal": None,
         }
     return out

@@ -8,14 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from chatforge.chat_format import ToolCallScanner, parse_assistant, partial_tag_len, turn_end_ids
-from chatforge.engine import IncrementalDecoder
+from chatforge.engine import IncrementalDecoder, TokenConstraint
 from chatforge.errors import ChatforgeError
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.protocol import APIError
@@ -85,7 +85,8 @@ class TextStream:
                     self.finish = "tool_calls"
                 elif scanner.calls or scanner.open_call:  # a malformed call: all of it is content
                     out += "".join(scanner.calls) + scanner.open_call
-                    self.finish = self.finish or "stop"
+                    if scanner.calls:  # it ended at its </tool_call>; an open one ended where the job did
+                        self.finish = self.finish or "stop"
         self.sent += len(out)
         if final:
             self.content_end = self.sent
@@ -112,10 +113,12 @@ def start_jobs(
     tools: bool = False,
     forced_ids: Sequence[int] = (),
     banned_ids: frozenset[int] = frozenset(),
+    constraint: Callable[[], TokenConstraint] | None = None,
 ) -> tuple[list[Choice], asyncio.Queue]:
     """Submit n jobs per prompt to the scheduler; their events arrive on the returned queue. With
     tools, generation also stops after the model's `</tool_call>` (TextStream finds it as text too).
-    Every answer begins with `forced_ids` and never holds `banned_ids` (tool_choice)."""
+    Every answer begins with `forced_ids` and never holds `banned_ids` (tool_choice); with
+    `constraint` (response_format), each job gets its own from it."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     if srv.inbox is None or srv.inbox.loop is not loop:
         srv.inbox = Inbox(loop)
@@ -140,6 +143,7 @@ def start_jobs(
                 stop_ids=job_stops,
                 forced_ids=forced_ids,
                 banned_ids=banned_ids,
+                constraint=constraint() if constraint is not None else None,
                 **sampling,
             )
             choices.append(Choice(i, job, TextStream(srv.tok, set(stop_ids), stops, tools)))

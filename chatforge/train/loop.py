@@ -26,20 +26,28 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from chatforge import checkpoint as ckpt
 from chatforge.config import TrainConfig
-from chatforge.device import Dist, all_reduce_sum, peak_flops
+from chatforge.device import Dist, all_reduce_sum, is_sharded, peak_flops
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_json
-from chatforge.model.gpt import GPT
+from chatforge.model.gpt import GPT, Block, rope_tables
 from chatforge.model.lora import ADAPTER_CONFIG, has_lora, load_adapter, merge_lora, save_adapter
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.metrics import MetricsLog, plot_metrics, read_metrics
@@ -106,15 +114,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def resume_run(
-    out_dir: Path,
-    stage: Stage,
-    optimizers: list[torch.optim.Optimizer],
-    max_steps: int,
-    resume: bool,
-    dist: Dist,
+    out_dir: Path, stage: Stage, max_steps: int, resume: bool, dist: Dist
 ) -> tuple[int, dict, Path | None]:
     """(start step, train state, checkpoint) after loading the newest checkpoint of out_dir into the
-    stage's model, the optimizers, the RNG and the stage's own state; (0, {}, None) for a fresh run.
+    stage's model, the RNG and the stage's own state; (0, {}, None) for a fresh run. The optimizer
+    states stay in the train state for `load_optimizer_states` (after sharding, which they follow).
     A fresh run refuses a folder that has checkpoints."""
     latest = ckpt.latest_checkpoint(out_dir) if resume else None
     if latest is None:
@@ -145,8 +149,6 @@ def resume_run(
             f"cannot resume: {latest} is at step {state['step']}, past max_steps {max_steps}; "
             "ask for more steps or use a new --out"
         )
-    for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
     stage.load_state(state)
     set_rng_state(state["rng"])
     if dist.is_main:
@@ -155,7 +157,15 @@ def resume_run(
 
 
 def wrap_for_training(module: torch.nn.Module, cfg: TrainConfig, dist: Dist) -> torch.nn.Module:
-    """The module the steps run: compiled if asked, and wrapped in DDP under torchrun."""
+    """The module the steps run: under torchrun wrapped in DDP, or with parallel=fsdp sharded in place
+    by FSDP2 (each transformer block, then the root); compiled if asked."""
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ChatforgeError(f"unknown parallel {cfg.parallel!r}; choose ddp or fsdp")
+    if cfg.parallel == "fsdp" and dist.world_size > 1:
+        for block in [m for m in module.modules() if isinstance(m, Block)]:
+            fully_shard(block)  # one all-gather per block in forward, freed again after it
+        fully_shard(module)  # the rest: embeddings (tied head), final norm
+        return torch.compile(module) if cfg.compile else module
     if cfg.compile:
         module = torch.compile(module)
     if dist.world_size > 1:
@@ -167,6 +177,51 @@ def wrap_for_training(module: torch.nn.Module, cfg: TrainConfig, dist: Dist) -> 
             broadcast_buffers=False,
         )
     return module
+
+
+def load_optimizer_states(
+    optimizers: list[torch.optim.Optimizer], states: list[dict], model: torch.nn.Module
+) -> None:
+    """Restore optimizer states saved by `save` in either form: keyed by parameter index (opt.state_dict(),
+    a whole-model run) or by parameter name (gathered from a sharded run), into a sharded model or not."""
+    by_name = is_sharded(model) or any(
+        isinstance(k, str) for state in states for k in state["state"]
+    )
+    for opt, state in zip(optimizers, states, strict=True):
+        if not by_name:
+            opt.load_state_dict(state)
+            continue
+        state = _keyed_by_name(state, opt, model)
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(state: dict, opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """An optimizer state dict keyed by parameter name (what torch.distributed.checkpoint reads)."""
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in opt.param_groups for p in g["params"]]
+    name = lambda key: order[key] if isinstance(key, int) else key  # noqa: E731
+    return {
+        "state": {name(k): v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [name(k) for k in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def gather_full(
+    model: GPT, optimizers: list[torch.optim.Optimizer], dist: Dist
+) -> tuple[GPT | None, list[dict]]:
+    """A sharded model and its optimizers made whole (every rank calls; rank 0 gets the result, on the
+    CPU): a plain GPT to save as any run is saved, and the states keyed by parameter name."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    states = [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers]
+    if not dist.is_main:
+        return None, states
+    with torch.device("meta"):  # no init: that would cost time and draw from the RNG
+        plain = GPT(model.cfg)
+    plain.to_empty(device="cpu")
+    plain.rope_cos, plain.rope_sin = rope_tables(plain.cfg, plain.cfg.seq_len)
+    plain.load_state_dict(weights, strict=not plain.cfg.tie_embeddings)
+    return plain, states
 
 
 def _mean_stats(stats: list[dict]) -> dict:
@@ -203,11 +258,17 @@ def run_training(
         raise ChatforgeError(
             f"lora_rank is set, but {stage.name} trains every weight; LoRA is for sft and dpo"
         )
+    if cfg.parallel == "fsdp" and (lora_run or trained is not model):
+        raise ChatforgeError("parallel=fsdp shards a whole model; LoRA adapters and reward heads train with ddp")
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    optimizers = build_optimizers(trained, cfg)  # sees only trainable parameters (the adapters, with LoRA)
-    start_step, state, latest = resume_run(out_dir, stage, optimizers, cfg.max_steps, resume, dist)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    start_step, state, latest = resume_run(out_dir, stage, cfg.max_steps, resume, dist)
     module = wrap_for_training(trained, cfg, dist)
+    sharded = is_sharded(trained)
+    optimizers = build_optimizers(trained, cfg)  # sees only trainable parameters (the adapters, with LoRA)
+    if state:
+        load_optimizer_states(optimizers, state["optimizers"], trained)
     n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     n_params = model.num_params() - (n_trainable if lora_run else 0)  # the model's own size, adapters apart
     flops_per_token = model.flops_per_token(cfg.seq_len) if stage.tokens_per_step else 0
@@ -221,13 +282,19 @@ def run_training(
             + (f" ({n_trainable / 1e6:.3f}M trainable LoRA)" if lora_run else "")
             + (f" | {stage.header}" if stage.header else "")
             + f" | {cfg.max_steps} steps on {dist.device} ({peak_desc})"
+            + (f" | FSDP2 over {dist.world_size} ranks" if sharded else "")
         )
     train_time, tokens_seen = state.get("train_seconds", 0.0), state.get("tokens_seen", 0)
 
     def save(step: int) -> None:
+        weights_of = model  # every rank takes part in gathering a sharded model
+        if sharded:
+            weights_of, opt_states = gather_full(model, optimizers, dist)
+        else:
+            opt_states = [opt.state_dict() for opt in optimizers]
         train_state = {
             "step": step,
-            "optimizers": [opt.state_dict() for opt in optimizers],
+            "optimizers": opt_states,
             "rng": rng_state(),
             "train_seconds": train_time,
             "tokens_seen": tokens_seen,
@@ -236,7 +303,7 @@ def run_training(
         }
         if dist.is_main:
             ckpt.save_checkpoint(
-                out_dir, step, model, tokenizer.to_json(), stage.meta, train_state, keep=cfg.keep_ckpts
+                out_dir, step, weights_of, tokenizer.to_json(), stage.meta, train_state, keep=cfg.keep_ckpts
             )
 
     first_eval: dict | None = None
@@ -255,10 +322,12 @@ def run_training(
             if dist.is_main:
                 bar.write(f"step {step:5d} | {_describe(last_eval)}")
         sample_now = (cfg.sample_every and step % cfg.sample_every == 0 and step > 0) or last
-        if stage.sample is not None and dist.is_main and sample_now:
+        # a sharded model's forward needs every rank: all ranks sample (greedy, so alike), rank 0 prints
+        if stage.sample is not None and (dist.is_main or sharded) and sample_now:
             try:
                 for text in stage.sample(model):
-                    bar.write(f"  sample: {text!r}")
+                    if dist.is_main:
+                        bar.write(f"  sample: {text!r}")
             except ChatforgeError as e:  # a sample prompt too long for the context: training goes on
                 bar.write(f"  (no sample: {e})")
         if last:
@@ -306,6 +375,8 @@ def run_training(
             "tokens_per_second": round(tokens_seen / train_time, 1) if train_time else None,
         }
     summary |= {"train_seconds": round(train_time, 2), **stage.summarize(first_eval, last_eval)}
+    if sharded:  # the finished run is saved whole, from rank 0
+        stage = replace(stage, model=gather_full(model, [], dist)[0])
     if dist.is_main:
         _finish(stage, cfg, out_dir, tokenizer, summary, n_params, n_trainable)
     return summary
@@ -333,10 +404,15 @@ def _optimize(
     loss_sum = torch.zeros((), device=dist.device)
     stats: list[dict] = []
     grad_norm = None
+    sharded = is_sharded(trained)
     for update in range(n_updates):
         for micro in range(stage.grad_accum):
             sync = micro == stage.grad_accum - 1
-            context = module.no_sync() if (dist.world_size > 1 and not sync) else contextlib.nullcontext()
+            context = contextlib.nullcontext()
+            if sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
+                trained.set_requires_gradient_sync(sync)
+            elif dist.world_size > 1 and not sync:
+                context = module.no_sync()
             with context:
                 loss, micro_stats = stage.step(module, step, update)
                 (loss / stage.grad_accum).backward()
@@ -344,6 +420,8 @@ def _optimize(
             stats.append(micro_stats)
         if cfg.grad_clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+            if isinstance(grad_norm, DTensor):  # the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
         for opt in optimizers:
             opt.step()
         trained.zero_grad(set_to_none=True)

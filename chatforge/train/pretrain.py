@@ -19,7 +19,14 @@ import torch
 
 from chatforge.config import TrainConfig, get_preset, training_config
 from chatforge.data.shards import TokenLoader, iter_eval_batches, read_index
-from chatforge.device import Dist, autocast, cleanup_distributed, setup_distributed
+from chatforge.device import (
+    Dist,
+    all_reduce_max,
+    autocast,
+    cleanup_distributed,
+    is_sharded,
+    setup_distributed,
+)
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
 from chatforge.eval.bpb import bits_per_byte
@@ -54,15 +61,19 @@ def language_model_stage(
     are not scored), validation loss and bits per byte on eval_batches() (a fresh pass, this rank's
     share), and the loader's position in every checkpoint."""
     grad_accum, tokens_per_step = token_batches(cfg, model, dist)
+    autocast(dist.device, cfg.precision)  # a precision this device cannot run fails here, before training
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.int64, device=dist.device)
 
     def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
         x, y = loader.next_batch()
-        with autocast(dist.device):
+        with autocast(dist.device, cfg.precision):
             return module(x, y), {}
 
     def evaluate(module: torch.nn.Module) -> dict:
-        val_loss, val_bpb = bits_per_byte(module, eval_batches(), token_bytes, dist.device, all_reduce=True)
+        batches = eval_batches()
+        if is_sharded(module):
+            batches = padded_to_every_rank(batches, dist, (cfg.device_batch_size, cfg.seq_len))
+        val_loss, val_bpb = bits_per_byte(module, batches, token_bytes, dist.device, all_reduce=True)
         return {"val_loss": val_loss, "val_bpb": val_bpb}
 
     def summarize(first: dict | None, last: dict | None) -> dict:
@@ -82,6 +93,17 @@ def language_model_stage(
         header=f"{model.flops_per_token(cfg.seq_len) / 1e6:.1f} MFLOPs/token | {tokens_per_step:,} tokens/step = "
         f"{cfg.device_batch_size} rows x {cfg.seq_len} x {dist.world_size} ranks x {grad_accum} accum",
     )  # fmt: skip
+
+
+def padded_to_every_rank(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dist: Dist, shape: tuple[int, int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's evaluation batches, padded with (shape) batches that score nothing (targets -1) to as
+    many as any rank has: a sharded model's forward needs every rank, and shares can differ by one."""
+    batches = list(batches)
+    missing = all_reduce_max(len(batches), dist) - len(batches)
+    x = torch.zeros(shape, dtype=torch.long, device=dist.device)
+    return batches + [(x, torch.full_like(x, -1))] * missing
 
 
 def sample_text(model: GPT, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int = 40) -> list[str]:

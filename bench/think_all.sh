@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The thinking experiment end to end, in three parts that each fit one run of the long-run lane:
+#
+#   for part in train game24 world; do
+#     flock /tmp/cf-core0.lock taskset -c 0 env OMP_NUM_THREADS=1 PYTHONPATH=$PWD bench/think_all.sh $part
+#   done
+#
+# train: a small model taught the tasks' traces (bench/think_train.py: world + traces -> pretrain ->
+#        SFT), then the world task's PRM and ORM from its own labelled samples (`chatforge prefs prm`)
+# game24: the PRM and ORM on puzzles ranked 1-800, then the curve on puzzles ranked 801-900
+# world: the curve on world age problems (accuracy against tokens generated, every strategy)
+set -euo pipefail
+RUN=${RUN:-runs/think}
+PY=${PYTHON:-python}
+SEEDS=${SEEDS:-0,1,2}
+verifier() {  # task, out, [--outcome]
+  $PY -m chatforge.cli prefs prm --model "$RUN/sft" --task "$1" --out "$2" ${3:-} --steps 150 --lr 3e-4 \
+    --problems 600 --samples 4 --no-progress --resume
+}
+curve() {  # task, extra flags
+  $PY bench/think_curve.py --model "$RUN/sft" --prm "$RUN/prm_$1" --orm "$RUN/orm_$1" --task "$1" \
+    --seeds "$SEEDS" --out "$RUN/report/$1" "${@:2}"
+}
+verifiers() {  # task: its PRM and ORM, unless already trained
+  [ -f "$RUN/prm_$1/model.safetensors" ] || verifier "$1" "$RUN/prm_$1"
+  [ -f "$RUN/orm_$1/model.safetensors" ] || verifier "$1" "$RUN/orm_$1" --outcome
+}
+case "${1:?train, game24 or world}" in
+  train)
+    $PY bench/think_train.py --out "$RUN" --pretrain-steps 1200 --sft-steps 400
+    verifiers world ;;
+  game24)  # then the world curve in what is left of the lane's 15 minutes (it writes after each seed)
+    verifiers game24
+    curve game24 --ranks 801-900 --trees b1d4,b2d4,b3d4
+    curve world --problems 60 --trees b1d4,b2d4 ;;
+  world)
+    verifiers world
+    curve world --problems 60 --trees b1d4,b2d4 ;;
+  *) echo "unknown part $1" >&2; exit 2 ;;
+esac

@@ -1,0 +1,330 @@
+"""`chatforge scaling fit`: the Chinchilla law L(N, D) = E + A / N^alpha + B / D^beta fitted to a sweep.
+
+The method of Hoffmann et al. (2022, approach 3) as Besiroglu et al. (2024) replicated it: the law is
+fitted in log space, log L = LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e,
+minimising a Huber loss (delta 1e-3) of the log-loss residuals with L-BFGS from every point of a grid
+of initialisations, keeping the best. Bootstrap resamples of the runs give an interval for every
+constant. With C = 6ND the law's compute-optimal allocation is N_opt = G (C/6)^(beta/(alpha+beta)),
+D_opt = (C/6)^(alpha/(alpha+beta)) / G with G = (alpha A / (beta B))^(1/(alpha+beta)).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chatforge.errors import ChatforgeError
+
+HUBER_DELTA = 1e-3
+N_CONSTANTS = 5
+SCREEN_KEEP = 64  # grid points L-BFGS starts from
+BOOTSTRAP_STARTS = 4  # each bootstrap refit starts from the full fit's best end points
+# the initialisation grid of Hoffmann et al. (appendix D.2)
+INIT_GRID = {
+    "alpha": [0.0, 0.5, 1.0, 1.5, 2.0],
+    "beta": [0.0, 0.5, 1.0, 1.5, 2.0],
+    "e": [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
+    "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+    "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],
+}
+# published fits: Hoffmann et al. 2022 (approach 3, total parameters) and Besiroglu et al. 2024
+CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
+EPOCH = {"E": 1.82, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
+
+
+@dataclass
+class Law:
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n, d):
+        return self.E + self.A / np.power(n, self.alpha) + self.B / np.power(d, self.beta)
+
+    @property
+    def a_exponent(self) -> float:
+        """N_opt grows as C^a."""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b_exponent(self) -> float:
+        """D_opt grows as C^b."""
+        return self.alpha / (self.alpha + self.beta)
+
+    def optimum(self, flops):
+        """(N_opt, D_opt) at compute C = 6 N D, for the law's constants."""
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        c6 = np.asarray(flops, dtype=float) / 6.0
+        return g * c6**self.a_exponent, c6**self.b_exponent / g
+
+    @classmethod
+    def from_theta(cls, theta) -> Law:
+        a, b, e, alpha, beta = (float(x) for x in theta)
+        return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray):
+    """Huber loss of log-loss residuals and its gradient, theta = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = theta
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)
+    total = weights.sum(axis=0)
+    residual = top + np.log(total) - log_l
+    weights /= total
+    small = np.abs(residual) <= HUBER_DELTA
+    value = np.where(small, 0.5 * residual**2, HUBER_DELTA * (np.abs(residual) - 0.5 * HUBER_DELTA)).sum()
+    slope = np.clip(residual, -HUBER_DELTA, HUBER_DELTA)
+    grad = np.array([
+        (slope * weights[0]).sum(), (slope * weights[1]).sum(), (slope * weights[2]).sum(),
+        -(slope * weights[0] * log_n).sum(), -(slope * weights[1] * log_d).sum(),
+    ])  # fmt: skip
+    return value, grad
+
+
+def _minimise(theta0, log_n, log_d, log_l):
+    from scipy.optimize import minimize
+
+    res = minimize(
+        _objective, np.asarray(theta0, dtype=float), args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B",
+        options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-12},
+    )  # fmt: skip
+    return res.x, float(res.fun)
+
+
+def grid_starts(log_n, log_d, log_l, keep: int = SCREEN_KEEP) -> np.ndarray:
+    """The `keep` points of the initialisation grid with the lowest Huber loss (all 5,400 scored at
+    once): L-BFGS from every grid point finds the same best fit, some forty times slower."""
+    grid = np.array(list(itertools.product(*(INIT_GRID[k] for k in ("a", "b", "e", "alpha", "beta")))))
+    a, b, e, alpha, beta = (grid[:, i : i + 1] for i in range(5))
+    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(grid), len(log_n)))])
+    residual = np.logaddexp.reduce(terms, axis=0) - log_l
+    huber = np.where(np.abs(residual) <= HUBER_DELTA, 0.5 * residual**2,
+                     HUBER_DELTA * (np.abs(residual) - 0.5 * HUBER_DELTA)).sum(axis=1)  # fmt: skip
+    return grid[np.argsort(huber, kind="stable")[:keep]]
+
+
+def fit_law(n, d, loss, inits=None) -> tuple[Law, np.ndarray, list]:
+    """The best L-BFGS fit from the initialisations (default: the best of the grid). Returns (law, its
+    theta, the end points of the best few fits, which start the bootstrap refits)."""
+    log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
+    if inits is None:
+        inits = grid_starts(log_n, log_d, log_l)
+    fits = sorted((_minimise(t, log_n, log_d, log_l) for t in inits), key=lambda f: f[1])
+    return Law.from_theta(fits[0][0]), fits[0][0], [f[0] for f in fits[:BOOTSTRAP_STARTS]]
+
+
+def rms_log_error(law: Law, n, d, loss) -> float:
+    return float(np.sqrt(np.mean((np.log(law.loss(n, d)) - np.log(loss)) ** 2)))
+
+
+def bootstrap(n, d, loss, starts: list, resamples: int, seed: int) -> list[Law]:
+    """Fits to resamples (with replacement) of the runs, each started from the full fit's best starts."""
+    rng = np.random.default_rng(seed)
+    laws = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(n), len(n))
+        if len(set(zip(n[pick], d[pick], strict=True))) <= N_CONSTANTS:
+            continue  # too few distinct runs to pin five constants
+        laws.append(fit_law(n[pick], d[pick], loss[pick], inits=starts)[0])
+    return laws
+
+
+def intervals(laws: list[Law], level: float = 0.95) -> dict:
+    """Percentile intervals of each constant and of the compute-optimal exponents."""
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    values = {
+        k: [getattr(law, k) for law in laws]
+        for k in ("E", "A", "B", "alpha", "beta", "a_exponent", "b_exponent")
+    }
+    return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in values.items() if v}
+
+
+def load_results(path: Path) -> list[dict]:
+    """A sweep's results.jsonl (a sweep folder or the file), checked to be one sweep's runs."""
+    path = Path(path)
+    file = path / "results.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise ChatforgeError(f"{file} not found: run `chatforge scaling sweep --out {path}` first")
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    for key, what in (("tokenizer_sha256", "tokenizers"), ("data_sha256", "data")):
+        seen = sorted({r.get(key) for r in rows}, key=str)
+        if len(seen) > 1:
+            raise ChatforgeError(
+                f"{file} mixes runs made with {len(seen)} different {what} ({', '.join(str(s)[:12] for s in seen)}): "
+                "losses are comparable only on the same shards and tokenizer; fit one sweep folder at a time"
+            )
+    return rows
+
+
+def monotone_violations(rows: list[dict], n_key: str) -> list[str]:
+    """Pairs of neighbouring runs where more parameters (same tokens) or more tokens (same size) did not
+    lower the loss."""
+    out = []
+    for key, other in ((n_key, "tokens"), ("tokens", n_key)):
+        for value in sorted({r[other] for r in rows}):
+            line = sorted((r for r in rows if r[other] == value), key=lambda r: r[key])
+            out += [
+                f"{b['run']} ({b['val_loss']:.4f}) is not below {a['run']} ({a['val_loss']:.4f})"
+                for a, b in itertools.pairwise(line)
+                if b["val_loss"] >= a["val_loss"]
+            ]
+    return out
+
+
+def isoflop_curves(rows: list[dict], n_key: str, law: Law, levels: int = 5) -> list[dict]:
+    """Loss against N at fixed C = 6ND: each size's measured loss-vs-tokens curve read (linearly in log D)
+    at D = C / 6N, for compute levels that at least 3 sizes reach; each curve's measured minimum, the
+    vertex of a parabola in log N through it (Hoffmann's approach 2), and the law's N_opt."""
+    sizes = sorted({r[n_key] for r in rows})
+    by_size = {n: sorted((r["tokens"], r["val_loss"]) for r in rows if r[n_key] == n) for n in sizes}
+    c_all = sorted(6.0 * r[n_key] * r["tokens"] for r in rows)
+
+    def curve(c: float) -> list[tuple[float, float]]:
+        points = []
+        for n, line in by_size.items():
+            d = c / (6.0 * n)
+            ds = [t for t, _ in line]
+            if len(line) >= 2 and ds[0] <= d <= ds[-1]:
+                loss = np.exp(np.interp(np.log(d), np.log(ds), np.log([v for _, v in line])))
+                points.append((n, float(loss)))
+        return points
+
+    grid = np.geomspace(c_all[0], c_all[-1], 60)
+    reached = [c for c in grid if len(curve(c)) >= 3]
+    if not reached:
+        return []
+    out = []
+    for c in np.geomspace(reached[0], reached[-1], levels):
+        points = curve(c)
+        ns, losses = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        best = int(np.argmin(losses))
+        quad = np.polyfit(np.log(ns), losses, 2)
+        vertex = float(np.exp(-quad[1] / (2 * quad[0]))) if quad[0] > 0 else None
+        n_opt = float(law.optimum(c)[0])
+        out.append({
+            "flops": float(c), "points": [{"n": float(n), "loss": float(v)} for n, v in points],
+            "measured_min_n": float(ns[best]), "measured_min_loss": float(losses[best]),
+            "interior": 0 < best < len(points) - 1, "parabola_min_n": vertex,
+            "law_n_opt": n_opt, "law_min_loss": float(law.loss(n_opt, c / (6.0 * n_opt))),
+        })  # fmt: skip
+    return out
+
+
+def isoflop_exponent(curves: list[dict]) -> float | None:
+    """N_opt ~ C^a measured without the law (Hoffmann's approach 2): the slope of log N at each IsoFLOP
+    parabola's vertex against log C, over the curves whose vertex lies inside their measured sizes."""
+    inside = [
+        (c["flops"], c["parabola_min_n"]) for c in curves
+        if c["parabola_min_n"] and min(p["n"] for p in c["points"]) < c["parabola_min_n"] < max(p["n"] for p in c["points"])
+    ]  # fmt: skip
+    if len(inside) < 2:
+        return None
+    return float(np.polyfit(np.log([c for c, _ in inside]), np.log([n for _, n in inside]), 1)[0])
+
+
+def split_heldout(rows: list[dict], n_key: str, holdout: str) -> tuple[list[dict], list[dict]]:
+    """(runs fitted, runs predicted): with 'largest', every run of the largest N or the largest D is held out."""
+    if holdout == "none":
+        return rows, []
+    n_max, d_max = max(r[n_key] for r in rows), max(r["tokens"] for r in rows)
+    held = [r for r in rows if r[n_key] == n_max or r["tokens"] == d_max]
+    return [r for r in rows if r not in held], held
+
+
+def analyse(rows: list[dict], params: str = "nonembedding", holdout: str = "largest", resamples: int = 200,
+            seed: int = 0) -> dict:  # fmt: skip
+    """The whole fit of a sweep's results as one JSON-able dict (constants, intervals, errors, IsoFLOP)."""
+    n_key = f"params_{params}"
+    fitted, held = split_heldout(rows, n_key, holdout)
+    distinct = {(r[n_key], r["tokens"]) for r in fitted}
+    if len(distinct) <= N_CONSTANTS:
+        more = " (or --holdout none)" if held else ""
+        raise ChatforgeError(
+            f"{len(distinct)} runs to fit ({len(held)} more held out), but the law has {N_CONSTANTS} constants: "
+            f"sweep a bigger grid{more} so more than {N_CONSTANTS} runs are fitted"
+        )
+    n, d, loss = (np.array([r[k] for r in fitted], dtype=float) for k in (n_key, "tokens", "val_loss"))
+    law, _, starts = fit_law(n, d, loss)
+    laws = bootstrap(n, d, loss, starts, resamples, seed)
+    predicted = [
+        {"run": r["run"], "n": r[n_key], "tokens": r["tokens"], "measured": r["val_loss"],
+         "predicted": float(law.loss(r[n_key], r["tokens"])), "error": float(law.loss(r[n_key], r["tokens"]) - r["val_loss"])}
+        for r in held
+    ]  # fmt: skip
+    c_max = max(6.0 * r[n_key] * r["tokens"] for r in rows)
+    n_opt, d_opt = law.optimum(c_max)
+    isoflop = isoflop_curves(rows, n_key, law)
+    return {
+        "params": params, "runs": len(rows), "fitted_runs": [r["run"] for r in fitted],
+        "law": law.to_dict(), "intervals_95": intervals(laws), "bootstrap_fits": len(laws),
+        "rms_log_loss": rms_log_error(law, n, d, loss),
+        "heldout": predicted,
+        "heldout_max_abs_error": max((abs(p["error"]) for p in predicted), default=None),
+        "monotone_violations": monotone_violations(rows, n_key),
+        "isoflop": isoflop,
+        "compute_optimal": {
+            "a": law.a_exponent, "b": law.b_exponent, "a_isoflop": isoflop_exponent(isoflop),
+            "at_flops": c_max, "n_opt": float(n_opt),
+            "d_opt": float(d_opt), "tokens_per_param": float(d_opt / n_opt),
+        },
+        "published": {"chinchilla": CHINCHILLA, "epoch": EPOCH},
+    }  # fmt: skip
+
+
+def describe(result: dict) -> str:
+    """The fit in a few lines, for the terminal."""
+    law, ci = result["law"], result["intervals_95"]
+    lines = [f"L(N, D) = E + A/N^alpha + B/D^beta, N = {result['params']} parameters, "
+             f"{len(result['fitted_runs'])} of {result['runs']} runs fitted, {result['bootstrap_fits']} bootstrap fits"]  # fmt: skip
+    for k in ("E", "A", "B", "alpha", "beta"):
+        lo, hi = ci.get(k, [float("nan")] * 2)
+        lines.append(f"  {k:5s} = {law[k]:10.4g}   95% [{lo:.4g}, {hi:.4g}]")
+    lines.append(f"  RMS error of log-loss on the fitted runs: {result['rms_log_loss']:.4f}")
+    for p in result["heldout"]:
+        lines.append(
+            f"  held out {p['run']}: measured {p['measured']:.4f}, predicted {p['predicted']:.4f} ({p['error']:+.4f} nats)"
+        )
+    opt = result["compute_optimal"]
+    if opt["a_isoflop"] is not None:
+        lines.append(f"  IsoFLOP minima (approach 2, no law): N_opt ~ C^{opt['a_isoflop']:.3f}")
+    lines.append(
+        f"  compute-optimal: N_opt ~ C^{opt['a']:.3f}, D_opt ~ C^{opt['b']:.3f}; at C = {opt['at_flops']:.3g} "
+        f"N = {opt['n_opt']:.3g}, D = {opt['d_opt']:.3g}, {opt['tokens_per_param']:.1f} tokens per parameter "
+        "(Chinchilla: a 0.50 at alpha 0.34 / beta 0.28, about 20 tokens per parameter)"
+    )
+    for curve in result["isoflop"]:
+        lines.append(
+            f"  IsoFLOP C = {curve['flops']:.3g}: measured minimum at N = {curve['measured_min_n']:.3g} "
+            f"({'interior' if curve['interior'] else 'at an end'}), law's N_opt {curve['law_n_opt']:.3g}"
+        )
+    for v in result["monotone_violations"]:
+        lines.append(f"  not monotone: {v}")
+    return "\n".join(lines)
+
+
+def cmd_scaling_fit(opts) -> None:
+    from chatforge.fileio import atomic_write_json
+    from chatforge.scaling.plots import draw_plots
+
+    source = Path(opts.sweep)
+    rows = load_results(source)
+    result = analyse(rows, opts.params, opts.holdout, opts.bootstrap, opts.seed)
+    report = Path(opts.out) if opts.out else (source if source.is_dir() else source.parent) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    result["plots"] = [str(p) for p in draw_plots(rows, result, report)]
+    atomic_write_json(report / "fit.json", result)
+    print(describe(result))
+    print(f"fit and plots in {report}")

@@ -1,0 +1,165 @@
+"""Scaling laws: the Chinchilla fitter on synthetic points, the sweep's bookkeeping and resume on a tiny
+grid, WSD branches equal to whole WSD runs, the compute plan, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from chatforge.errors import ChatforgeError
+from chatforge.options import ScalingPlanOptions, ScalingSweepOptions, parse
+from chatforge.scaling.fit import Law, analyse, fit_law, load_results
+from chatforge.scaling.plan import budget_flops, cmd_scaling_plan
+from chatforge.scaling.sweep import (
+    cmd_scaling_sweep,
+    collect_results,
+    parse_sizes,
+    parse_tokens,
+    plan_work,
+    run_config,
+)
+
+TRUE = Law(E=1.8, A=60.0, B=400.0, alpha=0.4, beta=0.35)
+
+
+def synthetic_rows(law: Law, noise: float, seed: int = 0) -> list[dict]:
+    """A 6 x 6 grid of runs whose losses follow `law`, times lognormal noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in np.geomspace(2e4, 2e6, 6):
+        for d in np.geomspace(1e5, 1e7, 6):
+            loss = float(law.loss(n, d) * np.exp(rng.normal(0.0, noise)))
+            rows.append({"run": f"n{n:.0f}_d{d:.0f}", "params_nonembedding": float(n), "tokens": float(d),
+                         "val_loss": loss, "data_sha256": "x", "tokenizer_sha256": "y"})  # fmt: skip
+    return rows
+
+
+def test_fit_recovers_known_constants_from_noisy_points():
+    rows = synthetic_rows(TRUE, noise=0.002)
+    n, d, loss = (np.array([r[k] for r in rows]) for k in ("params_nonembedding", "tokens", "val_loss"))
+    law, _, _ = fit_law(n, d, loss)
+    assert law.alpha == pytest.approx(TRUE.alpha, abs=0.04)
+    assert law.beta == pytest.approx(TRUE.beta, abs=0.04)
+    assert law.E == pytest.approx(TRUE.E, abs=0.1)
+    assert law.a_exponent == pytest.approx(TRUE.a_exponent, abs=0.03)
+    # and it extrapolates: 10x the largest N and D of the grid, within 1%
+    assert law.loss(2e7, 1e8) == pytest.approx(TRUE.loss(2e7, 1e8), rel=0.01)
+
+
+def test_analyse_holds_out_the_largest_and_predicts_them():
+    result = analyse(synthetic_rows(TRUE, noise=0.002), resamples=20)
+    assert len(result["heldout"]) == 11  # the largest N's 6 runs and the largest D's 6, one shared
+    assert len(result["fitted_runs"]) == 25
+    assert result["heldout_max_abs_error"] < 0.05  # the issue's bar, 10x past the fitted grid
+    assert result["rms_log_loss"] < 0.004
+    lo, hi = result["intervals_95"]["alpha"]
+    assert lo <= result["law"]["alpha"] <= hi and hi - lo < 0.2
+    assert result["monotone_violations"] == []
+    assert result["isoflop"] and all(c["law_n_opt"] > 0 for c in result["isoflop"])
+    # the law's optimum at a compute level spends it all: 6 N_opt D_opt = C
+    n_opt, d_opt = Law(**result["law"]).optimum(1e15)
+    assert 6 * n_opt * d_opt == pytest.approx(1e15, rel=1e-9)
+
+
+def test_fit_refuses_too_few_runs_and_mixed_sweeps(tmp_path):
+    rows = synthetic_rows(TRUE, noise=0.0)
+    with pytest.raises(ChatforgeError, match="law has 5 constants"):
+        analyse(rows[:5], holdout="none")
+    mixed = [dict(r, tokenizer_sha256="other") if i == 3 else r for i, r in enumerate(rows)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
+    with pytest.raises(ChatforgeError, match="different tokenizers"):
+        load_results(tmp_path)
+
+
+def test_parsers_and_budget():
+    assert parse_sizes("3x96, 1x32") == [(1, 32), (3, 96)]
+    assert parse_tokens("1M,128K,4096") == [4096, 131072, 1048576]
+    with pytest.raises(ChatforgeError, match="DEPTHxWIDTH"):
+        parse_sizes("64")
+    flops, _ = budget_flops("2 GPU-hours on H100", mfu=0.5)
+    assert flops == pytest.approx(2 * 3600 * 989e12 * 0.5)
+    with pytest.raises(ChatforgeError, match="GPU-hours"):
+        budget_flops("two hours", mfu=0.4)
+
+
+def test_plan_refuses_a_budget_below_the_smallest_model(capsys):
+    with pytest.raises(ChatforgeError, match="give at least --flops"):
+        cmd_scaling_plan(ScalingPlanOptions(flops=1e6))
+    cmd_scaling_plan(ScalingPlanOptions(flops=1e19))
+    out = capsys.readouterr().out
+    assert "compute-optimal N" in out and "d12:" in out and "d20:" in out
+
+
+def _tiny_sweep(smoke, out, *extra) -> ScalingSweepOptions:
+    return parse(ScalingSweepOptions, [
+        "--data", smoke.data, "--out", out, "--sizes", "1x32,2x32", "--tokens", "1K,2K,4K", "--seq-len", "32",
+        "--batch-rows", "4", "--warmup-steps", "2", "--eval-batches", "2", "--max-flops", "0", *extra,
+    ])  # fmt: skip
+
+
+def test_sweep_records_runs_and_resumes_run_by_run(smoke, tmp_path, one_thread, capsys):
+    opts = _tiny_sweep(smoke, tmp_path / "sweep")
+    cmd_scaling_sweep(opts)
+    rows = collect_results(tmp_path / "sweep")
+    assert [(r["size"], r["tokens"]) for r in rows] == [
+        (s, t) for s in ("1x32", "2x32") for t in (1024, 2048, 4096)
+    ]
+    for r in rows:
+        assert r["params_total"] > r["params_nonembedding"] > 0
+        assert r["flops_6nd"] == 6 * r["params_nonembedding"] * r["tokens"]
+        assert r["steps"] * 32 * 4 == r["tokens"] and np.isfinite(r["val_loss"])
+    assert not (tmp_path / "sweep" / "runs" / "1x32_stable").exists()  # its branches are done
+    # a finished sweep trains nothing again; a run whose result is lost is retrained, identically
+    capsys.readouterr()
+    cmd_scaling_sweep(opts)
+    assert "[" not in capsys.readouterr().out
+    lost = rows[1]
+    shutil.rmtree(tmp_path / "sweep" / "runs" / lost["run"])
+    cmd_scaling_sweep(opts)
+    assert f"{lost['run']}:" in capsys.readouterr().out
+    again = {r["run"]: r["val_loss"] for r in collect_results(tmp_path / "sweep")}
+    assert again[lost["run"]] == lost["val_loss"]
+    # another recipe in the same folder is refused
+    with pytest.raises(ChatforgeError, match="other lr"):
+        cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "sweep", "--lr", "0.02"))
+
+
+def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):
+    """A branch (stable run to its decay start, then the decay) is bit-for-bit a WSD run of that length."""
+    from chatforge.train.pretrain import pretrain
+
+    opts = _tiny_sweep(smoke, tmp_path / "sweep", "--sizes", "1x32", "--tokens", "2K,4K")
+    cmd_scaling_sweep(opts)
+    branch = {r["tokens"]: r["val_loss"] for r in collect_results(tmp_path / "sweep")}
+    whole = pretrain(
+        smoke.data, smoke.tokenizer, tmp_path / "whole", run_config(opts, 1, 32, 16), progress=False
+    )
+    assert whole["val_loss_end"] == branch[2048]
+
+
+def test_max_flops_leaves_out_the_costly_corner():
+    opts = parse(ScalingSweepOptions, ["--data", "x", "--out", "y", "--max-flops", "2e11"])
+    counts = {(1, 32): {"params_nonembedding": 16480}, (4, 128): {"params_nonembedding": 853120}}
+    runs = plan_work(opts, [(1, 32), (4, 128)], [262144, 1048576], counts)
+    assert [r["name"] for r in runs] == ["1x32_t262144", "1x32_t1048576"]
+    assert [r["branch_step"] for r in runs] == [
+        192,
+        768,
+    ]  # 256 and 1024 steps of 8 x 128: decay the last quarter
+    opts.max_flops = 1e10
+    with pytest.raises(ChatforgeError, match="above --max-flops"):
+        plan_work(opts, [(1, 32)], [262144], counts)
+
+
+def test_isoflop_exponent_is_the_slope_of_the_vertices():
+    from chatforge.scaling.fit import isoflop_exponent
+
+    points = [{"n": 1.0}, {"n": 1e12}]
+    curves = [{"flops": c, "parabola_min_n": 10 * c**0.5, "points": points} for c in (1e6, 1e8, 1e10)]
+    assert isoflop_exponent(curves) == pytest.approx(0.5)
+    curves[1]["parabola_min_n"] = 1e13  # a vertex outside its curve's sizes does not count
+    assert isoflop_exponent(curves) == pytest.approx(0.5)
+    assert isoflop_exponent(curves[:1]) is None

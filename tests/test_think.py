@@ -1,0 +1,424 @@
+"""Thinking strategies: the spec syntax and its errors, answer extraction, voting, tree search on a
+scripted toy problem, the Game-of-24 solver and step labels, and every strategy on a tiny random
+model with its tokens counted against what the engine generated."""
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+import torch
+
+from chatforge import engine, think
+from chatforge.align.reward import RewardModel
+from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
+from chatforge.tasks import Game24, Problem, WorldSteps, eval_expression, solutions, solvable
+from chatforge.think import (
+    Thinker,
+    ThinkSpec,
+    extract_answer,
+    majority_vote,
+    parse_request_think,
+    parse_spec,
+    tree_search,
+)
+from chatforge.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---- the dial ------------------------------------------------------------------------------------
+
+
+def test_spec_syntax_reads_back():
+    assert parse_spec("direct") == ThinkSpec("direct")
+    assert parse_spec("CoT") == ThinkSpec("cot")
+    assert parse_spec("8") == ThinkSpec("vote", 8)
+    assert parse_spec("vote:8") == ThinkSpec("vote", 8)
+    assert parse_spec("best-of:4:prm") == ThinkSpec("best-of", 4, "prm")
+    assert parse_spec("best-of:4") == ThinkSpec("best-of", 4, "orm")
+    assert parse_spec("tree:b5d3") == ThinkSpec("tree", 5, "prm", 3)
+    for text in ("direct", "cot", "vote:8", "best-of:4:oracle", "tree:b5d3"):
+        assert str(parse_spec(text)) == text
+    assert parse_request_think({"strategy": "vote", "n": 3}) == ThinkSpec("vote", 3)
+    assert parse_request_think({"strategy": "tree", "n": 2, "depth": 4}) == ThinkSpec("tree", 2, "prm", 4)
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("ponder", "unknown thinking strategy"),
+        ("vote:0", "at least 1"),
+        ("vote:-3", "at least 1"),
+        ("0", "at least 1"),
+        ("best-of:x:orm", "whole number"),
+        ("best-of:4:judge", "unknown verifier"),
+        ("tree:5x3", "tree:bBdD"),
+        ("tree:b0d3", "at least 1"),
+    ],
+)
+def test_bad_specs_are_one_line_naming_the_fix(text, says):
+    with pytest.raises(ChatforgeError, match=says) as e:
+        parse_spec(text)
+    assert "\n" not in str(e.value) and "e.g." in str(e.value) or "write" in str(e.value)
+
+
+def test_request_think_must_be_a_string_or_object():
+    with pytest.raises(ChatforgeError, match='"think" must be'):
+        parse_request_think([1, 2])
+
+
+# ---- answers and votes ---------------------------------------------------------------------------
+
+
+def test_answer_extraction():
+    g, w = Game24(), WorldSteps()
+    assert g.extract("4 * 6 = 24 (left: 24)\nAnswer: (4 *  6) * (1 * 1) = 24") == "(4 * 6) * (1 * 1)"
+    assert g.extract("4 * 6 = 24 (left: 24)") is None
+    assert w.extract("1. Ben is 34 + 7 = 41.\nAnswer: 104") == "104"
+    assert w.extract("Answer: about -5 years") == "-5"
+    assert extract_answer("so the total is 1,234 apples") == "1234"
+    assert extract_answer("Answer: Paris") == "Paris"
+    assert extract_answer("no idea") is None
+
+
+def test_majority_vote_and_deterministic_tie_break():
+    assert majority_vote(["3", "5", "5", None, "3", "5"]) == ("5", 1)
+    # a tie goes to the answer seen first, whatever the counts' order
+    assert majority_vote(["7", "9", "9", "7"]) == ("7", 0)
+    assert majority_vote([None, "9", "7", "7", "9"]) == ("9", 1)
+    assert majority_vote([None, None]) == (None, -1)
+
+
+# ---- tree search ---------------------------------------------------------------------------------
+
+
+def test_tree_search_backtracks_to_the_optimal_path():
+    """A toy tree: 'a' looks best at the first level but every child of it is a dead end (value -inf,
+    pruned), so the search must come back to 'b', whose path b -> y -> goal is the only solution."""
+    children = {
+        (): ["a", "b", "c"],
+        ("a",): ["x1", "x2"],
+        ("b",): ["y", "z"],
+        ("c",): ["w"],
+        ("b", "y"): ["goal"],
+    }
+    value_of = {"a": 0.9, "b": 0.6, "c": 0.1, "y": 0.8, "z": 0.2, "w": 0.05, "goal": 1.0}
+    calls = []
+
+    def propose(states):
+        calls.append(list(states))
+        return [children.get(s, []) for s in states]
+
+    def value(states):
+        return [value_of.get(s[-1], -math.inf) for s in states]
+
+    nodes = tree_search(propose, value, lambda s: s[-1] == "goal", breadth=1, depth=4, prune_below=0.0)
+    assert nodes[0].steps == ("b", "y", "goal") and nodes[0].done
+    assert calls[0] == [()] and calls[1] == [("a",)] and calls[2] == [("b",)]  # a, dead end, back to b
+
+
+def test_tree_search_keeps_the_beam_breadth_and_batches_each_level():
+    widths = []
+
+    def propose(states):
+        widths.append(len(states))
+        return [[f"{len(s)}{i}" for i in range(3)] for s in states]
+
+    nodes = tree_search(
+        propose, lambda ss: [float(s[-1][-1]) for s in ss], lambda s: False, breadth=2, depth=3
+    )
+    assert widths == [1, 2, 2]
+    assert nodes[0].steps == ("02", "12", "22")
+
+
+def test_searches_in_lockstep_find_what_each_finds_alone():
+    from chatforge.think import run_lockstep, search_steps
+
+    def propose(states):
+        return [[f"{len(s)}{(len(s) + i) % 4}" for i in range(3)] for s in states]
+
+    def value_for(offset):
+        return lambda states: [((int(s[-1][-1]) + offset) % 4) / 4 for s in states]
+
+    done = lambda s: len(s) == 3  # noqa: E731
+    alone = [tree_search(propose, value_for(k), done, breadth=2, depth=3) for k in range(3)]
+    calls = []
+
+    def propose_many(ids, asks):
+        calls.append(ids)
+        return [propose(states) for states in asks]
+
+    together = run_lockstep(
+        [search_steps(done, 2, 3) for _ in range(3)],
+        propose_many,
+        lambda ids, asks: [value_for(i)(states) for i, states in zip(ids, asks, strict=True)],
+    )
+    assert [[n.steps for n in r] for r in together] == [[n.steps for n in r] for r in alone]
+    assert calls == [[0, 1, 2]] * 3  # one proposer call per level for all three searches
+
+
+# ---- the tasks -----------------------------------------------------------------------------------
+
+
+def test_game24_solver_and_checker():
+    assert solvable((Fraction(4), Fraction(6))) and not solvable((Fraction(1), Fraction(1)))
+    sols = solutions([1, 5, 5, 5])  # needs a fraction: 5 * (5 - 1/5)
+    g = Game24()
+    p = Problem("game24", "1 5 5 5", "", {"numbers": [1, 5, 5, 5]})
+    assert sols and all(g.step_labels(p, s) == [True] * 4 for s in sols)
+    assert any("1/5" in step for s in sols for step in s)
+    assert all(g.check(p, g.extract(s[-1])) for s in sols)
+    assert not g.check(p, "5 * 5 - 1 + 5") and not g.check(p, "(5 + 5 + 5) + 9")
+    assert eval_expression("2 ** 3") is None and eval_expression("1 / 0") is None
+    assert solutions([1, 1, 1, 1]) == []
+
+
+def test_game24_puzzles_load_by_rank(tmp_path):
+    csv = tmp_path / "24.csv"
+    csv.write_text("Rank,Puzzles,AMT (s)\n1,1 1 4 6,4.4\n2,1 1 11 11,4.41\n3,4 4 10 10,5\n")
+    ps = Game24().load(csv, (2, 3))
+    assert [p.data["rank"] for p in ps] == [2, 3]
+    assert all(Game24().check(p, p.answer.split("=")[0]) for p in ps)
+    with pytest.raises(ChatforgeError, match="24.csv"):
+        Game24().load(tmp_path / "missing.csv", (1, 2))
+
+
+def test_step_labels_mark_the_first_wrong_step():
+    rng = random.Random(0)
+    for task, problems in ((Game24(), None), (WorldSteps(), WorldSteps().make(5, 0))):
+        if problems is None:
+            problems = [
+                Problem("game24", q, "", {"numbers": [int(x) for x in q.split()]})
+                for q in ("1 1 4 6", "3 3 8 8")
+            ]
+        for p in problems:
+            trace = task.traces(p, rng, 1)[0]
+            assert task.step_labels(p, trace) == [True] * len(trace)
+            for i in range(len(trace)):
+                wrong = task.wrong_step(p, trace, i, rng)
+                labels = task.step_labels(p, [*trace[:i], wrong, *trace[i + 1 :]])
+                assert labels == [True] * i + [False] + [None] * (len(trace) - i - 1), (trace, i, wrong)
+
+
+# ---- strategies on a tiny random model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    g = Game24()
+    problems = [
+        Problem("game24", q, "", {"numbers": [int(x) for x in q.split()]}) for q in ("1 1 4 6", "2 3 4 5")
+    ]
+    texts = ["\n".join(s) for p in problems for s in solutions(p.data["numbers"], limit=20)]
+    tok = Tokenizer.train(texts * 2 + ["Make 24 from 1 2 3. Think step by step."], 320)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=160, n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = GPT(cfg).eval()
+    torch.manual_seed(1)
+    prm = RewardModel(GPT(cfg)).eval()
+    with torch.no_grad():
+        prm.head.weight.normal_()  # a random but fixed verifier
+    return g, problems[0], tok, model, prm
+
+
+def counting_engine(monkeypatch):
+    """Count the tokens the engine streams, independently of the thinker's own count."""
+    seen = {"tokens": 0, "prompt": 0}
+    real = engine.stream_batch
+
+    def stream(model, prompts, max_new_tokens, **kw):
+        seen["prompt"] += sum(len(p) for p in prompts)
+        for event in real(model, prompts, max_new_tokens, **kw):
+            seen["tokens"] += 1
+            yield event
+
+    monkeypatch.setattr(engine, "stream_batch", stream)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "spec", ["direct", "cot", "vote:3", "best-of:3:prm", "best-of:3:oracle", "tree:b2d2"]
+)
+def test_strategies_run_and_count_what_the_engine_generated(tiny, monkeypatch, spec):
+    g, p, tok, model, prm = tiny
+    seen = counting_engine(monkeypatch)
+    th = Thinker(
+        model,
+        tok,
+        prm=prm,
+        extract=g.extract,
+        check=lambda a: g.check(p, a),
+        max_new_tokens=24,
+        step_tokens=8,
+    )
+    r = think.think(th, parse_spec(spec), g.prompt(p, False), g.prompt(p, True))
+    assert r.strategy == spec and isinstance(r.text, str)
+    assert r.generated_tokens == seen["tokens"] > 0
+    assert r.prompt_tokens == seen["prompt"]
+    if spec in ("direct", "cot"):
+        assert r.generated_tokens <= 24
+    if spec.startswith("vote"):
+        assert r.generated_tokens <= 3 * 24
+    if "prm" in spec or spec.startswith("tree"):
+        assert r.verifier_tokens > 0 and r.candidates
+    again = think.think(
+        Thinker(model, tok, prm=prm, extract=g.extract, check=lambda a: g.check(p, a), max_new_tokens=24, step_tokens=8),
+        parse_spec(spec), g.prompt(p, False), g.prompt(p, True),
+    )  # fmt: skip
+    assert (again.text, again.generated_tokens) == (r.text, r.generated_tokens)  # seeded: deterministic
+
+
+def test_a_prm_strategy_without_a_prm_names_the_fix(tiny):
+    g, p, tok, model, _ = tiny
+    th = Thinker(model, tok, max_new_tokens=8)
+    for spec in ("best-of:2:prm", "tree:b2d2"):
+        with pytest.raises(ChatforgeError, match="--prm RUN .*chatforge prefs prm"):
+            think.think(th, parse_spec(spec), g.prompt(p, True))
+    with pytest.raises(ChatforgeError, match="--orm RUN"):
+        think.think(th, parse_spec("best-of:2:orm"), g.prompt(p, True))
+    with pytest.raises(ChatforgeError, match="exact checker"):
+        think.think(th, parse_spec("best-of:2:oracle"), g.prompt(p, True))
+
+
+def test_oracle_best_of_is_pass_at_k(tiny):
+    """With a checker that accepts one particular sample, best-of:oracle picks it wherever it is."""
+    g, p, tok, model, _ = tiny
+    th = Thinker(model, tok, max_new_tokens=12)
+    samples = Thinker(model, tok, max_new_tokens=12).sample(g.prompt(p, True), 4)
+    target = samples[2].text
+    th.extract = lambda text: text
+    th.check = lambda a: a == target and samples[0].text != target
+    r = think.think(th, parse_spec("best-of:4:oracle"), g.prompt(p, True))
+    assert r.text == target or samples[0].text == target
+
+
+# ---- verifiers -----------------------------------------------------------------------------------
+
+
+def test_verifier_pairs_put_the_first_wrong_step_below_the_right_one():
+    from chatforge.think import verifier_pairs
+
+    task = WorldSteps()
+    problems = task.make(6, 0)
+    own = [
+        ["1. nonsense\nAnswer: 3", task._trace(p)[0] + "\nAnswer: 1"] for p in problems
+    ]  # two wrong traces each
+    rows = verifier_pairs(task, problems, random.Random(0), True, own)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"program_step", "own_step"}
+    for r in rows:
+        p = next(p for p in problems if task.prompt(p, True) == r["messages"])
+        good, bad = r["chosen"]["content"].split("\n"), r["rejected"]["content"].split("\n")
+        assert len(good) == len(bad)
+        assert task.step_labels(p, good) == [True] * len(good)
+        assert task.step_labels(p, bad)[-1] is False and all(task.step_labels(p, bad)[:-1])
+    outcome = verifier_pairs(task, problems, random.Random(0), False, own)
+    assert {r["kind"] for r in outcome} == {"program_answer", "own_answer"}
+    for r in outcome:
+        p = next(p for p in problems if task.prompt(p, True) == r["messages"])
+        assert task.check(p, task.extract(r["chosen"]["content"]))
+        assert not task.check(p, task.extract(r["rejected"]["content"]))
+
+
+def test_prefs_prm_trains_a_process_reward_model(tmp_path):
+    from chatforge.align.reward import load_reward_model
+    from chatforge.checkpoint import read_config, save_model
+    from chatforge.cli import parse_command, run_command
+
+    task = WorldSteps()
+    texts = ["\n".join(task._trace(p)) + " " + p.question for p in task.make(40, 101)]
+    tok = Tokenizer.train(texts, 400)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=160, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+    save_model(tmp_path / "sft", GPT(cfg), tok.to_json(), {"stage": "sft"})
+    out = tmp_path / "prm"
+    argv = ["prefs", "prm", "--model", tmp_path / "sft", "--task", "world", "--problems", 6, "--samples", 2]
+    run_command(*parse_command([*argv, "--out", out, "--steps", 3, "--batch-size", 4, "--no-progress"]))
+    assert read_config(out)["reward_kind"] == "process"
+    rm, _ = load_reward_model(out)
+    assert isinstance(rm, RewardModel)
+    assert sum(1 for _ in open(out / "verifier_pairs.jsonl")) >= 6 * 3
+    with pytest.raises(ChatforgeError, match="801-900"):
+        run_command(
+            *parse_command(["prefs", "prm", "--model", tmp_path / "sft", "--ranks", "700-850", "--out", out])
+        )
+
+
+# ---- the dial in chat ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny):
+    from chatforge.checkpoint import save_model
+
+    _, _, tok, model, _ = tiny
+    root = tmp_path_factory.mktemp("think_run")
+    save_model(root / "sft", model, tok.to_json(), {"stage": "sft"})
+    return root / "sft"
+
+
+def test_chat_think_prints_the_answer_and_the_tokens_spent(tiny_run, capsys):
+    from chatforge.cli import parse_command, run_command
+
+    argv = [
+        "chat",
+        "--model",
+        tiny_run,
+        "-p",
+        "Make 24 from 1 1 4 6.",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        16,
+    ]
+    run_command(*parse_command([*argv, "--think", "vote:3"]))
+    out, err = capsys.readouterr()
+    assert "think vote:3:" in err and "tokens generated" in err
+    spent = int(err.split("think vote:3: ")[1].split(" tokens")[0])
+    assert 3 <= spent <= 3 * 16 and out.strip() != ""
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--think", "vote:0"], "at least 1"),
+        (["--think", "best-of:2:prm"], "--prm RUN"),
+        (["--think", "tree:b2d2"], "--prm RUN"),
+        (["--think", "best-of:2:orm"], "--orm RUN"),
+        (["--think", "mull"], "unknown thinking strategy"),
+        (["--think", "vote:2", "--tools", "calculator"], "drop --tools"),
+    ],
+)
+def test_chat_think_bad_input_is_one_line(tiny_run, extra, says):
+    from chatforge.cli import parse_command, run_command
+
+    argv = ["chat", "--model", tiny_run, "-p", "hi", "--device", "cpu", *extra]
+    with pytest.raises(ChatforgeError, match=says):
+        run_command(*parse_command(argv))
+
+
+def test_chat_think_refuses_an_outcome_model_as_the_prm(tiny_run, tmp_path):
+    from chatforge.align.reward import save_reward_model
+    from chatforge.checkpoint import load_run
+    from chatforge.cli import parse_command, run_command
+
+    run = load_run(tiny_run)
+    save_reward_model(tmp_path / "orm", RewardModel(run.model), run.tokenizer, {"reward_kind": "outcome"})
+    argv = ["chat", "--model", tiny_run, "-p", "hi", "--device", "cpu", "--think", "best-of:2:prm"]
+    with pytest.raises(ChatforgeError, match="outcome reward model; give a `chatforge prefs prm` run"):
+        run_command(*parse_command([*argv, "--prm", tmp_path / "orm"]))
+
+
+def test_interactive_chat_answers_by_the_strategy(tiny):
+    import io
+
+    from chatforge.chat import ChatSession
+
+    _, _, tok, model, _ = tiny
+    session = ChatSession(model, tok, out=io.StringIO(), max_new_tokens=12)
+    session.thinker = Thinker(model, tok, spec=parse_spec("vote:2"), max_new_tokens=12)
+    printed = session.handle("Make 24 from 1 1 4 6.")
+    assert "(think vote:2: " in printed and session.thinker.generated > 0
+    assert [m["role"] for m in session.conversation()] == ["user", "assistant"]
