@@ -34,6 +34,7 @@ from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
 from chatforge.options import ChatOptions
 from chatforge.rag.answer import RagPrompt, rag_prompt, sources_line
+from chatforge.redteam.defenses import DefenseStack, InputBlocked, parse_defenses
 from chatforge.terminal import ControlStripper, strip_controls
 from chatforge.think import load_thinker, parse_spec, think, usage_note
 from chatforge.tokenizer import Tokenizer
@@ -235,6 +236,7 @@ class ChatSession:
         assistant_prefix: str = "assistant> ",
         registry: ToolRegistry | None = None,
         max_calls: int = 4,
+        defenses: DefenseStack | None = None,
         rag: Callable[[list[dict], int], RagPrompt] | None = None,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
@@ -249,6 +251,7 @@ class ChatSession:
         self.assistant_prefix = assistant_prefix
         self.registry = registry
         self.max_calls = max_calls
+        self.defenses = defenses  # what each prompt and answer passes through (redteam/defenses.py)
         self.tools = registry.schemas() if registry is not None else None
         self.rag = rag  # (messages, prompt token budget) -> the prompt with retrieved documents
         self.thinker = None  # set by --think: answers come from think.think, not one sample
@@ -343,6 +346,13 @@ class ChatSession:
         visible = self._fit(buf)
         if visible is None:
             return
+        if self.defenses is not None:
+            try:
+                visible = self.defenses.prepare(visible)
+            except InputBlocked as e:  # fail closed: the message is not sent and not kept
+                self.messages.pop()
+                self._say(f"({e})", buf)
+                return
         seed = None if self.seed is None else self.seed + self.turns
         self.turns += 1
         if self.registry is not None:
@@ -358,10 +368,12 @@ class ChatSession:
             return
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
+        checked = self.defenses is not None and self.defenses.checks_output  # shown whole, once checked
 
         def on_token(delta: str) -> None:
             pieces.append(delta)
-            self._emit(stripper.push(delta), buf)
+            if not checked:
+                self._emit(stripper.push(delta), buf)
 
         self._emit(self.assistant_prefix, buf)
         try:
@@ -382,7 +394,10 @@ class ChatSession:
                 self.messages.pop()  # nothing was answered: forget the question too
                 return
         else:
-            self._emit(stripper.end() + "\n", buf)
+            self._emit(stripper.end() + ("" if checked else "\n"), buf)
+        if checked:
+            text = self.defenses.check_answer(text)
+            self._emit(strip_controls(text) + "\n", buf)
         if rag is not None:
             self._say(strip_controls(sources_line(text, rag.hits)), buf)
         self.messages.append(parse_assistant(text))
@@ -390,9 +405,11 @@ class ChatSession:
     def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
         at_start = [False]  # the cursor is at the start of a line (after a tool line)
         stripper = ControlStripper()  # model text and tool output may hold terminal control sequences
+        checked = self.defenses is not None and self.defenses.checks_output  # the answer shown once checked
+        registry = self.registry if self.defenses is None else self.defenses.guard_registry(self.registry, visible)
 
         def on_text(delta: str) -> None:
-            delta = stripper.push(delta)
+            delta = "" if checked else stripper.push(delta)
             if at_start[0]:
                 delta = delta.lstrip()
             if delta:
@@ -407,7 +424,7 @@ class ChatSession:
         self._emit(self.assistant_prefix, buf)
         try:
             new, reason = chat_turn_with_tools(
-                self.model, self.tok, visible, self.registry, max_new_tokens=self.max_new_tokens,
+                self.model, self.tok, visible, registry, max_new_tokens=self.max_new_tokens,
                 max_calls=self.max_calls, seed=seed, on_text=on_text, on_tool=on_tool, **self.sampling,
             )  # fmt: skip
         except KeyboardInterrupt:  # the runner keeps nothing of an interrupted turn: forget the question
@@ -417,6 +434,10 @@ class ChatSession:
             self.messages.pop()
             return
         on_text(stripper.end())
+        if checked and new and new[-1]["role"] == "assistant" and new[-1].get("content"):
+            new[-1] = self.defenses.checked_message(new[-1], visible)
+            self._emit(strip_controls(new[-1]["content"]), buf)
+            at_start[0] = False
         if not at_start[0]:
             self._emit("\n", buf)
         if reason == "context":
@@ -485,8 +506,11 @@ def cmd_chat(args: ChatOptions) -> None:
     if args.max_calls < 0:
         raise ChatforgeError(f"--max-calls must be >= 0, got {args.max_calls}")
     args.max_new_tokens = asked if asked is not None else 256
+    defenses = parse_defenses(args.defenses)  # a bad name fails before the model loads
     run = load_run(args.model, args.quantize or True, pick_device(args.device))
     model, tok, model_dir = run.model, run.tokenizer, run.folder
+    if defenses is not None:  # for defenses that score text with the model
+        defenses.model, defenses.tok = model, tok
     ctx = model.cfg.seq_len
     max_new = min(args.max_new_tokens, ctx - 1)
     registry, folder, temporary = chat_tools(args.tools, args.files, args.unsafe_python)
@@ -507,7 +531,7 @@ def cmd_chat(args: ChatOptions) -> None:
             print(strip_controls(r.text).strip(), flush=True)
             return
         if args.prompt is not None:
-            _one_prompt(args, model, tok, registry, tools, max_new, asked, rag)
+            _one_prompt(args, model, tok, registry, tools, max_new, asked, rag, defenses)
             return
         if tools:  # the tool descriptions alone must leave room for a question and its answer
             head = [{"role": "system", "content": args.system}] if args.system else []
@@ -523,6 +547,7 @@ def cmd_chat(args: ChatOptions) -> None:
             model, tok, system=args.system, max_new_tokens=max_new, temperature=temperature,
             top_k=args.top_k, top_p=args.top_p, seed=args.seed, registry=registry, max_calls=args.max_calls,
             rag=rag,
+            defenses=defenses,
         )  # fmt: skip
         session.thinker = thinker
         banner = f"{model_dir} ({model.num_params() / 1e6:.1f}M params, context {ctx})"
@@ -546,7 +571,10 @@ def _thinker(args, model: GPT, tok: Tokenizer, max_new: int):
     )  # fmt: skip
 
 
-def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, rag=None) -> None:
+def _one_prompt(
+    args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, rag=None,
+    defenses: DefenseStack | None = None,
+) -> None:
     """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr."""
     ctx = model.cfg.seq_len
     temperature = 0.0 if args.temperature is None else args.temperature
@@ -555,6 +583,9 @@ def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int,
     messages.append({"role": "user", "content": args.prompt})
     retrieved = rag(messages, ctx - min(max_new, ctx // 4)) if rag is not None else None
     messages = retrieved.messages if retrieved is not None else messages
+    if defenses is not None:  # a scanner's refusal is an error: nothing is generated
+        messages = defenses.prepare(messages)
+        registry = registry if registry is None else defenses.guard_registry(registry, messages)
     n = len(render_prompt(tok, messages, tools=tools))
     if n >= ctx:
         hint = ""
@@ -576,6 +607,8 @@ def _one_prompt(args, model: GPT, tok: Tokenizer, registry, tools, max_new: int,
         if reason == "context":
             print("chatforge: a tool result filled the context; no answer", file=sys.stderr)
         text = final_answer(new)
+    if defenses is not None:
+        text = defenses.check_answer(text)
     print(strip_controls(text).strip(), flush=True)
     if retrieved is not None:
         print(strip_controls(sources_line(text, retrieved.hits)), file=sys.stderr, flush=True)

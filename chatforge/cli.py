@@ -51,6 +51,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "prm": Command(o.PRMOptions, "chatforge.think:cmd_prm", "a process reward model (or --outcome: an outcome one) on a task's traces, steps labelled by program"),
     },
     "rl": Command(o.RLOptions, "chatforge.align.rl:cmd_rl", "reinforcement learning from a checkable reward (GRPO)"),
+    "redteam": Command(o.RedteamOptions, "chatforge.redteam.command:cmd_redteam", "attack your own model (jailbreaks, encodings, prompt injection, exfiltration) and measure defenses"),
     "serve": Command(o.ServeOptions, "chatforge.serve.command:cmd_serve", "OpenAI-compatible API server with a web chat page and a feedback store"),
     "feedback": {
         "list": Command(o.FeedbackListOptions, "chatforge.serve.feedback:cmd_feedback_list", "conversations in a feedback database, newest first, with their ratings"),

@@ -442,6 +442,11 @@ class EvalOptions:
     out: str | None = opt(None, "write eval.json and eval.md here", metavar="DIR")
     no_progress: bool = opt(False, "no progress bar (the per-task lines still print)")
 
+_DEFENSES_HELP = (
+    "comma-separated defenses every prompt and answer passes through: scan-invisible, scan-encoded, "
+    "spotlight-delimit|datamark|base64, canary, output-policy, tool-permissions (docs/security.md)"
+)
+
 
 _RAG_ROOT_HELP = "folder that holds the collections (default $CHATFORGE_RAG_ROOT, else ~/.chatforge/rag)"
 
@@ -481,6 +486,7 @@ class ChatOptions:
         None, "run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
         choices=("bf16", "int8"),
     )  # fmt: skip
+    defenses: str | None = opt(None, _DEFENSES_HELP, metavar="NAMES")
     rag: str | None = opt(
         None, "answer from this collection (`chatforge rag add`): retrieved chunks go into the prompt, "
         "the answer cites them as [n]", metavar="NAME",
@@ -545,7 +551,42 @@ class ServeOptions:
     body_timeout: float = opt(30.0, "seconds a client has to send a request's body (default 30)")
     max_connections: int = opt(1000, "open connections at most; more get 503 (default 1000)")
     device: str = opt("auto", _DEVICE_HELP)
+    defenses: str | None = opt(None, _DEFENSES_HELP + "; answers are then post-processed (streams come whole)", metavar="NAMES")
+    link_hosts: list[str] = opt(
+        [], "with --defenses output-policy: hosts answers may link to (comma-separated or repeated)",
+        metavar="HOST", repeatable=True,
+    )  # fmt: skip
 
+
+
+
+@dataclass
+class RedteamOptions:
+    model: str = opt(None, "run folder to attack", metavar="RUN", required=True)
+    probes: str = opt(
+        "role-play,encoding,injection", "comma-separated probes or families: role-play, encoding, injection, "
+        "exfil, all, or names such as dan, base64, inject-html-comment-exfil (default: the three families)",
+    )  # fmt: skip
+    defenses: list[str] = opt(
+        [], "a defense stack, comma-separated (e.g. output-policy,scan-invisible); repeat to compare several "
+        "stacks on the same attacks (none: no defense; default: none)", metavar="STACK", repeatable=True,
+    )  # fmt: skip
+    goals: str | None = opt(
+        None, "goal file: .csv with goal,target (AdvBench), .jsonl of {goal, target} or .txt, one per line "
+        "(default: the world's disallowed requests, then AdvBench when ../shared/data has it)", metavar="FILE",
+    )  # fmt: skip
+    n_goals: int = opt(12, "goals per role-play or encoding probe (default 12)")
+    n_contexts: int = opt(8, "documents per injection probe (BIPIA email train split, else built-in; default 8)")
+    allowed_hosts: list[str] = opt(
+        [], "hosts answers may link to (the output policy and the exfiltration detector)", metavar="HOST",
+        repeatable=True,
+    )  # fmt: skip
+    no_clean: bool = opt(False, "skip the clean accuracy (plain questions, questions about documents) per stack")
+    max_new_tokens: int = opt(96, "longest answer in tokens (default 96)")
+    batch_size: int = opt(16, "conversations generated together (default 16)")
+    seed: int = opt(0, "picks the goals and contexts, and the canary")
+    device: str = opt("auto", _DEVICE_HELP)
+    out: str | None = opt(None, "where redteam.json, .md and .png go (default RUN/redteam)", metavar="DIR")
 
 # ---- preferences and feedback ------------------------------------------------------------------------------
 

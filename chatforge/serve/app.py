@@ -43,6 +43,7 @@ carries a Content-Security-Policy (middleware.py) that allows nothing from elsew
 
 from __future__ import annotations
 
+import html
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from fastapi import FastAPI
 from chatforge.align.label import Judge
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
+from chatforge.redteam.defenses import DefenseStack
 from chatforge.serve import metrics, routes_compare, routes_openai, routes_store
 from chatforge.serve.auth import ADMIN, LOOPBACK_HOSTS, Keys, User
 from chatforge.serve.feedback import FeedbackStore
@@ -77,12 +79,13 @@ def create_app(
     body_timeout: float = 30.0,
     comparisons: Path | None = None,
     judge: Judge | None = None,
+    defenses: DefenseStack | None = None,
 ) -> FastAPI:
     """The server for one model. The scheduler thread starts with the app and stops with it.
     `api_key` is the admin's key (the single-user shortcut), `keys` everyone's; with neither, every
     caller is the local user. `allowed_hosts`: the Host names it answers (default: loopback names;
     ["*"] for any). `comparisons`: the file the compare view appends picks to (None: it keeps none),
-    `judge`: the model that drafts a pick there."""
+    `judge`: the model that drafts a pick there. `defenses`: what chat requests and answers pass through."""
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
@@ -90,7 +93,11 @@ def create_app(
     scheduler = Scheduler(
         model, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens
     )
-    srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page())
+    srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page(), defenses=defenses)
+    if defenses is not None and "output-policy" in defenses.names:  # the page applies the same host list
+        hosts = html.escape(",".join(defenses.allowed_hosts), quote=True)
+        meta = f'<head>\n  <meta name="chatforge-link-hosts" content="{hosts}">'.encode()
+        srv.page["index.html"] = srv.page["index.html"].replace(b"<head>", meta, 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -34,6 +34,7 @@ from chatforge.device import pick_device
 from chatforge.engine import kv_bytes_per_token
 from chatforge.errors import ChatforgeError
 from chatforge.options import ServeOptions, add_options, options_from_args
+from chatforge.redteam.defenses import parse_defenses
 from chatforge.serve.app import create_app
 from chatforge.serve.auth import (
     ADMIN,
@@ -241,9 +242,13 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
     feedback file, keys)."""
     if keys is None:
         keys = checked_keys(args)
+    link_hosts = [h.strip().lower() for item in args.link_hosts for h in item.split(",") if h.strip()]
+    defenses = parse_defenses(args.defenses, allowed_hosts=tuple(link_hosts))  # before the model loads
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
     loaded = load_run(args.model, inference=True, device=pick_device(args.device))
     kv_tokens, max_model_len = kv_cache_budget(args, loaded.model)
+    if defenses is not None:  # for defenses that score text with the model
+        defenses.model, defenses.tok = loaded.model, loaded.tokenizer
     run = Path(args.model).resolve()
     store = FeedbackStore(Path(args.db) if args.db else run / "feedback.sqlite")
     name = args.name or run.name
@@ -262,6 +267,7 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
         body_timeout=args.body_timeout,
         comparisons=Path(args.comparisons) if args.comparisons else run / "comparisons.jsonl",
         judge=_judge(args),
+        defenses=defenses,
     )
     return app, name, store.path, keys
 

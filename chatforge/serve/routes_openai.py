@@ -41,6 +41,7 @@ from chatforge.serve.streaming import (
     completion_chunks,
     drain,
     finish_choices,
+    pump,
     sse,
     start_jobs,
     stream_response,
@@ -176,6 +177,8 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
             raise APIError(400, str(e), param="collection") from None
         prompt, documents = rag.messages, document_objects(rag.hits)
     try:
+        if srv.defenses is not None:  # the request's own turns and any retrieved documents; InputBlocked: 400
+            prompt = srv.defenses.prepare(prompt)
         ids = render_prompt(srv.tok, prompt, tools=choice.tools or None)
         left_out = 0
         if req.trim_history and len(ids) + _answer_room(srv, req) > srv.ctx:
@@ -272,12 +275,16 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         head["trimmed_messages"] = prompt.left_out  # how many of the oldest messages the prompt left out
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunks = chat_chunks(head, choices, events, len(ids), include_usage)
+        if srv.defenses is not None and srv.defenses.checks_output:
+            chunks = checked_chunks(srv, messages, head, choices, events, len(ids), include_usage)
+        else:
+            chunks = chat_chunks(head, choices, events, len(ids), include_usage)
         if prompt.documents is not None:  # one chunk with no choices says what [n] refers to, before the text
             first = {**head, "object": "chat.completion.chunk", "choices": [], "documents": prompt.documents}
             chunks = _after(sse(first), chunks)
         return stream_response(chunks, choices, srv.store)
     await drain(choices, events, request, srv.store)
+    answers = [checked_answer(srv, answer_message(c.text), messages) for c in choices]
     if prompt.documents is not None:
         head["documents"] = prompt.documents
     scores = {}
@@ -289,14 +296,43 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
         "choices": [
             {
                 "index": c.index,
-                "message": answer_message(c.text),
+                "message": msg,
                 "logprobs": scores.get(c.index),
-                "finish_reason": c.text.finish or "stop",
+                "finish_reason": _finish(c.text.finish, msg),
             }
-            for c in choices
+            for c, msg in zip(choices, answers, strict=True)
         ],
         "usage": usage(len(ids), choices),
     }
+
+
+def _finish(reason: str | None, message: dict) -> str:
+    """The finish reason of a checked answer: "stop" where the defenses removed its tool calls."""
+    return "stop" if reason == "tool_calls" and not message.get("tool_calls") else reason or "stop"
+
+
+def checked_answer(srv: ServerState, message: dict, messages: list[dict]) -> dict:
+    """The answer after the server's --defenses (the canary, the output policy, tool permissions)."""
+    return message if srv.defenses is None else srv.defenses.checked_message(message, messages)
+
+
+async def checked_chunks(
+    srv: ServerState, messages: list[dict], head: dict, choices: list, events, n_prompt: int, include_usage: bool
+):
+    """A stream whose answers are checked first: each is generated whole, then sent as one chunk."""
+    async for _ in pump(choices, events, None):
+        pass
+    base = {**head, "object": "chat.completion.chunk", "system_fingerprint": None}
+    for c in choices:
+        msg = checked_answer(srv, answer_message(c.text), messages)
+        delta = {"role": "assistant", "content": msg.get("content") or ""}
+        if msg.get("tool_calls"):
+            delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(msg["tool_calls"])]
+        finish = _finish(c.text.finish, msg)
+        yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(n_prompt, choices)})
+    yield "data: [DONE]\n\n"
 
 
 async def _after(first: str, rest):

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from chatforge.model.gpt import GPT
+from chatforge.redteam.defenses import DefenseStack
 from chatforge.serve.auth import NOBODY, USER_SCOPE_KEY, User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.scheduler import Scheduler
@@ -53,6 +54,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     inbox: Inbox | None = None  # made on the first request, for the loop that serves it
     keys_required: bool = False  # whether the server has keys (then /metrics needs an admin's)
+    defenses: DefenseStack | None = None  # a redteam.defenses.DefenseStack every chat request and answer passes through
 
     @property
     def ctx(self) -> int:

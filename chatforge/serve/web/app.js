@@ -29,8 +29,27 @@ const SANITISE = {
   ALLOWED_ATTR: ["href", "start"],
   ALLOWED_URI_REGEXP: /^https?:\/\//i,
 };
+// The output policy, when the server runs with --defenses output-policy (it then adds
+// <meta name="chatforge-link-hosts" content="host,...">): links keep no query string or fragment,
+// the usual way an injected answer carries conversation data out, and a link to a host off the list
+// is plain text.
+const POLICY = document.querySelector('meta[name="chatforge-link-hosts"]');
+const LINK_HOSTS = POLICY ? POLICY.content.split(",").map((h) => h.trim().toLowerCase()).filter(Boolean) : null;
+function policyHref(href) {
+  let url;
+  try { url = new URL(href); } catch { return null; }
+  if (!LINK_HOSTS.includes(url.hostname.toLowerCase())) return null;
+  url.search = "";
+  url.hash = "";
+  return url.href;
+}
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName !== "A") return;
+  if (node.hasAttribute("href") && LINK_HOSTS !== null) {
+    const href = policyHref(node.getAttribute("href"));
+    if (href === null) node.removeAttribute("href");
+    else node.setAttribute("href", href);
+  }
   if (node.hasAttribute("href")) {
     node.setAttribute("rel", "noopener noreferrer nofollow");
     node.setAttribute("target", "_blank");

@@ -1,0 +1,34 @@
+"""The one way untrusted text (a retrieved page, an email, a file) enters a prompt: a delimited
+document block inside a user message, or a `tool` message. Spotlighting (defenses.py) and the
+injection probes both read this format, so retrieval can put its passages in with `document_block`."""
+
+from __future__ import annotations
+
+import re
+
+DOCUMENT_OPEN, DOCUMENT_CLOSE = "<document", "</document>"
+DOCUMENT_PATTERN = re.compile(r"(<document[^>\n]*>\n?)(.*?)(\n?</document>)", re.DOTALL)
+
+
+def document_block(text: str, source: str = "") -> str:
+    """`<document source="...">` text `</document>`; a closing tag inside the text is defused."""
+    safe = text.replace(DOCUMENT_CLOSE, "</ document>")
+    head = f'<document source="{source}">' if source else "<document>"
+    return f"{head}\n{safe}\n{DOCUMENT_CLOSE}"
+
+
+def question_with_documents(question: str, documents: list[str], sources: list[str] | None = None) -> dict:
+    """A user message: the documents as blocks, then the question about them."""
+    names = sources or [""] * len(documents)
+    blocks = [document_block(d, s) for d, s in zip(documents, names, strict=True)]
+    return {"role": "user", "content": "\n".join(blocks) + "\n" + question}
+
+
+def has_untrusted(messages: list[dict]) -> bool:
+    """Whether any message carries untrusted content: a tool result or a document block."""
+    for m in messages:
+        if m["role"] == "tool":
+            return True
+        if m["role"] == "user" and DOCUMENT_PATTERN.search(m.get("content") or ""):
+            return True
+    return False
