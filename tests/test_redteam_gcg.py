@@ -16,6 +16,7 @@ from chatforge.chat_format import render_prompt
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.quant import quantize_model
+from chatforge.redteam.defenses import DefenseStack, InputBlocked
 from chatforge.redteam.gcg import (
     allowed_tokens,
     candidate_losses,
@@ -223,3 +224,17 @@ def test_bad_input_gets_one_line(tok):
         calibrate_threshold(model, tok, [])
     with pytest.raises(ChatforgeError, match="false_positive_rate"):
         calibrate_threshold(model, tok, ["hi"], false_positive_rate=1.0)
+
+
+def test_perplexity_defense_blocks_a_gcg_style_suffix_through_the_stack(tok, trained):
+    benign = sentences(60, 9)
+    threshold = calibrate_threshold(trained, tok, benign, false_positive_rate=0.0)
+    stack = DefenseStack(("perplexity",), model=trained, tok=tok, perplexity_threshold=threshold)
+    plain = [{"role": "user", "content": "the baker looks at the old bridge today."}]
+    assert stack.prepare(plain) == plain
+    rng = random.Random(5)
+    noise = tok.decode(rng.sample(allowed_tokens(tok, tok.vocab_size).nonzero().flatten().tolist(), 12))
+    with pytest.raises(InputBlocked, match="perplexity"):
+        stack.prepare([{"role": "user", "content": plain[0]["content"] + noise}])
+    with pytest.raises(ChatforgeError, match="scores text with the model"):
+        DefenseStack(("perplexity",)).prepare(plain)

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from chatforge.errors import ChatforgeError
 from chatforge.redteam.detectors import URL_PATTERN, host_of
 from chatforge.redteam.documents import DOCUMENT_PATTERN, has_untrusted
+from chatforge.redteam.perplexity import perplexity_filter
 from chatforge.tools.registry import ToolRegistry, ToolResult, error_result
 
 
@@ -171,6 +172,18 @@ def output_policy(text: str, stack: DefenseStack) -> str:
     return URL_PATTERN.sub(bare, text)
 
 
+def scan_perplexity(messages: list[dict], stack: DefenseStack) -> str | None:
+    """Block the user's last text when its windowed perplexity under the model itself is above the
+    stack's threshold: GCG suffixes are token soup no person types."""
+    if stack.model is None or stack.tok is None:
+        raise ChatforgeError("the perplexity defense scores text with the model, and this path gives it none")
+    text = next((m["content"] for m in reversed(messages) if m["role"] == "user" and isinstance(m.get("content"), str)), "")
+    if not text:
+        return None
+    flagged, ppl = perplexity_filter(stack.model, stack.tok, text, threshold=stack.perplexity_threshold)
+    return f"windowed perplexity {ppl:.0f} is above {stack.perplexity_threshold:.0f}" if flagged else None
+
+
 # ---- the registry and the stack ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Defense:
@@ -190,6 +203,7 @@ DEFENSES: dict[str, Defense] = {
     "canary": Defense("a canary token in the system prompt; an answer that repeats it is withheld",
                       transform=lambda ms, s: with_system_line(ms, canary_line(s.canary)), check=check_canary),
     "output-policy": Defense("no image or link to a host off the allow-list; query strings stripped", check=output_policy),
+    "perplexity": Defense("block user text whose windowed perplexity is above the threshold (GCG suffixes)", scan=scan_perplexity),
     "tool-permissions": Defense("once untrusted content is in the context, only the permitted tools run", gates_tools=True),
 }  # fmt: skip
 SPOTLIGHTS = ("spotlight-delimit", "spotlight-datamark", "spotlight-base64")
@@ -206,6 +220,9 @@ class DefenseStack:
     untrusted_tools: tuple[str, ...] = ("calculator",)  # tools untrusted content may still trigger
     canary: str = field(default_factory=_new_canary)
     model: Any = None  # for defenses that score text with the model (a perplexity filter)
+    # calibrate per model with perplexity.calibrate_threshold; SmolLM2-135M's 1% point on
+    # self-instruct prompts was about 1,060 (docs/security.md)
+    perplexity_threshold: float = 1000.0
     tok: Any = None
 
     def _each(self) -> list[tuple[str, Defense]]:
