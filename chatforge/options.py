@@ -666,7 +666,7 @@ class ScalingSweepOptions:
     out: str = opt(None, "sweep folder (runs/, sweep.json, results.jsonl); an existing one resumes", required=True)
     tokenizer: str | None = opt(None, "tokenizer.json (default: DATA/tokenizer.json)")
     sizes: str = opt(
-        "1x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims)"
+        "1x16,1x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims; one head below width 64)"
     )
     tokens: str = opt("256K,512K,1M,2M,4M,8M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
     max_flops: float = opt(

@@ -16,6 +16,7 @@ from chatforge.scaling.plan import budget_flops, cmd_scaling_plan
 from chatforge.scaling.sweep import (
     cmd_scaling_sweep,
     collect_results,
+    fresh_budgets,
     parse_sizes,
     parse_tokens,
     plan_work,
@@ -138,6 +139,26 @@ def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):
         smoke.data, smoke.tokenizer, tmp_path / "whole", run_config(opts, 1, 32, 16), progress=False
     )
     assert whole["val_loss_end"] == branch[2048]
+
+
+def test_budgets_beyond_one_epoch_are_dropped_with_a_note(capsys):
+    assert fresh_budgets([1000, 2000, 3000], 2000) == [1000, 2000]
+    assert capsys.readouterr().out.strip() == (
+        "dropped --tokens 3,000: more than one epoch of the 2,000 training tokens "
+        "(the fit assumes unique data; make a larger corpus)"
+    )
+    assert fresh_budgets([1000], 2000) == [1000] and capsys.readouterr().out == ""
+    with pytest.raises(ChatforgeError, match="every --tokens budget is above the 2,000 training tokens"):
+        fresh_budgets([3000, 4000], 2000)
+
+
+def test_sweep_never_trains_past_one_epoch(smoke, tmp_path, one_thread, capsys):
+    train_tokens = json.loads((smoke.data / "index.json").read_text())["splits"]["train"]["tokens"]
+    over = (train_tokens // 128 + 1) * 128  # whole batches of 4 x 32, just past one epoch
+    opts = _tiny_sweep(smoke, tmp_path / "sweep", "--sizes", "1x32", "--tokens", f"1K,{over}")
+    cmd_scaling_sweep(opts)
+    assert f"dropped --tokens {over:,}: more than one epoch" in capsys.readouterr().out
+    assert [r["tokens"] for r in collect_results(tmp_path / "sweep")] == [1024]
 
 
 def test_max_flops_leaves_out_the_costly_corner():

@@ -188,6 +188,26 @@ def _check_sweep_file(sweep_dir: Path, settings: dict) -> None:
     atomic_write_json(path, settings)
 
 
+def fresh_budgets(budgets: list[int], train_tokens: int) -> list[int]:
+    """The budgets within one epoch of the training split; the rest are dropped with a note.
+
+    The law is fitted as if every token were new (Chinchilla's D is unique data): a budget that
+    repeats the corpus would read as a smaller law, so it is not trained at all."""
+    fresh = [t for t in budgets if t <= train_tokens]
+    dropped = [t for t in budgets if t > train_tokens]
+    if not fresh:
+        raise ChatforgeError(
+            f"every --tokens budget is above the {train_tokens:,} training tokens of the shards: "
+            "use smaller budgets or a larger corpus (e.g. `chatforge world --people` more)"
+        )
+    if dropped:
+        print(
+            f"dropped --tokens {', '.join(f'{t:,}' for t in dropped)}: more than one epoch of the "
+            f"{train_tokens:,} training tokens (the fit assumes unique data; make a larger corpus)"
+        )
+    return fresh
+
+
 def plan_work(
     opts: ScalingSweepOptions, sizes: list[tuple[int, int]], budgets: list[int], counts: dict
 ) -> list[dict]:
@@ -238,8 +258,10 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
 
     data_dir, sweep_dir = Path(opts.data), Path(opts.out)
     tokenizer = Path(opts.tokenizer) if opts.tokenizer else data_dir / "tokenizer.json"
-    vocab_size = read_index(data_dir)["vocab_size"]
-    sizes, budgets = parse_sizes(opts.sizes), parse_tokens(opts.tokens)
+    index = read_index(data_dir)
+    vocab_size = index["vocab_size"]
+    sizes = parse_sizes(opts.sizes)
+    budgets = fresh_budgets(parse_tokens(opts.tokens), index["splits"]["train"]["tokens"])
     settings = {
         **fingerprint(data_dir, tokenizer), "sizes": opts.sizes, "tokens": opts.tokens,
         **{k: v for k, v in asdict(opts).items() if k not in ("data", "out", "sizes", "tokens", "tokenizer")},
