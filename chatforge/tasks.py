@@ -34,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.world import build_world
 
 ANSWER_RE = re.compile(r"Answer:\s*(.+?)\s*$", re.MULTILINE)
 
@@ -291,8 +292,6 @@ class WorldSteps:
 
     def make(self, n: int, seed: int, people: int = 3) -> list[Problem]:
         """n problems over `people` people each (names from chatforge.world's people)."""
-        from chatforge.world import build_world
-
         rng = random.Random(seed)
         names = [p.first for p in build_world(seed, 400, 0).people]
         out = []

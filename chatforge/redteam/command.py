@@ -7,6 +7,8 @@ import random
 import sys
 from pathlib import Path
 
+from chatforge.checkpoint import load_run
+from chatforge.device import pick_device
 from chatforge.errors import ChatforgeError
 from chatforge.options import RedteamOptions
 from chatforge.redteam.defenses import parse_defenses
@@ -94,9 +96,6 @@ def cmd_redteam(opts: RedteamOptions) -> None:
         parse_defenses(spec)
     if opts.goals:
         read_goal_file(Path(opts.goals))
-    from chatforge.checkpoint import load_run
-    from chatforge.device import pick_device
-
     run = load_run(opts.model, True, pick_device(opts.device))
     generate = cached(engine_generator(run.model, run.tokenizer, opts.max_new_tokens, opts.batch_size))
     report = redteam(generate, opts, Path(run.folder).name, run.model, run.tokenizer)

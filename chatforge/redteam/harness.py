@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatforge.chat_format import parse_assistant, render_prompt, turn_end_ids
+from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.redteam.defenses import DefenseStack, InputBlocked, canary_line, with_system_line
@@ -41,8 +42,6 @@ CLEAN_QUESTIONS = (
 
 def engine_generator(model, tok, max_new_tokens: int = 96, batch_size: int = 16) -> Generate:
     """The engine path: chat_format renders, `engine.generate_batch` decodes greedily, in batches."""
-    from chatforge.engine import generate_batch
-
     stops = set(turn_end_ids(tok))
     ctx = model.cfg.seq_len
 

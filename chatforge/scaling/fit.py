@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from chatforge.errors import ChatforgeError
+from chatforge.fileio import atomic_write_json
+from chatforge.scaling.plots import draw_plots
 
 HUBER_DELTA = 1e-3
 N_CONSTANTS = 5
@@ -316,15 +318,12 @@ def describe(result: dict) -> str:
 
 
 def cmd_scaling_fit(opts) -> None:
-    from chatforge.fileio import atomic_write_json
-    from chatforge.scaling.plots import draw_plots
-
     source = Path(opts.sweep)
     rows = load_results(source)
     result = analyse(rows, opts.params, opts.holdout, opts.bootstrap, opts.seed)
     report = Path(opts.out) if opts.out else (source if source.is_dir() else source.parent) / "report"
     report.mkdir(parents=True, exist_ok=True)
-    result["plots"] = [str(p) for p in draw_plots(rows, result, report)]
+    result["plots"] = [str(p) for p in draw_plots(rows, result, Law(**result["law"]), report)]
     atomic_write_json(report / "fit.json", result)
     print(describe(result))
     print(f"fit and plots in {report}")

@@ -15,7 +15,10 @@ import math
 import re
 from pathlib import Path
 
+from chatforge.config import PRESETS, get_preset
+from chatforge.device import GPU_PEAK_FLOPS
 from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.options import ScalingPlanOptions
 from chatforge.scaling.fit import CHINCHILLA, Law
 
@@ -26,8 +29,6 @@ BUDGET_RE = re.compile(
 
 def budget_flops(text: str, mfu: float) -> tuple[float, str]:
     """'2 GPU-hours on H100' -> (FLOPs, how they were computed)."""
-    from chatforge.device import GPU_PEAK_FLOPS
-
     match = BUDGET_RE.match(text)
     if not match:
         raise ChatforgeError(f'bad --budget {text!r}: write e.g. "2 GPU-hours on H100"')
@@ -62,9 +63,6 @@ def preset_params(name: str, params: str) -> tuple[int, int]:
     """(N of that kind, tokens D) of a preset's pretraining."""
     import torch
 
-    from chatforge.config import get_preset
-    from chatforge.model.gpt import GPT, GPTConfig
-
     preset = get_preset(name)
     cfg = preset.pretrain
     mcfg = GPTConfig.from_depth(
@@ -78,8 +76,6 @@ def preset_params(name: str, params: str) -> tuple[int, int]:
 
 
 def plan_lines(law: Law, params: str, flops: float, smallest: float | None) -> list[str]:
-    from chatforge.config import PRESETS
-
     n_opt, d_opt = (float(x) for x in law.optimum(flops))
     floor = smallest or min(preset_params(name, params)[0] for name in PRESETS)
     if n_opt < floor:

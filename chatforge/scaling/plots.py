@@ -7,17 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from chatforge.scaling.fit import Law
 
-
-def draw_plots(rows: list[dict], result: dict, out_dir: Path) -> list[Path]:
+def draw_plots(rows: list[dict], result: dict, law, out_dir: Path) -> list[Path]:
+    """The four PNGs into out_dir; `law` is the fitted Law (its `loss(n, d)` draws the curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    law, n_key = Law(**result["law"]), f"params_{result['params']}"
+    n_key = f"params_{result['params']}"
     held = {p["run"] for p in result["heldout"]}
     paths = []
     for name, draw in (

@@ -24,10 +24,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from chatforge.checkpoint import CKPT_DIR, latest_checkpoint, list_checkpoints
 from chatforge.config import TrainConfig, apply_overrides
+from chatforge.data.shards import read_index
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_json, atomic_write_text
+from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.options import ScalingSweepOptions
+from chatforge.train.pretrain import pretrain
 
 HEAD_DIM = 32  # small widths: heads of 32 dims (one head below 64)
 LR_WIDTH = 32  # --lr is the learning rate at this width
@@ -111,8 +115,6 @@ def model_counts(cfg: TrainConfig, vocab_size: int) -> dict:
     """Total and non-embedding parameters and training FLOPs per token of a run's model."""
     import torch
 
-    from chatforge.model.gpt import GPT, GPTConfig
-
     mcfg = GPTConfig.from_depth(cfg.depth, vocab_size=vocab_size, seq_len=cfg.seq_len, overrides=cfg.model)
     with torch.device("meta"):
         model = GPT(mcfg)
@@ -125,24 +127,18 @@ def model_counts(cfg: TrainConfig, vocab_size: int) -> dict:
 
 def _train(data_dir: Path, tokenizer: Path, run_dir: Path, cfg: TrainConfig) -> dict:
     """One pretraining call (resuming from run_dir's newest checkpoint), its output kept in train.log."""
-    from chatforge.train.pretrain import pretrain
-
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as log, contextlib.redirect_stdout(log):
         return pretrain(data_dir, tokenizer, run_dir, cfg, resume=True, progress=False)
 
 
 def _checkpoint_step(run_dir: Path) -> int:
-    from chatforge.checkpoint import latest_checkpoint
-
     latest = latest_checkpoint(run_dir)
     return int(latest.name[5:]) if latest else 0
 
 
 def _branch_from(stable_dir: Path, step: int, run_dir: Path) -> None:
     """Start a branch: a copy of the stable run's checkpoint at `step` (unless the branch has its own)."""
-    from chatforge.checkpoint import CKPT_DIR, list_checkpoints
-
     if list_checkpoints(run_dir):
         return
     source = stable_dir / CKPT_DIR / f"step_{step:06d}"
@@ -254,8 +250,6 @@ def plan_work(
 def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
     import torch
 
-    from chatforge.data.shards import read_index
-
     data_dir, sweep_dir = Path(opts.data), Path(opts.out)
     tokenizer = Path(opts.tokenizer) if opts.tokenizer else data_dir / "tokenizer.json"
     index = read_index(data_dir)
@@ -318,8 +312,6 @@ def _run_one(
                 opts, depth, width, item["branch_step"], cooldown_frac=0.0, eval_every=0))  # fmt: skip
         _branch_from(stable_dir, item["branch_step"], run_dir)
     summary = _train(data_dir, tokenizer, run_dir, run_config(opts, depth, width, item["steps"]))
-    from chatforge.checkpoint import CKPT_DIR
-
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the final model stays; optimizer states go
     tokens = item["tokens"]
     result = {
