@@ -545,6 +545,8 @@ class ServeOptions:
         "(default RUN/comparisons.jsonl)", metavar="FILE",
     )  # fmt: skip
     judge: str | None = opt(None, "a model that drafts a pick and its reason in the compare view", metavar="RUN")
+    prm: str | None = opt(None, "process reward model for the \"think\" field's best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN")
+    orm: str | None = opt(None, "outcome reward model for the \"think\" field's best-of:N:orm (`prefs prm --outcome` or `prefs reward`)", metavar="RUN")
     name: str | None = opt(None, "model id in the API (default: the run folder's name)", metavar="ID")
     max_request_kb: int = opt(1024, "largest request body in KiB (default 1024)")
     header_timeout: float = opt(10.0, "seconds a client has to send a request's headers (default 10)")

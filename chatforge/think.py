@@ -606,6 +606,17 @@ def _load_verifier(path: str, tok, device, kind: str):
     return rm
 
 
+def load_verifiers(tok, *, prm: str | None = None, orm: str | None = None, device="cpu") -> dict:
+    """The reward models named (checked to be of their kind and on the model's tokenizer), as
+    {"prm": model, "orm": model} for those given."""
+    out = {}
+    if prm:
+        out["prm"] = _load_verifier(prm, tok, device, "process")
+    if orm:
+        out["orm"] = _load_verifier(orm, tok, device, "outcome")
+    return out
+
+
 def load_thinker(
     model, tok, spec: ThinkSpec, *, prm: str | None = None, orm: str | None = None, device="cpu", **sampling
 ) -> Thinker:

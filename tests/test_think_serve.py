@@ -7,6 +7,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from chatforge import engine  # noqa: E402
+from chatforge.align.reward import RewardModel  # noqa: E402
 from chatforge.model.gpt import GPT, GPTConfig  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
@@ -62,10 +63,25 @@ def test_plain_requests_are_unchanged_and_bad_think_is_a_400(client):
     for think, says in (
         ("vote:0", "at least 1"),
         ("ponder", "unknown thinking strategy"),
-        ("tree:b2d2", "PRM"),
+        ("tree:b2d2", "start chatforge serve with --prm RUN"),
     ):
         r = ask(client, think=think)
         assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "think"
     r = ask(client, think="vote:2", stream=True)
     assert r.status_code == 400 and "drop stream" in r.json()["error"]["message"]
+
+
+def test_a_server_given_a_prm_ranks_with_it():
+    tok = Tokenizer.train(["Make 24 from 1 1 4 6. 4 * 6 = 24 (left: 24)\nAnswer: 4 * 6 = 24"] * 20, 300)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, seq_len=128, n_layer=1, n_embd=32, n_head=2, n_kv_head=1)
+    model, prm = GPT(cfg).eval(), RewardModel(GPT(cfg)).eval()
+    app = create_app(model, tok, model_id="tiny", store=None, max_batch=4, verifiers={"prm": prm})
+    with TestClient(app, base_url="http://localhost") as c:
+        for think in ("best-of:2:prm", "tree:b2d2"):
+            r = ask(c, think=think, seed=1)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["think"]["verifier_tokens"] > 0
+        r = ask(c, think="best-of:2:orm")  # an ORM was not given
+        assert r.status_code == 400 and "start chatforge serve with --orm RUN" in r.json()["error"]["message"]

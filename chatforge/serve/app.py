@@ -80,12 +80,14 @@ def create_app(
     comparisons: Path | None = None,
     judge: Judge | None = None,
     defenses: DefenseStack | None = None,
+    verifiers: dict | None = None,
 ) -> FastAPI:
     """The server for one model. The scheduler thread starts with the app and stops with it.
     `api_key` is the admin's key (the single-user shortcut), `keys` everyone's; with neither, every
     caller is the local user. `allowed_hosts`: the Host names it answers (default: loopback names;
     ["*"] for any). `comparisons`: the file the compare view appends picks to (None: it keeps none),
-    `judge`: the model that drafts a pick there. `defenses`: what chat requests and answers pass through."""
+    `judge`: the model that drafts a pick there. `defenses`: what chat requests and answers pass through. `verifiers`: the reward models
+    ("prm", "orm") the "think" field may rank with."""
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
@@ -94,6 +96,7 @@ def create_app(
         model, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens
     )
     srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page(), defenses=defenses)
+    srv.verifiers = verifiers or {}
     if defenses is not None and "output-policy" in defenses.names:  # the page applies the same host list
         hosts = html.escape(",".join(defenses.allowed_hosts), quote=True)
         meta = f'<head>\n  <meta name="chatforge-link-hosts" content="{hosts}">'.encode()

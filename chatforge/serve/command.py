@@ -47,6 +47,7 @@ from chatforge.serve.auth import (
     read_secret_file,
 )
 from chatforge.serve.feedback import FeedbackStore
+from chatforge.think import load_verifiers
 
 KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this
 
@@ -268,6 +269,7 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
         comparisons=Path(args.comparisons) if args.comparisons else run / "comparisons.jsonl",
         judge=_judge(args),
         defenses=defenses,
+        verifiers=load_verifiers(loaded.tokenizer, prm=args.prm, orm=args.orm, device=pick_device(args.device)),
     )
     return app, name, store.path, keys
 

@@ -235,7 +235,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
     prompt = await run_in_threadpool(_chat_prompt, srv, req)
     messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
     if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
-        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids))
+        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids), srv.verifiers)
         return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply}
     constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
     if constraint is not None and tool_choice.forced_ids:
@@ -367,7 +367,7 @@ def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict |
         with _THINKING:
             r = think(th, spec, messages)
     except ChatforgeError as e:
-        raise APIError(400, str(e).replace("pass --prm RUN", "this server has none"), param="think") from None
+        raise APIError(400, str(e).replace("pass --", "start chatforge serve with --"), param="think") from None
     answer_tokens = len(srv.tok.encode(r.text))
     return {
         "object": "chat.completion",

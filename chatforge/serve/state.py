@@ -54,6 +54,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     inbox: Inbox | None = None  # made on the first request, for the loop that serves it
     keys_required: bool = False  # whether the server has keys (then /metrics needs an admin's)
+    verifiers: dict = field(default_factory=dict)  # --prm / --orm reward models for the "think" field
     defenses: DefenseStack | None = None  # a redteam.defenses.DefenseStack every chat request and answer passes through
 
     @property
