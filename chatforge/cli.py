@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, NamedTuple
 
+from chatforge import __version__
 from chatforge import options as o
 from chatforge.errors import ChatforgeError
 
@@ -110,8 +111,6 @@ def package_version() -> str:
     try:
         return importlib.metadata.version("chatforge")
     except importlib.metadata.PackageNotFoundError:
-        from chatforge import __version__
-
         return __version__
 
 

@@ -31,7 +31,6 @@ from chatforge.align.reward import load_reward_model, pref_train_config, train_r
 from chatforge.align.reward import score as reward_score
 from chatforge.align.rewards import last_number
 from chatforge.chat_format import render_prompt, turn_end_ids
-from chatforge.checkpoint import load_run
 from chatforge.device import pick_device
 from chatforge.engine import generate_batch, token_budgets
 from chatforge.errors import ChatforgeError
@@ -592,15 +591,14 @@ def cmd_prm(opts) -> None:
 
 
 def _load_verifier(path: str, tok, device, kind: str):
-
     flag = "--prm" if kind == "process" else "--orm"
-    recorded = load_run(path, device="cpu").meta.get("reward_kind", "outcome")
+    rm, rm_tok = load_reward_model(path, device)  # loaded once; its run records its kind
+    recorded = rm.kind
     if recorded != kind:
         raise ChatforgeError(
             f"{flag} {path} is an {recorded} reward model; give a `chatforge prefs prm`"
             + (" run" if kind == "process" else " --outcome (or `prefs reward`) run")
         )
-    rm, rm_tok = load_reward_model(path, device)
     if rm_tok.to_json() != tok.to_json():
         raise ChatforgeError(f"{flag} {path} has another tokenizer than the model; give one trained from it")
     return rm

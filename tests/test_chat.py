@@ -31,20 +31,14 @@ from chatforge.terminal import strip_controls
 from chatforge.tokenizer import IM_END, TOOL_CALL_OPEN, Tokenizer
 from chatforge.tools.builtin import calculator_registry
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
+
 TEXTS = [
     "Alice was born in Paris and works as a baker.",
     "Bob lives in Rome; his mother is Alice.",
     "What is 12 plus 30? It is 42.",
     "The quick brown fox jumps over the lazy dog.",
 ] * 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.quant import decode_layout
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
+
 V = 300
 # different lengths, so the batch is left-padded (up to 9 padding tokens on row 1)
 PROMPTS = [[5, 17, 3, 42, 9, 11, 200], [1, 2], [7, 8, 9, 10], [250, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -20,15 +22,6 @@ def tiny(scale: float = 6.0) -> GPT:
         for p in model.parameters():
             p.mul_(scale)
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: thread start-up costs more than the math, and the CPU is shared with other work
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

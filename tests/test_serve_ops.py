@@ -27,15 +27,9 @@ from chatforge.serve.command import bind_port, configure_logging, kv_cache_budge
 from chatforge.serve.scheduler import Job, Scheduler  # noqa: E402
 from chatforge.tokenizer import Tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
+
 ADMIN_KEY, USER_KEY = "ops-admin-key-0123456789", "ops-alice-key-0123456789"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -18,6 +17,8 @@ from chatforge.engine import BatchDecoder, Row, generate  # noqa: E402
 from chatforge.model.gpt import GPT  # noqa: E402
 from chatforge.serve.app import create_app  # noqa: E402
 from chatforge.tokenizer import TOOL_CALL_OPEN, Tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run faster on one thread
 
 MSGS = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -34,14 +35,6 @@ class Prefers(GPT):
             logits = logits.clone()
             logits[..., self.prefer] += 100.0
         return logits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.weight)  # the head starts at 0: at step 0 the reward is the likelihood
         nn.init.zeros_(self.head.bias)
         self.likelihood_weight = nn.Parameter(torch.ones(()))
+        self.kind = "outcome"  # or "process" (`chatforge prefs prm`): what its run's config.json records
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded, lengths (B,), answer_mask (B, T) 1 on the answer's tokens -> rewards (B,).
@@ -168,6 +169,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
             f"{model_dir} is not a reward model (no {HEAD_FILE}); train one with `chatforge prefs reward`"
         )
     rm = RewardModel(gpt)
+    rm.kind = meta.get("reward_kind", "outcome")
     try:
         state = load_file(str(model_dir / HEAD_FILE))
         rm.load_head_state(state)

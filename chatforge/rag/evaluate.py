@@ -73,7 +73,6 @@ def retrieval_metrics(coll: Collection, questions: list[dict], k: int, mode: str
 
 
 def _generate(model, tok, prompts_messages: list[list[dict]], max_new_tokens: int) -> list[str]:
-
     prompts = [render_prompt(tok, m) for m in prompts_messages]
     outs = generate_greedy(model, prompts, max_new_tokens, stop_ids=turn_end_ids(tok), batch_size=4)
     return ["" if o is None else tok.decode(o) for o in outs]
@@ -144,7 +143,6 @@ def markdown(result: dict) -> str:
 
 
 def cmd_rag_eval(opts: RagEvalOptions) -> dict:
-
     modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
