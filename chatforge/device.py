@@ -67,6 +67,13 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
+def wait_for_all_ranks() -> None:
+    """Every rank reaches this before any leaves: a rank that tears its process group down while
+    another still saves or syncs can abort the job at exit (gloo, seen with FSDP2)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
 def cleanup_distributed() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

@@ -26,6 +26,7 @@ from chatforge.device import (
     cleanup_distributed,
     is_sharded,
     setup_distributed,
+    wait_for_all_ranks,
 )
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
@@ -166,7 +167,9 @@ def pretrain(
             "pretrain", cfg, model, tokenizer, loader, eval_batches,
             partial(sample_text, tokenizer=tokenizer, prompts=SAMPLE_PROMPTS), dist, {"data": str(data_dir)},
         )  # fmt: skip
-        return run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
+        result = run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
+        wait_for_all_ranks()
+        return result
     finally:
         cleanup_distributed()
 

@@ -25,7 +25,7 @@ from chatforge import checkpoint as ckpt
 from chatforge.chat_format import load_conversations, render_prompt, turn_end_ids
 from chatforge.config import TrainConfig, training_config
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
-from chatforge.device import cleanup_distributed, setup_distributed
+from chatforge.device import cleanup_distributed, setup_distributed, wait_for_all_ranks
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import generate_greedy
 from chatforge.model.gpt import GPT
@@ -141,7 +141,9 @@ def sft(
             "sft", cfg, model, tokenizer, loader, eval_batches,
             lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist, meta,
         )  # fmt: skip
-        return run_training(stage, cfg, Path(out_dir), tokenizer, dist, resume=resume, progress=progress)
+        result = run_training(stage, cfg, Path(out_dir), tokenizer, dist, resume=resume, progress=progress)
+        wait_for_all_ranks()
+        return result
     finally:
         cleanup_distributed()
 
