@@ -217,7 +217,8 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
     return lines
 
 
-def _machine_words(s: dict) -> str:
+def machine_words(s: dict) -> str:
+    """Where a stage ran, in words, from what the speedrun records per stage (device.machine())."""
     gpu = f", {s['gpu']}" if s.get("gpu") else ""
     return f"{s.get('cpu', 'unknown CPU')}{gpu}, {s.get('threads', '?')} thread{'' if s.get('threads') == 1 else 's'}"
 
@@ -228,7 +229,7 @@ def _stages_section(stages: dict) -> list[str]:
     if not stages:
         return []
     total = sum(s.get("seconds", 0) for s in stages.values())
-    machines = {_machine_words(s) for s in stages.values() if "cpu" in s}
+    machines = {machine_words(s) for s in stages.values() if "cpu" in s}
     one = len(machines) == 1 and all("cpu" in s for s in stages.values())
     lines = ["## Stages", ""]
     if one:
@@ -239,7 +240,7 @@ def _stages_section(stages: dict) -> list[str]:
     lines += [head, rule]
     for name, s in stages.items():
         share = f"{100 * s.get('seconds', 0) / total:.1f}%" if total else "–"
-        where = "" if one else f" {_machine_words(s) if 'cpu' in s else 'not recorded'} |"
+        where = "" if one else f" {machine_words(s) if 'cpu' in s else 'not recorded'} |"
         lines.append(f"| {name} | {_fmt(s.get('seconds'), 1)} | {share} |{where}")
     lines += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | 100% |" + ("" if one else " |"), ""]
     return lines

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chatforge.fileio import atomic_write_json, atomic_write_text
+from chatforge.report import machine_words
 
 # units: "%" (a share, stored 0-1, shown x100), "points" (a difference of shares, stored 0-1),
 # "s", "min", and "" (a plain number such as bits per byte)
@@ -42,6 +44,20 @@ def spread(values: list[float]) -> Spread:
 
 def spread_dict(values: list[float], digits: int = 4) -> dict:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in asdict(spread(values)).items()}
+
+
+def code_commit(root: Path | None = None) -> str:
+    """The git commit the code runs at ("+changes" when the tree differs from it), so a figure names
+    the commit it was measured at; "unknown" outside a git checkout."""
+    root = Path(root) if root else Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
 
 
 def _load(path: Path) -> dict | None:
@@ -115,11 +131,13 @@ def tabulate(runs: dict[int, Path]) -> dict:
             "per_seed": {str(s): round(v, 6) for s, v in values.items()},
             **spread_dict(list(values.values()), digits=6),
         }
-    samples = {}
+    samples, machines = {}, {}
     for seed, path in runs.items():
         evaluation = _load(Path(path) / "eval" / "eval.json") or {}
         samples[str(seed)] = evaluation.get("samples", [])
-    return {"seeds": [int(s) for s in runs], "figures": table, "samples": samples}
+        stages = _load(Path(path) / "stages.json") or {}
+        machines[str(seed)] = sorted({machine_words(s) for s in stages.values() if "cpu" in s})
+    return {"seeds": [int(s) for s in runs], "figures": table, "samples": samples, "machines": machines}
 
 
 def _show(value: float, unit: str) -> str:
@@ -151,6 +169,15 @@ def seeds_markdown(table: dict, title: str = "Speedrun over world seeds") -> str
         f"World seeds {', '.join(seeds)}. Shares in %, changes in percentage points, times in seconds "
         "(std: sample standard deviation over the seeds; – where a seed has no such figure).",
         "",
+    ]
+    machines = sorted({m for ms in table.get("machines", {}).values() for m in ms})
+    if machines:
+        lines += [
+            f"Measured on {'; '.join(machines)}"
+            + (f", commit {table['commit']}." if "commit" in table else "."),
+            "",
+        ]
+    lines += [
         "| figure | mean | min – max | std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(seeds),
     ]
@@ -172,7 +199,7 @@ def seeds_markdown(table: dict, title: str = "Speedrun over world seeds") -> str
 
 def write_seed_table(runs: dict[int, Path], out: Path) -> tuple[Path, Path]:
     """OUT/seeds.json and OUT/seeds.md for the seed -> run folder map, with the machine they ran on."""
-    table = tabulate(runs)
+    table = {**tabulate(runs), "commit": code_commit()}
     atomic_write_json(Path(out) / "seeds.json", table)
     md = Path(out) / "seeds.md"
     atomic_write_text(md, seeds_markdown(table))

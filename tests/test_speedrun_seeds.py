@@ -71,6 +71,9 @@ def test_table_has_every_task_and_stage_with_mean_and_spread(sweep):
     for name in figures:
         assert f"| {name} |" in md, name
     assert "| figure | mean | min – max | std | seed 0 | seed 1 |" in md
+    machine = f"{stages['pretrain']['cpu']}, 1 thread"
+    assert table["machines"] == {"0": [machine], "1": [machine]}
+    assert f"Measured on {machine}, commit {table['commit']}." in md and table["commit"] != "unknown"
 
 
 def test_a_rerun_reuses_finished_stages(sweep, capsys):
