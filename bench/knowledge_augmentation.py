@@ -64,16 +64,17 @@ class Recipe:
 
 _MODEL = dict(depth=4, model={"n_embd": 192}, seq_len=128, warmup_steps=20, lr=3e-3)  # 1.97M parameters
 RECIPES = {
-    # 3 seeds x 2 settings in about an hour on one shared core: 60 people, 8 x 128-token rows
-    # (smaller batches extract better at equal tokens: docs/benchmarks.md's preset sweep)
+    # 3 seeds x 2 settings in about an hour on one shared core: 40 people (18 with QA text, 18 asked),
+    # 500 steps of 8 x 128-token rows, about 20 passes over the 5-biography text (60 people and 13
+    # passes reached 64% held-out; smaller batches extract better at equal tokens: docs/benchmarks.md)
     "full": Recipe(
-        people=60,
+        people=40,
         heldout=4,
         qa_phrasings=2,
         vocab_size=1024,
         eval_points=2,
         max_questions=600,
-        train={**_MODEL, "device_batch_size": 8, "max_steps": 600},
+        train={**_MODEL, "device_batch_size": 8, "max_steps": 500},
     ),  # fmt: skip
     # --quick: the same contrast smaller, in a few minutes on one core (`make bench-check`)
     "quick": Recipe(

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="preset override, for every seed (world.seed is set per seed)")  # fmt: skip
     ap.add_argument("--until", default=None, metavar="STAGE", help="stop each seed after this stage")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--tabulate-only",
+        action="store_true",
+        help="run nothing: tabulate the OUT/seed-N folders as they are",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
@@ -40,6 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         runs = {}
         for seed in args.seeds:
             runs[seed] = out / f"seed-{seed}"
+            if args.tabulate_only:
+                if not runs[seed].is_dir():
+                    raise ChatforgeError(
+                        f"no run folder {runs[seed]} to tabulate; run without --tabulate-only"
+                    )
+                continue
             print(f"=== world seed {seed}: {runs[seed]}", flush=True)
             speedrun(args.preset, runs[seed], [*args.overrides, f"world.seed={seed}"],
                      progress=not args.no_progress, until=args.until)  # fmt: skip

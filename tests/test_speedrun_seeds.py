@@ -179,3 +179,16 @@ def test_unknown_stage_for_until_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _bench().main(["--seeds", "0", "--out", str(tmp_path), "--preset", "smoke", "--until", "nope"])
     assert "unknown stage 'nope'" in capsys.readouterr().err
+
+
+def test_tabulate_only_reads_the_folders_and_runs_nothing(sweep, tmp_path, capsys):
+    (tmp_path / "seed-0").symlink_to(sweep / "seed-0")
+    _bench().main(["--seeds", "0", "--out", str(tmp_path), "--preset", "smoke", "--tabulate-only"])
+    assert "running" not in capsys.readouterr().out
+    table = json.loads((tmp_path / "seeds.json").read_text())
+    assert table["figures"]["eval/world_forward"]["per_seed"]["0"] == pytest.approx(
+        _eval_values(sweep / "seed-0")["world_forward"], abs=1e-6
+    )
+    with pytest.raises(SystemExit):
+        _bench().main(["--seeds", "7", "--out", str(tmp_path), "--tabulate-only"])
+    assert "no run folder" in capsys.readouterr().err
