@@ -217,6 +217,35 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
     return lines
 
 
+def machine_words(s: dict) -> str:
+    """Where a stage ran, in words, from what the speedrun records per stage (device.machine())."""
+    gpu = f", {s['gpu']}" if s.get("gpu") else ""
+    return f"{s.get('cpu', 'unknown CPU')}{gpu}, {s.get('threads', '?')} thread{'' if s.get('threads') == 1 else 's'}"
+
+
+def _stages_section(stages: dict) -> list[str]:
+    """Seconds and share of the total per stage, and the machine they ran on (per stage when they differ,
+    as when a run was resumed elsewhere)."""
+    if not stages:
+        return []
+    total = sum(s.get("seconds", 0) for s in stages.values())
+    machines = {machine_words(s) for s in stages.values() if "cpu" in s}
+    one = len(machines) == 1 and all("cpu" in s for s in stages.values())
+    lines = ["## Stages", ""]
+    if one:
+        lines += [f"Measured on {machines.pop()}.", ""]
+    head, rule = ("| stage | seconds | share |", "|---|---:|---:|")
+    if not one:
+        head, rule = head + " machine |", rule + "---|"
+    lines += [head, rule]
+    for name, s in stages.items():
+        share = f"{100 * s.get('seconds', 0) / total:.1f}%" if total else "–"
+        where = "" if one else f" {machine_words(s) if 'cpu' in s else 'not recorded'} |"
+        lines.append(f"| {name} | {_fmt(s.get('seconds'), 1)} | {share} |{where}")
+    lines += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | 100% |" + ("" if one else " |"), ""]
+    return lines
+
+
 def _training_section(title: str, folder: Path, summary_name: str, run: Path) -> list[str]:
     summary = _load(folder / summary_name)
     if summary is None:
@@ -252,11 +281,7 @@ def build_report(run: Path) -> Path:
     out = [f"# chatforge report: {run.name}", ""]
     if preset:
         out += [f"Preset `{preset.get('name')}`: {preset.get('description', '')}.", ""]
-    if stages:
-        out += ["## Stages", "", "| stage | seconds |", "|---|---|"]
-        out += [f"| {name} | {_fmt(s.get('seconds'), 1)} |" for name, s in stages.items()]
-        total = sum(s.get("seconds", 0) for s in stages.values())
-        out += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |", ""]
+    out += _stages_section(stages)
 
     world = _load(run / "world" / "manifest.json")
     if world:

@@ -40,6 +40,7 @@ from chatforge.conversations import (
 )
 from chatforge.data.pipeline import build_shards, train_tokenizer
 from chatforge.data.sources import iter_documents
+from chatforge.device import machine
 from chatforge.errors import ChatforgeError
 from chatforge.eval.suite import evaluate_world
 from chatforge.eval.tools import load_tool_problems
@@ -207,7 +208,9 @@ def speedrun(
         earlier = status.get(name, {}).get(
             "seconds", 0.0
         )  # a stage resumed after a stop: add up its sessions
-        status[name] = {"seconds": round(earlier + time.perf_counter() - t0, 2), "result": result}
+        status[name] = {
+            "seconds": round(earlier + time.perf_counter() - t0, 2), "result": result, **machine(),
+        }  # fmt: skip
         atomic_write_json(status_path, status)
         print(f"[{name}] finished in {status[name]['seconds']:.1f}s")
         if name == until:
