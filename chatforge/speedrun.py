@@ -68,6 +68,7 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
     data = build_sft_data(
         world, seed=seed, eval_fraction=d.eval_fraction, convs_per_person=d.convs_per_person,
         qa_phrasings=d.qa_phrasings, tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
+        n_pretrain_assistant=d.assistant_chats_in_pretrain,
     )  # fmt: skip
     manifest = write_sft_data(data, out / "sft_data")
     chats = pretrain_chats(world, data, seed=seed, qa_phrasings=d.qa_phrasings, qa=d.qa_in_pretrain)
