@@ -331,8 +331,10 @@ class RLOptions(TrainingOptions):
     )  # fmt: skip
     world: str | None = opt(None, "world folder, for --problems world|tools")
     val_problems: str | None = opt(
-        None, "held-out problems (default: the world's evaluation people, or 10%% of --problems)", metavar="FILE"
-    )
+        None, "validation problems: the run keeps the model that scores best on them (default: a tenth of "
+        "--problems, at most --eval-problems; with a world, the evaluation people are held out apart)",
+        metavar="FILE",
+    )  # fmt: skip
     out: str = opt(None, "run folder for the RL model", metavar="RUN", required=True)
     reward: str = opt("exact", "exact (default), number, calculator, or rm:RUN (a reward model)")
     resume: bool = opt(False, _RESUME_HELP)

@@ -89,20 +89,37 @@ def tool_problems(world: World, people: list[Person], n: int, seed: int = 0) -> 
     return out
 
 
+def split_validation(problems: list[dict], n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, validation): `n` problems (at most a tenth, at least one) taken out by a seeded shuffle.
+    The validation problems pick RL's best checkpoint; they are never trained on, and being drawn
+    from the training pool they are never the held-out ones."""
+    if len(problems) < 2:
+        raise ChatforgeError("need at least 2 problems to keep some for validation")
+    order = list(range(len(problems)))
+    random.Random(f"chatforge-rl-validation:{seed}").shuffle(order)
+    n_val = max(1, min(n, len(problems) // 10))
+    return [problems[i] for i in order[n_val:]], [problems[i] for i in order[:n_val]]
+
+
 def speedrun_problems(
     world: World,
     sft_people: list[Person],
     eval_people: list[Person],
     cfg: RLConfig,
     asked: set[str] = frozenset(),
-) -> tuple[list[dict], list[dict]]:
-    """(train, held out) of the speedrun's rl stage. Train: forward fact questions about the SFT people,
-    as many small sums, and `cfg.tool_problems` calculator problems (none whose question is in `asked`,
-    the evaluation's). Without the calculator problems RL learns "a question about a person needs no
-    tool" and word problems collapse (measured: 97.5% -> 55.3%). Held out: fact questions about the
-    evaluation people and new sums."""
-    train = world_problems(world, sft_people, cfg.seed)
-    train += [
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, held out) of the speedrun's rl stage. The pool: forward fact questions
+    about the SFT people, as many small sums, and `cfg.tool_problems` calculator problems (none whose
+    question is in `asked`, the evaluation's). Without the calculator problems RL learns "a question
+    about a person needs no tool" and word problems collapse (measured: 97.5% -> 55.3%). Validation:
+    `cfg.eval_problems` of the pool, kept out of training. Held out: fact questions about the
+    evaluation people and new sums, a small sum the pool also has removed from it."""
+    pool = world_problems(world, sft_people, cfg.seed)
+    pool += [
         p for p in tool_problems(world, sft_people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
     ]
-    return train, world_problems(world, eval_people or sft_people, cfg.seed + 1)
+    held_out = world_problems(world, eval_people or sft_people, cfg.seed + 1)
+    held_questions = {p["messages"][-1]["content"] for p in held_out}
+    pool = [p for p in pool if p["messages"][-1]["content"] not in held_questions]
+    train, validation = split_validation(pool, cfg.eval_problems, cfg.seed)
+    return train, validation, held_out
