@@ -331,8 +331,8 @@ class RLOptions(TrainingOptions):
     )  # fmt: skip
     world: str | None = opt(None, "world folder, for --problems world|tools")
     val_problems: str | None = opt(
-        None, "validation problems: the run keeps the model that scores best on them (default: a tenth of "
-        "--problems, at most --eval-problems; with a world, the evaluation people are held out apart)",
+        None, "validation problems: the run keeps the model that scores best on them (default: with a "
+        "world, problems about half the evaluation people, the other half held out; else a tenth of --problems)",
         metavar="FILE",
     )  # fmt: skip
     out: str = opt(None, "run folder for the RL model", metavar="RUN", required=True)

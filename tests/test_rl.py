@@ -186,6 +186,26 @@ def test_grpo_raises_the_reward_on_a_toy_task(run_dir, tmp_path):
     assert summary["val_reward_start"] == 0.0 and summary["val_reward_last"] >= 0.75
 
 
+def test_the_kl_is_to_the_frozen_starting_model(run_dir, tmp_path):
+    """With --kl-beta the KL is measured against a frozen copy of the starting model: zero on the first
+    step's one update (the policy is still that model), above zero once the policy has moved, as it
+    would never be against the moving policy."""
+
+    def contains_e(messages, text, example):
+        return float("e" in text)
+
+    problems = [{"messages": [{"role": "user", "content": f"Say something {i}."}]} for i in range(8)]
+    cfg = RLConfig(steps=4, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=3e-3, warmup_steps=0,
+                   eval_every=0, kl_beta=0.1, epochs=1, device="cpu", seed=0)  # fmt: skip
+    grpo(run_dir, problems, problems[:4], tmp_path / "kl", cfg, contains_e, progress=False)
+    kl = [
+        r["kl"]
+        for r in map(json.loads, (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines())
+        if "kl" in r
+    ]
+    assert len(kl) == 4 and abs(kl[0]) < 1e-5 and kl[-1] > 1e-3
+
+
 def test_grpo_keeps_the_step_that_scores_best_on_validation(run_dir, tmp_path):
     """Training rewards an 'e', validation rewards its absence: as training succeeds validation falls,
     so the run must keep step 0, the starting weights, and not the last step's."""
@@ -286,16 +306,25 @@ def test_tool_problems_are_checkable():
     # the speedrun's mix: facts + sums + calculator problems, never one the evaluation asks
     _, others = split_people(world)
     asked = {problems[0]["question"]}
-    cfg = RLConfig(tool_problems=40, eval_problems=20, seed=3)
+    cfg = RLConfig(tool_problems=40, eval_problems=30, seed=3)
     train, val, held_out = speedrun_problems(world, people, others, cfg, asked)
     assert {"arithmetic", "word"} <= {p["kind"] for p in train}
-    assert asked.isdisjoint(p["messages"][-1]["content"] for p in train + val)
-    assert {p["person_id"] for p in held_out if p.get("person_id") is not None} <= {p.id for p in others}
-    # validation: 20 of the pool, about the SFT people, never a training or a held-out question
     question = lambda ps: {p["messages"][-1]["content"] for p in ps}  # noqa: E731
-    assert len(val) == 20 and {"arithmetic", "word"} & {p["kind"] for p in val}
+    person = lambda ps: {p["person_id"] for p in ps if p.get("person_id") is not None}  # noqa: E731
+    assert asked.isdisjoint(question(train + val + held_out))
+    assert person(train) <= {p.id for p in people}
+    # validation and held out: about the two halves of the evaluation people, never one question in two sets
+    assert person(val) | person(held_out) <= {p.id for p in others} and person(val).isdisjoint(
+        person(held_out)
+    )
     assert question(val).isdisjoint(question(held_out)) and question(val).isdisjoint(question(train))
-    assert {p["person_id"] for p in val if p.get("person_id") is not None} <= {p.id for p in people}
+    assert question(train).isdisjoint(question(held_out))
+    kinds = [p["kind"] for p in val]  # a third facts, a third small sums, a third calculator problems
+    assert (
+        25 <= len(val) <= 30
+        and kinds.count("word") >= 1
+        and sum(k not in ("arithmetic", "word") for k in kinds) == 10
+    )
     assert speedrun_problems(world, people, others, cfg, asked)[1] == val  # seeded
 
 

@@ -60,7 +60,13 @@ import torch
 from chatforge import checkpoint as ckpt
 from chatforge.align import pad_right, token_logps
 from chatforge.align.prefs import batch_indices
-from chatforge.align.problems import load_problems, split_validation, tool_problems, world_problems
+from chatforge.align.problems import (
+    load_problems,
+    split_people_for_validation,
+    split_validation,
+    tool_problems,
+    world_problems,
+)
 from chatforge.align.rewards import RewardFn, exact_answer, get_reward, score_all
 from chatforge.chat_format import render_conversation, render_prompt, turn_end_ids
 from chatforge.config import RLConfig, training_config
@@ -604,9 +610,11 @@ class GRPOStep:
 
 def resolve_problems(args: RLOptions, cfg: RLConfig) -> tuple[list[dict], list[dict], list[dict], dict]:
     """(train, validation, held-out, what to record in config.json) from the CLI options. With a world,
-    the held-out problems ask about the evaluation people and validation is a split of the training
-    problems; from a file, validation is --val-problems or a tenth of the problems, and none is held out."""
+    training asks about the SFT people, validation about half the evaluation people and the held-out
+    problems about the other half (`split_people_for_validation`); from a file, validation is a tenth
+    of the problems and none is held out. --val-problems replaces the validation problems."""
     held_out: list[dict] = []
+    val: list[dict] = []
     if args.problems in ("world", "tools"):
         if not args.world:
             raise ChatforgeError(
@@ -614,12 +622,16 @@ def resolve_problems(args: RLOptions, cfg: RLConfig) -> tuple[list[dict], list[d
             )
         world = load_world(args.world)
         sft_people, eval_people = split_people(world, seed=world.seed)  # the split the speedrun's SFT used
+        val_people, held_people = split_people_for_validation(eval_people, cfg.seed)
+        val_people, held_people = val_people or sft_people, held_people or sft_people  # a tiny world
         if args.problems == "world":
             train = world_problems(world, sft_people, cfg.seed)
-            held_out = world_problems(world, eval_people or sft_people, cfg.seed + 1)
+            val = world_problems(world, val_people, cfg.seed + 2)
+            held_out = world_problems(world, held_people, cfg.seed + 1)
         else:  # word problems about the SFT people to train on, about the evaluation people held out
             train = tool_problems(world, sft_people, cfg.tool_problems, cfg.seed)
-            held_out = tool_problems(world, eval_people or sft_people, cfg.eval_problems, cfg.seed + 1)
+            val = tool_problems(world, val_people, cfg.eval_problems, cfg.seed + 2)
+            held_out = tool_problems(world, held_people, cfg.eval_problems, cfg.seed + 1)
         source = {"problems": args.problems, "world": str(args.world)}
     else:
         train = load_problems(args.problems)
@@ -627,7 +639,7 @@ def resolve_problems(args: RLOptions, cfg: RLConfig) -> tuple[list[dict], list[d
     if args.val_problems:
         val = load_problems(args.val_problems)
         source["val_problems"] = str(args.val_problems)
-    else:
+    elif not val:
         train, val = split_validation(train, cfg.eval_problems, cfg.seed)
     return train, val, held_out, source
 
