@@ -331,8 +331,10 @@ class RLOptions(TrainingOptions):
     )  # fmt: skip
     world: str | None = opt(None, "world folder, for --problems world|tools")
     val_problems: str | None = opt(
-        None, "held-out problems (default: the world's evaluation people, or 10%% of --problems)", metavar="FILE"
-    )
+        None, "validation problems: the run keeps the model that scores best on them (default: with a "
+        "world, problems about half the evaluation people, the other half held out; else a tenth of --problems)",
+        metavar="FILE",
+    )  # fmt: skip
     out: str = opt(None, "run folder for the RL model", metavar="RUN", required=True)
     reward: str = opt("exact", "exact (default), number, calculator, or rm:RUN (a reward model)")
     resume: bool = opt(False, _RESUME_HELP)

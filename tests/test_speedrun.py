@@ -218,7 +218,10 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
             "rl.eval_every=1", "rl.eval_problems=4", "rl.tool_problems=20"]  # fmt: skip
     status = speedrun("smoke", out, sets, progress=False)
     rl = status["rl"]["result"]
-    assert rl["steps"] == 2 and rl["val_problems"] == 4 and set(rl["after"]) == {"world_forward", "tools_on"}
+    assert rl["steps"] == 2 and rl["val_problems"] == 4 and rl["heldout_problems"] == 4
+    assert set(rl["after"]) == set(status["eval"]["result"]) == set(rl["changes"])  # every task, after RL too
+    assert all(c["before"] == round(status["eval"]["result"][t], 4) for t, c in rl["changes"].items())
+    assert rl["worse"] == [t for t, c in rl["changes"].items() if c["worse"]]
     _, meta, _ = load_model(out / "rl")
     assert meta["stage"] == "rl" and meta["rl"]["tools"] is True and meta["reward"] == "exact"
     report = (out / "report.md").read_text()
@@ -227,7 +230,9 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
         "| task | assistant (SFT) | after RL | n |" in report
         and "![reinforcement learning](rl/rl.png)" in report
     )
-    assert (out / "rl" / "rl.png").stat().st_size > 1000
+    for png in ("rl.png", "rl_pass1.png"):
+        assert (out / "rl" / png).stat().st_size > 1000
+    assert "Held-out pass@1" in report and "![pass@1 against step](rl/rl_pass1.png)" in report
     capsys.readouterr()
     speedrun("smoke", out, sets, progress=False)  # finished: skipped on a rerun, the off stage too
     assert capsys.readouterr().out.count("done already") == len(STAGES)

@@ -9,7 +9,6 @@ one, `engine_generator`, renders each conversation with chat_format and decodes 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from chatforge.chat_format import parse_assistant, render_prompt, turn_end_ids
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
+from chatforge.eval.base import wilson
 from chatforge.fileio import atomic_write_text
 from chatforge.redteam.defenses import DefenseStack, InputBlocked, canary_line, with_system_line
 from chatforge.redteam.detectors import DETECTORS, contains_target
@@ -143,16 +143,6 @@ def run_attacks(
         if o.answer is not None:
             o.hits = {d: bool(DETECTORS[d](o.answer, o.attack)) for d in o.attack.detectors}
     return outcomes
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def asr_table(outcomes: list[Outcome]) -> list[dict]:
