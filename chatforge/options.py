@@ -560,6 +560,14 @@ class ServeOptions:
         [], "with --defenses output-policy: hosts answers may link to (comma-separated or repeated)",
         metavar="HOST", repeatable=True,
     )  # fmt: skip
+    # collections on the server (the web page's documents; docs/web.md "Your documents")
+    rag_root: str | None = opt(None, _RAG_ROOT_HELP + "; each user's are under _users/USER", metavar="DIR")
+    rag_embedding: str = opt(
+        "all-MiniLM-L6-v2", "embedding model of collections made on the server (hash-384: no `rag` extra needed)",
+        metavar="NAME",
+    )  # fmt: skip
+    max_upload_mb: float = opt(16.0, "largest upload of files into a collection, in MiB, files together (default 16)", metavar="MB")
+    max_documents: int = opt(1000, "documents per collection at most (default 1000)")
 
 
 

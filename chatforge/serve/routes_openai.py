@@ -22,6 +22,7 @@ from chatforge.chat_format import encode_with_specials, render_prompt, tool_call
 from chatforge.constrain import ANY_OBJECT, JsonConstraint, guidance_tokenizer, json_grammar
 from chatforge.errors import ChatforgeError
 from chatforge.rag.answer import document_objects, rag_prompt
+from chatforge.serve.auth import User
 from chatforge.serve.protocol import (
     MAX_N,
     APIError,
@@ -33,6 +34,7 @@ from chatforge.serve.protocol import (
     stop_strings,
     token_budget,
 )
+from chatforge.serve.routes_rag import existing
 from chatforge.serve.routes_store import conversation_for, store_request
 from chatforge.serve.state import Caller, ServerState, State
 from chatforge.serve.streaming import (
@@ -158,7 +160,7 @@ class ChatPrompt:
     documents: list[dict] | None = None
 
 
-def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
+def _chat_prompt(srv: ServerState, req: ChatCompletionRequest, user: User) -> ChatPrompt:
     """The request as a prompt; 400 for what is not supported. Tools as OpenAI has them: the
     schemas go into the prompt, a call comes back as tool_calls (finish_reason "tool_calls"), and
     the client runs it and sends a tool message."""
@@ -171,8 +173,10 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
     messages = [_message(m) for m in req.messages]
     prompt, documents = messages, None
     if req.collection is not None:  # the documents go into the prompt; the stored conversation stays as asked
+        place = existing(srv, user, req.collection, param="collection", missing=400)  # the caller's own only
         try:
-            rag = rag_prompt(req.collection, messages, srv.tok, srv.ctx - min(_answer_room(srv, req), srv.ctx // 4))
+            budget = srv.ctx - min(_answer_room(srv, req), srv.ctx // 4)
+            rag = rag_prompt(place.name, messages, srv.tok, budget, root=place.root)
         except ChatforgeError as e:
             raise APIError(400, str(e), param="collection") from None
         prompt, documents = rag.messages, document_objects(rag.hits)
@@ -232,7 +236,7 @@ def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callab
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    prompt = await run_in_threadpool(_chat_prompt, srv, req)
+    prompt = await run_in_threadpool(_chat_prompt, srv, req, user)
     messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
     if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
         reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids), srv.verifiers)
