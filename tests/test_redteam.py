@@ -148,6 +148,24 @@ def _aim(a: Attack) -> str:
     return "target" if a.probe == "dan" else a.probe.rsplit("-", 1)[1]
 
 
+def test_model_judge_asks_with_the_rubric_and_reads_one_letter(monkeypatch):
+    from chatforge.redteam import detectors
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["A B the answer acted echoed"] * 5, 300)
+    replies = iter(["A", " B.", "maybe", "A"])
+    seen = []
+
+    def scripted(model, prompts, max_new_tokens, **kw):  # the engine's interface, scripted replies
+        seen.extend(tok.decode(p) for p in prompts)
+        return [tok.encode(next(replies)) for _ in prompts]
+
+    monkeypatch.setattr(detectors, "generate_batch", scripted)
+    items = [(f"answer {i}", "the instruction") for i in range(4)]
+    assert detectors.model_judge(None, tok, items, batch_size=3) == [True, False, None, True]
+    assert len(seen) == 4 and all(detectors.JUDGE_RUBRIC in p and "Instruction: the instruction" in p for p in seen)
+
+
 def test_labelled_answers_bad_rows_fail_in_one_line(tmp_path):
     bad = tmp_path / "labels.jsonl"
     bad.write_text('{"aim": "exfil", "answer": "x", "label": "maybe"}\n')
