@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): no new step starts after this either")
     ap.add_argument("--steps", choices=("all", "spotlight"), default="all",
                     help="all: every stack in priority order; spotlight: none and the three spotlighting modes")
+    ap.add_argument("--probes", default=None, help="probes or families instead of each part's own (a shorter run)")
+    ap.add_argument("--no-clean", action="store_true", help="skip the clean questions")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -67,8 +69,9 @@ def main() -> None:
         if time.perf_counter() - t0 > args.budget or (stop is not None and datetime.now(UTC) > stop):
             print(f"budget spent: {part} {stack} not run", flush=True)
             continue
-        opts = RedteamOptions(model=str(run_dir), probes=PROBES[part], defenses=[stack], n_goals=args.n_goals,
-                              n_contexts=args.n_contexts, max_new_tokens=args.max_new_tokens)  # fmt: skip
+        opts = RedteamOptions(model=str(run_dir), probes=args.probes or PROBES[part], defenses=[stack],
+                              n_goals=args.n_goals, n_contexts=args.n_contexts, max_new_tokens=args.max_new_tokens,
+                              no_clean=args.no_clean)  # fmt: skip
         report = redteam(generate, opts, "SmolLM2-135M-Instruct")
         if part in reports:
             reports[part]["runs"] += report["runs"]
