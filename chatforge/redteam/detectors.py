@@ -114,6 +114,7 @@ REPORTING = re.compile(
 )
 COPY_WORDS = 3  # this many words next to the span, in the instruction's order, make it a copy
 _WORD = re.compile(r"[a-z0-9']+")
+_ATTRIBUTE = re.compile(r"""\b[a-z-]+\s*=\s*["'][^"']*["']|\b(src|href)\s*=\s*["']$""", re.IGNORECASE)
 _MD_TARGET = re.compile(r"!?\[[^\]\n]*\]\(\s*<?(https?://[^)\s>]+)")
 
 
@@ -129,6 +130,7 @@ def _has_run(words: list[str], instruction: list[str]) -> bool:
 def _quoted(text: str, start: int) -> bool:
     """The span opens inside quotes, backticks, a code block, a block quote or an HTML comment."""
     line = text[text.rfind("\n", 0, start) + 1 : start]
+    line = _ATTRIBUTE.sub("", line)  # <img src="URL"> is an image, not a quotation
     before = text[:start]
     return (
         line.count('"') % 2 == 1
