@@ -49,7 +49,7 @@ from chatforge.serve.streaming import (
     stream_response,
     usage,
 )
-from chatforge.think import Thinker, parse_request_think, think
+from chatforge.think import Thinker, parse_request_think, think_defended
 from chatforge.tokenizer import TOOL_CALL_OPEN
 
 router = APIRouter()
@@ -151,13 +151,15 @@ def _tool_choice(srv: ServerState, req: ChatCompletionRequest) -> ToolChoice:
 class ChatPrompt:
     """A chat request made ready to generate: the messages as asked (what is stored), the prompt's
     ids, what tool_choice asks, how many old messages `trim_history` left out, and the chunks a
-    `collection` put into the prompt (None without one)."""
+    `collection` put into the prompt (None without one); `grounded` is the prompt's messages before
+    the defenses (the request's, with the collection's documents), what a think strategy answers."""
 
     messages: list[dict]
     ids: list[int]
     tool_choice: ToolChoice
     left_out: int = 0
     documents: list[dict] | None = None
+    grounded: list[dict] | None = None
 
 
 def _chat_prompt(srv: ServerState, req: ChatCompletionRequest, user: User) -> ChatPrompt:
@@ -180,6 +182,7 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest, user: User) -> Ch
         except ChatforgeError as e:
             raise APIError(400, str(e), param="collection") from None
         prompt, documents = rag.messages, document_objects(rag.hits)
+    grounded = prompt
     try:
         if srv.defenses is not None:  # the request's own turns and any retrieved documents; InputBlocked: 400
             prompt = srv.defenses.prepare(prompt)
@@ -189,7 +192,7 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest, user: User) -> Ch
             ids, left_out = _trimmed_prompt(srv, req, prompt, choice.tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return ChatPrompt(messages, ids, choice, left_out, documents)
+    return ChatPrompt(messages, ids, choice, left_out, documents, grounded)
 
 
 def _answer_room(srv: ServerState, req: ChatCompletionRequest) -> int:
@@ -239,8 +242,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
     prompt = await run_in_threadpool(_chat_prompt, srv, req, user)
     messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
     if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
-        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids), srv.verifiers)
-        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply}
+        reply = await run_in_threadpool(serve_think, srv, req, prompt.grounded, len(ids), srv.verifiers)
+        documents = {"documents": prompt.documents} if prompt.documents is not None else {}
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply, **documents}
     constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
     if constraint is not None and tool_choice.forced_ids:
         raise APIError(
@@ -349,7 +353,9 @@ _THINKING = threading.Lock()  # one thinking request at a time beside the schedu
 
 
 def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict | None = None) -> dict:
-    """A chat completion answered by the request's "think" strategy (run in the thread pool). The
+    """A chat completion answered by the request's "think" strategy (run in the thread pool), behind the
+    server's --defenses as every answer is (think_defended: the input scanners and spotlighting
+    before, the answer checks and the tool gate after, on the answer and every candidate). The
     usage counts every token the strategy generated as completion tokens, as OpenAI counts reasoning
     tokens, with `completion_tokens_details.reasoning_tokens` = those not in the answer returned."""
     try:
@@ -369,7 +375,7 @@ def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict |
     )  # fmt: skip
     try:
         with _THINKING:
-            r = think(th, spec, messages)
+            r = think_defended(th, spec, messages, srv.defenses)
     except ChatforgeError as e:
         raise APIError(400, str(e).replace("pass --", "start chatforge serve with --"), param="think") from None
     answer_tokens = len(srv.tok.encode(r.text))
