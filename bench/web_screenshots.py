@@ -1,5 +1,5 @@
-"""Screenshots of the web page at desktop (1280x800) and phone (390x844) width, and of the compare
-view, for docs/web.md.
+"""Screenshots of the web page at desktop (1280x800) and phone (390x844) width, of the compare
+view, and of a cited document opened from an answer, for docs/web.md.
 
     PYTHONPATH=. python bench/web_screenshots.py [--out docs/img]
 
@@ -12,6 +12,7 @@ e.g. Debian's fonts-noto-color-emoji, for the rating buttons to show)."""
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import tempfile
 import threading
@@ -26,6 +27,7 @@ from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.serve.app import create_app
 from chatforge.serve.command import uvicorn_config
 from chatforge.serve.feedback import FeedbackStore
+from chatforge.serve.state import RagSettings
 from chatforge.tokenizer import Tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -89,6 +91,50 @@ def compare_screenshot(browser, url: str, path: Path) -> None:
     page.close()
 
 
+KEEPER = """# Lighthouse
+
+The lighthouse keeper is Marta Quill. She has lived on Gull Rock since 1994 and lights the lamp at dusk.
+
+# Supplies
+
+A boat brings water, oil and letters every second Tuesday.
+"""
+CITED = "The keeper is **Marta Quill**, who has lived on Gull Rock since 1994 [1]. Supplies come by boat every second Tuesday [2]."
+
+
+def documents_screenshot(browser, url: str, path: Path) -> None:
+    """A file uploaded through the page into a collection, an answer that cites it, and the cited chunk
+    opened. The upload, the collection and the chunk are real (the server's routes); the answer is
+    canned (a random model would cite nothing): its documents are what retrieval returns."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    page.click("#documents summary")
+    page.fill("#upload-name", "lighthouse")
+    page.set_input_files("#upload-files", [{"name": "keeper.md", "mimeType": "text/markdown", "buffer": KEEPER.encode()}])
+    page.click("#upload-send")
+    page.wait_for_selector("#collection-files li")
+    question = "Who keeps the lighthouse, and how do supplies come?"
+    found = page.evaluate(
+        """async (q) => (await (await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({model: "demo", messages: [{role: "user", content: q}], max_tokens: 1, collection: "lighthouse"})})).json()).documents""",
+        question,
+    )
+    head = {"id": "chatcmpl-demo", "object": "chat.completion.chunk", "created": 0, "model": "demo"}
+    events = [{**head, "choices": [], "documents": found},
+              {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": CITED}, "finish_reason": "stop"}]}]  # fmt: skip
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(body=stream, content_type="text/event-stream"))
+    page.fill("#input", question)
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-done='1'] button.cite")
+    page.click(".msg.assistant button.cite")
+    page.wait_for_selector("#chunk-view[open]")
+    page.screenshot(path=str(path))
+    print(path)
+    page.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="docs/img", help="folder for web_desktop.png and web_phone.png")
@@ -96,14 +142,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    tok = Tokenizer.train([ANSWER] * 20, 400)
+    tok = Tokenizer.train([ANSWER] * 20 + [KEEPER] * 20, 400)
     model = GPT(GPTConfig(vocab_size=400, seq_len=512, n_layer=1, n_embd=32, n_head=4, n_kv_head=2)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         store = FeedbackStore(Path(tmp) / "fb.sqlite")
         for title in ("Sorting in Python", "A poem about the sea", "Which are the largest planets?"):
             cid = store.create_conversation(title=title, model="demo", source="web", owner="local")["id"]
         store.store_path(cid, CONVERSATION, owner="local")
-        app = create_app(model, tok, model_id="demo", store=store, max_batch=2)
+        rag = RagSettings(root=Path(tmp) / "rag", embedding="hash-384")
+        app = create_app(model, tok, model_id="demo", store=store, max_batch=2, rag=rag)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn_config(app))
@@ -131,6 +178,7 @@ def main() -> None:
                     print(out / f"{name}.png")
                     page.close()
                 compare_screenshot(browser, url, out / "web_compare.png")
+                documents_screenshot(browser, url, out / "web_documents.png")
                 browser.close()
         finally:
             server.should_exit = True

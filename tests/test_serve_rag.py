@@ -216,3 +216,35 @@ def test_ingest_runs_off_the_event_loop(model, tok, tmp_path, monkeypatch):
             GatedEmbedder.gate.set()
             slow.join(20)
         assert results["r"].status_code == 200 and results["r"].json()["chunks"] == 1
+
+
+def test_every_format_uploads_as_rag_add_ingests_it(model, tok, tmp_path):
+    from test_rag import make_fixtures
+
+    words = make_fixtures(tmp_path / "files")
+    files = {name: (tmp_path / "files" / name).read_bytes() for name in words}
+    cli = Collection.open("cli", tmp_path / "cli", create_with="hash-384")
+    add_files(cli, [(tmp_path / "files" / name, name) for name in words], HashEmbedder())
+    expected = {(c.name, c.heading, c.text) for c in cli.chunks(list(range(1, cli.n_chunks() + 1)))}
+    cli.close()
+    with client(model, tok, tmp_path / "root") as c:
+        r = upload(c, ALICE, "all", files)
+        assert r.status_code == 200, r.text
+        assert {f["name"]: f["outcome"] for f in r.json()["files"]} == dict.fromkeys(words, "added")
+        n = r.json()["collection"]["chunks"]
+        got = [c.get(f"/v1/collections/all/chunks/{i}", headers=auth(ALICE)).json() for i in range(1, n + 1)]
+    assert {(g["document"], g["heading"], g["text"]) for g in got} == expected
+    for name, word in words.items():
+        assert any(word in g["text"] for g in got if g["document"] == name), name
+
+
+def test_serve_options_check_the_upload_limits(tmp_path):
+    from chatforge.errors import ChatforgeError
+    from chatforge.options import ServeOptions
+    from chatforge.serve.command import rag_settings
+
+    opts = ServeOptions(model="x", rag_root=str(tmp_path), rag_embedding="hash-384", max_upload_mb=0.5, max_documents=7)
+    assert rag_settings(opts) == RagSettings(root=tmp_path, embedding="hash-384", max_upload_bytes=2**19, max_documents=7)
+    for bad in ({"max_upload_mb": 0}, {"max_documents": 0}, {"rag_embedding": "nope"}):
+        with pytest.raises(ChatforgeError):
+            rag_settings(ServeOptions(**{"model": "x", **bad}))

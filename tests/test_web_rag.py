@@ -91,8 +91,9 @@ def test_upload_ask_and_open_a_citation(page_and_root, tmp_path):
         page.click("#upload-send")
     assert r.value.ok
     page.wait_for_selector("#collection-files li")
-    assert "keeper.md added (1 chunks)" in page.inner_text("#upload-status")
+    assert "keeper.md added (1 chunk)" in page.inner_text("#upload-status")
     assert page.input_value("#collection") == "lighthouse"
+    assert page.inner_text("#collection option:checked") == "lighthouse (1 file)"
     assert page.inner_text("#collection-files").strip().startswith("keeper.md")
     # the server's own ingest, in carol's folder
     coll = Collection.open("lighthouse", root / USERS_DIR / "carol")

@@ -502,6 +502,8 @@ async function openChunk(collection, doc) {
   $("chunk-view").showModal();
 }
 
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
 function uploadStatus(text, error) {
   $("upload-status").textContent = text || "";
   $("upload-status").classList.toggle("error", Boolean(error));
@@ -518,7 +520,7 @@ async function loadCollections(select) {
   const box = $("collection");
   const chosen = select === undefined ? box.value : select;
   box.replaceChildren(new Option("no collection", ""));
-  for (const c of data) box.append(new Option(`${c.id} (${c.documents} files)`, c.id));
+  for (const c of data) box.append(new Option(`${c.id} (${plural(c.documents, "file")})`, c.id));
   box.value = data.some((c) => c.id === chosen) ? chosen : "";
   showCollectionFiles();
 }
@@ -581,7 +583,7 @@ async function uploadFiles() {
   try {
     const body = { files: await Promise.all(files.map(async (f) => ({ name: f.name, content: await base64Of(f) }))) };
     const r = await api("POST", `/v1/collections/${encodeURIComponent(name)}/files`, body);
-    const said = r.files.map((f) => (f.error ? f.error : `${f.name} ${f.outcome} (${f.chunks} chunks)`));
+    const said = r.files.map((f) => (f.error ? f.error : `${f.name} ${f.outcome} (${plural(f.chunks, "chunk")})`));
     uploadStatus(`${r.collection.id}: ${said.join("; ")}`, r.files.some((f) => f.error));
     $("upload-files").value = "";
     $("upload-name").value = "";
