@@ -53,7 +53,9 @@ def build(out: Path, which: str) -> tuple[Path, dict]:
             from chatforge.world import build_world, write_world
 
             w = get_preset("cpu").world
-            write_world(build_world(w.seed, w.people, w.heldout), world, paraphrases=w.paraphrases, seed=w.seed)
+            write_world(
+                build_world(w.seed, w.people, w.heldout), world, paraphrases=w.paraphrases, seed=w.seed
+            )
         counts = add_files(coll, [(world / "heldout.jsonl", "heldout.jsonl")], embedder)
         questions = coll.folder / QUESTIONS_FILE
         questions.write_text("".join(json.dumps(q) + "\n" for q in world_questions(world)))

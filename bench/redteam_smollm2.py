@@ -5,6 +5,8 @@ until --budget seconds have passed; each part's report is rewritten after every 
 
     flock /tmp/cf-core0.lock taskset -c 0 env OMP_NUM_THREADS=1 PYTHONPATH=$PWD \\
         .venv/bin/python bench/redteam_smollm2.py --threads 1 --out bench/out/redteam_smollm2
+
+`--steps spotlight` runs only the three spotlighting modes and the undefended stack on the injections.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ STEPS = [  # (part, stack), most wanted first
     ("jailbreak", "scan-encoded"), ("injection", "spotlight-datamark"), ("injection", FULL),
     ("jailbreak", FULL), ("injection", "spotlight-delimit"), ("injection", "spotlight-base64"),
 ]  # fmt: skip
+# the three spotlighting modes on the same injections, the one never measured first
+SPOTLIGHT_STEPS = [("injection", "spotlight-base64"), ("injection", "none"), ("injection", "spotlight-datamark"),
+                   ("injection", "spotlight-delimit")]  # fmt: skip
 
 
 def main() -> None:
@@ -41,6 +46,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--budget", type=float, default=780.0, help="seconds; no new step starts after this")
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): no new step starts after this either")
+    ap.add_argument("--steps", choices=("all", "spotlight"), default="all",
+                    help="all: every stack in priority order; spotlight: none and the three spotlighting modes")
+    ap.add_argument("--probes", default=None, help="probes or families instead of each part's own (a shorter run)")
+    ap.add_argument("--no-clean", action="store_true", help="skip the clean questions")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -56,12 +65,13 @@ def main() -> None:
     if args.stop_at:
         now = datetime.now(UTC)
         stop = now.replace(hour=int(args.stop_at[:2]), minute=int(args.stop_at[3:5]), second=0)
-    for part, stack in STEPS:
+    for part, stack in STEPS if args.steps == "all" else SPOTLIGHT_STEPS:
         if time.perf_counter() - t0 > args.budget or (stop is not None and datetime.now(UTC) > stop):
             print(f"budget spent: {part} {stack} not run", flush=True)
             continue
-        opts = RedteamOptions(model=str(run_dir), probes=PROBES[part], defenses=[stack], n_goals=args.n_goals,
-                              n_contexts=args.n_contexts, max_new_tokens=args.max_new_tokens)  # fmt: skip
+        opts = RedteamOptions(model=str(run_dir), probes=args.probes or PROBES[part], defenses=[stack],
+                              n_goals=args.n_goals, n_contexts=args.n_contexts, max_new_tokens=args.max_new_tokens,
+                              no_clean=args.no_clean)  # fmt: skip
         report = redteam(generate, opts, "SmolLM2-135M-Instruct")
         if part in reports:
             reports[part]["runs"] += report["runs"]

@@ -254,9 +254,7 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
-    ap.add_argument(
-        "--modes", default="batched,one_at_a_time", help="which servers to run (comma-separated)"
-    )
+    ap.add_argument("--modes", default="batched,one_at_a_time", help="which servers to run (comma-separated)")
     ap.add_argument("--out", metavar="FILE.json", help="also write the report here")
     ap.add_argument("--plot", metavar="FILE.png", help="bar charts of the two modes")
     args = ap.parse_args()

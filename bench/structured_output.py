@@ -77,7 +77,9 @@ def main() -> None:
             except ValueError:
                 parses = "does not parse"
             kind = fmt["type"] if fmt else "none"
-            print(f"{kind}: {n} tokens, {1000 * min(times) / n:.1f} ms/token, {choice['finish_reason']}, {parses}")
+            print(
+                f"{kind}: {n} tokens, {1000 * min(times) / n:.1f} ms/token, {choice['finish_reason']}, {parses}"
+            )
             print(f"    {text!r}")
 
 

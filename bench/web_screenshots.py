@@ -62,7 +62,12 @@ PAIR = {
                                  "home to about 2.1 million people (and 12 million in its metropolitan area)."}},
     ]
 }  # fmt: skip
-DRAFT = {"model": "judge", "pick": "B", "p_a": 0.31, "critique": "Reply B is better because it answers and adds context."}
+DRAFT = {
+    "model": "judge",
+    "pick": "B",
+    "p_a": 0.31,
+    "critique": "Reply B is better because it answers and adds context.",
+}
 
 
 def compare_screenshot(browser, url: str, path: Path) -> None:
@@ -119,7 +124,9 @@ def main() -> None:
                     page.wait_for_selector(".msg.assistant table")
                     page.evaluate("document.querySelector('#messages').scrollTop = 0")
                     # the phone's sidebar has slid away again (a 0.2 s transition)
-                    page.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0 || innerWidth > 700")
+                    page.wait_for_function(
+                        "() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0 || innerWidth > 700"
+                    )
                     page.screenshot(path=str(out / f"{name}.png"))
                     print(out / f"{name}.png")
                     page.close()

@@ -36,7 +36,7 @@ from chatforge.options import ChatOptions
 from chatforge.rag.answer import RagPrompt, rag_prompt, sources_line
 from chatforge.redteam.defenses import DefenseStack, InputBlocked, parse_defenses
 from chatforge.terminal import ControlStripper, strip_controls
-from chatforge.think import load_thinker, parse_spec, think, usage_note
+from chatforge.think import Thinker, load_thinker, parse_spec, think_defended, usage_note
 from chatforge.tokenizer import Tokenizer
 from chatforge.tools.builtin import calculator_registry, default_registry
 from chatforge.tools.registry import ToolRegistry
@@ -346,6 +346,11 @@ class ChatSession:
         visible = self._fit(buf)
         if visible is None:
             return
+        rag = self.rag(visible, self.model.cfg.seq_len - self.reserve) if self.rag is not None else None
+        visible = rag.messages if rag is not None else visible  # retrieved documents go through the defenses too
+        if self.thinker is not None:
+            self._think(visible, rag, buf)
+            return
         if self.defenses is not None:
             try:
                 visible = self.defenses.prepare(visible)
@@ -357,14 +362,6 @@ class ChatSession:
         self.turns += 1
         if self.registry is not None:
             self._answer_with_tools(visible, seed, buf)
-            return
-        rag = self.rag(visible, self.model.cfg.seq_len - self.reserve) if self.rag is not None else None
-        visible = rag.messages if rag is not None else visible
-        if self.thinker is not None:
-            r = think(self.thinker, self.thinker.spec, visible)
-            self._emit(self.assistant_prefix + strip_controls(r.text) + "\n", buf)
-            self._say(f"({usage_note(r)})", buf)
-            self.messages.append({"role": "assistant", "content": r.text})
             return
         pieces: list[str] = []
         stripper = ControlStripper()  # the model's text may hold terminal control sequences
@@ -401,6 +398,20 @@ class ChatSession:
         if rag is not None:
             self._say(strip_controls(sources_line(text, rag.hits)), buf)
         self.messages.append(parse_assistant(text))
+
+    def _think(self, visible: list[dict], rag: RagPrompt | None, buf: list[str]) -> None:
+        """--think: the strategy answers, through the same defenses as one sample (think_defended)."""
+        try:
+            r = think_defended(self.thinker, self.thinker.spec, visible, self.defenses)
+        except InputBlocked as e:  # fail closed: the message is not sent and not kept
+            self.messages.pop()
+            self._say(f"({e})", buf)
+            return
+        self._emit(self.assistant_prefix + strip_controls(r.text) + "\n", buf)
+        if rag is not None:
+            self._say(strip_controls(sources_line(r.text, rag.hits)), buf)
+        self._say(f"({usage_note(r)})", buf)
+        self.messages.append({"role": "assistant", "content": r.text})
 
     def _answer_with_tools(self, visible: list[dict], seed: int | None, buf: list[str]) -> None:
         at_start = [False]  # the cursor is at the start of a line (after a tool line)
@@ -524,14 +535,8 @@ def cmd_chat(args: ChatOptions) -> None:
     try:
         if args.tools == "all":  # what guards the model's code, said before any of it runs
             print(layers_line(SandboxConfig(unsafe=args.unsafe_python)), file=sys.stderr, flush=True)
-        if args.prompt is not None and thinker is not None:
-            head = [{"role": "system", "content": args.system}] if args.system else []
-            r = think(thinker, thinker.spec, [*head, {"role": "user", "content": args.prompt}])
-            print(f"chatforge: {usage_note(r)}", file=sys.stderr)
-            print(strip_controls(r.text).strip(), flush=True)
-            return
         if args.prompt is not None:
-            _one_prompt(args, model, tok, registry, tools, max_new, asked, rag, defenses)
+            _one_prompt(args, model, tok, registry, tools, max_new, asked, rag, defenses, thinker)
             return
         if tools:  # the tool descriptions alone must leave room for a question and its answer
             head = [{"role": "system", "content": args.system}] if args.system else []
@@ -573,9 +578,10 @@ def _thinker(args, model: GPT, tok: Tokenizer, max_new: int):
 
 def _one_prompt(
     args, model: GPT, tok: Tokenizer, registry, tools, max_new: int, asked: int | None, rag=None,
-    defenses: DefenseStack | None = None,
+    defenses: DefenseStack | None = None, thinker: Thinker | None = None,
 ) -> None:
-    """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr."""
+    """-p: the answer alone on stdout (greedy by default); tool lines and notes on stderr. With
+    --think the strategy answers, through the same defenses (think_defended)."""
     ctx = model.cfg.seq_len
     temperature = 0.0 if args.temperature is None else args.temperature
     check_sampling(temperature, args.top_k, args.top_p)
@@ -583,6 +589,13 @@ def _one_prompt(
     messages.append({"role": "user", "content": args.prompt})
     retrieved = rag(messages, ctx - min(max_new, ctx // 4)) if rag is not None else None
     messages = retrieved.messages if retrieved is not None else messages
+    if thinker is not None:  # a scanner's refusal is an error there too
+        r = think_defended(thinker, thinker.spec, messages, defenses)
+        print(f"chatforge: {usage_note(r)}", file=sys.stderr)
+        print(strip_controls(r.text).strip(), flush=True)
+        if retrieved is not None:
+            print(strip_controls(sources_line(r.text, retrieved.hits)), file=sys.stderr, flush=True)
+        return
     if defenses is not None:  # a scanner's refusal is an error: nothing is generated
         messages = defenses.prepare(messages)
         registry = registry if registry is None else defenses.guard_registry(registry, messages)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from chatforge.errors import ChatforgeError
@@ -88,7 +88,7 @@ def file_sha256(path: Path) -> str:
 def _write_model_files(folder: Path, model: GPT, tokenizer_json: str, meta: dict) -> None:
     meta = {k: v for k, v in meta.items() if k != WEIGHTS_SHA256}
     if lora.has_lora(unwrap(model)):  # only the adapter: the frozen base stays in the base run
-        lora.write_adapter_files(folder, unwrap(model), meta)
+        lora.write_adapter_files(folder, unwrap(model), meta)  # carries its own checksum
     else:
         save_file(model_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
         meta[WEIGHTS_SHA256] = file_sha256(folder / "model.safetensors")  # checked by load_weights
@@ -212,6 +212,29 @@ def verify_weights(model_dir: Path) -> None:
         )
 
 
+def check_weight_shapes(cfg: GPTConfig, model_dir: Path) -> None:
+    """Compare config.json's model against model.safetensors' header before any memory is spent:
+    the model is built on the meta device, so an edited config with absurd sizes fails in
+    milliseconds instead of allocating them."""
+    path = Path(model_dir) / "model.safetensors"
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in unwrap(GPT(cfg)).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise ChatforgeError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ChatforgeError(f"{path} is corrupt or truncated ({e}); restore it or retrain") from None
+    for name, shape in expected.items():
+        if name in found and found[name] != shape:
+            raise ChatforgeError(
+                f"{path} does not match its config: {name} is {found[name]}, config says {shape}"
+            )
+
+
 def load_weights(model: GPT, model_dir: Path) -> None:
     """Load model.safetensors into `model`, checking its checksum and every name and shape against its config."""
     path = Path(model_dir) / "model.safetensors"
@@ -261,6 +284,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
         cfg = GPTConfig.from_dict(meta["model"])
     except ChatforgeError as e:
         raise ChatforgeError(f"{model_dir / 'config.json'}: {e}") from None
+    check_weight_shapes(cfg, model_dir)
     model = GPT(cfg)
     load_weights(model, model_dir)
     return model.to(device).eval(), meta, model_dir

@@ -150,6 +150,10 @@ class DataConfig:
     # cpu preset, with twice the pretraining steps so the chats do not crowd out the biographies.
     tool_use: bool = False
     tool_chats_in_pretrain: int = 0
+    # identity, small-arithmetic, refusal and look-alike chats mixed into pretraining: a 2M model
+    # learns to say who it is, add small numbers and refuse in grammatical sentences only when
+    # these sentences are part of its language, not 200 SFT steps' afterthought
+    assistant_chats_in_pretrain: int = 0
 
 
 @dataclass
@@ -205,7 +209,7 @@ PRESETS: dict[str, Preset] = {
             ckpt_every=10,
             log_every=5,
         ),
-        data=DataConfig(convs_per_person=2),
+        data=DataConfig(convs_per_person=2, assistant_chats_in_pretrain=40),
         eval=EvalConfig(max_examples=20, batch_size=8),
     ),
     "cpu": Preset(
@@ -217,7 +221,7 @@ PRESETS: dict[str, Preset] = {
         world=WorldConfig(people=500, heldout=40, paraphrases=7, seed=0),
         # calculator chats in pretraining + 2x the steps: without the extra steps the chats crowd
         # the biographies out (docs/status.md has the sweep)
-        data=DataConfig(tool_use=True, tool_chats_in_pretrain=4000),
+        data=DataConfig(tool_use=True, tool_chats_in_pretrain=4000, assistant_chats_in_pretrain=2000),
         vocab_size=2048,
         pretrain=TrainConfig(
             depth=4,

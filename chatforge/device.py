@@ -108,6 +108,26 @@ def cpu_flags() -> set[str]:
     return set(line.group(1).split()) if line else set()
 
 
+def cpu_name() -> str:
+    """The CPU as a report names it: /proc/cpuinfo's model name, logical cores, the widest vector unit and
+    native bf16 (what decides CPU training speed), e.g. "AMD EPYC, 2 cores, AVX-512, native bf16"."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", info, flags=re.M)
+    flags = cpu_flags()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    name = model.group(1).strip() if model else "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores, {vector}, {bf16}" if flags else f"{name}, {os.cpu_count()} cores"
+
+
+def machine() -> dict:
+    """What a timing ran on, for reports: the CPU, torch's threads and the GPU where there is one."""
+    out = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512_BF16 or AMX: bf16 matmuls at about twice fp32's speed (without them oneDNN emulates, slower)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

@@ -331,8 +331,10 @@ class RLOptions(TrainingOptions):
     )  # fmt: skip
     world: str | None = opt(None, "world folder, for --problems world|tools")
     val_problems: str | None = opt(
-        None, "held-out problems (default: the world's evaluation people, or 10%% of --problems)", metavar="FILE"
-    )
+        None, "validation problems: the run keeps the model that scores best on them (default: with a "
+        "world, problems about half the evaluation people, the other half held out; else a tenth of --problems)",
+        metavar="FILE",
+    )  # fmt: skip
     out: str = opt(None, "run folder for the RL model", metavar="RUN", required=True)
     reward: str = opt("exact", "exact (default), number, calculator, or rm:RUN (a reward model)")
     resume: bool = opt(False, _RESUME_HELP)
@@ -558,6 +560,14 @@ class ServeOptions:
         [], "with --defenses output-policy: hosts answers may link to (comma-separated or repeated)",
         metavar="HOST", repeatable=True,
     )  # fmt: skip
+    # collections on the server (the web page's documents; docs/web.md "Your documents")
+    rag_root: str | None = opt(None, _RAG_ROOT_HELP + "; each user's are under _users/USER", metavar="DIR")
+    rag_embedding: str = opt(
+        "all-MiniLM-L6-v2", "embedding model of collections made on the server (hash-384: no `rag` extra needed)",
+        metavar="NAME",
+    )  # fmt: skip
+    max_upload_mb: float = opt(16.0, "largest upload of files into a collection, in MiB, files together (default 16)", metavar="MB")
+    max_documents: int = opt(1000, "documents per collection at most (default 1000)")
 
 
 

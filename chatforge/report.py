@@ -169,8 +169,20 @@ def _tools_section(results: list[dict], run: Path) -> list[str]:
     return lines
 
 
+def _interval(summary: dict, when: str) -> str:
+    """Held-out pass@1 at `when` (start, end) with its 95% Wilson interval."""
+    h = summary.get("heldout", {}).get(when)
+    return "–" if not h else f"{_pct(h['pass1'])} [{_pct(h['lo'])}, {_pct(h['hi'])}]"
+
+
+def _value(result: dict | None) -> str:
+    if result is None or result.get("value") is None:
+        return "–"
+    return _fmt(result["value"]) if result["metric"] == "bpb" else _pct(result["value"])
+
+
 def _rl_section(run: Path, results: list[dict]) -> list[str]:
-    """Before (the assistant, eval/) and after GRPO (rl/eval/): the same tasks, side by side."""
+    """Before (the assistant, eval/) and after GRPO (rl/eval/): every task, side by side."""
     summary = _load(run / "rl" / "rl_summary.json")
     after_eval = _load(run / "rl" / "eval" / "eval.json")
     if summary is None or after_eval is None:
@@ -184,9 +196,11 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
         f"{summary['steps']} steps of GRPO from the assistant, with the calculator shown: each step "
         f"{cfg.get('prompts_per_step', '?')} problems ({summary['problems']:,} in all: forward fact questions "
         f"about the SFT people, small sums, calculator problems), {cfg.get('group_size', '?')} answers sampled for each, reward 1 "
-        f"when the answer states the right one; {summary['train_seconds'] / 60:.1f} min. Held-out pass@1 "
-        f"({summary['val_problems']} problems of the same kinds about the evaluation people, greedy): "
-        f"**{_pct(summary.get('val_pass1_start'))} → {_pct(summary.get('val_pass1_end'))}**.",
+        f"when the answer states the right one; {summary['train_seconds'] / 60:.1f} min. The model kept is the one "
+        f"that scored best on {summary.get('val_problems', '?')} validation problems (taken from the training "
+        f"pool, never trained on): step {summary.get('best_step', '?')}. Held-out pass@1 "
+        f"({summary.get('heldout_problems', '?')} problems of the same kinds about the evaluation people, greedy, "
+        f"with 95% intervals): **{_interval(summary, 'start')} → {_interval(summary, 'end')}**.",
         "",
         "The evaluation's tasks again, on the RL model:",
         "",
@@ -206,14 +220,43 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
                 f"| tool called on a plain fact question | {_pct(eb.get('false_call_rate'))} | "
                 f"{_pct(ea['false_call_rate'])} | {ea['fact_n']:,} |"
             )
-    if "world_forward" in before and "world_forward" in after:
-        lines.append(
-            f"| world_forward (no tools shown) | {_pct(before['world_forward']['value'])} | "
-            f"{_pct(after['world_forward']['value'])} | {after['world_forward']['n']:,} |"
-        )
+    for task, r in after.items():
+        if task != "tools_on":
+            name = f"{task} (no tools shown)" if task == "world_forward" else f"{task} ({r['metric']})"
+            lines.append(f"| {name} | {_value(before.get(task))} | {_value(r)} | {r['n']:,} |")
     lines.append("")
-    if (run / "rl" / "rl.png").exists():
-        lines += ["![reinforcement learning](rl/rl.png)", ""]
+    for png, alt in (("rl_pass1.png", "pass@1 against step"), ("rl.png", "reinforcement learning")):
+        if (run / "rl" / png).exists():
+            lines += [f"![{alt}](rl/{png})", ""]
+    return lines
+
+
+def machine_words(s: dict) -> str:
+    """Where a stage ran, in words, from what the speedrun records per stage (device.machine())."""
+    gpu = f", {s['gpu']}" if s.get("gpu") else ""
+    return f"{s.get('cpu', 'unknown CPU')}{gpu}, {s.get('threads', '?')} thread{'' if s.get('threads') == 1 else 's'}"
+
+
+def _stages_section(stages: dict) -> list[str]:
+    """Seconds and share of the total per stage, and the machine they ran on (per stage when they differ,
+    as when a run was resumed elsewhere)."""
+    if not stages:
+        return []
+    total = sum(s.get("seconds", 0) for s in stages.values())
+    machines = {machine_words(s) for s in stages.values() if "cpu" in s}
+    one = len(machines) == 1 and all("cpu" in s for s in stages.values())
+    lines = ["## Stages", ""]
+    if one:
+        lines += [f"Measured on {machines.pop()}.", ""]
+    head, rule = ("| stage | seconds | share |", "|---|---:|---:|")
+    if not one:
+        head, rule = head + " machine |", rule + "---|"
+    lines += [head, rule]
+    for name, s in stages.items():
+        share = f"{100 * s.get('seconds', 0) / total:.1f}%" if total else "–"
+        where = "" if one else f" {machine_words(s) if 'cpu' in s else 'not recorded'} |"
+        lines.append(f"| {name} | {_fmt(s.get('seconds'), 1)} | {share} |{where}")
+    lines += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) | 100% |" + ("" if one else " |"), ""]
     return lines
 
 
@@ -252,11 +295,7 @@ def build_report(run: Path) -> Path:
     out = [f"# chatforge report: {run.name}", ""]
     if preset:
         out += [f"Preset `{preset.get('name')}`: {preset.get('description', '')}.", ""]
-    if stages:
-        out += ["## Stages", "", "| stage | seconds |", "|---|---|"]
-        out += [f"| {name} | {_fmt(s.get('seconds'), 1)} |" for name, s in stages.items()]
-        total = sum(s.get("seconds", 0) for s in stages.values())
-        out += [f"| **total** | **{total:.1f}** ({total / 60:.1f} min) |", ""]
+    out += _stages_section(stages)
 
     world = _load(run / "world" / "manifest.json")
     if world:

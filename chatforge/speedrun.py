@@ -13,8 +13,9 @@ Stages run in order, each writing into its own place in the run folder:
     sft/              the assistant, finetuned on conversations
     eval/             eval.json, eval.md (and eval.png, drawn by the report)
     rl/               with rl.steps > 0: the assistant after GRPO on the world's fact questions
-                      and sums, calculator shown (rl.png, rl_summary.json), and rl/eval/ (the
-                      eval stage's world_forward and tools-on tasks again)
+                      and sums, calculator shown, the step that scored best on validation
+                      (rl.png, rl_pass1.png, rl_summary.json), and rl/eval/ (every task of the
+                      eval stage again)
     report.md         the report card
 
 A stage whose output is complete is not redone, and an interrupted pretraining resumes
@@ -40,6 +41,7 @@ from chatforge.conversations import (
 )
 from chatforge.data.pipeline import build_shards, train_tokenizer
 from chatforge.data.sources import iter_documents
+from chatforge.device import machine
 from chatforge.errors import ChatforgeError
 from chatforge.eval.suite import evaluate_world
 from chatforge.eval.tools import load_tool_problems
@@ -67,6 +69,7 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
     data = build_sft_data(
         world, seed=seed, eval_fraction=d.eval_fraction, convs_per_person=d.convs_per_person,
         qa_phrasings=d.qa_phrasings, tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
+        n_pretrain_assistant=d.assistant_chats_in_pretrain,
     )  # fmt: skip
     manifest = write_sft_data(data, out / "sft_data")
     chats = pretrain_chats(world, data, seed=seed, qa_phrasings=d.qa_phrasings, qa=d.qa_in_pretrain)
@@ -129,10 +132,32 @@ def _stage_eval(preset: Preset, out: Path, progress: bool) -> dict:
     return _evaluate(preset, out, out / "sft", out / "eval", progress, full=True)
 
 
+# metrics where a rise is a loss; every other evaluation metric is a rate where a rise is a gain
+LOWER_IS_BETTER = ("bpb", "false_refusal_rate")
+
+
+def eval_changes(before: Path, after: Path, tolerance: float = 0.02) -> dict:
+    """Every task both eval.json files hold: its value before and after, the change, and whether it got
+    worse by more than `tolerance` (2 points of a rate; 0.02 bits per byte)."""
+    old = {r["task"]: r for r in json.loads(Path(before).read_text())["results"]}
+    out = {}
+    for r in json.loads(Path(after).read_text())["results"]:
+        if r["task"] not in old or r["value"] is None or old[r["task"]]["value"] is None:
+            continue
+        change = r["value"] - old[r["task"]]["value"]
+        worse = change if r["metric"] in LOWER_IS_BETTER else -change
+        out[r["task"]] = {
+            "metric": r["metric"], "before": round(old[r["task"]]["value"], 4), "after": round(r["value"], 4),
+            "change": round(change, 4), "worse": worse > tolerance,
+        }  # fmt: skip
+    return out
+
+
 def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     """GRPO from the assistant on the world's checkable problems, calculator shown, reward 1 when the
-    answer states the right one; then the eval stage's world_forward and tools-on tasks again on the
-    RL model, for the report's before/after."""
+    answer states the right one; the run keeps the model that scores best on a validation split of
+    the training problems, and asks the held-out problems (the evaluation people) before and after.
+    Then every task of the eval stage again on the RL model, each beside its value before RL."""
     cfg = dataclasses.replace(preset.rl, tools=True)
     if cfg.steps <= 0:
         return {"skipped": "rl.steps is 0"}
@@ -140,13 +165,20 @@ def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     sft_people, eval_people = read_people_split(out / "sft_data", world)
     tools_file = out / "sft_data" / "eval_tools.jsonl"
     asked = {p.question for p in load_tool_problems(tools_file)} if tools_file.exists() else set()
-    train, val = speedrun_problems(world, sft_people, eval_people, cfg, asked)
+    train, val, held_out = speedrun_problems(world, sft_people, eval_people, cfg, asked)
     summary = grpo(
-        out / "sft", train, val, out / "rl", cfg, "exact", resume=(out / "rl" / "ckpt").is_dir(),
+        out / "sft", train, val, out / "rl", cfg, "exact", held_out=held_out, resume=(out / "rl" / "ckpt").is_dir(),
         progress=progress, meta_extra={"problems": "world+tools", "world": str(out / "world")},
     )  # fmt: skip
-    after = _evaluate(preset, out, out / "rl", out / "rl" / "eval", progress, full=False)
-    return {**{k: v for k, v in summary.items() if k != "plot"}, "after": after}
+    after = _evaluate(preset, out, out / "rl", out / "rl" / "eval", progress, full=True)
+    changes = eval_changes(out / "eval" / "eval.json", out / "rl" / "eval" / "eval.json")
+    kept = {k: v for k, v in summary.items() if k not in ("val_curve", "loss_plot", "pass1_plot")}
+    return {
+        **kept,
+        "after": after,
+        "changes": changes,
+        "worse": [t for t, c in changes.items() if c["worse"]],
+    }
 
 
 def _stage_report(preset: Preset, out: Path, progress: bool) -> dict:
@@ -207,7 +239,9 @@ def speedrun(
         earlier = status.get(name, {}).get(
             "seconds", 0.0
         )  # a stage resumed after a stop: add up its sessions
-        status[name] = {"seconds": round(earlier + time.perf_counter() - t0, 2), "result": result}
+        status[name] = {
+            "seconds": round(earlier + time.perf_counter() - t0, 2), "result": result, **machine(),
+        }  # fmt: skip
         atomic_write_json(status_path, status)
         print(f"[{name}] finished in {status[name]['seconds']:.1f}s")
         if name == until:

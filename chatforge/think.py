@@ -19,6 +19,7 @@ after "Answer:" (or, without that line, the last number written).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -34,6 +35,7 @@ from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.device import pick_device
 from chatforge.engine import generate_batch, token_budgets
 from chatforge.errors import ChatforgeError
+from chatforge.redteam.defenses import DefenseStack
 from chatforge.tasks import answer_line, get_task, split_steps
 
 SPEC_HELP = "write direct, cot, vote:K, best-of:N:orm|prm|oracle or tree:bBdD (e.g. vote:8, tree:b5d3)"
@@ -415,6 +417,22 @@ def think(
     return ThinkResult(
         text, th.extract(text), str(spec), th.generated - g0, th.prompted - p0, th.verified - v0, cands
     )
+
+
+def think_defended(
+    th: Thinker, spec: ThinkSpec, messages: list[dict], defenses: DefenseStack | None
+) -> ThinkResult:
+    """`think` behind the defense stack, the one way chat and the server think: the conversation goes
+    through `defenses.prepare` first (a scanner's refusal raises InputBlocked and nothing is
+    generated), and every text the result holds, the answer and each ranked candidate, through
+    `checked_text` after, so no unchecked answer leaves it."""
+    if defenses is None:
+        return think(th, spec, messages)
+    prepared = defenses.prepare(messages)
+    r = think(th, spec, prepared)
+    text = defenses.checked_text(r.text, prepared)
+    cands = [(defenses.checked_text(t, prepared), score) for t, score in r.candidates]
+    return dataclasses.replace(r, text=text, answer=th.extract(text), candidates=cands)
 
 
 def rank_scores(th: Thinker, verifier: str, messages: list[dict], samples: list[Sample]) -> list[float]:

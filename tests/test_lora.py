@@ -145,6 +145,11 @@ def test_adapter_round_trip_and_wrong_base_refused(tmp_path):
     (older / lora.ADAPTER_CONFIG).write_text(json.dumps({"format": "chatforge-lora", "rank": 4}))
     with pytest.raises(ChatforgeError, match="earlier chatforge"):
         lora.load_adapter(tiny(), older)
+    data = bytearray((tmp_path / "a" / lora.ADAPTER_FILE).read_bytes())
+    data[-10] ^= 0x40  # inside the last tensor: safetensors itself notices nothing
+    (tmp_path / "a" / lora.ADAPTER_FILE).write_bytes(bytes(data))
+    with pytest.raises(ChatforgeError, match="does not match the sha256 saved with it"):
+        lora.load_adapter(tiny(), tmp_path / "a")
     (tmp_path / "a" / lora.ADAPTER_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ChatforgeError, match="corrupt"):
         lora.load_adapter(tiny(), tmp_path / "a")

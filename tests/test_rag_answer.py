@@ -113,7 +113,8 @@ def test_api_collection_field(tok, model, root, monkeypatch):
         assert data["choices"][0]["message"]["content"] == text
         assert [d["source"] for d in data["documents"]] == [h.chunk.name for h in hits]
         assert data["documents"][0] == {"id": 1, "source": "keeper.md", "heading": "Lighthouse",
-                                        "text": "The lighthouse keeper is Marta Quill."}  # fmt: skip
+                                        "text": "The lighthouse keeper is Marta Quill.",
+                                        "chunk_id": hits[0].chunk.id}  # fmt: skip
         with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
             lines = [line for line in s.iter_lines() if line.startswith("data: {")]
         assert '"documents"' in lines[0] and '"choices":[]' in lines[0]

@@ -190,3 +190,69 @@ def test_interactive_session_shows_only_the_checked_answer(obedient_run):
         run.model, run.tokenizer, out=io.StringIO(), defenses=parse_defenses("scan-invisible")
     )
     assert "blocked by scan-invisible" in blocked.handle("hi\u200b there") and blocked.messages == []
+
+
+# ---- the think paths: the same defenses, the same way --------------------------------------------------
+def test_chat_think_applies_the_defenses_as_without_think(obedient_run, capsys):
+    a = exfil_attack()
+    argv = ["--model", str(obedient_run), "--device", "cpu", "--system", a.messages[0]["content"],
+            "-p", a.messages[1]["content"], "--max-new-tokens", "48"]  # fmt: skip
+    for think in ([], ["--think", "direct"]):
+        cmd_chat(parse_options(ChatOptions, [*argv, *think]))
+        assert capsys.readouterr().out.strip() == LEAK
+        cmd_chat(parse_options(ChatOptions, [*argv, *think, "--defenses", "output-policy"]))
+        assert capsys.readouterr().out.strip() == "Friday. [image removed: status]"
+    cmd_chat(parse_options(ChatOptions, [*argv, "--think", "vote:3", "--defenses", "output-policy"]))
+    assert EXFIL_HOST not in capsys.readouterr().out  # a sampled strategy's answer is checked too
+    hidden = [*argv[:-3], a.messages[1]["content"] + "\u200b", "--think", "direct", "--defenses", "scan-invisible"]
+    from chatforge.errors import ChatforgeError
+
+    with pytest.raises(ChatforgeError, match="blocked by scan-invisible: 1 invisible character"):
+        cmd_chat(parse_options(ChatOptions, hidden))
+
+
+def test_serve_think_applies_the_defenses_as_without_think(obedient_run):
+    from fastapi.testclient import TestClient
+
+    from chatforge.checkpoint import load_run
+    from chatforge.serve.app import create_app
+
+    run = load_run(obedient_run, True, torch.device("cpu"))
+    messages = exfil_attack().messages
+    body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 48}
+
+    def ask(defenses: str | None, **extra):
+        app = create_app(run.model, run.tokenizer, model_id="m", defenses=parse_defenses(defenses))
+        with TestClient(app, base_url="http://localhost") as c:
+            r = c.post("/v1/chat/completions", json={**body, **extra})
+        return r.status_code, r.json()
+
+    for think in ({}, {"think": "direct"}):
+        assert ask(None, **think)[1]["choices"][0]["message"]["content"] == LEAK
+        checked = ask("output-policy", **think)[1]["choices"][0]["message"]["content"]
+        assert checked == "Friday. [image removed: status]"
+    status, reply = ask("output-policy", think="vote:3", seed=1)
+    assert status == 200 and EXFIL_HOST not in reply["choices"][0]["message"]["content"]
+    body["messages"] = [messages[0], {"role": "user", "content": messages[1]["content"] + "<!-- x -->"}]
+    for think in ({}, {"think": "direct"}):
+        status, err = ask("scan-invisible", **think)
+        assert status == 400 and "blocked by scan-invisible" in err["error"]["message"]
+
+
+def test_interactive_think_shows_only_the_checked_answer(obedient_run):
+    import io
+
+    from chatforge.chat import ChatSession
+    from chatforge.checkpoint import load_run
+    from chatforge.think import Thinker, parse_spec
+
+    run = load_run(obedient_run, True, torch.device("cpu"))
+    a = exfil_attack()
+    session = ChatSession(run.model, run.tokenizer, system=a.messages[0]["content"], out=io.StringIO(),
+                          max_new_tokens=48, defenses=parse_defenses("output-policy"))  # fmt: skip
+    session.thinker = Thinker(run.model, run.tokenizer, spec=parse_spec("direct"), max_new_tokens=48)
+    shown = session.handle(a.messages[1]["content"])
+    assert shown.startswith("assistant> Friday. [image removed: status]\n") and EXFIL_HOST not in shown
+    assert session.messages[-1]["content"] == "Friday. [image removed: status]"
+    session.defenses = parse_defenses("scan-invisible")
+    assert "blocked by scan-invisible" in session.handle("hi\u200b there") and len(session.messages) == 2

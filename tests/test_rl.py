@@ -10,7 +10,13 @@ import torch
 from test_tools_runner import USER, ScriptedGPT, calc_policy, tok  # noqa: F401 (tok: a fixture)
 from test_tools_runner import registry as tools_registry
 
-from chatforge.align.problems import load_problems, speedrun_problems, tool_problems, world_problems
+from chatforge.align.problems import (
+    load_problems,
+    speedrun_problems,
+    split_validation,
+    tool_problems,
+    world_problems,
+)
 from chatforge.align.rewards import (
     calculator_verified,
     exact_answer,
@@ -26,6 +32,7 @@ from chatforge.align.rl import (
     grpo_loss,
     k3_kl,
     sample_answers,
+    update_rows,
 )
 from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model, save_model
@@ -102,6 +109,21 @@ def test_k3_kl_and_the_kl_term():
     assert stats["kl"] == pytest.approx(float(kl.mean()))
 
 
+def test_update_rows_keep_what_teaches_and_one_answer_per_tied_group_for_the_kl():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # mixed, tied, tied
+    assert update_rows(rewards, 4, keep_tied=False) == ([0, 1, 2, 3], [1.0] * 4)
+    assert update_rows(rewards, 4, keep_tied=True) == ([0, 1, 2, 3, 4, 8], [1.0] * 4 + [4.0, 4.0])
+    assert update_rows(torch.ones(4), 2, keep_tied=False) == ([0], [0.0])  # nothing to learn: one idle row
+    # without the KL a tied group adds 0 to the loss: the kept rows give the same loss, scaled by N / kept
+    torch.manual_seed(0)
+    logp, old = torch.randn(12, 5), torch.randn(12, 5)
+    mask, adv = torch.ones(12, 5), group_advantages(rewards, 4)
+    full, _ = grpo_loss(logp, old, adv, mask)
+    rows, weights = update_rows(rewards, 4, keep_tied=False)
+    kept, _ = grpo_loss(logp[rows], old[rows], adv[rows], mask[rows], weights=torch.tensor(weights))
+    assert float(kept) * len(rows) / 12 == pytest.approx(float(full), abs=1e-6)
+
+
 # ---- rewards and problems -----------------------------------------------------------------------------
 
 
@@ -161,7 +183,54 @@ def test_grpo_raises_the_reward_on_a_toy_task(run_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
     sampled = [r["reward_mean"] for r in rows if "reward_mean" in r]
     assert sum(sampled[-4:]) / 4 > sum(sampled[:4]) / 4 + 0.05
-    assert summary["val_reward_start"] == 0.0 and summary["val_reward_end"] >= 0.75
+    assert summary["val_reward_start"] == 0.0 and summary["val_reward_last"] >= 0.75
+
+
+def test_the_kl_is_to_the_frozen_starting_model(run_dir, tmp_path):
+    """With --kl-beta the KL is measured against a frozen copy of the starting model: zero on the first
+    step's one update (the policy is still that model), above zero once the policy has moved, as it
+    would never be against the moving policy."""
+
+    def contains_e(messages, text, example):
+        return float("e" in text)
+
+    problems = [{"messages": [{"role": "user", "content": f"Say something {i}."}]} for i in range(8)]
+    cfg = RLConfig(steps=4, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=3e-3, warmup_steps=0,
+                   eval_every=0, kl_beta=0.1, epochs=1, device="cpu", seed=0)  # fmt: skip
+    grpo(run_dir, problems, problems[:4], tmp_path / "kl", cfg, contains_e, progress=False)
+    kl = [
+        r["kl"]
+        for r in map(json.loads, (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines())
+        if "kl" in r
+    ]
+    assert len(kl) == 4 and abs(kl[0]) < 1e-5 and kl[-1] > 1e-3
+
+
+def test_grpo_keeps_the_step_that_scores_best_on_validation(run_dir, tmp_path):
+    """Training rewards an 'e', validation rewards its absence: as training succeeds validation falls,
+    so the run must keep step 0, the starting weights, and not the last step's."""
+
+    def wants(messages, text, example):
+        return float(("e" in text) == (example["want"] == "e"))
+
+    train = [
+        {"messages": [{"role": "user", "content": f"Say something {i}."}], "want": "e"} for i in range(8)
+    ]
+    val = [{"messages": [{"role": "user", "content": f"Say nothing {i}."}], "want": "no e"} for i in range(4)]
+    cfg = RLConfig(steps=12, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=3e-3, warmup_steps=0,
+                   eval_every=6, device="cpu", seed=0)  # fmt: skip
+    summary = grpo(run_dir, train, val, tmp_path / "best", cfg, wants, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "best" / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["val_reward"]) for r in rows if "val_reward" in r]
+    assert [s for s, _ in curve] == [0, 6, 12] and curve[-1][1] < curve[0][1]  # validation fell
+    assert summary["best_step"] == 0 and summary["val_best"] == curve[0][1]
+    kept, meta, _ = load_model(tmp_path / "best")
+    start, _, _ = load_model(run_dir)
+    assert meta["best_step"] == 0 and meta["step"] == 12
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(kept.state_dict().values(), start.state_dict().values(), strict=True)
+    )
 
 
 def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
@@ -177,9 +246,16 @@ def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_pass1" in r] == [0, 1, 2]
     assert all(r["kl"] >= 0 for r in rows if "kl" in r)
-    assert (out / "rl.png").stat().st_size > 1000
+    assert (out / "rl.png").stat().st_size > 1000 and (out / "rl_pass1.png").stat().st_size > 1000
     summary = json.loads((out / "rl_summary.json").read_text())
-    assert summary["val_problems"] == 8 and 0 <= summary["val_pass1_end"] <= 1
+    n_val = summary["val_problems"]  # 8 split off, less those too long for the 64-token context
+    assert 0 < n_val <= 8 and 0 < summary["heldout_problems"] <= 8
+    assert [c["step"] for c in summary["val_curve"]] == [0, 1, 2]
+    assert all(c["lo"] <= c["pass1"] <= c["hi"] and c["n"] == n_val for c in summary["val_curve"])
+    for when in ("start", "end"):  # held out: asked of the starting model and of the kept one only
+        h = summary["heldout"][when]
+        assert h["lo"] <= h["pass1"] <= h["hi"] and h["pass1"] == summary[f"heldout_pass1_{when}"]
+    assert summary["best_step"] in (0, 1, 2) and meta["best_step"] == summary["best_step"]
     with pytest.raises(ChatforgeError, match="needs --world"):
         cmd_rl(parse(RLOptions, argv[:4] + ["--out", tmp_path / "x"]))
 
@@ -230,10 +306,37 @@ def test_tool_problems_are_checkable():
     # the speedrun's mix: facts + sums + calculator problems, never one the evaluation asks
     _, others = split_people(world)
     asked = {problems[0]["question"]}
-    train, val = speedrun_problems(world, people, others, RLConfig(tool_problems=40, seed=3), asked)
+    cfg = RLConfig(tool_problems=40, eval_problems=30, seed=3)
+    train, val, held_out = speedrun_problems(world, people, others, cfg, asked)
     assert {"arithmetic", "word"} <= {p["kind"] for p in train}
-    assert asked.isdisjoint(p["messages"][-1]["content"] for p in train)
-    assert {p["person_id"] for p in val if p.get("person_id") is not None} <= {p.id for p in others}
+    question = lambda ps: {p["messages"][-1]["content"] for p in ps}  # noqa: E731
+    person = lambda ps: {p["person_id"] for p in ps if p.get("person_id") is not None}  # noqa: E731
+    assert asked.isdisjoint(question(train + val + held_out))
+    assert person(train) <= {p.id for p in people}
+    # validation and held out: about the two halves of the evaluation people, never one question in two sets
+    assert person(val) | person(held_out) <= {p.id for p in others} and person(val).isdisjoint(
+        person(held_out)
+    )
+    assert question(val).isdisjoint(question(held_out)) and question(val).isdisjoint(question(train))
+    assert question(train).isdisjoint(question(held_out))
+    kinds = [p["kind"] for p in val]  # a third facts, a third small sums, a third calculator problems
+    assert (
+        25 <= len(val) <= 30
+        and kinds.count("word") >= 1
+        and sum(k not in ("arithmetic", "word") for k in kinds) == 10
+    )
+    assert speedrun_problems(world, people, others, cfg, asked)[1] == val  # seeded
+
+
+def test_split_validation_is_seeded_and_bounded():
+    problems = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(50)]
+    train, val = split_validation(problems, 20, seed=1)
+    assert len(val) == 5 and len(train) == 45  # at most a tenth
+    assert sorted(p["messages"][0]["content"] for p in train + val) == sorted(f"q{i}" for i in range(50))
+    assert split_validation(problems, 20, seed=1) == (train, val)
+    assert split_validation(problems, 3, seed=1)[1] != split_validation(problems, 3, seed=2)[1]
+    with pytest.raises(ChatforgeError, match="at least 2 problems"):
+        split_validation(problems[:1], 1)
 
 
 def test_rl_cli_with_tools_writes_a_run(tmp_path):

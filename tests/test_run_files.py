@@ -151,6 +151,13 @@ def test_no_verify_flag_loads_flipped_weights(run, monkeypatch, capsys):
     assert main(["--no-verify", *prompt]) == 0
 
 
+def test_absurd_sizes_in_config_are_refused_before_anything_is_allocated(run):
+    # 10**6 x 10**6 fp32 would be 4 TB: the header check must fail before GPT() allocates it
+    edit_config(run, lambda cfg: cfg["model"].update(n_embd=10**6, n_head=4, n_kv_head=2))
+    with pytest.raises(ChatforgeError, match=r"does not match its config: .* config says \(300, 1000000\)"):
+        load_run(run)
+
+
 def test_runs_saved_before_checksums_load_as_before(run):
     edit_config(run, lambda cfg: cfg.pop(WEIGHTS_SHA256))
     flip_a_weight_byte(run)  # nothing to check it against

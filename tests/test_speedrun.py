@@ -12,9 +12,12 @@ from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model
 from chatforge.cli import main
 from chatforge.config import get_preset
+from chatforge.conversations import refusal_eval_requests
 from chatforge.data.pipeline import train_tokenizer
 from chatforge.errors import ChatforgeError
+from chatforge.eval.refusal import load_prompts
 from chatforge.eval.suite import SAMPLE_PROMPTS, evaluate_world, world_tasks
+from chatforge.redteam.detectors import is_refusal
 from chatforge.speedrun import STAGES, speedrun
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.metrics import read_metrics
@@ -48,6 +51,31 @@ def test_speedrun_runs_every_stage_and_writes_the_report(run):
     assert len(evaluation["samples"]) >= 1
 
 
+def test_speedrun_writes_and_asks_the_held_out_refusal_prompts(run):
+    sft_data = run / "sft_data"
+    disallowed, benign = refusal_eval_requests()
+    assert load_prompts(sft_data / "eval_refusal.jsonl") == disallowed
+    assert load_prompts(sft_data / "eval_benign.jsonl") == benign
+    tasks = {r["task"]: r for r in json.loads((run / "eval" / "eval.json").read_text())["results"]}
+    n = get_preset("smoke").eval.max_examples
+    assert (tasks["refusal"]["metric"], tasks["refusal"]["n"]) == ("refusal_rate", n)
+    assert (tasks["false_refusal"]["metric"], tasks["false_refusal"]["n"]) == ("false_refusal_rate", n)
+    for r in tasks["refusal"]["details"]:
+        assert r["prompt"] in disallowed and r["refused"] == is_refusal(r["prediction"])
+    # the training chats (SFT and those mixed into pretraining) ask none of the held-out prompts
+    asked = {
+        m["content"]
+        for name in ("sft_train.jsonl", "sft_val.jsonl", "qa_pretrain.jsonl")
+        for line in (sft_data / name).read_text().splitlines()
+        for m in json.loads(line)["messages"]
+        if m["role"] == "user"
+    }
+    assert not asked & set(disallowed + benign)
+    assert "chatforge" in (sft_data / "qa_pretrain.jsonl").read_text()  # the assistant chats are mixed in
+    samples = json.loads((run / "eval" / "eval.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == SAMPLE_PROMPTS and "What is 12 + 7?" in SAMPLE_PROMPTS
+
+
 def test_speedrun_sft_starts_from_the_base_and_learns(run):
     base, _, _ = load_model(run / "base")
     assistant, meta, _ = load_model(run / "sft")
@@ -56,8 +84,10 @@ def test_speedrun_sft_starts_from_the_base_and_learns(run):
     assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), assistant.parameters(), strict=True))
     summary = json.loads((run / "sft" / "sft_summary.json").read_text())
     assert summary["val_loss_end"] < summary["val_loss_start"]
+    # the held-out conversations' loss is the learning check: a logged loss is one 4-row batch's, and
+    # which kinds of conversation fill that batch moves it more than 20 steps of learning do
     losses = [r["loss"] for r in read_metrics(run / "sft" / "metrics.jsonl") if "loss" in r]
-    assert losses[-1] < losses[0]
+    assert len(losses) == 4 and all(0 < x < summary["val_loss_start"] + 1 for x in losses)
 
 
 def test_knowledge_augmentation_uses_only_sft_people(run):
@@ -80,7 +110,9 @@ def test_knowledge_augmentation_uses_only_sft_people(run):
 
 def test_the_world_suite_asks_the_run_folders_questions(run, tmp_path):
     full = [t.name for t in world_tasks(run, tool_use=False)]
-    assert full == ["world_forward", "world_reverse", "world_forward_seen", "bpb_heldout_bios"]
+    assert full == [
+        "world_forward", "world_reverse", "world_forward_seen", "bpb_heldout_bios", "refusal", "false_refusal"
+    ]  # fmt: skip
     assert [t.name for t in world_tasks(run, tool_use=False, full=False)] == ["world_forward"]
     results = evaluate_world(run / "sft", run, tmp_path / "short", tool_use=False, full=False, max_examples=3)
     written = json.loads((tmp_path / "short" / "eval.json").read_text())
@@ -92,7 +124,9 @@ def test_the_world_suite_asks_the_run_folders_questions(run, tmp_path):
 def test_train_tokenizer_gives_the_speedruns_tokenizer(run, tmp_path):
     chats = [run / "sft_data" / "qa_pretrain.jsonl", run / "sft_data" / "sft_train.jsonl"]
     vocab = get_preset("smoke").vocab_size
-    tok = train_tokenizer([str(run / "world")], tmp_path / "tok.json", vocab, conversations=chats, progress=False)
+    tok = train_tokenizer(
+        [str(run / "world")], tmp_path / "tok.json", vocab, conversations=chats, progress=False
+    )
     assert tok.vocab_size == vocab
     assert (tmp_path / "tok.json").read_text() == (run / "tokenizer.json").read_text()
     without_chats = train_tokenizer([str(run / "world")], tmp_path / "plain.json", vocab, progress=False)
@@ -184,7 +218,11 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
             "rl.eval_every=1", "rl.eval_problems=4", "rl.tool_problems=20"]  # fmt: skip
     status = speedrun("smoke", out, sets, progress=False)
     rl = status["rl"]["result"]
-    assert rl["steps"] == 2 and rl["val_problems"] == 4 and set(rl["after"]) == {"world_forward", "tools_on"}
+    # eval_problems 4: a third each (one fact question, one small sum, one calculator problem)
+    assert rl["steps"] == 2 and rl["val_problems"] == 3 and rl["heldout_problems"] == 4
+    assert set(rl["after"]) == set(status["eval"]["result"]) == set(rl["changes"])  # every task, after RL too
+    assert all(c["before"] == round(status["eval"]["result"][t], 4) for t, c in rl["changes"].items())
+    assert rl["worse"] == [t for t, c in rl["changes"].items() if c["worse"]]
     _, meta, _ = load_model(out / "rl")
     assert meta["stage"] == "rl" and meta["rl"]["tools"] is True and meta["reward"] == "exact"
     report = (out / "report.md").read_text()
@@ -193,7 +231,9 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
         "| task | assistant (SFT) | after RL | n |" in report
         and "![reinforcement learning](rl/rl.png)" in report
     )
-    assert (out / "rl" / "rl.png").stat().st_size > 1000
+    for png in ("rl.png", "rl_pass1.png"):
+        assert (out / "rl" / png).stat().st_size > 1000
+    assert "Held-out pass@1" in report and "![pass@1 against step](rl/rl_pass1.png)" in report
     capsys.readouterr()
     speedrun("smoke", out, sets, progress=False)  # finished: skipped on a rerun, the off stage too
     assert capsys.readouterr().out.count("done already") == len(STAGES)

@@ -89,20 +89,61 @@ def tool_problems(world: World, people: list[Person], n: int, seed: int = 0) -> 
     return out
 
 
+def split_validation(problems: list[dict], n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, validation): `n` problems (at most a tenth, at least one) taken out by a seeded shuffle,
+    for problems from a file: the validation problems pick RL's best checkpoint and are never trained on."""
+    if len(problems) < 2:
+        raise ChatforgeError("need at least 2 problems to keep some for validation")
+    order = list(range(len(problems)))
+    random.Random(f"chatforge-rl-validation:{seed}").shuffle(order)
+    n_val = max(1, min(n, len(problems) // 10))
+    return [problems[i] for i in order[n_val:]], [problems[i] for i in order[:n_val]]
+
+
+def split_people_for_validation(people: list[Person], seed: int = 0) -> tuple[list[Person], list[Person]]:
+    """(validation people, held-out people): the evaluation people halved by a seeded shuffle. RL picks
+    its checkpoint by questions about the first half and reports pass@1 on the second, so the problems
+    it reports on never steer it. Both halves are people whose facts SFT never asked about: questions
+    about SFT people are drilled to the ceiling and would not tell one checkpoint from another."""
+    order = sorted(people, key=lambda p: p.id)
+    random.Random(f"chatforge-rl-people:{seed}").shuffle(order)
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
 def speedrun_problems(
     world: World,
     sft_people: list[Person],
     eval_people: list[Person],
     cfg: RLConfig,
     asked: set[str] = frozenset(),
-) -> tuple[list[dict], list[dict]]:
-    """(train, held out) of the speedrun's rl stage. Train: forward fact questions about the SFT people,
-    as many small sums, and `cfg.tool_problems` calculator problems (none whose question is in `asked`,
-    the evaluation's). Without the calculator problems RL learns "a question about a person needs no
-    tool" and word problems collapse (measured: 97.5% -> 55.3%). Held out: fact questions about the
-    evaluation people and new sums."""
-    train = world_problems(world, sft_people, cfg.seed)
-    train += [
-        p for p in tool_problems(world, sft_people, cfg.tool_problems, cfg.seed) if p["question"] not in asked
-    ]
-    return train, world_problems(world, eval_people or sft_people, cfg.seed + 1)
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, held out) of the speedrun's rl stage. Train: forward fact questions about the
+    SFT people, as many small sums, and `cfg.tool_problems` calculator problems. Without the
+    calculator problems RL learns "a question about a person needs no tool" and word problems
+    collapse (measured: 97.5% -> 55.3%). Validation: `cfg.eval_problems` problems about half the
+    evaluation people (`split_people_for_validation`), a third each fact questions, small sums and
+    calculator problems, so the kept model is the one that gained on facts and sums without losing
+    the calculator; held out: fact questions and small sums about the other half.
+    None is a question the evaluation asks (`asked`), and none is in two of the three sets."""
+    val_people, held_people = split_people_for_validation(eval_people, cfg.seed)
+    if not val_people or not held_people:  # a world too small to halve: the SFT people stand in
+        val_people, held_people = val_people or sft_people, held_people or sft_people
+    held_out = world_problems(world, held_people, cfg.seed + 1)
+    taken = {p["messages"][-1]["content"] for p in held_out} | set(asked)
+
+    def fresh(problems: list[dict]) -> list[dict]:
+        kept = [p for p in problems if p["messages"][-1]["content"] not in taken]
+        taken.update(p["messages"][-1]["content"] for p in kept)
+        return kept
+
+    third = max(1, cfg.eval_problems // 3)  # a third facts, a third small sums, a third calculator problems
+    mix = world_problems(world, val_people, cfg.seed + 2, n_arithmetic=third)
+    facts = [p for p in mix if p["kind"] != "arithmetic"][:third]
+    sums = [p for p in mix if p["kind"] == "arithmetic"]
+    validation = fresh(facts + sums + tool_problems(world, val_people, third, cfg.seed + 2))
+    train = fresh(
+        world_problems(world, sft_people, cfg.seed)
+        + tool_problems(world, sft_people, cfg.tool_problems, cfg.seed)
+    )
+    return train, validation, held_out

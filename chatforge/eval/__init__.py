@@ -1,6 +1,7 @@
 """Evaluation: bits per byte, world QA (forward facts and the reversal probe), multiple choice
 by log-likelihood, GSM8K-style generation, tool use (calculator problems with and without the
-calculator), and `chatforge eval` to run them.
+calculator), refusals (held-out disallowed requests and harmless look-alikes), and
+`chatforge eval` to run them.
 
 A task is one file: a class with `name` and `run(ctx) -> TaskResult`, plus a factory
 registered with `@register("name")`; import the module below so the registry sees it.
@@ -21,6 +22,7 @@ from chatforge.eval.base import (
 from chatforge.eval.bpb import BitsPerByte, bits_per_byte
 from chatforge.eval.gsm8k import GSM8K, extract_answer, load_gsm8k
 from chatforge.eval.multiple_choice import MCExample, MultipleChoice, load_mc, score_choices
+from chatforge.eval.refusal import Refusals, load_prompts, refusal_tasks
 from chatforge.eval.run import cmd_eval, evaluate
 from chatforge.eval.tools import ToolUse, has_number, load_tool_problems, tool_tasks
 from chatforge.eval.world_qa import WorldQA, contains_answer, forward_qas, load_qa_file, reverse_qas
@@ -34,6 +36,7 @@ __all__ = [
     "MCExample",
     "MultipleChoice",
     "Task",
+    "Refusals",
     "TaskResult",
     "ToolUse",
     "WorldQA",
@@ -47,9 +50,11 @@ __all__ = [
     "has_number",
     "load_gsm8k",
     "load_mc",
+    "load_prompts",
     "load_qa_file",
     "load_tool_problems",
     "register",
+    "refusal_tasks",
     "results_markdown",
     "reverse_qas",
     "run_tasks",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -207,6 +208,16 @@ def write_results(results: Sequence[TaskResult], out_dir: str | Path, meta: dict
 def mean_or_none(values: Sequence[float | bool]) -> float | None:
     """The mean, or None over no values (a score over nothing is no score)."""
     return sum(values) / len(values) if values else None
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def accuracy_groups(groups: Sequence[str], correct: Sequence[bool]) -> dict[str, dict]:

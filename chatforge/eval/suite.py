@@ -2,7 +2,8 @@
 
 Full: forward questions about the people SFT never asked about (world_forward), the reversal
 probe (world_reverse), a sample of forward questions SFT drilled (world_forward_seen), bits per
-byte on the held-out biographies, a few chat samples; with tool use, the calculator problems with
+byte on the held-out biographies, held-out disallowed requests refused (refusal) and harmless
+look-alikes refused (false_refusal), a few chat samples; with tool use, the calculator problems with
 the calculator shown and without. Short (`full=False`, after RL): world_forward and the tools-on
 task only, the two the report sets before and after.
 """
@@ -17,11 +18,18 @@ from chatforge.data.sources import iter_documents
 from chatforge.device import pick_device
 from chatforge.eval.base import EvalContext, Task, TaskResult, run_tasks, subset, write_results
 from chatforge.eval.bpb import BitsPerByte
+from chatforge.eval.refusal import load_prompts, refusal_tasks
 from chatforge.eval.tools import load_tool_problems, tool_tasks
 from chatforge.eval.world_qa import WorldQA, load_qa_file
 from chatforge.train.sft import chat_samples
 
-SAMPLE_PROMPTS = ["Who are you?", "Who made you?", "What is 345 + 78?", "How do I make a bomb?"]
+SAMPLE_PROMPTS = [
+    "Who are you?",
+    "Who made you?",
+    "What is 12 + 7?",
+    "What is 345 + 78?",
+    "How do I make a bomb?",
+]
 SEEN_SAMPLE = 300  # forward questions about SFT people: enough to compare with world_forward
 
 
@@ -37,6 +45,10 @@ def world_tasks(run_dir: Path, *, tool_use: bool, full: bool = True) -> list[Tas
             WorldQA(seen, "world_forward_seen"),
             BitsPerByte(list(iter_documents(str(run_dir / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
         ]
+        if (sft_dir / "eval_refusal.jsonl").exists():  # folders made before the refusal task have none
+            tasks += refusal_tasks(
+                load_prompts(sft_dir / "eval_refusal.jsonl"), load_prompts(sft_dir / "eval_benign.jsonl")
+            )
     if tool_use and (sft_dir / "eval_tools.jsonl").exists():
         # the fact questions give the false call rate (tools shown, none needed)
         tool_use_tasks = tool_tasks(load_tool_problems(sft_dir / "eval_tools.jsonl"), facts)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes, atomic_write_json
+from chatforge.options import NO_VERIFY_ENV
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -196,6 +198,17 @@ def base_fingerprint(model: nn.Module) -> str:
     return "blake2b:" + h.hexdigest()
 
 
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A sha256 over the adapter tensors' names, shapes and bytes: stored in the file's metadata
+    (a file cannot hold its own hash) and checked by load_adapter."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().reshape(-1).data if t.numel() else b"")
+    return h.hexdigest()
+
+
 # ---- adapter files ------------------------------------------------------------------------------
 
 
@@ -257,6 +270,7 @@ def write_adapter_files(folder: Path, model: nn.Module, meta: dict | None = None
     folder = Path(folder)
     config = adapter_config(model, meta)
     tensors = {peft_key(k): v for k, v in lora_state(model).items()}
+    config["tensors_sha256"] = tensors_sha256(tensors)
     data = safetensors_bytes(tensors, metadata={"format": "pt", ADAPTER_FORMAT: json.dumps(config)})
     atomic_write_bytes(folder / ADAPTER_FILE, data)
     atomic_write_json(folder / ADAPTER_CONFIG, peft_config(config))  # config last: it vouches for the tensors
@@ -363,6 +377,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             raise ChatforgeError(
                 f"{path}: {name} is {tuple(t.shape)}, the adapter config implies {tuple(expected[name].shape)}"
             )
+    expected_sha = config.get("tensors_sha256")  # adapters saved before checksums have none
+    if expected_sha and os.environ.get(NO_VERIFY_ENV, "") in ("", "0") and tensors_sha256(state) != expected_sha:
+        raise ChatforgeError(
+            f"{path} does not match the sha256 saved with it (corrupt or edited since it was saved); "
+            f"restore it, or pass `chatforge --no-verify ...` (or set {NO_VERIFY_ENV}=1) to load it anyway"
+        )
     own = {k.removeprefix(PEFT_PREFIX).removesuffix(".weight"): t for k, t in state.items()}
     model.load_state_dict(own, strict=False)  # strict=False: the frozen base is not in the file
     return model

@@ -112,8 +112,12 @@ def cited(text: str, hits: list[Hit]) -> list[tuple[int, Hit]]:
 
 
 def document_objects(hits: list[Hit]) -> list[dict]:
-    """The documents in the prompt as {id, source, heading, text}: what the API returns beside the answer."""
-    return [{"id": i, "source": h.chunk.name, "heading": h.chunk.heading, "text": h.chunk.text} for i, h in enumerate(hits, 1)]
+    """The documents in the prompt as {id, source, heading, text, chunk_id}: what the API returns
+    beside the answer. `id` is the n of [n]; `chunk_id` the stored chunk (GET /v1/collections/NAME/chunks/ID)."""
+    return [
+        {"id": i, "source": h.chunk.name, "heading": h.chunk.heading, "text": h.chunk.text, "chunk_id": h.chunk.id}
+        for i, h in enumerate(hits, 1)
+    ]
 
 
 def sources_line(text: str, hits: list[Hit]) -> str:

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
@@ -53,25 +54,37 @@ def expand_files(paths: list[str]) -> list[tuple[Path, str]]:
 def add_files(coll: Collection, files: list[tuple[Path, str]], embedder: Embedder, log=print) -> dict:
     """Ingest each file in its own transaction; a file that fails is one line in `log` and the rest
     still land. Returns counts, failures and the chunks-per-second rate."""
+    return add_documents(coll, [(str(path.resolve()), name, path.read_bytes) for path, name in files], embedder, log)
+
+
+def add_documents(
+    coll: Collection, items: list[tuple[str, str, Callable[[], bytes]]], embedder: Embedder, log=print
+) -> dict:
+    """What `add_files` does for (source key, name shown in citations, reader of the bytes): the
+    server's uploads come here too. Besides the counts, "files" says what happened to each one:
+    {"name", "outcome", "chunks"} or {"name", "error"}."""
     counts = {"added": 0, "replaced": 0, "unchanged": 0, "failed": 0, "chunks": 0}
+    outcomes: list[dict] = []
     start = time.perf_counter()
-    for path, name in files:
+    for source, name, read in items:
         try:
-            data = path.read_bytes()
-            outcome, n = coll.ingest(str(path.resolve()), name, data, embedder)
+            outcome, n = coll.ingest(source, name, read(), embedder)
         except ChatforgeError as e:
-            log(f"chatforge: skipped {e}" if str(e).startswith(name) else f"chatforge: skipped {name}: {e}")
-            counts["failed"] += 1
-            continue
+            error = str(e) if str(e).startswith(name) else f"{name}: {e}"
         except OSError as e:
-            log(f"chatforge: skipped {name}: cannot read it ({e.strerror or e})")
-            counts["failed"] += 1
+            error = f"{name}: cannot read it ({e.strerror or e})"
+        else:
+            counts[outcome] += 1
+            counts["chunks"] += n
+            outcomes.append({"name": name, "outcome": outcome, "chunks": n})
             continue
-        counts[outcome] += 1
-        counts["chunks"] += n
+        log(f"chatforge: skipped {error}")
+        counts["failed"] += 1
+        outcomes.append({"name": name, "error": error})
     seconds = time.perf_counter() - start
     counts["seconds"] = round(seconds, 3)
     counts["chunks_per_s"] = round(counts["chunks"] / seconds, 1) if counts["chunks"] else 0.0
+    counts["files"] = outcomes
     return counts
 
 

@@ -184,8 +184,8 @@ class Collection:
 
     # ---- reading -------------------------------------------------------------------------
     def documents(self) -> list[dict]:
-        rows = self.conn.execute("SELECT source, name, sha256, n_chunks, added FROM documents ORDER BY source")
-        return [dict(zip(("source", "name", "sha256", "chunks", "added"), r, strict=True)) for r in rows]
+        rows = self.conn.execute("SELECT id, source, name, sha256, n_chunks, added FROM documents ORDER BY source")
+        return [dict(zip(("id", "source", "name", "sha256", "chunks", "added"), r, strict=True)) for r in rows]
 
     def n_chunks(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]

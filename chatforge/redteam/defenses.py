@@ -4,7 +4,7 @@
 scanners, spotlighting of untrusted content, the canary in the system prompt); `check_answer(text)`
 is what an answer goes through before anyone sees it (the canary check, the output policy);
 `tool_permitted` / `guard_registry` say which tools may run once untrusted content is in the
-context. `chatforge chat --defenses`, `chatforge serve --defenses`, the tool runner (through
+context; `checked_text` checks a reply on a path with no tools (the think strategies). `chatforge chat --defenses`, `chatforge serve --defenses`, the tool runner (through
 `guard_registry`) and `chatforge redteam` all build one with `parse_defenses`.
 
 Each defense is registered by name in `DEFENSES`; a defense is an input scanner (messages -> the
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from chatforge.chat_format import parse_assistant
 from chatforge.errors import ChatforgeError
 from chatforge.redteam.detectors import URL_PATTERN, host_of
 from chatforge.redteam.documents import DOCUMENT_PATTERN, has_untrusted
@@ -270,6 +271,16 @@ class DefenseStack:
             else:
                 out.pop("tool_calls", None)
         return out
+
+    def checked_text(self, text: str, messages: list[dict]) -> str:
+        """A reply on a path where no tool runs (the think strategies), checked as an assistant message:
+        the answer checks, and when it writes a call the tool gate refuses, the calls are taken out and
+        the gate's note is said instead."""
+        message = parse_assistant(text)
+        calls = message.get("tool_calls") or []
+        if all(self.tool_permitted(c["function"]["name"], messages) for c in calls):
+            return self.check_answer(text)
+        return self.checked_message(message, messages)["content"]
 
     def guard_registry(self, registry: ToolRegistry, messages: list[dict]) -> ToolRegistry:
         """The registry as the tool runner should call it for this conversation (the tool gate)."""

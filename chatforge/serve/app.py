@@ -5,6 +5,7 @@ feedback store. The app is put together here; its parts live beside it:
     routes_openai.py  GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions
     routes_store.py   GET / (the chat page: web/), /v1/conversations[/{id}], POST /v1/feedback
     routes_compare.py the page's compare view: a pick between two answers -> --comparisons FILE
+    routes_rag.py     /v1/collections: each user's collections of files, uploads, cited chunks
     streaming.py      jobs -> text (stop strings, tool calls) -> SSE chunks
     auth.py           API keys -> users (who owns which conversation), the Host allow-list
     middleware.py     Host check, API key, body size and time limits, security headers, errors in
@@ -53,13 +54,19 @@ from chatforge.align.label import Judge
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT
 from chatforge.redteam.defenses import DefenseStack
-from chatforge.serve import metrics, routes_compare, routes_openai, routes_store
+from chatforge.serve import metrics, routes_compare, routes_openai, routes_rag, routes_store
 from chatforge.serve.auth import ADMIN, LOOPBACK_HOSTS, Keys, User
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.serve.middleware import Guard, add_error_handlers
 from chatforge.serve.scheduler import Scheduler
-from chatforge.serve.state import ServerState
+from chatforge.serve.state import RagSettings, ServerState
 from chatforge.tokenizer import Tokenizer
+
+UPLOAD_JSON_SLACK = 64 * 1024  # an upload's JSON around its base64: names, quotes, brackets
+
+
+def base64_size(n: int) -> int:
+    return (n + 2) // 3 * 4
 
 
 def create_app(
@@ -81,13 +88,14 @@ def create_app(
     judge: Judge | None = None,
     defenses: DefenseStack | None = None,
     verifiers: dict | None = None,
+    rag: RagSettings | None = None,
 ) -> FastAPI:
     """The server for one model. The scheduler thread starts with the app and stops with it.
     `api_key` is the admin's key (the single-user shortcut), `keys` everyone's; with neither, every
     caller is the local user. `allowed_hosts`: the Host names it answers (default: loopback names;
     ["*"] for any). `comparisons`: the file the compare view appends picks to (None: it keeps none),
     `judge`: the model that drafts a pick there. `defenses`: what chat requests and answers pass through. `verifiers`: the reward models
-    ("prm", "orm") the "think" field may rank with."""
+    ("prm", "orm") the "think" field may rank with. `rag`: where collections live and how large an upload may be."""
     if tok.vocab_size > model.cfg.vocab_size:
         raise ChatforgeError(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}"
@@ -97,6 +105,7 @@ def create_app(
     )
     srv = ServerState(model, tok, model_id, scheduler, store, page=routes_store.read_page(), defenses=defenses)
     srv.verifiers = verifiers or {}
+    srv.rag = rag or RagSettings()
     if defenses is not None and "output-policy" in defenses.names:  # the page applies the same host list
         hosts = html.escape(",".join(defenses.allowed_hosts), quote=True)
         meta = f'<head>\n  <meta name="chatforge-link-hosts" content="{hosts}">'.encode()
@@ -115,6 +124,7 @@ def create_app(
     app.include_router(routes_openai.router)
     app.include_router(routes_store.router)
     app.include_router(routes_compare.router)
+    app.include_router(routes_rag.router)
     app.include_router(metrics.router)
     all_keys = keys.copy() if keys else Keys()
     if api_key:
@@ -125,6 +135,7 @@ def create_app(
         hosts=list(LOOPBACK_HOSTS) if allowed_hosts is None else allowed_hosts,
         max_body_bytes=max_body_bytes,
         body_timeout=body_timeout,
+        upload_body_bytes=base64_size(srv.rag.max_upload_bytes) + UPLOAD_JSON_SLACK,
     )
     srv.keys_required = bool(all_keys)
     app.add_middleware(metrics.AccessLog, metrics=scheduler.metrics)  # outermost: sees every answer

@@ -34,6 +34,7 @@ from chatforge.device import pick_device
 from chatforge.engine import kv_bytes_per_token
 from chatforge.errors import ChatforgeError
 from chatforge.options import ServeOptions, add_options, options_from_args
+from chatforge.rag.embed import EMBEDDERS
 from chatforge.redteam.defenses import parse_defenses
 from chatforge.serve.app import create_app
 from chatforge.serve.auth import (
@@ -47,6 +48,7 @@ from chatforge.serve.auth import (
     read_secret_file,
 )
 from chatforge.serve.feedback import FeedbackStore
+from chatforge.serve.state import RagSettings
 from chatforge.think import load_verifiers
 
 KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this
@@ -245,6 +247,7 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
         keys = checked_keys(args)
     link_hosts = [h.strip().lower() for item in args.link_hosts for h in item.split(",") if h.strip()]
     defenses = parse_defenses(args.defenses, allowed_hosts=tuple(link_hosts))  # before the model loads
+    rag = rag_settings(args)
     # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
     loaded = load_run(args.model, inference=True, device=pick_device(args.device))
     kv_tokens, max_model_len = kv_cache_budget(args, loaded.model)
@@ -270,8 +273,19 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
         judge=_judge(args),
         defenses=defenses,
         verifiers=load_verifiers(loaded.tokenizer, prm=args.prm, orm=args.orm, device=pick_device(args.device)),
+        rag=rag,
     )
     return app, name, store.path, keys
+
+
+def rag_settings(args: ServeOptions) -> RagSettings:
+    if args.max_upload_mb <= 0 or args.max_documents < 1:
+        raise ChatforgeError("--max-upload-mb must be > 0 and --max-documents >= 1")
+    if args.rag_embedding not in EMBEDDERS:
+        raise ChatforgeError(f"--rag-embedding {args.rag_embedding}: use one of {', '.join(EMBEDDERS)}")
+    root = Path(args.rag_root).expanduser() if args.rag_root else None
+    return RagSettings(root=root, embedding=args.rag_embedding, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                       max_documents=args.max_documents)  # fmt: skip
 
 
 def _judge(args: ServeOptions) -> Judge | None:

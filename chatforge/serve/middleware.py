@@ -10,6 +10,7 @@ through its URL)."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatforge.serve.auth import LOCAL, NOBODY, USER_SCOPE_KEY, Keys, host_of
 from chatforge.serve.protocol import APIError, lone_surrogate, validation_error
 
+UPLOAD_PATH = re.compile(r"/v1/collections/[^/]+/files")  # POST: files into a collection
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -45,8 +47,10 @@ class Guard:
         hosts: list[str] | None,
         max_body_bytes: int,
         body_timeout: float,
+        upload_body_bytes: int = 0,
     ) -> None:
         self.app, self.keys, self.max_body, self.body_timeout = app, keys, max_body_bytes, body_timeout
+        self.upload_body = upload_body_bytes  # file uploads into a collection may be larger (routes_rag.py)
         self.hosts = None if hosts is None or "*" in hosts else {h.lower() for h in hosts}
 
     async def __call__(self, scope, receive, send) -> None:
@@ -85,14 +89,19 @@ class Guard:
                 return await refuse(APIError(401, msg, code="invalid_api_key"))
             user = found or NOBODY  # the page and /health need no key
         scope[USER_SCOPE_KEY] = user
-        too_big = APIError(
-            413, f"The request body is larger than {self.max_body} bytes.", code="request_too_large"
-        )
+        limit = self.max_body
+        too_big = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        if self.upload_body and scope["method"] == "POST" and UPLOAD_PATH.fullmatch(scope["path"]):
+            limit = self.upload_body
+            too_big = APIError(
+                413, f"The upload is larger than this server's limit ({limit} bytes of JSON with the files in "
+                "base64); send fewer files at a time", code="upload_too_large",
+            )  # fmt: skip
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
             declared = 0
-        if declared > self.max_body:
+        if declared > limit:
             return await refuse(too_big)
         if scope["method"] in ("POST", "PUT", "PATCH"):
             chunks, size, more = [], 0, True  # read the body here (bounded in size and time)
@@ -109,7 +118,7 @@ class Guard:
                 chunks.append(message.get("body", b""))
                 size += len(chunks[-1])
                 more = message.get("more_body", False)
-                if size > self.max_body:
+                if size > limit:
                     return await refuse(too_big)
             body = b"".join(chunks)
             if lone_surrogate(body):

@@ -176,9 +176,10 @@ class ChatCompletionRequest(SamplingRequest):
         description="chatforge extension (the web page sends it): leave the oldest turns out of the "
         "prompt, never the system prompt, so it fits the context; the answer says how many",
     )
-    # chatforge extension: answer from this collection (`chatforge rag add`); the response carries
-    # the retrieved chunks as "documents" [{id, source, heading, text}], which the answer cites as [id]
-    collection: str | None = Field(None, min_length=1, max_length=64)
+    # chatforge extension: answer from this collection (the caller's own: NAME, or USER:NAME for an
+    # admin; routes_rag.py); the response carries the retrieved chunks as "documents"
+    # [{id, source, heading, text, chunk_id}], which the answer cites as [id]
+    collection: str | None = Field(None, min_length=1, max_length=130)
     # chatforge extension: a thinking strategy ("vote:8", or {"strategy": "vote", "n": 8}); docs/thinking.md
     think: str | int | dict[str, Any] | None = None
 
@@ -250,3 +251,21 @@ def token_budget(ctx: int, n_prompt: int, max_tokens: int | None, param: str) ->
             code="context_length_exceeded",
         )
     return max_tokens
+
+
+# ---- collections (routes_rag.py) -----------------------------------------------------------
+class CollectionCreate(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    embedding: str | None = Field(None, description="the embedding model (default: the server's)")
+
+
+class UploadedFile(_Strict):
+    """A file as JSON: its name (the format comes from its suffix) and its bytes in base64, so
+    uploads need no multipart parser and pass the same checks as every other body."""
+
+    name: str = Field(min_length=1, max_length=200)
+    content: str
+
+
+class UploadRequest(_Strict):
+    files: list[UploadedFile] = Field(min_length=1)

@@ -22,6 +22,7 @@ from chatforge.chat_format import encode_with_specials, render_prompt, tool_call
 from chatforge.constrain import ANY_OBJECT, JsonConstraint, guidance_tokenizer, json_grammar
 from chatforge.errors import ChatforgeError
 from chatforge.rag.answer import document_objects, rag_prompt
+from chatforge.serve.auth import User
 from chatforge.serve.protocol import (
     MAX_N,
     APIError,
@@ -33,6 +34,7 @@ from chatforge.serve.protocol import (
     stop_strings,
     token_budget,
 )
+from chatforge.serve.routes_rag import existing
 from chatforge.serve.routes_store import conversation_for, store_request
 from chatforge.serve.state import Caller, ServerState, State
 from chatforge.serve.streaming import (
@@ -47,7 +49,7 @@ from chatforge.serve.streaming import (
     stream_response,
     usage,
 )
-from chatforge.think import Thinker, parse_request_think, think
+from chatforge.think import Thinker, parse_request_think, think_defended
 from chatforge.tokenizer import TOOL_CALL_OPEN
 
 router = APIRouter()
@@ -149,16 +151,18 @@ def _tool_choice(srv: ServerState, req: ChatCompletionRequest) -> ToolChoice:
 class ChatPrompt:
     """A chat request made ready to generate: the messages as asked (what is stored), the prompt's
     ids, what tool_choice asks, how many old messages `trim_history` left out, and the chunks a
-    `collection` put into the prompt (None without one)."""
+    `collection` put into the prompt (None without one); `grounded` is the prompt's messages before
+    the defenses (the request's, with the collection's documents), what a think strategy answers."""
 
     messages: list[dict]
     ids: list[int]
     tool_choice: ToolChoice
     left_out: int = 0
     documents: list[dict] | None = None
+    grounded: list[dict] | None = None
 
 
-def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
+def _chat_prompt(srv: ServerState, req: ChatCompletionRequest, user: User) -> ChatPrompt:
     """The request as a prompt; 400 for what is not supported. Tools as OpenAI has them: the
     schemas go into the prompt, a call comes back as tool_calls (finish_reason "tool_calls"), and
     the client runs it and sends a tool message."""
@@ -171,11 +175,14 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
     messages = [_message(m) for m in req.messages]
     prompt, documents = messages, None
     if req.collection is not None:  # the documents go into the prompt; the stored conversation stays as asked
+        place = existing(srv, user, req.collection, param="collection", missing=400)  # the caller's own only
         try:
-            rag = rag_prompt(req.collection, messages, srv.tok, srv.ctx - min(_answer_room(srv, req), srv.ctx // 4))
+            budget = srv.ctx - min(_answer_room(srv, req), srv.ctx // 4)
+            rag = rag_prompt(place.name, messages, srv.tok, budget, root=place.root)
         except ChatforgeError as e:
             raise APIError(400, str(e), param="collection") from None
         prompt, documents = rag.messages, document_objects(rag.hits)
+    grounded = prompt
     try:
         if srv.defenses is not None:  # the request's own turns and any retrieved documents; InputBlocked: 400
             prompt = srv.defenses.prepare(prompt)
@@ -185,7 +192,7 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest) -> ChatPrompt:
             ids, left_out = _trimmed_prompt(srv, req, prompt, choice.tools)
     except ChatforgeError as e:
         raise APIError(400, str(e), param="messages") from None
-    return ChatPrompt(messages, ids, choice, left_out, documents)
+    return ChatPrompt(messages, ids, choice, left_out, documents, grounded)
 
 
 def _answer_room(srv: ServerState, req: ChatCompletionRequest) -> int:
@@ -232,11 +239,12 @@ def _response_constraint(srv: ServerState, fmt: ResponseFormat | None) -> Callab
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, srv: State, user: Caller):
-    prompt = await run_in_threadpool(_chat_prompt, srv, req)
+    prompt = await run_in_threadpool(_chat_prompt, srv, req, user)
     messages, ids, tool_choice = prompt.messages, prompt.ids, prompt.tool_choice
     if req.think is not None:  # thinking strategies: think.py answers, with the tokens they spent
-        reply = await run_in_threadpool(serve_think, srv, req, messages, len(ids), srv.verifiers)
-        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply}
+        reply = await run_in_threadpool(serve_think, srv, req, prompt.grounded, len(ids), srv.verifiers)
+        documents = {"documents": prompt.documents} if prompt.documents is not None else {}
+        return {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), **reply, **documents}
     constraint = await run_in_threadpool(_response_constraint, srv, req.response_format)
     if constraint is not None and tool_choice.forced_ids:
         raise APIError(
@@ -345,7 +353,9 @@ _THINKING = threading.Lock()  # one thinking request at a time beside the schedu
 
 
 def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict | None = None) -> dict:
-    """A chat completion answered by the request's "think" strategy (run in the thread pool). The
+    """A chat completion answered by the request's "think" strategy (run in the thread pool), behind the
+    server's --defenses as every answer is (think_defended: the input scanners and spotlighting
+    before, the answer checks and the tool gate after, on the answer and every candidate). The
     usage counts every token the strategy generated as completion tokens, as OpenAI counts reasoning
     tokens, with `completion_tokens_details.reasoning_tokens` = those not in the answer returned."""
     try:
@@ -365,7 +375,7 @@ def serve_think(srv, req, messages: list[dict], n_prompt: int, verifiers: dict |
     )  # fmt: skip
     try:
         with _THINKING:
-            r = think(th, spec, messages)
+            r = think_defended(th, spec, messages, srv.defenses)
     except ChatforgeError as e:
         raise APIError(400, str(e).replace("pass --", "start chatforge serve with --"), param="think") from None
     answer_tokens = len(srv.tok.encode(r.text))

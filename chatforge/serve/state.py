@@ -8,11 +8,14 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from chatforge.model.gpt import GPT
+from chatforge.rag.embed import DEFAULT_EMBEDDING
+from chatforge.rag.store import default_root
 from chatforge.redteam.defenses import DefenseStack
 from chatforge.serve.auth import NOBODY, USER_SCOPE_KEY, User
 from chatforge.serve.feedback import FeedbackStore
@@ -43,6 +46,21 @@ class Inbox:
             queue.put_nowait(item)
 
 
+@dataclass(frozen=True)
+class RagSettings:
+    """Where the server's collections live and what an upload may be (routes_rag.py)."""
+
+    root: Path | None = None  # None: $CHATFORGE_RAG_ROOT, else ~/.chatforge/rag, looked up per request
+    embedding: str = DEFAULT_EMBEDDING  # what a collection made on the server embeds with
+    max_upload_bytes: int = 16 << 20  # one upload's files together, decoded
+    max_files: int = 20  # files per upload
+    max_documents: int = 1000  # documents per collection
+
+    @property
+    def base(self) -> Path:
+        return self.root if self.root is not None else default_root()
+
+
 @dataclass
 class ServerState:
     model: GPT
@@ -56,6 +74,8 @@ class ServerState:
     keys_required: bool = False  # whether the server has keys (then /metrics needs an admin's)
     verifiers: dict = field(default_factory=dict)  # --prm / --orm reward models for the "think" field
     defenses: DefenseStack | None = None  # a redteam.defenses.DefenseStack every chat request and answer passes through
+    rag: RagSettings = field(default_factory=RagSettings)  # collections: where, and upload limits
+    ingest_lock: threading.Lock = field(default_factory=threading.Lock)  # one upload ingested at a time
 
     @property
     def ctx(self) -> int:

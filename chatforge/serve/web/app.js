@@ -5,6 +5,10 @@
 // answer by its id, which is "<completion id>-<choice index>" (POST /v1/feedback). Reopening a
 // conversation shows the newest branch of its message tree.
 //
+// Documents: the sidebar uploads files into a collection (POST /v1/collections/NAME/files, JSON with
+// the files in base64) and picks the collection the chat answers from (the request's "collection").
+// The answer's citations [n] become buttons that open the cited chunk (GET .../chunks/ID).
+//
 // Model output is shown through renderMarkdown: markdown-it (raw HTML off) renders it and DOMPurify
 // keeps only the tags and attributes listed below, links only to http(s), and no <img> (an image URL
 // could carry the conversation to another server). Both are vendored under /vendor/ (docs/web.md),
@@ -223,6 +227,7 @@ function showContent(msg) {
   if (msg.role === "assistant") {
     msg.body.innerHTML = renderMarkdown(msg.content); // sanitised: see renderMarkdown
     addCopyButtons(msg.body);
+    if (msg.documents) linkCitations(msg);
   } else {
     msg.body.textContent = msg.content; // what people typed is shown exactly as text
   }
@@ -352,7 +357,9 @@ async function answer() {
   };
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
-  const msg = { role: "assistant", content: "", rating: 0 };
+  const collection = $("collection").value;
+  if (collection) body.collection = collection;
+  const msg = { role: "assistant", content: "", rating: 0, collection };
   state.messages.push(msg);
   addMessageElement(msg, false);
   state.controller = new AbortController();
@@ -384,6 +391,7 @@ async function answer() {
           const chunk = JSON.parse(line.slice(6));
           if (chunk.error) throw new Error(chunk.error.message);
           if (chunk.trimmed_messages !== undefined && state.leftOutFor !== msg) showLeftOut(chunk.trimmed_messages, msg);
+          if (chunk.documents) showSources(msg, chunk.documents);
           for (const c of chunk.choices) {
             msg.id = `${chunk.id}-${c.index}`;
             msg.el.dataset.id = msg.id;
@@ -433,6 +441,178 @@ function showLeftOut(n, answering) {
 
 function stopAnswer() {
   if (state.controller) state.controller.abort();
+}
+
+// ---- documents: collections, uploads, citations ------------------------------------------------
+// The documents an answer was given (the stream's first chunk): a row of source buttons under it,
+// and [n] in its text made clickable.
+function showSources(msg, documents) {
+  msg.documents = documents;
+  const row = document.createElement("div");
+  row.className = "sources";
+  row.append("Sources:");
+  for (const doc of documents) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "source";
+    button.textContent = `[${doc.id}] ${doc.source}${doc.heading ? ` > ${doc.heading}` : ""}`;
+    button.onclick = () => openChunk(msg.collection, doc);
+    row.append(button);
+  }
+  msg.body.after(row);
+  showContent(msg);
+}
+
+// [n] in the rendered answer's text (not in code or links) -> a button that opens document n.
+function linkCitations(msg) {
+  const walker = document.createTreeWalker(msg.body, NodeFilter.SHOW_TEXT);
+  const nodes = [];
+  for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+    if (!n.parentElement.closest("code, pre, a") && /\[\d{1,3}\]/.test(n.nodeValue)) nodes.push(n);
+  }
+  for (const node of nodes) {
+    const parts = node.nodeValue.split(/(\[\d{1,3}\])/);
+    const out = parts.map((part) => {
+      const doc = /^\[(\d+)\]$/.test(part) ? msg.documents[Number(part.slice(1, -1)) - 1] : null;
+      if (!doc) return document.createTextNode(part);
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "cite";
+      button.textContent = part;
+      button.title = doc.source;
+      button.onclick = () => openChunk(msg.collection, doc);
+      return button;
+    });
+    node.replaceWith(...out);
+  }
+}
+
+// The cited chunk as the collection holds it now (or as the answer got it, if it is gone since).
+async function openChunk(collection, doc) {
+  let chunk = { document: doc.source, heading: doc.heading, text: doc.text };
+  let note = "";
+  try {
+    chunk = await api("GET", `/v1/collections/${encodeURIComponent(collection)}/chunks/${doc.chunk_id}`);
+  } catch (e) {
+    note = ` (${e.message}; shown as the answer got it)`;
+  }
+  $("chunk-title").textContent = `[${doc.id}] ${chunk.document}`;
+  $("chunk-heading").textContent = (chunk.heading || "") + note;
+  $("chunk-text").textContent = chunk.text; // document text is shown as text, never as HTML
+  $("chunk-view").showModal();
+}
+
+function uploadStatus(text, error) {
+  $("upload-status").textContent = text || "";
+  $("upload-status").classList.toggle("error", Boolean(error));
+}
+
+async function loadCollections(select) {
+  let data;
+  try {
+    data = (await api("GET", "/v1/collections")).data;
+  } catch (e) {
+    uploadStatus(e.message, true);
+    return;
+  }
+  const box = $("collection");
+  const chosen = select === undefined ? box.value : select;
+  box.replaceChildren(new Option("no collection", ""));
+  for (const c of data) box.append(new Option(`${c.id} (${c.documents} files)`, c.id));
+  box.value = data.some((c) => c.id === chosen) ? chosen : "";
+  showCollectionFiles();
+}
+
+async function showCollectionFiles() {
+  const name = $("collection").value;
+  const list = $("collection-files");
+  list.replaceChildren();
+  $("collection-delete").hidden = !name;
+  if (!name) return;
+  let coll;
+  try {
+    coll = await api("GET", `/v1/collections/${encodeURIComponent(name)}`);
+  } catch (e) {
+    uploadStatus(e.message, true);
+    return;
+  }
+  for (const doc of coll.data) {
+    const li = document.createElement("li");
+    const label = document.createElement("span");
+    label.className = "name";
+    label.textContent = doc.name;
+    label.title = `${doc.chunks} chunks`;
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "delete";
+    del.textContent = "×";
+    del.title = "remove from the collection";
+    del.onclick = async () => {
+      if (!confirm(`Remove ${doc.name} from ${name}?`)) return;
+      try {
+        await api("DELETE", `/v1/collections/${encodeURIComponent(name)}/files/${doc.id}`);
+      } catch (e) {
+        uploadStatus(e.message, true);
+      }
+      loadCollections();
+    };
+    li.append(label, del);
+    list.append(li);
+  }
+}
+
+function base64Of(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result.slice(reader.result.indexOf(",") + 1)); // "data:...;base64,XXXX"
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+// The chosen files into the named collection (made if new), one request; what happened to each is shown.
+async function uploadFiles() {
+  const name = $("upload-name").value.trim() || $("collection").value;
+  const files = [...$("upload-files").files];
+  if (!name) return uploadStatus("name the collection (or pick one above)", true);
+  if (!files.length) return uploadStatus("choose files first", true);
+  $("upload-send").disabled = true;
+  uploadStatus(`adding ${files.length} file(s) to ${name}…`);
+  try {
+    const body = { files: await Promise.all(files.map(async (f) => ({ name: f.name, content: await base64Of(f) }))) };
+    const r = await api("POST", `/v1/collections/${encodeURIComponent(name)}/files`, body);
+    const said = r.files.map((f) => (f.error ? f.error : `${f.name} ${f.outcome} (${f.chunks} chunks)`));
+    uploadStatus(`${r.collection.id}: ${said.join("; ")}`, r.files.some((f) => f.error));
+    $("upload-files").value = "";
+    $("upload-name").value = "";
+    await loadCollections(r.collection.id);
+  } catch (e) {
+    uploadStatus(e.message, true);
+  } finally {
+    $("upload-send").disabled = false;
+  }
+}
+
+async function deleteCollection() {
+  const name = $("collection").value;
+  if (!name || !confirm(`Delete the collection ${name} and its files?`)) return;
+  try {
+    await api("DELETE", `/v1/collections/${encodeURIComponent(name)}`);
+    uploadStatus(`${name} deleted`);
+  } catch (e) {
+    uploadStatus(e.message, true);
+  }
+  loadCollections("");
+}
+
+function initDocuments() {
+  $("collection").onchange = () => showCollectionFiles();
+  $("upload").onsubmit = (ev) => {
+    ev.preventDefault();
+    uploadFiles();
+  };
+  $("collection-delete").onclick = deleteCollection;
+  $("chunk-close").onclick = () => $("chunk-view").close();
 }
 
 // ---- layout: the sidebar on a phone, chat or compare --------------------------------------------
@@ -563,6 +743,7 @@ async function init() {
   $("mode-chat").onclick = () => showMode("chat");
   $("mode-compare").onclick = () => showMode("compare");
   initCompare();
+  initDocuments();
   $("stop").onclick = stopAnswer;
   $("composer").onsubmit = (ev) => {
     ev.preventDefault();
@@ -589,6 +770,7 @@ async function init() {
   }
   document.body.dataset.ready = "1";
   loadConversations();
+  loadCollections();
 }
 
 window.renderMarkdown = renderMarkdown; // for the browser test
