@@ -88,6 +88,25 @@ def eval_figures(results: list[dict], prefix: str) -> dict[str, tuple[float, str
     return out
 
 
+def _rl_figures(summary: dict) -> dict[str, tuple[float, str]]:
+    """Pass@1 before and after RL and the lift: on the held-out problems (heldout_pass1_*), and on the
+    validation split that picks the checkpoint (val_pass1_*). Runs that have no heldout_pass1_* asked
+    their held-out problems as val_pass1_*."""
+    pairs = {
+        "held-out": ("heldout_pass1_start", "heldout_pass1_end"),
+        "validation": ("val_pass1_start", "val_pass1_end"),
+    }
+    if "heldout_pass1_start" not in summary:
+        pairs = {"held-out": pairs["validation"]}
+    out: dict[str, tuple[float, str]] = {}
+    for name, (start_key, end_key) in pairs.items():
+        start, end = summary.get(start_key), summary.get(end_key)
+        if start is not None and end is not None:
+            out |= {f"rl {name} pass@1 before": (float(start), "%"), f"rl {name} pass@1 after": (float(end), "%"),
+                    f"rl {name} pass@1 lift": (float(end) - float(start), "points")}  # fmt: skip
+    return out
+
+
 def speedrun_figures(run: Path) -> dict[str, tuple[float, str]]:
     """{figure: (value, unit)} of one speedrun folder; stages it has not run contribute nothing."""
     run = Path(run)
@@ -95,11 +114,7 @@ def speedrun_figures(run: Path) -> dict[str, tuple[float, str]]:
     before = _load(run / "eval" / "eval.json")
     if before:
         out |= eval_figures(before["results"], "eval/")
-    rl = _load(run / "rl" / "rl_summary.json")
-    if rl and rl.get("val_pass1_start") is not None and rl.get("val_pass1_end") is not None:
-        start, end = float(rl["val_pass1_start"]), float(rl["val_pass1_end"])
-        out |= {"rl held-out pass@1 before": (start, "%"), "rl held-out pass@1 after": (end, "%"),
-                "rl held-out pass@1 lift": (end - start, "points")}  # fmt: skip
+    out |= _rl_figures(_load(run / "rl" / "rl_summary.json") or {})
     after = _load(run / "rl" / "eval" / "eval.json")
     if after:
         figures = eval_figures(after["results"], "rl/eval/")

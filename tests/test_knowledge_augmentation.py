@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chatforge.errors import ChatforgeError
 from chatforge.fileio import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,6 +67,11 @@ def test_curve_on_a_tiny_world(ka, tiny, tmp_path):
     assert all(p.name in qa_text for p in qa_people)
     assert len(world) == 30
     assert ka.run_curve(run, tiny, seed=3, paraphrases=2, device="cpu") == points  # cached, not re-run
+    looser = dataclasses.replace(tiny, min_many=0.1)  # the check's bounds: the same runs
+    assert ka.run_curve(run, looser, seed=3, paraphrases=2, device="cpu") == points
+    longer = dataclasses.replace(tiny, train={**tiny.train, "max_steps": 24})
+    with pytest.raises(ChatforgeError, match="made with another recipe"):
+        ka.run_curve(run, longer, seed=3, paraphrases=2, device="cpu")
 
 
 def _result(few: float, many: float) -> dict:

@@ -134,6 +134,19 @@ def test_rl_figures_lift_and_change(tmp_path):
     assert "| eval/bpb_heldout_bios | 0.800 |" in md
 
 
+def test_rl_held_out_and_validation_pass1_apart():
+    from chatforge.seeds import _rl_figures
+
+    both = _rl_figures(
+        {"heldout_pass1_start": 0.3, "heldout_pass1_end": 0.45, "val_pass1_start": 0.5, "val_pass1_end": 0.6}
+    )
+    assert both["rl held-out pass@1 lift"] == (pytest.approx(0.15), "points")
+    assert both["rl validation pass@1 after"] == (0.6, "%")
+    older = _rl_figures({"val_pass1_start": 0.3, "val_pass1_end": 0.4})
+    assert set(older) == {"rl held-out pass@1 before", "rl held-out pass@1 after", "rl held-out pass@1 lift"}
+    assert _rl_figures({}) == {}
+
+
 def test_a_figure_missing_on_one_seed_says_so(tmp_path):
     a = _fake_run(tmp_path / "a", 0.9, 0.8, 0.92, 0.4, 0.55)
     b = tmp_path / "b"
