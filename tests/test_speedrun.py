@@ -184,7 +184,7 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
             "rl.eval_every=1", "rl.eval_problems=4", "rl.tool_problems=20"]  # fmt: skip
     status = speedrun("smoke", out, sets, progress=False)
     rl = status["rl"]["result"]
-    assert rl["steps"] == 2 and rl["val_problems"] == 4 and rl["heldout_problems"] == 4
+    assert rl["steps"] == 2 and 0 < rl["val_problems"] <= 4 and rl["heldout_problems"] == 4
     assert set(rl["after"]) == set(status["eval"]["result"]) == set(rl["changes"])  # every task, after RL too
     assert all(c["before"] == round(status["eval"]["result"][t], 4) for t, c in rl["changes"].items())
     assert rl["worse"] == [t for t, c in rl["changes"].items() if c["worse"]]
