@@ -150,9 +150,10 @@ def main() -> None:
         )
         asked = {p["question"] for p in load_problems(run / "sft_data" / "eval_tools.jsonl")}
         eval_people = [world.person(i) for i in manifest["eval_people"]]
-        train, val = speedrun_problems(world, people, eval_people, cfg, asked)
-        summary = grpo(sft, train, val, out / "rl", cfg, "exact", progress=False)
-        keys = ("problems", "val_problems", "steps", "train_seconds", "val_pass1_start", "val_pass1_end")
+        train, val, held_out = speedrun_problems(world, people, eval_people, cfg, asked)
+        summary = grpo(sft, train, val, out / "rl", cfg, "exact", held_out=held_out, progress=False)
+        keys = ("problems", "val_problems", "steps", "train_seconds", "best_step", "heldout_pass1_start",
+                "heldout_pass1_end")  # fmt: skip
         result["rl"] = {**{k: summary[k] for k in keys}, "lr": cfg.lr, "kl_beta": cfg.kl_beta}
         log(f"rl: {json.dumps(result['rl'])}")
         atomic_write_json(result_path, result)

@@ -197,10 +197,10 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
         f"{cfg.get('prompts_per_step', '?')} problems ({summary['problems']:,} in all: forward fact questions "
         f"about the SFT people, small sums, calculator problems), {cfg.get('group_size', '?')} answers sampled for each, reward 1 "
         f"when the answer states the right one; {summary['train_seconds'] / 60:.1f} min. The model kept is the one "
-        f"that scored best on {summary.get('val_problems', '?')} validation problems (taken from the training "
-        f"pool, never trained on): step {summary.get('best_step', '?')}. Held-out pass@1 "
-        f"({summary.get('heldout_problems', '?')} problems of the same kinds about the evaluation people, greedy, "
-        f"with 95% intervals): **{_interval(summary, 'start')} → {_interval(summary, 'end')}**.",
+        f"that scored best on {summary.get('val_problems', '?')} validation problems (about half the evaluation "
+        f"people): step {summary.get('best_step', '?')}. Held-out pass@1 ({summary.get('heldout_problems', '?')} "
+        f"fact questions and small sums about the other half, greedy, with 95% intervals): "
+        f"**{_interval(summary, 'start')} → {_interval(summary, 'end')}**.",
         "",
         "The evaluation's tasks again, on the RL model:",
         "",

@@ -145,7 +145,9 @@ def eval_changes(before: Path, after: Path, tolerance: float = 0.02) -> dict:
         if r["task"] not in old or r["value"] is None or old[r["task"]]["value"] is None:
             continue
         change = r["value"] - old[r["task"]]["value"]
-        worse = change if r["metric"] in LOWER_IS_BETTER else -change
+        worse = round(
+            change if r["metric"] in LOWER_IS_BETTER else -change, 4
+        )  # 2.00 points is not more than 2
         out[r["task"]] = {
             "metric": r["metric"], "before": round(old[r["task"]]["value"], 4), "after": round(r["value"], 4),
             "change": round(change, 4), "worse": worse > tolerance,

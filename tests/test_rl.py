@@ -25,6 +25,7 @@ from chatforge.align.rewards import (
     number_match,
 )
 from chatforge.align.rl import (
+    BestCheckpoint,
     RLConfig,
     cmd_rl,
     group_advantages,
@@ -231,6 +232,21 @@ def test_grpo_keeps_the_step_that_scores_best_on_validation(run_dir, tmp_path):
         torch.equal(a, b)
         for a, b in zip(kept.state_dict().values(), start.state_dict().values(), strict=True)
     )
+
+
+def test_a_later_checkpoint_must_beat_the_kept_one_by_a_standard_error(run_dir, tmp_path):
+    model, _, _ = load_model(run_dir)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    best = BestCheckpoint(tmp_path / "best", "val_pass1")
+    assert best.offer(0, {"val_pass1": 0.5, "val_n": 100}, model, tokenizer, {"stage": "rl"})  # the first
+    assert not best.offer(10, {"val_pass1": 0.54, "val_n": 100}, model, tokenizer, {})  # inside 0.05: noise
+    assert best.offer(20, {"val_pass1": 0.56, "val_n": 100}, model, tokenizer, {})
+    assert (best.step, best.value, best.n) == (20, 0.56, 100) and load_model(tmp_path / "best")[1][
+        "step"
+    ] == 20
+    again = BestCheckpoint(tmp_path / "best", "val_pass1")
+    again.restore(best.record())  # a resumed run knows what it kept
+    assert again.record() == best.record()
 
 
 def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):

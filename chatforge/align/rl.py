@@ -25,7 +25,7 @@ detached log-prob, so no separate forward pass is taken for it.
 Every eval step greedy answers to validation problems (a split of the training pool, never trained
 on) give pass@1 with its 95% Wilson interval (the exact-answer check, when the problems have answers)
 and the mean reward, logged and plotted against step (rl.png, rl_pass1.png). The best-scoring model
-is kept (`BestCheckpoint`) and is what the run saves. Held-out problems (about people training never
+is kept (`BestCheckpoint`: a later one must beat it by a standard error) and is what the run saves. Held-out problems (about people training never
 asked about) are asked only twice: of the starting model and of the kept one (rl_summary.json).
 
 In the training loop (train/loop.py) a GRPO step is a rollout (GRPOStep.begin_step: sample, score,
@@ -286,26 +286,37 @@ def evaluate_problems(
 
 @dataclass
 class BestCheckpoint:
-    """The evaluated model that scores best so far on the validation problems, saved in `folder`
-    whenever it improves (a tie keeps the earlier, nearer the start). The finished run is this
-    model, not the last step's: RL that overshoots late costs nothing."""
+    """The evaluated model that scores best so far on the validation problems, saved in `folder`.
+    A later model replaces it only when it beats it by more than the kept pass@1's standard error
+    (sqrt(p (1 - p) / n)): a gain inside the noise of n problems is no reason to move further from
+    the starting model, and RL that gains nothing then costs nothing. The finished run is this model."""
 
     folder: Path
-    key: str  # val_pass1, or val_reward for problems without answers
+    key: str  # val_pass1, or val_reward for problems without answers (no margin then)
     step: int = -1
     value: float = -math.inf
+    n: int = 0  # problems the kept value was measured on
 
-    def offer(self, step: int, metrics: dict, model: GPT, tok: Tokenizer, meta: dict) -> None:
-        if metrics[self.key] > self.value:
-            ckpt.save_model(self.folder, model, tok.to_json(), {**meta, "step": step})
-            self.step, self.value = step, float(metrics[self.key])
+    def margin(self) -> float:
+        if self.key != "val_pass1" or self.n < 1 or not 0 <= self.value <= 1:
+            return 0.0
+        return math.sqrt(self.value * (1 - self.value) / self.n)
+
+    def offer(self, step: int, metrics: dict, model: GPT, tok: Tokenizer, meta: dict) -> bool:
+        """Keep this model if it is the first or beats the kept one by the margin; True if kept."""
+        value = float(metrics[self.key])
+        if self.step >= 0 and value <= self.value + self.margin():
+            return False
+        ckpt.save_model(self.folder, model, tok.to_json(), {**meta, "step": step})
+        self.step, self.value, self.n = step, value, int(metrics.get("val_n", 0))
+        return True
 
     def record(self) -> dict:
-        return {"step": self.step, "value": self.value}
+        return {"step": self.step, "value": self.value, "n": self.n}
 
     def restore(self, record: dict | None) -> None:
         if record and (self.folder / "model.safetensors").is_file():
-            self.step, self.value = record["step"], record["value"]
+            self.step, self.value, self.n = record["step"], record["value"], record.get("n", 0)
 
 
 def plot_pass1(curve: list[dict], held_out: dict, best_step: int, png: Path, title: str) -> Path:
