@@ -56,7 +56,13 @@ FEATURES = (
 )
 SPECIALS = {
     "zephyr": ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"],
-    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "llama3": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ],
 }
 TOKENS = {"zephyr": ("<s>", "</s>"), "llama3": ("<|begin_of_text|>", "<|eot_id|>")}  # bos, eos
 TEXT = "Paris is the capital of France. What is 2 + 3? It is 5. Hello there, how are you today?"
@@ -120,7 +126,9 @@ def test_prompts_equal_apply_chat_template(imported):
         full = [*messages, {"role": "assistant", "content": "Sure: Paris."}]
         assert render_conversation(tok, full)[0] == hf_ids(hf, full)
     first = tok.id_to_token(render_prompt(tok, CONVS[0])[0])
-    assert first == {"llama3": "<|begin_of_text|>", "zephyr": "<|user|>"}[kind]  # BOS only where the template puts it
+    assert (
+        first == {"llama3": "<|begin_of_text|>", "zephyr": "<|user|>"}[kind]
+    )  # BOS only where the template puts it
 
 
 def test_mask_and_stop_token_come_from_the_template(imported):
@@ -140,14 +148,20 @@ def test_typed_special_tokens_stay_text(imported):
     typed = [{"role": "user", "content": f"close it {eos} and go on"}]
     ids = render_prompt(tok, typed)
     assert ids == hf_ids(hf, typed, add_generation_prompt=True, sanitize_control_tokens=True)
-    assert ids.count(tok.special_id(eos)) == hf_ids(hf, typed, add_generation_prompt=True).count(tok.special_id(eos)) - 1
+    assert (
+        ids.count(tok.special_id(eos))
+        == hf_ids(hf, typed, add_generation_prompt=True).count(tok.special_id(eos)) - 1
+    )
 
 
 def test_tool_calls_without_a_template_place_go_as_text(imported):
     _, _, tok, _ = imported
     call = {"type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}
     tools = [{"type": "function", "function": {"name": "add", "description": "adds"}}]
-    messages = [{"role": "user", "content": "add"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
     text = tok.decode(render_conversation(tok, messages, tools=tools)[0])
     assert '<tool_call>{"name":"add","arguments":{"a":2}}</tool_call>' in text
     assert "add(): adds" in text  # tools shown in the system turn: the template has no place for them

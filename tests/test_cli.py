@@ -104,7 +104,9 @@ def test_help_imports_neither_torch_nor_fastapi(cli_env, words):
         "heavy = sorted(m for m in ('torch', 'fastapi', 'numpy', 'tokenizers') if m in sys.modules)\n"
         "print('HEAVY', heavy)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout[-300:]
 
@@ -139,7 +141,9 @@ def test_preset_and_set_work_the_same_on_every_training_command(tmp_path):
     _, opts = parse_command(["prefs", "dpo", *base, "--set", "warmup_steps=0", "--steps", 7, "--lr", 0.01,
                              "--batch-size", 3, "--lora-rank", 4])  # fmt: skip
     cfg = training_config(opts.preset, "prefs", opts.settings, opts.overrides)
-    assert cfg == prefs_config(warmup_steps=0, max_steps=7, lr=0.01, embed_lr=0.01, device_batch_size=3, lora_rank=4)
+    assert cfg == prefs_config(
+        warmup_steps=0, max_steps=7, lr=0.01, embed_lr=0.01, device_batch_size=3, lora_rank=4
+    )
     _, opts = parse_command(["prefs", "reward", *base, "--preset", "smoke", "--set", "max_steps=9"])
     assert training_config(opts.preset, "prefs", opts.settings, opts.overrides).max_steps == 9
     _, opts = parse_command(["sft", *base, "--preset", "smoke", "--lora-rank", 8, "--set", "lr=1e-4"])
@@ -147,7 +151,9 @@ def test_preset_and_set_work_the_same_on_every_training_command(tmp_path):
     assert cfg.lora_rank == 8 and cfg.lr == 1e-4 and cfg.max_steps == get_preset("smoke").sft.max_steps
     rl = ["rl", "--model", "m", "--problems", "world", "--out", "o"]
     _, opts = parse_command([*rl, "--steps", 3, "--top-p", 0.9, "--set", "kl_beta=0.1"])
-    assert training_config(opts.preset, "rl", opts.settings, opts.overrides) == RLConfig(steps=3, top_p=0.9, kl_beta=0.1)
+    assert training_config(opts.preset, "rl", opts.settings, opts.overrides) == RLConfig(
+        steps=3, top_p=0.9, kl_beta=0.1
+    )
     _, opts = parse_command([*rl, "--preset", "cpu", "--tools"])
     assert training_config(opts.preset, "rl", opts.settings, opts.overrides) == get_preset("cpu").rl
     _, opts = parse_command(["pretrain", "--set", "max_steps=5"])

@@ -231,4 +231,6 @@ def test_batch_decoder_rows_join_and_leave_at_any_step_and_match_generate(model)
         got = out[id(rows[i])]
         assert got == (alone[: len(got)] if i == 1 else alone) and len(got) == (10 if i == 1 else budget)
     with pytest.raises(ChatforgeError, match="free rows"):
-        BatchDecoder(model, capacity=1, max_len=48).admit([Row(prompt=[1], budget=2), Row(prompt=[2], budget=2)])
+        BatchDecoder(model, capacity=1, max_len=48).admit(
+            [Row(prompt=[1], budget=2), Row(prompt=[2], budget=2)]
+        )

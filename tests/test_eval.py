@@ -456,7 +456,9 @@ def test_gsm8k_scores_only_the_problems_that_fit(tmp_path, tok):
     assert len(tok.encode(long["question"])) > 40 > len(tok.encode(short["question"])) + 10
     res = GSM8K(problems, max_new_tokens=8).run(ctx_for(model, tok))
     assert (res.value, res.n, res.skipped) == (1.0, 1, 1)
-    assert res.describe() == "gsm8k accuracy = 1.0000 (n=1, skipped 1: longer than the model's 40-token context)"
+    assert (
+        res.describe() == "gsm8k accuracy = 1.0000 (n=1, skipped 1: longer than the model's 40-token context)"
+    )
     table = results_markdown([res])
     assert "| gsm8k | accuracy | 1.0000 | 1 |" in table and "gsm8k: 1 skipped, longer than" in table
     res = GSM8K(problems[1:], max_new_tokens=8).run(ctx_for(model, tok))
@@ -587,7 +589,7 @@ def test_cmd_eval_prints_the_table(tmp_path, run_dir, world_dir, capsys):
     args = parse(
         EvalOptions,
         ["--model", str(run_dir), "--world", str(world_dir), "--tasks", "bpb,world_reverse"]
-        + ["--max-examples", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "o")]
+        + ["--max-examples", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "o")],
     )
     cmd_eval(args)
     out = capsys.readouterr().out

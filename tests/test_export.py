@@ -87,7 +87,9 @@ def test_peft_loads_a_chatforge_adapter_onto_the_exported_base(base, tmp_path):
     lora.save_adapter(model, tmp_path / "adapter", {"base": run})
     merged = lora.merge_lora(model).eval()
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(run, tmp_path / "hf"), dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export_hf(run, tmp_path / "hf"), dtype=torch.float32
+    )
     peft_model = peft.PeftModel.from_pretrained(hf.eval(), tmp_path / "adapter").eval()
     idx = torch.randint(0, tok.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     base_logits, want = logits(tiny_model(tok.vocab_size, tie=False), idx), logits(merged, idx)

@@ -25,7 +25,9 @@ def torchrun(smoke, out: Path, env: dict, *sets: str, resume: bool = False) -> J
     args = ["pretrain", "--data", smoke.data, "--out", out, "--preset", "smoke", "--no-progress"]
     args += [f"--set={s}" for s in [*SETS, *sets]] + (["--resume"] if resume else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m"]
-    return Job([*cmd, "chatforge.cli", *args], env, out.parent / f"{out.name}{'-resume' if resume else ''}.log")
+    return Job(
+        [*cmd, "chatforge.cli", *args], env, out.parent / f"{out.name}{'-resume' if resume else ''}.log"
+    )
 
 
 def metrics(run: Path, key: str) -> list[tuple[int, float]]:
@@ -33,8 +35,12 @@ def metrics(run: Path, key: str) -> list[tuple[int, float]]:
 
 
 # with Muon, the FSDP2 run also recomputes its activations (activation checkpointing inside sharded blocks)
-@pytest.mark.parametrize("optimizer, fsdp_extra", [("adamw", []), ("muon", ["activation_checkpointing=true"])])
-def test_fsdp_matches_ddp_and_resumes_from_its_whole_checkpoints(smoke, tmp_path, cli_env, optimizer, fsdp_extra):
+@pytest.mark.parametrize(
+    "optimizer, fsdp_extra", [("adamw", []), ("muon", ["activation_checkpointing=true"])]
+)
+def test_fsdp_matches_ddp_and_resumes_from_its_whole_checkpoints(
+    smoke, tmp_path, cli_env, optimizer, fsdp_extra
+):
     opt = f"optimizer={optimizer}"
     ddp = torchrun(smoke, tmp_path / "ddp", cli_env, opt, f"max_steps={STEPS}", "ckpt_every=0")
     # FSDP stops half way (its checkpoint at step 2), then resumes to the end

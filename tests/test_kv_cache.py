@@ -55,7 +55,9 @@ def test_rows_joining_and_leaving_under_a_budget_match_generate(model):
     specs = []
     for _ in range(12):
         n = int(torch.randint(1, 40, (1,), generator=g))
-        specs.append((torch.randint(0, 300, (n,), generator=g).tolist(), int(torch.randint(1, 60, (1,), generator=g))))
+        specs.append(
+            (torch.randint(0, 300, (n,), generator=g).tolist(), int(torch.randint(1, 60, (1,), generator=g)))
+        )
     budget = 180  # three rows fit only when their longest reservation is <= 60
     decoder = BatchDecoder(model, capacity=3, max_len=model.cfg.seq_len, max_tokens=budget)
     rows = [Row(prompt=p, budget=b) for p, b in specs]

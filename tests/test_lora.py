@@ -244,7 +244,9 @@ def test_merge_command_writes_a_run_folder_equal_to_the_sft_output(base_run, tmp
     assert meta["stage"] == "merge" and meta["chat_template"] == CHATML
     assert Tokenizer.load(tmp_path / "m").to_json() == Tokenizer.load(base).to_json()
     with pytest.raises(ChatforgeError, match="already holds a model"):
-        ckpt.cmd_merge(parse(MergeOptions, ["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")]))
+        ckpt.cmd_merge(
+            parse(MergeOptions, ["--adapter", str(tmp_path / "sft"), "--out", str(tmp_path / "m")])
+        )
     other = tmp_path / "other_base"
     ckpt.save_model(other, tiny(vocab_size=Tokenizer.load(base).vocab_size), "{}", {"stage": "x"})
     with pytest.raises(ChatforgeError, match="another shape"):

@@ -69,14 +69,29 @@ def test_prompt_holds_the_best_chunk_first_and_fits(tok, root):
     assert prompt.hits[0].chunk.name == "keeper.md" and len(prompt.hits) == 2
     assert '<doc id="1" source="keeper.md > Lighthouse">' in prompt.messages[-1]["content"]
     just_one = len(render_prompt(tok, rag_prompt("notes", messages, tok, 10_000, root=root, k=1).messages))
-    fitted = rag_prompt("notes", messages, tok, just_one, root=root, k=2)  # room for one: the worst is dropped
+    fitted = rag_prompt(
+        "notes", messages, tok, just_one, root=root, k=2
+    )  # room for one: the worst is dropped
     assert [h.chunk.name for h in fitted.hits] == ["keeper.md"]
 
 
 def test_chat_p_with_rag_answers_from_the_prompt_rag_builds(tok, model, root, tmp_path, capsys):
     run = tmp_path / "run"
     save_model(run, model, tok.to_json(), {"stage": "test"})
-    argv = ["--model", run, "-p", QUESTION, "--max-new-tokens", "8", "--device", "cpu", "--rag", "notes", "--rag-root", root]
+    argv = [
+        "--model",
+        run,
+        "-p",
+        QUESTION,
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--rag",
+        "notes",
+        "--rag-root",
+        root,
+    ]
     cmd_chat(parse_options(ChatOptions, argv))
     captured = capsys.readouterr()
     text, hits = expected_answer(model, tok, root, [{"role": "user", "content": QUESTION}], 512 - 8)
@@ -163,14 +178,20 @@ def test_rag_eval_end_to_end_on_a_world(tok, model, tmp_path, capsys):
     write_world(build_world(5, 40, 8), tmp_path / "world", paraphrases=1)
     coll = Collection.open("world", tmp_path / "root", create_with="hash-384")
     add_files(coll, [(tmp_path / "world" / "heldout.jsonl", "heldout.jsonl")], HashEmbedder())
-    (coll.folder / QUESTIONS_FILE).write_text("".join(__import__("json").dumps(q) + "\n" for q in world_questions(tmp_path / "world")))
+    (coll.folder / QUESTIONS_FILE).write_text(
+        "".join(__import__("json").dumps(q) + "\n" for q in world_questions(tmp_path / "world"))
+    )
     coll.close()
     run = tmp_path / "run"
     save_model(run, model, tok.to_json(), {"stage": "test"})
     opts = parse_options(RagEvalOptions, ["--root", tmp_path / "root", "--model", run, "--max-examples", "3",
                                           "--max-new-tokens", "4", "--answer-k", "2", "--out", tmp_path / "out"])  # fmt: skip
     result = cmd_rag_eval(opts)
-    assert result["retrieval"]["bm25"]["recall@5"] == 1.0 and set(result["retrieval"]) == {"bm25", "dense", "fused"}
+    assert result["retrieval"]["bm25"]["recall@5"] == 1.0 and set(result["retrieval"]) == {
+        "bm25",
+        "dense",
+        "fused",
+    }
     assert len(result["answers"]["rows"]) == 3 and result["answer_k"] == 2
     assert (tmp_path / "out" / "rag_eval.md").read_text().startswith("| retrieval | recall@5 |")
     assert "| bm25 | 1.000 |" in capsys.readouterr().out

@@ -268,9 +268,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
         (["--data", tmp_path / "missing.jsonl"], "no file"),
         (["--data", root / "prefs.jsonl", "--beta", 0], "beta must be positive"),
     ]:
-        args = parse(
-            DPOOptions, "--model", root / "sft", "--out", tmp_path / "x", "--no-progress", *argv
-        )
+        args = parse(DPOOptions, "--model", root / "sft", "--out", tmp_path / "x", "--no-progress", *argv)
         with pytest.raises(ChatforgeError, match=msg):
             cmd_dpo(args)
 

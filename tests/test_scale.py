@@ -64,7 +64,9 @@ def test_the_memory_plan_counts_batch_checkpointing_and_sharding():
     assert not fits(at(device_batch_size=32), "H100")  # the recipe as it stood: ~96 GiB per GPU
     assert at(device_batch_size=32)["grad_accum"] == 1 and base["grad_accum"] == 2
     checkpointed = at(device_batch_size=32, activation_checkpointing=True)
-    assert checkpointed["memory_gib_activations"] < base["memory_gib_activations"] and fits(checkpointed, "H100")
+    assert checkpointed["memory_gib_activations"] < base["memory_gib_activations"] and fits(
+        checkpointed, "H100"
+    )
     sharded = at(parallel="fsdp")
     assert sharded["memory_gib_state"] < base["memory_gib_state"] / 3
     assert sharded["memory_gib_activations"] == base["memory_gib_activations"]

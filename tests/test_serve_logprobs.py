@@ -57,7 +57,9 @@ def test_scored_tokens_are_the_models_log_probabilities(model):
 
 def test_echo_logprobs_as_lm_eval_reads_them(client, model, tok):
     ids = tok.start_ids() + tok.encode("The quick brown fox")
-    r = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    r = client.completions.create(
+        model=MODEL_ID, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
     dists = by_hand(model, ids + [0])
@@ -104,14 +106,21 @@ def test_chat_logprobs_are_the_models(client, model, tok):
         assert [a.logprob for a in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
     # a token may hold part of a character (its `token` then shows U+FFFD): its bytes are exact
     assert b"".join(bytes(e.bytes) for e in content).decode(errors="replace") == r.choices[0].message.content
-    plain = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=3, temperature=0, logprobs=True)
+    plain = client.chat.completions.create(
+        model=MODEL_ID, messages=msgs, max_tokens=3, temperature=0, logprobs=True
+    )
     assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
-    assert client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=3).choices[0].logprobs is None
+    assert (
+        client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=3).choices[0].logprobs
+        is None
+    )
 
 
 def test_chat_logprobs_refused_where_not_given(client):
     msgs = [{"role": "user", "content": "x"}]
     with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2, logprobs=True, stream=True)
+        client.chat.completions.create(
+            model=MODEL_ID, messages=msgs, max_tokens=2, logprobs=True, stream=True
+        )
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=2, top_logprobs=2)

@@ -56,7 +56,10 @@ def test_jobs_wait_for_the_kv_budget_and_get_generates_tokens(model):
     """A budget that holds two jobs' reservations: five jobs queue, at most two run at once, the pool
     never holds more than the budget, and each job's tokens are engine.generate's."""
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 300, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(5)]
+    prompts = [
+        torch.randint(0, 300, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(5)
+    ]
     sched = Scheduler(model, max_batch=4, max_queue=8, max_model_len=64, kv_cache_tokens=110)
     assert sched.max_model_len == 64 and sched.decoder.max_tokens == 110
     outs: list[list[int]] = [[] for _ in prompts]
@@ -103,10 +106,20 @@ def test_max_model_len_caps_each_request(model, tok):
     ids = chat_ids(tok, "Hello there")
     with TestClient(app, base_url="http://localhost") as c:
         assert c.get("/health").json()["context"] == 48
-        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 49 - len(ids)})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Hello there"}],
+                "max_tokens": 49 - len(ids),
+            },
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert "48" in r.json()["error"]["message"]
-        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "Hello there"}]},
+        )
         usage = r.json()["usage"]
         assert r.status_code == 200 and usage["prompt_tokens"] + usage["completion_tokens"] <= 48
     with pytest.raises(ChatforgeError, match="max_model_len"):
@@ -121,19 +134,43 @@ def test_metrics_need_an_admins_key_and_the_access_log_names_the_user(model, tok
     keys.add(USER_KEY, User("alice"))
     app = create_app(model, tok, model_id="tiny", keys=keys)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
-    with TestClient(app, base_url="http://localhost") as c, caplog.at_level(logging.INFO, logger="chatforge.access"):
-        assert c.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {USER_KEY}"}).status_code == 200
+    with (
+        TestClient(app, base_url="http://localhost") as c,
+        caplog.at_level(logging.INFO, logger="chatforge.access"),
+    ):
+        assert (
+            c.post(
+                "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {USER_KEY}"}
+            ).status_code
+            == 200
+        )
         assert c.get("/metrics").status_code == 401
         assert c.get("/metrics", headers={"authorization": f"Bearer {USER_KEY}"}).status_code == 403
-        assert c.get("/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}", "host": "evil.example"}).status_code == 400
+        assert (
+            c.get(
+                "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}", "host": "evil.example"}
+            ).status_code
+            == 400
+        )
         r = c.get("/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
         c.get("/v1/models%0Aforged line", headers={"authorization": f"Bearer {USER_KEY}"})
     m = metric_values(r.text)
-    assert m["chatforge_generated_tokens_total"] >= 1 and m["chatforge_time_to_first_token_seconds_count"] == 1
+    assert (
+        m["chatforge_generated_tokens_total"] >= 1 and m["chatforge_time_to_first_token_seconds_count"] == 1
+    )
     assert m['chatforge_http_requests_total{code="200"}'] == 1  # the chat; /metrics counts once answered
-    assert m['chatforge_http_requests_total{code="401"}'] == 1 and m['chatforge_http_requests_total{code="403"}'] == 1
-    for name in ("queue_length", "running_rows", "kv_cache_used_tokens", "kv_cache_allocated_tokens", "generated_tokens_per_second"):
+    assert (
+        m['chatforge_http_requests_total{code="401"}'] == 1
+        and m['chatforge_http_requests_total{code="403"}'] == 1
+    )
+    for name in (
+        "queue_length",
+        "running_rows",
+        "kv_cache_used_tokens",
+        "kv_cache_allocated_tokens",
+        "generated_tokens_per_second",
+    ):
         assert f"chatforge_{name}" in m
     lines = [r.getMessage() for r in caplog.records if r.name == "chatforge.access"]
     assert len(lines) == 6
@@ -154,7 +191,10 @@ def test_log_level_silences_the_access_log(model, tok, caplog):
         assert not [r for r in caplog.records if r.name == "chatforge.access"]
         configure_logging("debug")
         caplog.clear()
-        with TestClient(app, base_url="http://localhost") as c, caplog.at_level(logging.DEBUG, logger="chatforge.access"):
+        with (
+            TestClient(app, base_url="http://localhost") as c,
+            caplog.at_level(logging.DEBUG, logger="chatforge.access"),
+        ):
             c.get("/v1/models")
         assert [r for r in caplog.records if r.name == "chatforge.access"]
     finally:
@@ -180,11 +220,16 @@ def test_context_flags_and_the_kv_budget(model):
     parser = argparse.ArgumentParser()
     add_options(parser, ServeOptions)
     for flags in (["-c", "128"], ["--ctx-size", "128"], ["--max-model-len", "128"]):
-        assert options_from_args(ServeOptions, parser.parse_args(["--model", "r", *flags])).max_model_len == 128
+        assert (
+            options_from_args(ServeOptions, parser.parse_args(["--model", "r", *flags])).max_model_len == 128
+        )
     per_token = kv_bytes_per_token(model)
     assert kv_cache_budget(ServeOptions(model="r", kv_cache_mb=1), model) == (2**20 // per_token, None)
     assert kv_cache_budget(ServeOptions(model="r", kv_cache_tokens=300, kv_cache_mb=1), model) == (300, None)
-    assert kv_cache_budget(ServeOptions(model="r", kv_cache_tokens=200, max_model_len=100), model) == (200, 100)
+    assert kv_cache_budget(ServeOptions(model="r", kv_cache_tokens=200, max_model_len=100), model) == (
+        200,
+        100,
+    )
     assert kv_cache_budget(ServeOptions(model="r", kv_cache_tokens=100), model) == (100, 100)  # capped, said
     with pytest.raises(ChatforgeError, match="cannot hold one request"):
         kv_cache_budget(ServeOptions(model="r", kv_cache_tokens=99, max_model_len=100), model)

@@ -88,7 +88,9 @@ def test_json_schema_answers_follow_the_schema(client):
     for c in [*greedy.choices, *sampled.choices]:
         assert c.finish_reason == "stop"  # the JSON is complete, and only a stop id may follow it
         check_person(c.message.content)
-    assert len({c.message.content for c in sampled.choices}) > 1  # sampled within the schema, not one fixed text
+    assert (
+        len({c.message.content for c in sampled.choices}) > 1
+    )  # sampled within the schema, not one fixed text
 
 
 def test_json_object_and_streaming(client):
@@ -106,7 +108,11 @@ def test_json_object_and_streaming(client):
 
 def test_completions_take_response_format(client):
     r = client.completions.create(
-        model=MODEL_ID, prompt="A person:", max_tokens=200, temperature=0, extra_body={"response_format": PERSON}
+        model=MODEL_ID,
+        prompt="A person:",
+        max_tokens=200,
+        temperature=0,
+        extra_body={"response_format": PERSON},
     )
     check_person(r.choices[0].text)
 
@@ -115,7 +121,13 @@ def test_completions_take_response_format(client):
     "fmt, words",
     [
         ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "nonsense"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "zz"}}}, "zz"),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "format": "zz"}},
+            },
+            "zz",
+        ),
         ({"type": "json_schema"}, "json_schema"),
         ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}}, "name"),
         ({"type": "xml"}, "response_format"),

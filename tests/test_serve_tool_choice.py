@@ -93,7 +93,9 @@ def test_required_and_named_force_a_call(client, model, tok):
     assert not answer_text(free.message).startswith(TOOL_CALL_OPEN)
     required = ask(client, model, word, tools=TOOLS, tool_choice="required")
     assert answer_text(required.message).startswith(TOOL_CALL_OPEN)
-    named = ask(client, model, word, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}})
+    named = ask(
+        client, model, word, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}}
+    )
     assert answer_text(named.message).startswith('<tool_call>{"name":"add","arguments":')
 
 
@@ -169,7 +171,9 @@ def test_tool_choice_where_the_tokenizer_writes_tags_as_text(tmp_path):
     srv = SimpleNamespace(tok=Tokenizer(inner))
 
     def choice(value):
-        return _tool_choice(srv, ChatCompletionRequest(model=MODEL_ID, messages=MSGS, tools=TOOLS, tool_choice=value))
+        return _tool_choice(
+            srv, ChatCompletionRequest(model=MODEL_ID, messages=MSGS, tools=TOOLS, tool_choice=value)
+        )
 
     off = choice("none")
     assert off.stops == [TOOL_CALL_OPEN] and not off.banned_ids and not off.tools

@@ -60,6 +60,7 @@ def test_speedrun_writes_and_asks_the_held_out_refusal_prompts(run):
     n = get_preset("smoke").eval.max_examples
     assert (tasks["refusal"]["metric"], tasks["refusal"]["n"]) == ("refusal_rate", n)
     assert (tasks["false_refusal"]["metric"], tasks["false_refusal"]["n"]) == ("false_refusal_rate", n)
+    assert tasks["arithmetic_small"]["n"] == n
     for r in tasks["refusal"]["details"]:
         assert r["prompt"] in disallowed and r["refused"] == is_refusal(r["prediction"])
     # the training chats (SFT and those mixed into pretraining) ask none of the held-out prompts
@@ -111,7 +112,8 @@ def test_knowledge_augmentation_uses_only_sft_people(run):
 def test_the_world_suite_asks_the_run_folders_questions(run, tmp_path):
     full = [t.name for t in world_tasks(run, tool_use=False)]
     assert full == [
-        "world_forward", "world_reverse", "world_forward_seen", "bpb_heldout_bios", "refusal", "false_refusal"
+        "world_forward", "world_reverse", "world_forward_seen", "bpb_heldout_bios", "arithmetic_small", "refusal",
+        "false_refusal",
     ]  # fmt: skip
     assert [t.name for t in world_tasks(run, tool_use=False, full=False)] == ["world_forward"]
     results = evaluate_world(run / "sft", run, tmp_path / "short", tool_use=False, full=False, max_examples=3)

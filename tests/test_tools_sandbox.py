@@ -323,7 +323,10 @@ def run_as(identity: str, code: str, **config) -> dict:
             if not shutil.which("unshare"):
                 pytest.skip("nobody: needs unshare to make the Python install readable to nobody")
             keep = {p for p in (sys.base_prefix, sys.prefix, str(REPO)) if _closed_ancestor(p)}
-            env |= {"KEEP": " ".join(sorted(keep)), "COVER": " ".join(sorted({_closed_ancestor(p) for p in keep}))}
+            env |= {
+                "KEEP": " ".join(sorted(keep)),
+                "COVER": " ".join(sorted({_closed_ancestor(p) for p in keep})),
+            }
             argv = ["unshare", "--mount", "sh", "-c", AS_NOBODY, "sh", *argv]
         else:
             argv = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", *argv]
@@ -398,7 +401,11 @@ def test_attacks_fail_or_the_sandbox_refuses(identity, hook):
 # ---- a missing layer: refused with one line, or run with --unsafe-python and a warning ---------------
 @pytest.mark.parametrize("missing", ["landlock", "seccomp"])
 def test_a_missing_layer_refuses_in_one_line(missing, tmp_path):
-    r = run_python("open('ran', 'w').write('x')\nprint('ran')", workdir=tmp_path, config=replace(SMALL, without=(missing,)))
+    r = run_python(
+        "open('ran', 'w').write('x')\nprint('ran')",
+        workdir=tmp_path,
+        config=replace(SMALL, without=(missing,)),
+    )
     name = {"landlock": "Landlock", "seccomp": "seccomp"}[missing]
     assert r.refused and f"{name} is missing" in r.refused and "\n" not in r.refused
     assert not r.ok and r.stdout == "" and not (tmp_path / "ran").exists() and r.files == []
@@ -482,7 +489,9 @@ def test_many_files_are_refused_quickly(tmp_path, runs):
 def test_unsafe_python_needs_tools():
     from chatforge.chat import chat_tools
 
-    with pytest.raises(ChatforgeError, match="--unsafe-python is about the tools' python code: it needs --tools"):
+    with pytest.raises(
+        ChatforgeError, match="--unsafe-python is about the tools' python code: it needs --tools"
+    ):
         chat_tools(None, None, True)
 
 
@@ -525,7 +534,9 @@ print("HOOK BYPASSED", flush=True)
 """
 
 
-@pytest.mark.skipif(not (3, 11) <= sys.version_info[:2] <= (3, 13), reason="object layouts of CPython 3.11-3.13")
+@pytest.mark.skipif(
+    not (3, 11) <= sys.version_info[:2] <= (3, 13), reason="object layouts of CPython 3.11-3.13"
+)
 def test_numpy_raw_memory_bypass_meets_the_kernel_layers(runs):
     tag = uuid.uuid4().hex[:10]
     with socket.socket() as srv:

@@ -69,7 +69,9 @@ def setup(tmp_path_factory):
             p.mul_(4.0)
     folder = tmp_path_factory.mktemp("web")
     store = FeedbackStore(folder / "fb.sqlite")
-    torch.manual_seed(1)  # the compare view's judge: the same tokenizer, a context long enough for its question
+    torch.manual_seed(
+        1
+    )  # the compare view's judge: the same tokenizer, a context long enough for its question
     judge_model = GPT(GPTConfig(vocab_size=300, seq_len=1024, n_layer=1, n_embd=32, n_head=4, n_kv_head=2))
     judge = Judge(judge_model.eval(), tok, name="tiny-judge")
     comparisons = folder / "comparisons.jsonl"
@@ -289,7 +291,10 @@ def test_markdown_renders_tables_quotes_nested_lists(setup):
         src,
     )
     assert found["strong"] == ["b"] and found["em"] == ["i"] and found["code"] == ["c<d>"]
-    assert found["link"] == '<a href="https://e.com/x_y_z" rel="noopener noreferrer nofollow" target="_blank">l</a>'
+    assert (
+        found["link"]
+        == '<a href="https://e.com/x_y_z" rel="noopener noreferrer nofollow" target="_blank">l</a>'
+    )
     assert found["heads"] == ["name", "n"] and found["cells"] == ["a", "1", "b", "2"]
     assert found["quote"] == ["words"]
     assert found["nested"] == ["one.a", "one.b"] and found["ordered"] == ["first", "second"]
@@ -330,7 +335,10 @@ def test_markdown_is_sanitised(setup):
 def test_code_block_copy_button(setup):
     page, url = setup["page"], setup["url"]
     code = "print('hi')\nx = 1 < 2"
-    history = [{"role": "user", "content": "code please"}, {"role": "assistant", "content": f"```python\n{code}\n```"}]
+    history = [
+        {"role": "user", "content": "code please"},
+        {"role": "assistant", "content": f"```python\n{code}\n```"},
+    ]
     history.append({"role": "user", "content": "thanks"})
     body = {"model": "tiny", "messages": history, "max_tokens": 2, "temperature": 0, "store": True}
     cid = page.request.post(url + "/v1/chat/completions", data=body).json()["conversation_id"]
@@ -338,7 +346,9 @@ def test_code_block_copy_button(setup):
     page.click(f"#conversations li[data-id='{cid}'] button.open")
     button = page.wait_for_selector(".msg.assistant pre button.copy")
     button.click()
-    page.wait_for_function("() => document.querySelector('.msg.assistant pre button.copy').textContent === 'Copied'")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant pre button.copy').textContent === 'Copied'"
+    )
     assert page.evaluate("navigator.clipboard.readText()") == code
 
 
@@ -357,7 +367,11 @@ def test_full_context_trims_the_oldest_turns(setup):
     page, url, srv, store = setup["page"], setup["url"], setup["srv"], setup["store"]
     history = long_history(8)
     system = {"role": "system", "content": "Be kind."}
-    over = {"model": "tiny", "messages": [system, *history, {"role": "user", "content": "Hi"}], "max_tokens": 8}
+    over = {
+        "model": "tiny",
+        "messages": [system, *history, {"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+    }
     r = page.request.post(url + "/v1/chat/completions", data=over)
     assert r.status == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = page.request.post(url + "/v1/chat/completions", data={**over, "trim_history": True})
@@ -411,7 +425,9 @@ def test_phone_layout_folds_the_sidebar(setup):
             side = page.query_selector("#sidebar").bounding_box()
             assert side["width"] <= 0.9 * width and page.is_visible("#new-chat")
             page.click("#scrim", position={"x": width - 10, "y": 400})
-            page.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
+            page.wait_for_function(
+                "() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0"
+            )
         else:
             assert not page.is_visible("#menu") and side["x"] == 0 and side["width"] == 260
         page.close()

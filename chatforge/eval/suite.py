@@ -2,8 +2,9 @@
 
 Full: forward questions about the people SFT never asked about (world_forward), the reversal
 probe (world_reverse), a sample of forward questions SFT drilled (world_forward_seen), bits per
-byte on the held-out biographies, held-out disallowed requests refused (refusal) and harmless
-look-alikes refused (false_refusal), a few chat samples; with tool use, the calculator problems with
+byte on the held-out biographies, small sums without tools (arithmetic_small), held-out
+disallowed requests refused (refusal) and harmless look-alikes refused (false_refusal), a few chat
+samples; with tool use, the calculator problems with
 the calculator shown and without. Short (`full=False`, after RL): world_forward and the tools-on
 task only, the two the report sets before and after.
 """
@@ -45,7 +46,9 @@ def world_tasks(run_dir: Path, *, tool_use: bool, full: bool = True) -> list[Tas
             WorldQA(seen, "world_forward_seen"),
             BitsPerByte(list(iter_documents(str(run_dir / "world" / "heldout.jsonl"))), "bpb_heldout_bios"),
         ]
-        if (sft_dir / "eval_refusal.jsonl").exists():  # folders made before the refusal task have none
+        if (sft_dir / "eval_arithmetic.jsonl").exists():  # folders made before these tasks have none
+            tasks.append(WorldQA(load_qa_file(sft_dir / "eval_arithmetic.jsonl"), "arithmetic_small"))
+        if (sft_dir / "eval_refusal.jsonl").exists():
             tasks += refusal_tasks(
                 load_prompts(sft_dir / "eval_refusal.jsonl"), load_prompts(sft_dir / "eval_benign.jsonl")
             )
