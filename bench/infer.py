@@ -1,11 +1,18 @@
-"""Inference speed on CPU: chatforge's engine (fp32, bf16, int8) beside HF transformers `generate`.
+"""Inference speed on CPU: chatforge's engine (fp32, bf16, int8, int4) beside HF transformers
+`generate` and llama.cpp.
 
 Engines: chatforge (fp32, decode_layout: every matmul split across the threads), chatforge-1core
 (fp32 with each matmul on one core, as torch runs a matrix-vector product), chatforge-bf16,
-chatforge-int8, hf.
+chatforge-int8 and chatforge-int4 (model/quant.py; the kernel this CPU gets, recorded in the JSON;
+`chatforge-int8-KERNEL`, `chatforge-int4-KERNEL` or `chatforge-int4-gN` ask for a kernel or an int4
+group size), hf, and llamacpp (the shipped Q4_1 GGUF) / llamacpp-q8_0 (the run exported by
+`chatforge export gguf --dtype q8_0`) when llama-cpp-python is importable by --llamacpp-python
+(never a dependency of chatforge: build it in a venv of its own).
 
     python bench/infer.py --model smollm2 --new-tokens 128 --threads 2
     python bench/infer.py --model runs/demo --engines chatforge,hf --runs 3 --rounds 2
+    python bench/infer.py --threads 1 --engines chatforge,chatforge-int8,chatforge-int4,hf,llamacpp \
+        --llamacpp-python /path/to/venv/bin/python
 
 For each engine, in its own process (so peak memory is its own): load the weights, one warm-up
 generation, then --runs timed greedy generations of exactly --new-tokens tokens from the same prompt
@@ -40,9 +47,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ENGINES = ("chatforge", "chatforge-1core", "chatforge-bf16", "chatforge-int8", "hf")
-# chatforge-1core: fp32 with each matmul on one core (decode_layout(parts=1)), as torch's own
-QUANT = {"chatforge": None, "chatforge-1core": None, "chatforge-bf16": "bf16", "chatforge-int8": "int8"}
+ENGINES = (
+    "chatforge",
+    "chatforge-1core",  # fp32 with each matmul on one core (decode_layout(parts=1)), as torch's own
+    "chatforge-bf16",
+    "chatforge-int8",
+    "chatforge-int4",
+    "hf",
+    "llamacpp",
+    "llamacpp-q8_0",
+)
 DATA = Path("/work/shared/data")
 DEFAULT_TEXT = [DATA / "tinystories/tinystories_val.txt", DATA / "python_docs/_sources/glossary.rst.txt"]
 DEFAULT_PROMPT = (
@@ -129,7 +143,102 @@ class HFLoss:
         return F.cross_entropy(logits.flatten(0, 1), y.reshape(-1), ignore_index=-1, reduction=loss_reduction)
 
 
+def chatforge_format(engine: str) -> dict:
+    """chatforge[-1core | -bf16 | -int8[-KERNEL] | -int4[-KERNEL][-gN]] -> how its worker loads the run:
+    {"mode": None / "bf16" / "int8" / "int4", "kernel": None or a name, "group_size": int or None,
+    "parts": None or 1}. SystemExit for a name that is none of these."""
+    words = engine.split("-")
+    fmt: dict = {"mode": None, "kernel": None, "group_size": None, "parts": None}
+    if words[0] != "chatforge":
+        raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    rest = words[1:]
+    if rest == ["1core"]:
+        return {**fmt, "parts": 1}
+    if rest and rest[0] in ("bf16", "int8", "int4"):
+        fmt["mode"] = rest.pop(0)
+        if fmt["mode"] == "int4" and rest and rest[-1][:1] == "g" and rest[-1][1:].isdigit():
+            fmt["group_size"] = int(rest.pop()[1:])
+        if fmt["mode"] != "bf16" and len(rest) == 1:
+            fmt["kernel"] = rest.pop()
+    if rest:
+        raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    return fmt
+
+
+def llamacpp_worker(spec: dict) -> dict:
+    """The llamacpp engines, run by --llamacpp-python (which need not have torch): the same prompt
+    ids, greedy, exactly new_tokens tokens, timed as chatforge is; bits per byte on the same packed
+    rows of held-out text, from a second instance that keeps every position's logits."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    ids, n, threads = spec["prompt_ids"], spec["new_tokens"], spec["threads"]
+    t0 = time.perf_counter()
+    common = {"model_path": spec["gguf"], "n_threads": threads, "n_threads_batch": threads, "verbose": False}
+    llm = Llama(n_ctx=len(ids) + n + 16, n_batch=512, **common)
+
+    def run_once() -> tuple[list[float], list[int]]:
+        llm.reset()  # forget the last run's tokens, so the prompt is evaluated again
+        times, tokens = [], []
+        sampling = {"top_k": 1, "top_p": 1.0, "min_p": 0.0, "temp": 0.0, "repeat_penalty": 1.0}
+        for t in llm.generate(ids, reset=True, **sampling):
+            times.append(time.perf_counter())
+            tokens.append(int(t))
+            if len(tokens) == n:
+                break
+        return times, tokens
+
+    out: dict = {"engine": spec["engine"], "load_s": time.perf_counter() - t0, "gguf": spec["gguf"]}
+    out.update(timed_runs(spec, run_once))
+    out["rss_mb"], out["peak_rss_mb"] = rss_mb()
+    rows = spec.get("bpb_rows")
+    if rows:
+        log(f"  {spec['engine']}: bits per byte on {len(rows['x'])} rows of held-out text")
+        scorer = Llama(n_ctx=len(rows["x"][0]) + 16, n_batch=len(rows["x"][0]), logits_all=True, **common)
+        token_bytes = np.array(spec["token_bytes"])
+        nats = tokens = nats_on_bytes = nbytes = 0.0
+        for x, y in zip(rows["x"], rows["y"], strict=True):
+            valid = sum(t >= 0 for t in y)
+            scorer.reset()
+            scorer.eval(x[:valid])
+            logits = np.asarray(scorer.scores[:valid], dtype=np.float64)
+            top = logits.max(axis=-1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+            target = np.array(y[:valid])
+            loss = -logp[np.arange(valid), target]
+            counted = token_bytes[target] > 0
+            nats, tokens = nats + loss.sum(), tokens + valid
+            nats_on_bytes, nbytes = nats_on_bytes + loss[counted].sum(), nbytes + token_bytes[target].sum()
+        out["quality"] = {
+            "bpb": nats_on_bytes / np.log(2) / nbytes,
+            "loss_nats": nats / tokens,
+            "tokens": tokens,
+        }
+    return out
+
+
+def timed_runs(spec: dict, run_once) -> dict:
+    """One warm-up, then spec["runs"] timed generations of exactly new_tokens tokens: per run TTFT,
+    prefill tokens/s and decode tokens/s, and the last run's tokens."""
+    engine, n, prompt_len = spec["engine"], spec["new_tokens"], len(spec["prompt_ids"])
+    runs = []
+    for i in range(spec["runs"] + 1):  # the first is the warm-up
+        start = time.perf_counter()
+        times, tokens = run_once()
+        if len(tokens) != n:
+            raise RuntimeError(f"{engine} generated {len(tokens)} tokens, expected {n}")
+        ttft, decode = times[0] - start, (n - 1) / (times[-1] - times[0])
+        log(
+            f"  {engine} {f'run {i}' if i else 'warm-up'}: TTFT {ttft * 1000:.0f} ms, decode {decode:.1f} tok/s"
+        )
+        if i:
+            runs.append({"ttft_s": ttft, "prefill_tok_s": prompt_len / ttft, "decode_tok_s": decode})
+    return {"runs": runs, "tokens": tokens}
+
+
 def worker(spec: dict) -> dict:
+    if spec["engine"].startswith("llamacpp"):
+        return llamacpp_worker(spec)
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -181,9 +290,16 @@ def worker(spec: dict) -> dict:
     else:
         from chatforge.checkpoint import load_run
         from chatforge.engine import generate
+        from chatforge.model.quant import INT4_GROUP_SIZE, inference_model, quantization_kernels
 
-        parts = 1 if engine == "chatforge-1core" else None
-        model = load_run(spec["run"], QUANT[engine] or True, parts=parts).model
+        fmt = chatforge_format(engine)
+        model = inference_model(
+            load_run(spec["run"]).model,
+            fmt["mode"],
+            fmt["parts"],
+            fmt["kernel"],
+            fmt["group_size"] or INT4_GROUP_SIZE,
+        )
 
         def run_once() -> tuple[list[float], list[int]]:
             times, tokens = [], []
@@ -194,25 +310,15 @@ def worker(spec: dict) -> dict:
 
         quality_model = model
     out: dict = {"engine": engine, "load_s": time.perf_counter() - t0}
-    runs = []
-    for i in range(spec["runs"] + 1):  # the first is the warm-up
-        start = time.perf_counter()
-        times, tokens = run_once()
-        if len(tokens) != n:
-            raise RuntimeError(f"{engine} generated {len(tokens)} tokens, expected {n}")
-        ttft, decode = times[0] - start, (n - 1) / (times[-1] - times[0])
-        log(
-            f"  {engine} {f'run {i}' if i else 'warm-up'}: TTFT {ttft * 1000:.0f} ms, decode {decode:.1f} tok/s"
-        )
-        if i:
-            runs.append({"ttft_s": ttft, "prefill_tok_s": len(ids) / ttft, "decode_tok_s": decode})
-    out.update(runs=runs, tokens=tokens)
+    if engine != "hf":
+        out["kernels"] = quantization_kernels(model)
+    out.update(timed_runs(spec, run_once))
     out["rss_mb"], out["peak_rss_mb"] = rss_mb()
     if texts:
         log(f"  {engine}: bits per byte on {sum(len(t) for t in texts)} chars of held-out text")
         with torch.inference_mode():
             out["quality"] = bpb(quality_model, tok, texts, spec["row_len"])
-            if engine in ("chatforge", "chatforge-int8") and spec["decode_bpb_tokens"]:
+            if engine != "hf" and chatforge_format(engine)["mode"] != "bf16" and spec["decode_bpb_tokens"]:
                 log(
                     f"  {engine}: bits per byte through the decode path ({spec['decode_bpb_tokens']} tokens a text)"
                 )
@@ -301,11 +407,67 @@ def prepare(args) -> tuple[Path, Path | None, list[int]]:
     return run, hf_dir, ids
 
 
+def llamacpp_ready(python: str) -> str | None:
+    """None when `python` can import llama_cpp; else why not, in one line."""
+    try:
+        proc = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{python}: {e}"
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        return f"{python} cannot import llama_cpp ({lines[-1] if lines else 'exit ' + str(proc.returncode)})"
+    return None
+
+
+def gguf_for(engine: str, run: Path, args) -> str:
+    """llamacpp: the shipped SmolLM2 Q4_1 file (only for --model smollm2); llamacpp-q8_0: the run
+    exported to a q8_0 GGUF by chatforge (cached in --work)."""
+    from chatforge.model.io import export_gguf, smollm2_path
+
+    if engine == "llamacpp":
+        if args.model != "smollm2":
+            raise SystemExit(
+                "engine llamacpp runs the shipped SmolLM2 GGUF: use --model smollm2 (or llamacpp-q8_0)"
+            )
+        return str(smollm2_path())
+    out = Path(args.work) / f"{run.resolve().name}.q8_0.gguf"
+    if not out.is_file() or out.stat().st_mtime < (run / "config.json").stat().st_mtime:
+        log(f"exporting {run} to {out} (q8_0)")
+        export_gguf(run, out, "q8_0")
+    return str(out)
+
+
+def llamacpp_quality_inputs(run: Path, args) -> dict:
+    """The packed rows of held-out text (as chatforge's bpb packs them) and each token's byte
+    length, for the llamacpp worker, which has no chatforge tokenizer."""
+    from chatforge.eval.bpb import pack_rows
+    from chatforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(run)
+    texts = heldout_text(args.text, args.ppl_bytes)
+    x, y = pack_rows([tok.start_ids() + tok.encode(t) for t in texts], args.row_len)
+    return {"bpb_rows": {"x": x.tolist(), "y": y.tolist()}, "token_bytes": tok.token_byte_lengths()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def run_worker(spec: dict) -> dict:
+    """One engine in a process of its own (llamacpp ones under spec["python"]); the spec goes in on stdin."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    python = spec.get("python", sys.executable)
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], env=env, stdout=subprocess.PIPE, text=True
+        [python, __file__, "--worker", "-"],
+        input=json.dumps(spec),
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{spec['engine']} worker failed (exit {proc.returncode}); see its stderr above")
@@ -326,6 +488,9 @@ def summarize(results: dict[str, list[dict]], baseline: str) -> dict:
     for engine, outs in results.items():
         timed = [r for o in outs for r in o.get("runs", [])]
         row: dict = {"rounds": len(outs)}
+        for key in ("kernels", "gguf"):
+            if key in outs[0]:
+                row[key] = outs[0][key]
         if timed:
             for key in ("decode_tok_s", "prefill_tok_s", "ttft_s"):
                 row[key] = round(statistics.median(r[key] for r in timed), 4 if key == "ttft_s" else 2)
@@ -420,18 +585,30 @@ def main() -> None:
         "--work", default="/tmp/chatforge_bench", help="where the import and HF export are cached"
     )
     ap.add_argument("--out", default="docs/img/infer.json", help="JSON here, PNG beside it")
+    ap.add_argument(
+        "--llamacpp-python",
+        default=sys.executable,
+        help="a Python that can import llama_cpp, for the llamacpp engines (skipped when it cannot)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        print(json.dumps(worker(json.loads(sys.stdin.read()))))
         return
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.quantize:
         engines = ["chatforge", f"chatforge-{args.quantize}", "hf"]
-    bad = sorted(set(engines) - set(ENGINES))
-    if bad:
-        raise SystemExit(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    for e in engines:
+        if e.startswith("chatforge"):
+            chatforge_format(e)  # SystemExit for a malformed name
+        elif e not in ENGINES:
+            raise SystemExit(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    if any(e.startswith("llamacpp") for e in engines):
+        problem = llamacpp_ready(args.llamacpp_python)
+        if problem:
+            log(f"llamacpp engines skipped: {problem}")
+            engines = [e for e in engines if not e.startswith("llamacpp")]
     args.engines = engines
     if args.ppl_bytes:
         missing = [t for t in args.text if not Path(t).is_file()]
@@ -450,6 +627,11 @@ def main() -> None:
         "row_len": args.row_len,
         "decode_bpb_tokens": args.decode_bpb_tokens,
     }
+    for e in engines:
+        if e.startswith("llamacpp"):
+            base[e] = {"gguf": gguf_for(e, run, args), "python": args.llamacpp_python}
+    if args.ppl_bytes and any(e.startswith("llamacpp") for e in engines):
+        base["llamacpp_quality"] = llamacpp_quality_inputs(run, args)
     log(f"prompt: {len(ids)} tokens; {args.new_tokens} new tokens; {args.threads} threads; engines {engines}")
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for rnd in range(args.rounds):
@@ -458,10 +640,17 @@ def main() -> None:
             log(f"round {rnd + 1}/{args.rounds}: {engine}")
             # quality is deterministic: measure it in the first round only
             spec = {**base, "engine": engine, "ppl_bytes": args.ppl_bytes if rnd == 0 else 0}
+            spec = {k: v for k, v in spec.items() if k not in engines and k != "llamacpp_quality"}
+            if engine.startswith("llamacpp"):
+                spec.update(base[engine])
+                if rnd == 0 and "llamacpp_quality" in base:
+                    spec.update(base["llamacpp_quality"])
             results[engine].append(run_worker(spec))
     baseline = "hf" if "hf" in results else engines[0]
     rows = summarize(results, baseline)
     import torch
+
+    from chatforge.model.quant import KERNEL_OPS, cpu_features
 
     report = {
         "what": "greedy generation, same prompt ids and weights; medians over timed runs (see bench/infer.py)",
@@ -472,8 +661,12 @@ def main() -> None:
         "runs_per_round": args.runs,
         "rounds": args.rounds,
         "torch": torch.__version__,
+        "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "kernel_ops": KERNEL_OPS,
         "loadavg_at_end": os.getloadavg(),
         "heldout_text": {"files": args.text, "chars_each": args.ppl_bytes, "row_len": args.row_len},
         "engines": rows,

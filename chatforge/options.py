@@ -485,8 +485,9 @@ class ChatOptions:
     )  # fmt: skip
     device: str = opt("auto", _DEVICE_HELP)
     quantize: str | None = opt(
-        None, "run the weights in bf16, or int8 weight-only (faster CPU decode; docs/benchmarks.md has the cost)",
-        choices=("bf16", "int8"),
+        None, "run the weights in bf16, or int8 / int4 weight-only (faster CPU decode; docs/decode.md has "
+        "the speed and the cost)",
+        choices=("bf16", "int8", "int4"),
     )  # fmt: skip
     defenses: str | None = opt(None, _DEFENSES_HELP, metavar="NAMES")
     rag: str | None = opt(

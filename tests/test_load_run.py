@@ -44,7 +44,7 @@ def test_load_run_in_every_inference_format(tmp_path, tok):
     assert b.lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ChatforgeError, match="unknown quantization 'int3'"):
         load_run(tmp_path / "run", "int3")
-    assert MODES == ("bf16", "int8")
+    assert MODES == ("bf16", "int8", "int4")
 
 
 def test_training_layout_is_the_saved_model_with_its_tokenizer(tmp_path, tok):
