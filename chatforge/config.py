@@ -121,7 +121,7 @@ class RLConfig:
     grad_clip: float = 1.0
     adv_eps: float = 1e-4
     eval_every: int = knob(10, "steps between evaluations")
-    eval_problems: int = knob(64, "held-out problems each evaluation asks")
+    eval_problems: int = knob(64, "validation problems per evaluation (they pick the kept step), and held-out problems asked before and after")
     ckpt_every: int = knob(50, "steps between checkpoints")
     keep_ckpts: int = 2
     seed: int = knob(0, "seed of sampling and problem order")

@@ -4,9 +4,9 @@ Full: forward questions about the people SFT never asked about (world_forward), 
 probe (world_reverse), a sample of forward questions SFT drilled (world_forward_seen), bits per
 byte on the held-out biographies, small sums without tools (arithmetic_small), held-out
 disallowed requests refused (refusal) and harmless look-alikes refused (false_refusal), a few chat
-samples; with tool use, the calculator problems with
-the calculator shown and without. Short (`full=False`, after RL): world_forward and the tools-on
-task only, the two the report sets before and after.
+samples; with tool use, the calculator problems with the calculator shown and without. The
+speedrun asks the full set of the assistant and again of the RL model. Short (`full=False`):
+world_forward and the tools-on task only.
 """
 
 from __future__ import annotations
