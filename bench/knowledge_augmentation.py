@@ -92,7 +92,7 @@ RECIPES = {
         train={**_MODEL, "device_batch_size": 16, "max_steps": 1700},
     ),  # fmt: skip
 }
-# --quick (`make bench-check`): the full recipe on world seed 0 alone, a few minutes on a quiet core;
+# --quick (`make bench-check`): the full recipe on world seed 0 alone, 2 x 5-6 minutes on a shared core;
 # measured 43.2% vs 2.1% held-out, the bounds leave about 13 points for drift before they fail
 RECIPES["quick"] = dataclasses.replace(RECIPES["full"], min_many=0.3, min_gap=0.25)
 
