@@ -571,7 +571,7 @@ def main() -> None:
     ap.add_argument(
         "--quantize",
         default=None,
-        choices=["bf16", "int8"],
+        choices=["bf16", "int8", "int4"],
         help="only chatforge-QUANTIZE beside chatforge and hf",
     )
     ap.add_argument("--text", nargs="*", default=[str(p) for p in DEFAULT_TEXT], help="held-out text for bpb")
