@@ -521,7 +521,7 @@ def summarize(results: dict[str, list[dict]], baseline: str) -> dict:
     # speedup over the baseline: per round, then the median
     if baseline in results:
         for engine, outs in results.items():
-            if engine == baseline or "runs" not in outs[0]:
+            if engine == baseline or not all(o.get("runs") for o in outs + results[baseline]):
                 continue
             ratios = [
                 statistics.median(r["decode_tok_s"] for r in o["runs"])
