@@ -540,6 +540,8 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     timed = [e for e, r in rows.items() if "decode_tok_s" in r]
+    if not timed:  # a quality-only run (--runs 0): nothing to draw
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = ["#4c72b0" if e.startswith("chatforge") else "#dd8452" for e in timed]
     for ax, key, label in (
