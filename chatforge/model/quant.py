@@ -24,7 +24,7 @@
   7 bits per row), then aten's weight-only `_weight_int8pack_mm`, then fp32 on the dequantized
   weights; int4: aten's `_weight_int4pack_mm_for_cpu`, then fp32 on the dequantized weights.
   aten's packed kernels take bf16 activations (with fp32 ones they ran slower than fp32 itself).
-  On Zen 4 (AVX-512, 1 thread, SmolLM2-135M) int4 decodes 2.6x fp32 and int8 2.5x, and int4's
+  On Zen 4 (AVX-512, 1 thread, SmolLM2-135M) int4 (groups of 32) and int8 decode 2.5x fp32, and int4's
   prompts run faster than fp32's too; docs/decode.md has the figures, their commands and the
   bits-per-byte cost of each. CPU only.
 
