@@ -245,7 +245,7 @@ class Int8Linear(QuantizedLinear):
                 )
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)  # the only copy kept
         elif kernel == "int8pack":
-            self.register_buffer("weight_int8", q, persistent=False)
+            self.register_buffer("weight_int8", q.contiguous(), persistent=False)
             self.register_buffer("scale", scale.to(PACKED_DTYPE), persistent=False)
         else:
             self.register_buffer("weight", q.float() * scale[:, None], persistent=False)
