@@ -336,7 +336,14 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from chatforge.model.quant import Int8Linear, SplitLinear, int8_weights
+    from chatforge.model.quant import (
+        INT4_GROUP_SIZE,
+        Int4Linear,
+        Int8Linear,
+        SplitLinear,
+        int8_weights,
+        kernel_problem,
+    )
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -351,7 +358,9 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
     for lin, w in zip(lins, col_major, strict=True):
         lin.weight.data = w
     split = [SplitLinear(lin, threads) for lin in lins]  # decode_layout's column-major weight, in parts
-    pack = [(a, s) for a, s in q] if hasattr(torch.ops.aten, "_weight_int8pack_mm") else None
+    packed = {k: kernel_problem(k) is None for k in ("int8pack", "int4pack")}
+    int8pack = [Int8Linear(lin, "int8pack") for lin in lins] if packed["int8pack"] else None
+    int4pack = [Int4Linear(lin, INT4_GROUP_SIZE, "int4pack") for lin in lins] if packed["int4pack"] else None
     x = torch.randn(1, n_in)
     ways = {
         "fp32 F.linear, weight (out,in) row-major": lambda i: F.linear(x, row_major[i]),
@@ -360,8 +369,14 @@ def kernels(threads: int, calls: int = 60, rounds: int = 5) -> dict:
         "int8 dequantize then F.linear": lambda i: F.linear(x, q[i][0].float()) * q[i][1],
         "int8 fbgemm dynamic (Int8Linear)": lambda i: fbgemm[i](x),
     }
-    if pack:
-        ways["int8 aten._weight_int8pack_mm"] = lambda i: torch.ops.aten._weight_int8pack_mm(x, *pack[i])
+    if int8pack:
+        ways["int8 aten._weight_int8pack_mm, bf16 activations (Int8Linear int8pack)"] = lambda i: int8pack[i](
+            x
+        )
+    if int4pack:
+        ways[f"int4 aten._weight_int4pack_mm_for_cpu, groups of {INT4_GROUP_SIZE} (Int4Linear)"] = lambda i: (
+            int4pack[i](x)
+        )
     times: dict[str, list[float]] = {k: [] for k in ways}
     with torch.inference_mode():
         for _ in range(rounds):
@@ -521,7 +536,7 @@ def summarize(results: dict[str, list[dict]], baseline: str) -> dict:
     # speedup over the baseline: per round, then the median
     if baseline in results:
         for engine, outs in results.items():
-            if engine == baseline or "runs" not in outs[0]:
+            if engine == baseline or not all(o.get("runs") for o in outs + results[baseline]):
                 continue
             ratios = [
                 statistics.median(r["decode_tok_s"] for r in o["runs"])
@@ -540,6 +555,8 @@ def plot(rows: dict[str, dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     timed = [e for e, r in rows.items() if "decode_tok_s" in r]
+    if not timed:  # a quality-only run (--runs 0): nothing to draw
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = ["#4c72b0" if e.startswith("chatforge") else "#dd8452" for e in timed]
     for ax, key, label in (
@@ -571,7 +588,7 @@ def main() -> None:
     ap.add_argument(
         "--quantize",
         default=None,
-        choices=["bf16", "int8"],
+        choices=["bf16", "int8", "int4"],
         help="only chatforge-QUANTIZE beside chatforge and hf",
     )
     ap.add_argument("--text", nargs="*", default=[str(p) for p in DEFAULT_TEXT], help="held-out text for bpb")

@@ -339,11 +339,11 @@ def test_openai_client_gets_the_tool_call_and_then_the_answer(tool_run):
         assert answer.finish_reason == "stop" and answer.message.content == "It is 35629407."
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 def test_prompt_flag_with_quantized_weights(tool_run, capsys, mode):
     cmd_chat(
         parse("--model", str(tool_run), "-p", "What is 48213 * 739?", "--device", "cpu", "--quantize", mode)
     )
     assert capsys.readouterr().out.strip()  # an answer came back through the quantized model
     with pytest.raises(SystemExit):  # argparse refuses an unknown mode, naming the choices
-        parse("--model", str(tool_run), "--quantize", "int4")
+        parse("--model", str(tool_run), "--quantize", "int3")

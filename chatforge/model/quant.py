@@ -24,7 +24,7 @@
   7 bits per row), then aten's weight-only `_weight_int8pack_mm`, then fp32 on the dequantized
   weights; int4: aten's `_weight_int4pack_mm_for_cpu`, then fp32 on the dequantized weights.
   aten's packed kernels take bf16 activations (with fp32 ones they ran slower than fp32 itself).
-  On Zen 4 (AVX-512, 1 thread, SmolLM2-135M) int4 decodes 2.6x fp32 and int8 2.5x, and int4's
+  On Zen 4 (AVX-512, 1 thread, SmolLM2-135M) int4 (groups of 32) and int8 decode 2.5x fp32, and int4's
   prompts run faster than fp32's too; docs/decode.md has the figures, their commands and the
   bits-per-byte cost of each. CPU only.
 
@@ -50,7 +50,9 @@ from chatforge.model.gpt import GPT, MLP, Attention, apply_rope
 
 MODES = ("bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes aten's CPU int4 kernel takes
-INT4_GROUP_SIZE = 64  # inputs per int4 scale: SmolLM2's 576-wide inputs split into 64s, not 128s
+# inputs per int4 scale and zero: on SmolLM2 groups of 32 cost +0.022 bits per byte, groups of 64
+# +0.126 (its shipped weights are Q4_1, blocks of 32), for 5% less decode speed (docs/decode.md)
+INT4_GROUP_SIZE = 32
 INT8_KERNELS = ("fbgemm", "int8pack", "dequant")
 INT4_KERNELS = ("int4pack", "dequant")
 # aten's packed CPU kernels are vectorised for bf16 activations: with fp32 ones they ran 2-5x slower
@@ -243,7 +245,7 @@ class Int8Linear(QuantizedLinear):
                 )
                 self._packed = torch.ops.quantized.linear_prepack(qw, None)  # the only copy kept
         elif kernel == "int8pack":
-            self.register_buffer("weight_int8", q, persistent=False)
+            self.register_buffer("weight_int8", q.contiguous(), persistent=False)
             self.register_buffer("scale", scale.to(PACKED_DTYPE), persistent=False)
         else:
             self.register_buffer("weight", q.float() * scale[:, None], persistent=False)

@@ -33,7 +33,7 @@ from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.engine import generate
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, KVCache
-from chatforge.model.quant import Int8Linear
+from chatforge.model.quant import QuantizedLinear
 from chatforge.tokenizer import Tokenizer
 
 INIT_TOKEN = " !"  # the paper starts from "! ! ! ...": a neutral, single-token filler
@@ -92,7 +92,7 @@ def suffix_slot(tok: Tokenizer, goal: str, target: str, system: str | None = Non
 def embedding_matrix(model: nn.Module) -> torch.Tensor:
     """The fp32 token-embedding matrix (V, d), through which the one-hot gradient flows."""
     emb = getattr(model, "embed_tokens", None)
-    quantized = any(isinstance(m, Int8Linear) for m in model.modules())
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if (
         not isinstance(model, GPT)
         or not isinstance(emb, nn.Embedding)
@@ -100,7 +100,7 @@ def embedding_matrix(model: nn.Module) -> torch.Tensor:
         or emb.weight.dtype not in (torch.float32, torch.float64)
     ):
         raise ChatforgeError(
-            "GCG needs the model's fp32 embedding matrix and differentiable layers (not int8 or bf16): "
+            "GCG needs the model's fp32 embedding matrix and differentiable layers (not int8, int4 or bf16): "
             "load it in fp32 (load_run(path), no --quantize)"
         )
     return emb.weight
