@@ -27,7 +27,7 @@ from chatforge.eval.suite import evaluate_world  # noqa: E402
 from chatforge.fileio import atomic_write_json  # noqa: E402
 from chatforge.speedrun import _evaluate, _stage_sft, _stage_sft_data  # noqa: E402
 
-FIGURES = ("world_forward", "tools_on", "refusal", "false_refusal")
+FIGURES = ("world_forward", "tools_on", "arithmetic_small", "refusal", "false_refusal")
 
 
 def prepare(run: Path, out: Path, world_seed: int) -> None:
@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--before-from", type=Path, help="take eval_before/ from this earlier --out (same eval files)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     preset = apply_overrides(get_preset(args.preset), args.overrides)
@@ -60,11 +63,15 @@ def main() -> None:
     if not (args.out / "sft" / "sft_summary.json").exists():
         _stage_sft(preset, args.out, False)
     after = _evaluate(preset, args.out, args.out / "sft", args.out / "eval", False, full=True)
-    before_results = evaluate_world(
-        args.run / "sft", args.out, args.out / "eval_before", tool_use=preset.data.tool_use, full=True,
-        batch_size=preset.eval.batch_size, device=preset.sft.device,
-    )  # fmt: skip
-    before = {r.task: round(r.value, 4) for r in before_results}
+    if args.before_from:
+        shutil.copytree(args.before_from / "eval_before", args.out / "eval_before", dirs_exist_ok=True)
+    else:
+        evaluate_world(
+            args.run / "sft", args.out, args.out / "eval_before", tool_use=preset.data.tool_use, full=True,
+            batch_size=preset.eval.batch_size, device=preset.sft.device,
+        )  # fmt: skip
+    results = json.loads((args.out / "eval_before" / "eval.json").read_text())["results"]
+    before = {r["task"]: round(r["value"], 4) for r in results if r["value"] is not None}
     samples = {
         name: json.loads((args.out / folder / "eval.json").read_text())["samples"]
         for name, folder in (("before", "eval_before"), ("after", "eval"))
