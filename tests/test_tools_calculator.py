@@ -193,3 +193,11 @@ def test_heavy_expressions_stay_fast():
         except CalculatorError as e:
             assert "digits" in str(e)  # refused for size, not for syntax
         assert time.perf_counter() - t0 < 1
+
+
+def test_a_malformed_literal_is_refused_without_a_warning_on_stderr(capfd):
+    # "3d" made Python print "SyntaxWarning: invalid decimal literal" to stderr mid-run
+    for text in ("3d + 4", "12if 3"):
+        with pytest.raises(CalculatorError, match="could not parse"):
+            evaluate(text)
+    assert "SyntaxWarning" not in capfd.readouterr().err

@@ -23,6 +23,7 @@ import ast
 import math
 import re
 import time
+import warnings
 from decimal import Context, Decimal
 from fractions import Fraction
 
@@ -76,7 +77,11 @@ def evaluate(expression: str) -> Fraction:
     if len(text) > MAX_INPUT_CHARS:
         raise CalculatorError(f"the expression is {len(text)} characters; the limit is {MAX_INPUT_CHARS}")
     try:
-        tree = ast.parse(text, mode="eval")
+        with warnings.catch_warnings():  # "3d" warns "invalid decimal literal" on stderr before failing
+            warnings.simplefilter("error", SyntaxWarning)
+            tree = ast.parse(text, mode="eval")
+    except SyntaxWarning as e:
+        raise CalculatorError(f"could not parse the expression ({e})") from None
     except SyntaxError as e:
         raise CalculatorError(f"could not parse the expression ({e.msg})") from None
     except (RecursionError, MemoryError, ValueError):
