@@ -88,3 +88,14 @@ def read_jsonl(path: str | os.PathLike, *, objects_only: bool = True) -> Iterato
         ) from None
     except (OSError, EOFError) as e:  # includes a corrupt or truncated .gz
         raise ChatforgeError(f"{p} could not be read ({e}); is it the right file?") from None
+
+
+def save_figure(fig, png: Path) -> Path:
+    """Write a matplotlib figure to `png` atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (matplotlib stays off the import path of every command)
+
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png

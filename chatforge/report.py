@@ -7,11 +7,10 @@ stages.json), so it can be rebuilt at any time: `chatforge report RUN`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
-from chatforge.fileio import atomic_write_text
+from chatforge.fileio import atomic_write_text, save_figure
 from chatforge.options import ReportOptions
 
 
@@ -64,11 +63,7 @@ def plot_eval_bars(results: list[dict], png: Path) -> Path | None:
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 def _pct(x: float | None) -> str:
@@ -111,11 +106,7 @@ def plot_tool_bars(on: dict[str, dict], off: dict[str, dict], png: Path) -> Path
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 def _tools_section(results: list[dict], run: Path) -> list[str]:

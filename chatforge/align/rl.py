@@ -50,7 +50,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ from chatforge.device import autocast, pick_device, single_process
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import wilson
-from chatforge.fileio import atomic_write_json
+from chatforge.fileio import atomic_write_json, save_figure
 from chatforge.model.gpt import GPT
 from chatforge.options import RLOptions
 from chatforge.tokenizer import Tokenizer
@@ -346,11 +345,7 @@ def plot_pass1(curve: list[dict], held_out: dict, best_step: int, png: Path, tit
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 # ---- training ------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ one, `engine_generator`, renders each conversation with chat_format and decodes 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from chatforge.chat_format import parse_assistant, render_prompt, turn_end_ids
 from chatforge.engine import generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import wilson
-from chatforge.fileio import atomic_write_text
+from chatforge.fileio import atomic_write_text, save_figure
 from chatforge.redteam.defenses import DefenseStack, InputBlocked, canary_line, with_system_line
 from chatforge.redteam.detectors import DETECTORS, contains_target
 from chatforge.redteam.documents import question_with_documents
@@ -283,11 +282,7 @@ def plot_asr(report: dict, png: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
