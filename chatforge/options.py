@@ -679,12 +679,12 @@ class ScalingSweepOptions:
     out: str = opt(None, "sweep folder (runs/, sweep.json, results.jsonl); an existing one resumes", required=True)
     tokenizer: str | None = opt(None, "tokenizer.json (default: DATA/tokenizer.json)")
     sizes: str = opt(
-        "1x16,1x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims; one head below width 64)"
+        "2x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims; one head below width 64)"
     )
-    tokens: str = opt("256K,512K,1M,2M,4M,8M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
+    tokens: str = opt("1M,2M,4M,8M,16M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
     max_flops: float = opt(
-        1.5e12, "leave out the runs with 6ND above this (N non-embedding): the costly corner of large models "
-        "on many tokens; 0 = the whole grid (default 1.5e12)",
+        1.1e13, "leave out the runs with 6ND above this (N non-embedding): the costly corner of large models "
+        "on many tokens; 0 = the whole grid (default 1.1e13)",
     )  # fmt: skip
     schedule: str = opt("wsd", "wsd: one stable run per size, a decay branch per budget; cosine: a run each",
                         choices=("wsd", "cosine"))  # fmt: skip
@@ -694,12 +694,14 @@ class ScalingSweepOptions:
     lr: float = opt(1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)")
     lr_rule: str = opt("width", "width: lr x 32 / width; flat: --lr for every size", choices=("width", "flat"))
     warmup_steps: int = opt(16, "linear warmup steps (default 16)")
-    eval_batches: int = opt(16, "validation batches for each run's final loss (default 16)")
+    eval_batches: int = opt(64, "validation batches for each run's final loss (default 64)")
     overrides: list[str] = opt(
         [], "override a training config field of every run, e.g. optimizer=muon (repeatable)", flag="--set",
         metavar="FIELD=VALUE", repeatable=True,
     )  # fmt: skip
-    threads: int = opt(1, "torch threads (default 1)")
+    threads: int = opt(1, "torch threads of each training process (default 1)")
+    jobs: int = opt(1, "sizes trained at once, each in its own process of --threads threads; "
+                    "jobs x threads should not exceed the cores (default 1)")  # fmt: skip
     device: str = opt("auto", "cpu, cuda, mps (default: cuda if available)")
     seed: int = opt(1337, "seed of initialisation and data order (default 1337)")
 

@@ -1,10 +1,13 @@
 """Scaling laws: the Chinchilla fitter on synthetic points, the sweep's bookkeeping and resume on a tiny
-grid, WSD branches equal to whole WSD runs, the compute plan, and bad input as one line."""
+grid, WSD branches equal to whole WSD runs, sizes in parallel jobs and runs data parallel under torchrun
+equal to one process, the compute plan, and bad input as one line."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,11 +97,15 @@ def test_plan_refuses_a_budget_below_the_smallest_model(capsys):
     assert "compute-optimal N" in out and "d12:" in out and "d20:" in out
 
 
-def _tiny_sweep(smoke, out, *extra) -> ScalingSweepOptions:
-    return parse(ScalingSweepOptions, [
+def _tiny_sweep_argv(smoke, out, *extra) -> list:
+    return [
         "--data", smoke.data, "--out", out, "--sizes", "1x32,2x32", "--tokens", "1K,2K,4K", "--seq-len", "32",
         "--batch-rows", "4", "--warmup-steps", "2", "--eval-batches", "2", "--max-flops", "0", *extra,
-    ])  # fmt: skip
+    ]  # fmt: skip
+
+
+def _tiny_sweep(smoke, out, *extra) -> ScalingSweepOptions:
+    return parse(ScalingSweepOptions, _tiny_sweep_argv(smoke, out, *extra))
 
 
 def test_sweep_records_runs_and_resumes_run_by_run(smoke, tmp_path, one_thread, capsys):
@@ -126,6 +133,42 @@ def test_sweep_records_runs_and_resumes_run_by_run(smoke, tmp_path, one_thread, 
     # another recipe in the same folder is refused
     with pytest.raises(ChatforgeError, match="other lr"):
         cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "sweep", "--lr", "0.02"))
+
+
+def test_sweep_in_two_jobs_equals_one_job(smoke, tmp_path, one_thread, capsys):
+    """--jobs 2 trains sizes in parallel processes; every run's loss is the one a single job gives."""
+    one = _tiny_sweep(smoke, tmp_path / "one", "--tokens", "1K,2K")
+    cmd_scaling_sweep(one)
+    two = _tiny_sweep(smoke, tmp_path / "two", "--tokens", "1K,2K", "--jobs", "2")
+    cmd_scaling_sweep(two)
+    out = capsys.readouterr().out
+    assert "2 at a time" in out and "2x32_t2048:" in out
+    losses = {r["run"]: r["val_loss"] for r in collect_results(tmp_path / "one")}
+    assert losses == {r["run"]: r["val_loss"] for r in collect_results(tmp_path / "two")}
+    assert len(losses) == 4 and (tmp_path / "two" / "results.jsonl").read_text().count("\n") == 4
+    with pytest.raises(ChatforgeError, match="--jobs 0"):
+        cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "bad", "--jobs", "0"))
+
+
+def test_sweep_under_torchrun_is_data_parallel_and_equals_one_process(smoke, tmp_path, one_thread, cli_env):
+    """2 gloo ranks split each step's rows: the same runs and losses as one process; rank 0 keeps the books."""
+    grid = ["--sizes", "1x32", "--tokens", "1K,2K"]
+    cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "one", *grid))
+    argv = [str(a) for a in _tiny_sweep_argv(smoke, tmp_path / "ddp", *grid)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    job = subprocess.run(
+        [*torchrun, "-m", "chatforge.cli", "scaling", "sweep", *argv], env=cli_env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert job.stdout.count("sweep: 1 sizes") == 1 and "each over 2 ranks" in job.stdout
+    one = {r["run"]: r["val_loss"] for r in collect_results(tmp_path / "one")}
+    ddp = {r["run"]: r["val_loss"] for r in collect_results(tmp_path / "ddp")}
+    assert one.keys() == ddp.keys() and len(one) == 2
+    for run in one:
+        assert ddp[run] == pytest.approx(one[run], rel=1e-4)
+    assert (tmp_path / "ddp" / "results.jsonl").read_text().count("\n") == 2
+    assert not (tmp_path / "ddp" / "runs" / "1x32_stable").exists()
 
 
 def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):

@@ -27,6 +27,7 @@ from pathlib import Path
 from chatforge.checkpoint import CKPT_DIR, latest_checkpoint, list_checkpoints
 from chatforge.config import TrainConfig, apply_overrides
 from chatforge.data.shards import read_index
+from chatforge.device import Dist, cleanup_distributed, setup_distributed, wait_for_all_ranks
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_json, atomic_write_text
 from chatforge.model.gpt import GPT, GPTConfig
@@ -75,16 +76,20 @@ def size_label(depth: int, width: int) -> str:
     return f"{depth}x{width}"
 
 
-def run_config(opts: ScalingSweepOptions, depth: int, width: int, steps: int, **kw) -> TrainConfig:
-    """The TrainConfig of one run of the sweep (kw: schedule fields that differ between stable and branch)."""
+def run_config(
+    opts: ScalingSweepOptions, depth: int, width: int, steps: int, ranks: int = 1, **kw
+) -> TrainConfig:
+    """The TrainConfig of one run of the sweep (kw: schedule fields that differ between stable and branch).
+    Under torchrun the ranks split each step's --batch-rows (and each evaluation batch's), so a run trains
+    and is evaluated on the same rows on any number of ranks."""
     n_head = max(1, width // HEAD_DIM)
     # wider models take smaller steps (Adam's rule in muP)
     lr = opts.lr * LR_WIDTH / width if opts.lr_rule == "width" else opts.lr
     cfg = TrainConfig(
         depth=depth, model={"n_embd": width, "n_head": n_head, "n_kv_head": n_head}, seq_len=opts.seq_len,
-        device_batch_size=opts.batch_rows, max_steps=steps, lr=lr, embed_lr=lr,
+        device_batch_size=opts.batch_rows // ranks, max_steps=steps, lr=lr, embed_lr=lr,
         warmup_steps=opts.warmup_steps, schedule=opts.schedule, cooldown_frac=opts.cooldown_frac,
-        final_lr_frac=0.0, eval_every=steps, eval_batches=opts.eval_batches, ckpt_every=0, keep_ckpts=0,
+        final_lr_frac=0.0, eval_every=steps, eval_batches=opts.eval_batches * ranks, ckpt_every=0, keep_ckpts=0,
         log_every=10, device=opts.device, seed=opts.seed,
     )  # fmt: skip
     apply_overrides(cfg, opts.overrides)
@@ -167,21 +172,24 @@ def _write_results(sweep_dir: Path) -> None:
     atomic_write_text(sweep_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _check_sweep_file(sweep_dir: Path, settings: dict) -> None:
+def _check_sweep_file(sweep_dir: Path, settings: dict, write: bool = True) -> None:
     """A sweep folder holds one sweep: the same data, tokenizer and recipe (the grid may grow)."""
     import json
 
     path = sweep_dir / SWEEP_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        fixed = {k: v for k, v in settings.items() if k not in ("sizes", "tokens", "max_flops", "threads")}
+        fixed = {
+            k: v for k, v in settings.items() if k not in ("sizes", "tokens", "max_flops", "threads", "jobs")
+        }
         changed = sorted(k for k, v in fixed.items() if old.get(k) != v)
         if changed:
             raise ChatforgeError(
                 f"{sweep_dir} holds a sweep with other {', '.join(changed)}: use a new --out for this one"
             )
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, settings)
+    if write:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, settings)
 
 
 def fresh_budgets(budgets: list[int], train_tokens: int) -> list[int]:
@@ -248,10 +256,28 @@ def plan_work(
 
 
 def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
-    import torch
 
     data_dir, sweep_dir = Path(opts.data), Path(opts.out)
     tokenizer = Path(opts.tokenizer) if opts.tokenizer else data_dir / "tokenizer.json"
+    if opts.jobs < 1 or opts.threads < 1:
+        raise ChatforgeError(f"--jobs {opts.jobs} --threads {opts.threads}: both must be at least 1")
+    # under torchrun every run is data parallel over the ranks; the group lives for the whole sweep
+    dist = setup_distributed(opts.device)
+    try:
+        _sweep(opts, data_dir, sweep_dir, tokenizer, dist)
+    finally:
+        cleanup_distributed()
+
+
+def _sweep(opts: ScalingSweepOptions, data_dir: Path, sweep_dir: Path, tokenizer: Path, dist: Dist) -> None:
+    import torch
+
+    if dist.world_size > 1 and opts.jobs > 1:
+        raise ChatforgeError("--jobs runs sizes side by side on one machine; under torchrun leave it at 1")
+    if opts.batch_rows % dist.world_size:
+        raise ChatforgeError(
+            f"--batch-rows {opts.batch_rows} does not split over {dist.world_size} ranks: use a multiple of it"
+        )
     index = read_index(data_dir)
     vocab_size = index["vocab_size"]
     sizes = parse_sizes(opts.sizes)
@@ -260,36 +286,48 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
         **fingerprint(data_dir, tokenizer), "sizes": opts.sizes, "tokens": opts.tokens,
         **{k: v for k, v in asdict(opts).items() if k not in ("data", "out", "sizes", "tokens", "tokenizer")},
     }  # fmt: skip
-    _check_sweep_file(sweep_dir, settings)
+    _check_sweep_file(sweep_dir, settings, write=dist.is_main)
     torch.set_num_threads(opts.threads)
     counts = {size: model_counts(run_config(opts, *size, 1), vocab_size) for size in sizes}
     runs = plan_work(opts, sizes, budgets, counts)
-    # progress is measured in model FLOPs (the stable runs' share is spread over their branches)
-    cost = {w["name"]: counts[w["size"]]["flops_per_token"] * w["tokens"] for w in runs}
-    left_cost = sum(
-        cost[w["name"]] for w in runs if not (sweep_dir / "runs" / w["name"] / RESULT_FILE).is_file()
-    )
-    done_cost, started = 0.0, time.perf_counter()  # of this session's trainings
-    print(
-        f"sweep: {len(sizes)} sizes x {len(budgets)} budgets, {len(runs)} runs within 6ND <= {opts.max_flops:g} "
-        f"({opts.schedule}) on "
-        f"{data_dir} -> {sweep_dir}"
-    )
     for i, item in enumerate(runs):
-        run_dir = sweep_dir / "runs" / item["name"]
-        if (run_dir / RESULT_FILE).is_file():
-            continue
-        t0 = time.perf_counter()
-        result = _run_one(opts, data_dir, tokenizer, sweep_dir, item, counts[item["size"]], settings)
-        done_cost += cost[item["name"]]
-        elapsed = time.perf_counter() - started
-        left = elapsed / done_cost * (left_cost - done_cost)
-        print(
-            f"[{i + 1}/{len(runs)}] {item['name']}: {result['params_nonembedding']:,} params (non-embedding), "
-            f"{item['tokens']:,} tokens: val loss {result['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s; "
-            f"about {left / 60:.1f} min left)",
-            flush=True,
-        )
+        item["index"] = f"{i + 1}/{len(runs)}"
+    todo = [w for w in runs if not (sweep_dir / "runs" / w["name"] / RESULT_FILE).is_file()]
+    # progress is measured in model FLOPs (the stable runs' share is spread over their branches)
+    cost = {w["size"]: 0.0 for w in todo}
+    for w in todo:
+        cost[w["size"]] += counts[w["size"]]["flops_per_token"] * w["tokens"]
+    say = print if dist.is_main else (lambda *a, **k: None)
+    say(
+        f"sweep: {len(sizes)} sizes x {len(budgets)} budgets, {len(runs)} runs within 6ND <= {opts.max_flops:g} "
+        f"({opts.schedule}) on {data_dir} -> {sweep_dir}; {len(todo)} to train, "
+        + (f"each over {dist.world_size} ranks" if dist.world_size > 1 else f"{opts.jobs} at a time"),
+        flush=True,
+    )
+    # a size's runs go in order (its branches start from its stable run); sizes are independent
+    by_size = {size: [w for w in todo if w["size"] == size] for size in cost}
+    order = sorted(by_size, key=lambda size: -cost[size])  # costliest first: the jobs end together
+    args = (opts, data_dir, tokenizer, sweep_dir, counts, settings, dist)
+    started, done = time.perf_counter(), 0.0
+    if opts.jobs == 1:
+        for size in order:
+            _train_size(*args, by_size[size])
+            done += cost[size]
+            if dist.is_main:
+                _print_left(started, done, sum(cost.values()))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: a fresh interpreter per job, never a fork of a process that has started torch's threads
+        with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_size, *args, by_size[size]): size for size in order}
+            for future in as_completed(futures):
+                future.result()  # a job's error (a ChatforgeError included) stops the sweep here
+                done += cost[futures[future]]
+                _print_left(started, done, sum(cost.values()))
+    if not dist.is_main:
+        return
     _write_results(sweep_dir)
     _cleanup_stable(sweep_dir, runs)
     print(
@@ -297,21 +335,53 @@ def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
     )
 
 
+def _print_left(started: float, done: float, total: float) -> None:
+    if done < total:
+        left = (time.perf_counter() - started) / done * (total - done)
+        print(f"about {left / 60:.1f} min left (by the FLOPs still to train)", flush=True)
+
+
+def _train_size(
+    opts: ScalingSweepOptions, data_dir: Path, tokenizer: Path, sweep_dir: Path, counts: dict, settings: dict,
+    dist: Dist, items: list[dict],
+) -> None:  # fmt: skip
+    """Train one size's runs in order (a job of its own under --jobs)."""
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    for item in items:
+        t0 = time.perf_counter()
+        result = _run_one(opts, data_dir, tokenizer, sweep_dir, item, counts[item["size"]], settings, dist)
+        if result is None:  # not rank 0
+            continue
+        print(
+            f"[{item['index']}] {item['name']}: {result['params_nonembedding']:,} params (non-embedding), "
+            f"{item['tokens']:,} tokens: val loss {result['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
+
+
 def _run_one(
     opts: ScalingSweepOptions, data_dir: Path, tokenizer: Path, sweep_dir: Path, item: dict, counts: dict,
-    settings: dict,
-) -> dict:  # fmt: skip
-    """Train one run of the grid (its stable run first, as far as its branch point) and record its result."""
+    settings: dict, dist: Dist,
+) -> dict | None:  # fmt: skip
+    """Train one run of the grid (its stable run first, as far as its branch point) and record its result
+    (rank 0 records it and returns it; under torchrun the other ranks train and return None)."""
     depth, width = item["size"]
     run_dir = sweep_dir / "runs" / item["name"]
+    ranks = dist.world_size
     if opts.schedule == "wsd":
         stable_dir = sweep_dir / "runs" / f"{size_label(depth, width)}_stable"
         if _checkpoint_step(stable_dir) < item["branch_step"]:
             # constant LR up to the branch point: a WSD run without decay
             _train(data_dir, tokenizer, stable_dir, run_config(
-                opts, depth, width, item["branch_step"], cooldown_frac=0.0, eval_every=0))  # fmt: skip
-        _branch_from(stable_dir, item["branch_step"], run_dir)
-    summary = _train(data_dir, tokenizer, run_dir, run_config(opts, depth, width, item["steps"]))
+                opts, depth, width, item["branch_step"], ranks, cooldown_frac=0.0, eval_every=0))  # fmt: skip
+        if dist.is_main:
+            _branch_from(stable_dir, item["branch_step"], run_dir)
+        wait_for_all_ranks()  # every rank resumes the branch from the copy rank 0 made
+    summary = _train(data_dir, tokenizer, run_dir, run_config(opts, depth, width, item["steps"], ranks))
+    if not dist.is_main:
+        return None
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the final model stays; optimizer states go
     tokens = item["tokens"]
     result = {

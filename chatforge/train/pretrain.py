@@ -145,6 +145,7 @@ def pretrain(
 ) -> dict:
     """Train a base model on the shards in data_dir; returns a summary dict (rank 0's view)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    owns_group = not torch.distributed.is_initialized()  # a sweep under torchrun keeps one for all its runs
     dist = setup_distributed(cfg.device)
     try:
         read_index(data_dir)  # a missing or unfinished shard folder is the first thing to report
@@ -171,7 +172,8 @@ def pretrain(
         wait_for_all_ranks()
         return result
     finally:
-        cleanup_distributed()
+        if owns_group:
+            cleanup_distributed()
 
 
 def dry_run_vocab_size(opts: PretrainOptions) -> int:
