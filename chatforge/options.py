@@ -277,10 +277,15 @@ class PRMOptions(TrainingOptions):
     """`prefs prm`: a process (or, with --outcome, an outcome) reward model for a thinking task."""
 
     model: str = opt(
-        None, "run folder to start from (the SFT model that writes the traces)", metavar="SFT_RUN", required=True
+        None,
+        "run folder to start from (the SFT model that writes the traces)",
+        metavar="SFT_RUN",
+        required=True,
     )
     task: str = opt("game24", "the task whose traces are labelled", choices=("game24", "world"))
-    puzzles: str = opt("../shared/data/game24/24.csv", "game24: the puzzles' csv (rank, puzzle)", metavar="CSV")
+    puzzles: str = opt(
+        "../shared/data/game24/24.csv", "game24: the puzzles' csv (rank, puzzle)", metavar="CSV"
+    )
     ranks: str = opt(
         "1-800", "game24: the ranks to train on (at most 1-800: 801-900 are for reporting)", metavar="LO-HI"
     )
@@ -302,7 +307,8 @@ class PRMOptions(TrainingOptions):
 class DPOOptions(PrefTrainOptions):
     beta: float = opt(0.1, "strength of the pull towards the reference (default 0.1)")
     rpo_alpha: float = opt(
-        0.0, "add this x the chosen answers' per-token NLL (RPO), so their likelihood does not sink (default 0)"
+        0.0,
+        "add this x the chosen answers' per-token NLL (RPO), so their likelihood does not sink (default 0)",
     )
 
     config_flags: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -387,7 +393,8 @@ class ExportOptions:
     run: str = opt(None, "run folder (or checkpoint folder) to export", positional=True)
     out: str = opt(None, "the folder (hf) or .gguf file (gguf) to write", positional=True)
     dtype: str | None = opt(
-        None, "weight type: hf f32 (default, exact), f16 or bf16; gguf f32, f16 (default) or q8_0 for matrices"
+        None,
+        "weight type: hf f32 (default, exact), f16 or bf16; gguf f32, f16 (default) or q8_0 for matrices",
     )
     force: bool = opt(False, "overwrite what is at OUT")
 
@@ -420,7 +427,9 @@ class EvalOptions:
         "world_forward, world_reverse); default: all the given inputs allow",
     )  # fmt: skip
     world: str | None = opt(None, "world folder (for world_forward, world_reverse, bpb)")
-    qa_file: list[str] = opt([], "jsonl of {question, answer, ...} (repeatable)", metavar="F", repeatable=True)
+    qa_file: list[str] = opt(
+        [], "jsonl of {question, answer, ...} (repeatable)", metavar="F", repeatable=True
+    )
     people: str | None = opt(None, "comma-separated person ids to ask about", metavar="IDS")
     mc: list[str] = opt(
         [], "multiple-choice files or folders: ARC/HellaSwag/MMLU jsonl, MMLU csv, HellaSwag txt (where to "
@@ -444,6 +453,7 @@ class EvalOptions:
     out: str | None = opt(None, "write eval.json and eval.md here", metavar="DIR")
     no_progress: bool = opt(False, "no progress bar (the per-task lines still print)")
 
+
 _DEFENSES_HELP = (
     "comma-separated defenses every prompt and answer passes through: scan-invisible, scan-encoded, "
     "spotlight-delimit|datamark|base64, canary, output-policy, tool-permissions (docs/security.md)"
@@ -466,7 +476,8 @@ class ChatOptions:
     top_k: int | None = opt(None, "sample only from the k most likely tokens")
     top_p: float | None = opt(None, "nucleus sampling: smallest set with this mass")
     max_new_tokens: int | None = opt(
-        None, "longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)"
+        None,
+        "longest answer in tokens (default 256; always clamped to what the context leaves, with a note for -p)",
     )
     seed: int | None = opt(None, "seed for reproducible sampling")
     tools: str | None = opt(
@@ -500,8 +511,14 @@ class ChatOptions:
         None, "spend tokens on thinking: direct, cot, vote:K (or K), best-of:N:orm|prm, tree:bBdD "
         "(docs/thinking.md); tokens spent go to stderr", metavar="SPEC",
     )  # fmt: skip
-    prm: str | None = opt(None, "process reward model for best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN")
-    orm: str | None = opt(None, "outcome reward model for best-of:N:orm (`prefs prm --outcome` or `prefs reward`)", metavar="RUN")
+    prm: str | None = opt(
+        None, "process reward model for best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN"
+    )
+    orm: str | None = opt(
+        None,
+        "outcome reward model for best-of:N:orm (`prefs prm --outcome` or `prefs reward`)",
+        metavar="RUN",
+    )
 
 
 @dataclass
@@ -547,16 +564,28 @@ class ServeOptions:
         None, "the web page's compare view appends picks here, the format `chatforge prefs` reads "
         "(default RUN/comparisons.jsonl)", metavar="FILE",
     )  # fmt: skip
-    judge: str | None = opt(None, "a model that drafts a pick and its reason in the compare view", metavar="RUN")
-    prm: str | None = opt(None, "process reward model for the \"think\" field's best-of:N:prm and tree (`chatforge prefs prm`)", metavar="RUN")
-    orm: str | None = opt(None, "outcome reward model for the \"think\" field's best-of:N:orm (`prefs prm --outcome` or `prefs reward`)", metavar="RUN")
+    judge: str | None = opt(
+        None, "a model that drafts a pick and its reason in the compare view", metavar="RUN"
+    )
+    prm: str | None = opt(
+        None,
+        'process reward model for the "think" field\'s best-of:N:prm and tree (`chatforge prefs prm`)',
+        metavar="RUN",
+    )
+    orm: str | None = opt(
+        None,
+        'outcome reward model for the "think" field\'s best-of:N:orm (`prefs prm --outcome` or `prefs reward`)',
+        metavar="RUN",
+    )
     name: str | None = opt(None, "model id in the API (default: the run folder's name)", metavar="ID")
     max_request_kb: int = opt(1024, "largest request body in KiB (default 1024)")
     header_timeout: float = opt(10.0, "seconds a client has to send a request's headers (default 10)")
     body_timeout: float = opt(30.0, "seconds a client has to send a request's body (default 30)")
     max_connections: int = opt(1000, "open connections at most; more get 503 (default 1000)")
     device: str = opt("auto", _DEVICE_HELP)
-    defenses: str | None = opt(None, _DEFENSES_HELP + "; answers are then post-processed (streams come whole)", metavar="NAMES")
+    defenses: str | None = opt(
+        None, _DEFENSES_HELP + "; answers are then post-processed (streams come whole)", metavar="NAMES"
+    )
     link_hosts: list[str] = opt(
         [], "with --defenses output-policy: hosts answers may link to (comma-separated or repeated)",
         metavar="HOST", repeatable=True,
@@ -567,10 +596,10 @@ class ServeOptions:
         "all-MiniLM-L6-v2", "embedding model of collections made on the server (hash-384: no `rag` extra needed)",
         metavar="NAME",
     )  # fmt: skip
-    max_upload_mb: float = opt(16.0, "largest upload of files into a collection, in MiB, files together (default 16)", metavar="MB")
+    max_upload_mb: float = opt(
+        16.0, "largest upload of files into a collection, in MiB, files together (default 16)", metavar="MB"
+    )
     max_documents: int = opt(1000, "documents per collection at most (default 1000)")
-
-
 
 
 @dataclass
@@ -589,17 +618,22 @@ class RedteamOptions:
         "(default: the world's disallowed requests, then AdvBench when ../shared/data has it)", metavar="FILE",
     )  # fmt: skip
     n_goals: int = opt(12, "goals per role-play or encoding probe (default 12)")
-    n_contexts: int = opt(8, "documents per injection probe (BIPIA email train split, else built-in; default 8)")
+    n_contexts: int = opt(
+        8, "documents per injection probe (BIPIA email train split, else built-in; default 8)"
+    )
     allowed_hosts: list[str] = opt(
         [], "hosts answers may link to (the output policy and the exfiltration detector)", metavar="HOST",
         repeatable=True,
     )  # fmt: skip
-    no_clean: bool = opt(False, "skip the clean accuracy (plain questions, questions about documents) per stack")
+    no_clean: bool = opt(
+        False, "skip the clean accuracy (plain questions, questions about documents) per stack"
+    )
     max_new_tokens: int = opt(96, "longest answer in tokens (default 96)")
     batch_size: int = opt(16, "conversations generated together (default 16)")
     seed: int = opt(0, "picks the goals and contexts, and the canary")
     device: str = opt("auto", _DEVICE_HELP)
     out: str | None = opt(None, "where redteam.json, .md and .png go (default RUN/redteam)", metavar="DIR")
+
 
 # ---- preferences and feedback ------------------------------------------------------------------------------
 
@@ -676,10 +710,13 @@ class FeedbackExportOptions:
 @dataclass
 class ScalingSweepOptions:
     data: str = opt(None, "shard folder from `chatforge data`", required=True)
-    out: str = opt(None, "sweep folder (runs/, sweep.json, results.jsonl); an existing one resumes", required=True)
+    out: str = opt(
+        None, "sweep folder (runs/, sweep.json, results.jsonl); an existing one resumes", required=True
+    )
     tokenizer: str | None = opt(None, "tokenizer.json (default: DATA/tokenizer.json)")
     sizes: str = opt(
-        "2x32,2x48,2x64,3x96,4x128", "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims; one head below width 64)"
+        "2x32,2x48,2x64,3x96,4x128",
+        "model sizes as DEPTHxWIDTH, comma-separated (heads of 32 dims; one head below width 64)",
     )
     tokens: str = opt("1M,2M,4M,8M,16M", "token budgets, comma-separated (K, M = 1024, 1024^2)")
     max_flops: float = opt(
@@ -691,8 +728,16 @@ class ScalingSweepOptions:
     cooldown_frac: float = opt(0.25, "wsd: share of each run spent decaying (default 0.25)")
     seq_len: int = opt(128, "tokens per row (default 128)")
     batch_rows: int = opt(8, "rows per step (default 8)")
-    lr: float = opt(1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)")
-    lr_rule: str = opt("width", "width: lr x 32 / width; flat: --lr for every size", choices=("width", "flat"))
+    lr: float = opt(
+        1e-2, "AdamW learning rate at width 32; a size of width W trains at lr x 32 / W (default 1e-2)"
+    )
+    lr_rule: str = opt(
+        "width", "width: lr x 32 / width; flat: --lr for every size", choices=("width", "flat")
+    )
+    tune_lr: str = opt(
+        "", "LR multipliers tried per size before its runs, e.g. 0.5,1,2: a whole run of the smallest budget at "
+        "each, the lowest validation loss kept for that size (default: none, the rule's LR)", metavar="MULTS",
+    )  # fmt: skip
     warmup_steps: int = opt(16, "linear warmup steps (default 16)")
     eval_batches: int = opt(64, "validation batches for each run's final loss (default 64)")
     overrides: list[str] = opt(
@@ -725,6 +770,8 @@ class ScalingPlanOptions:
     mfu: float = opt(0.4, "with --budget: model FLOPs utilisation assumed (default 0.4)")
     fit: str | None = opt(None, "a sweep folder or fit.json from `chatforge scaling fit` (default: "
                           "Chinchilla's published constants)")  # fmt: skip
+
+
 # ---- retrieval (RAG) ---------------------------------------------------------------------------------------
 
 _EMBEDDING_HELP = "embedding model: all-MiniLM-L6-v2 (the default) or hash-384 (no extra needed)"
@@ -732,13 +779,17 @@ _EMBEDDING_HELP = "embedding model: all-MiniLM-L6-v2 (the default) or hash-384 (
 
 @dataclass
 class RagCollectionOptions:
-    collection: str = opt("world", "collection name (default world: the world's held-out people)", metavar="NAME")
+    collection: str = opt(
+        "world", "collection name (default world: the world's held-out people)", metavar="NAME"
+    )
     root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
 
 
 @dataclass
 class RagAddOptions(RagCollectionOptions):
-    files: list[str] = opt([], "files or folders (txt, md, rst, html, pdf, docx, jsonl)", positional=True, nargs="+")
+    files: list[str] = opt(
+        [], "files or folders (txt, md, rst, html, pdf, docx, jsonl)", positional=True, nargs="+"
+    )
     embedding: str = opt("all-MiniLM-L6-v2", _EMBEDDING_HELP + "; fixed when the collection is created")
 
 
@@ -749,7 +800,9 @@ class RagRemoveOptions(RagCollectionOptions):
 
 @dataclass
 class RagListOptions:
-    collection: str | None = opt(None, "list this collection's documents (default: list the collections)", metavar="NAME")
+    collection: str | None = opt(
+        None, "list this collection's documents (default: list the collections)", metavar="NAME"
+    )
     root: str | None = opt(None, _RAG_ROOT_HELP, metavar="DIR")
 
 
@@ -757,13 +810,17 @@ class RagListOptions:
 class RagSearchOptions(RagCollectionOptions):
     query: str = opt("", "what to search for", positional=True)
     k: int = opt(5, "chunks to show (default 5)")
-    mode: str = opt("fused", "bm25, dense, or both fused by reciprocal rank (default)", choices=("fused", "bm25", "dense"))
+    mode: str = opt(
+        "fused", "bm25, dense, or both fused by reciprocal rank (default)", choices=("fused", "bm25", "dense")
+    )
     embedding: str | None = opt(None, _EMBEDDING_HELP + " (default: the collection's)")
 
 
 @dataclass
 class RagWorldOptions(RagCollectionOptions):
-    world: str = opt(None, "world folder (`chatforge world`): its held-out biographies", metavar="DIR", required=True)
+    world: str = opt(
+        None, "world folder (`chatforge world`): its held-out biographies", metavar="DIR", required=True
+    )
     embedding: str = opt("all-MiniLM-L6-v2", _EMBEDDING_HELP)
 
 
@@ -775,8 +832,12 @@ class RagEvalOptions(RagCollectionOptions):
     )  # fmt: skip
     k: int = opt(5, "recall@k and MRR@k (default 5)")
     modes: str = opt("bm25,dense,fused", "retrieval modes to measure, comma-separated")
-    model: str | None = opt(None, "run folder: also measure answers closed-book vs with retrieval", metavar="RUN")
-    max_examples: int | None = opt(None, "questions to ask the model (picked by --seed; retrieval uses all)", metavar="N")
+    model: str | None = opt(
+        None, "run folder: also measure answers closed-book vs with retrieval", metavar="RUN"
+    )
+    max_examples: int | None = opt(
+        None, "questions to ask the model (picked by --seed; retrieval uses all)", metavar="N"
+    )
     answer_k: int | None = opt(None, "chunks put in an answer's prompt (default: --k)")
     max_new_tokens: int = opt(48, "answer length (default 48)")
     rerank: bool = opt(False, "re-rank the fused chunks by the model's log-likelihood of the question")

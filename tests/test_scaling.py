@@ -171,6 +171,30 @@ def test_sweep_under_torchrun_is_data_parallel_and_equals_one_process(smoke, tmp
     assert not (tmp_path / "ddp" / "runs" / "1x32_stable").exists()
 
 
+def test_tune_lr_keeps_each_sizes_best_multiplier(smoke, tmp_path, one_thread, capsys):
+    """--tune-lr trains the smallest budget at each multiplier per size and trains that size at the best."""
+    opts = _tiny_sweep(smoke, tmp_path / "sweep", "--tokens", "1K,2K", "--tune-lr", "0.1,1")
+    cmd_scaling_sweep(opts)
+    tune = tmp_path / "sweep" / "runs" / "tune"
+    for size, width in (("1x32", 32), ("2x32", 32)):
+        choice = json.loads((tune / f"{size}_lr.json").read_text())
+        losses = choice["val_loss_by_multiplier"]
+        assert set(losses) == {"0.1", "1"} and choice["multiplier"] == float(min(losses, key=losses.get))
+        rows = [r for r in collect_results(tmp_path / "sweep") if r["size"] == size]
+        assert len(rows) == 2
+        for r in rows:
+            assert r["lr_multiplier"] == choice["multiplier"]
+            assert r["lr"] == pytest.approx(opts.lr * 32 / width * choice["multiplier"])
+        # the smallest budget's run is the tuning run at the kept multiplier, trained again
+        small = next(r for r in rows if r["tokens"] == 1024)
+        assert small["val_loss"] == pytest.approx(losses[f"{choice['multiplier']:g}"], abs=1e-6)
+    assert "lr x " in capsys.readouterr().out
+    cmd_scaling_sweep(opts)  # finished: nothing is tuned or trained again
+    assert "lr x " not in capsys.readouterr().out
+    with pytest.raises(ChatforgeError, match="bad multiplier 'fast' in --tune-lr"):
+        cmd_scaling_sweep(_tiny_sweep(smoke, tmp_path / "bad", "--tune-lr", "0.5,fast"))
+
+
 def test_wsd_branch_is_the_whole_wsd_run(smoke, tmp_path, one_thread):
     """A branch (stable run to its decay start, then the decay) is bit-for-bit a WSD run of that length."""
     from chatforge.train.pretrain import pretrain

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -72,19 +73,33 @@ def parse_tokens(text: str) -> list[int]:
     return sorted(set(out))
 
 
+def parse_lr_multipliers(text: str) -> list[float]:
+    """'0.5,1,2' -> [0.5, 1.0, 2.0]; '' -> [] (no tuning)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            value = float(item)
+        except ValueError:
+            value = 0.0
+        if not (value > 0 and math.isfinite(value)):
+            raise ChatforgeError(f"bad multiplier {item!r} in --tune-lr: positive numbers, e.g. 0.5,1,2")
+        out.append(value)
+    return sorted(set(out))
+
+
 def size_label(depth: int, width: int) -> str:
     return f"{depth}x{width}"
 
 
 def run_config(
-    opts: ScalingSweepOptions, depth: int, width: int, steps: int, ranks: int = 1, **kw
+    opts: ScalingSweepOptions, depth: int, width: int, steps: int, ranks: int = 1, lr_mult: float = 1.0, **kw
 ) -> TrainConfig:
     """The TrainConfig of one run of the sweep (kw: schedule fields that differ between stable and branch).
     Under torchrun the ranks split each step's --batch-rows (and each evaluation batch's), so a run trains
     and is evaluated on the same rows on any number of ranks."""
     n_head = max(1, width // HEAD_DIM)
     # wider models take smaller steps (Adam's rule in muP)
-    lr = opts.lr * LR_WIDTH / width if opts.lr_rule == "width" else opts.lr
+    lr = (opts.lr * LR_WIDTH / width if opts.lr_rule == "width" else opts.lr) * lr_mult
     cfg = TrainConfig(
         depth=depth, model={"n_embd": width, "n_head": n_head, "n_kv_head": n_head}, seq_len=opts.seq_len,
         device_batch_size=opts.batch_rows // ranks, max_steps=steps, lr=lr, embed_lr=lr,
@@ -159,23 +174,17 @@ def _branch_from(stable_dir: Path, step: int, run_dir: Path) -> None:
 
 def collect_results(sweep_dir: Path) -> list[dict]:
     """Every finished run's result, smallest model and budget first."""
-    import json
-
     rows = [json.loads(p.read_text()) for p in sorted((sweep_dir / "runs").glob(f"*/{RESULT_FILE}"))]
     return sorted(rows, key=lambda r: (r["params_nonembedding"], r["tokens"]))
 
 
 def _write_results(sweep_dir: Path) -> None:
-    import json
-
     rows = collect_results(sweep_dir)
     atomic_write_text(sweep_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _check_sweep_file(sweep_dir: Path, settings: dict, write: bool = True) -> None:
     """A sweep folder holds one sweep: the same data, tokenizer and recipe (the grid may grow)."""
-    import json
-
     path = sweep_dir / SWEEP_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -278,6 +287,7 @@ def _sweep(opts: ScalingSweepOptions, data_dir: Path, sweep_dir: Path, tokenizer
         raise ChatforgeError(
             f"--batch-rows {opts.batch_rows} does not split over {dist.world_size} ranks: use a multiple of it"
         )
+    parse_lr_multipliers(opts.tune_lr)  # a bad list is refused before anything trains
     index = read_index(data_dir)
     vocab_size = index["vocab_size"]
     sizes = parse_sizes(opts.sizes)
@@ -290,8 +300,9 @@ def _sweep(opts: ScalingSweepOptions, data_dir: Path, sweep_dir: Path, tokenizer
     torch.set_num_threads(opts.threads)
     counts = {size: model_counts(run_config(opts, *size, 1), vocab_size) for size in sizes}
     runs = plan_work(opts, sizes, budgets, counts)
+    tune_steps = min(budgets) // (opts.seq_len * opts.batch_rows)
     for i, item in enumerate(runs):
-        item["index"] = f"{i + 1}/{len(runs)}"
+        item["index"], item["tune_steps"] = f"{i + 1}/{len(runs)}", tune_steps
     todo = [w for w in runs if not (sweep_dir / "runs" / w["name"] / RESULT_FILE).is_file()]
     # progress is measured in model FLOPs (the stable runs' share is spread over their branches)
     cost = {w["size"]: 0.0 for w in todo}
@@ -349,8 +360,10 @@ def _train_size(
     import torch
 
     torch.set_num_threads(opts.threads)
+    lr_mult = _tune_lr(opts, data_dir, tokenizer, sweep_dir, dist, items[0]) if opts.tune_lr else 1.0
     for item in items:
         t0 = time.perf_counter()
+        item["lr_mult"] = lr_mult
         result = _run_one(opts, data_dir, tokenizer, sweep_dir, item, counts[item["size"]], settings, dist)
         if result is None:  # not rank 0
             continue
@@ -359,6 +372,36 @@ def _train_size(
             f"{item['tokens']:,} tokens: val loss {result['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
+
+
+def _tune_lr(
+    opts: ScalingSweepOptions, data_dir: Path, tokenizer: Path, sweep_dir: Path, dist: Dist, item: dict
+) -> float:
+    """The LR multiplier of a size: a whole run of the smallest budget at each --tune-lr multiplier, the one
+    with the lowest validation loss kept (SWEEP/runs/tune/SIZE_lr.json). The best LR moves with the data and
+    the size, and a size trained off its best LR bends the law."""
+    depth, width = item["size"]
+    label, tune_dir = size_label(depth, width), sweep_dir / "runs" / "tune"
+    choice_path = tune_dir / f"{label}_lr.json"
+    if not choice_path.is_file():
+        losses = {}
+        for mult in parse_lr_multipliers(opts.tune_lr):
+            run_dir = tune_dir / f"{label}_x{mult:g}"
+            done = run_dir / RESULT_FILE
+            if not done.is_file():
+                cfg = run_config(opts, depth, width, item["tune_steps"], dist.world_size, lr_mult=mult)
+                summary = _train(data_dir, tokenizer, run_dir, cfg)
+                if dist.is_main:
+                    atomic_write_json(done, {"lr": cfg.lr, "val_loss": summary["val_loss_end"]})
+                    shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+                wait_for_all_ranks()
+            losses[f"{mult:g}"] = json.loads(done.read_text())["val_loss"]
+        best = min(losses, key=lambda m: (losses[m], abs(math.log(float(m)))))  # a tie keeps the rule's LR
+        if dist.is_main:
+            atomic_write_json(choice_path, {"multiplier": float(best), "val_loss_by_multiplier": losses})
+            print(f"{label}: lr x {best} of --tune-lr {opts.tune_lr} ({losses[best]:.4f})", flush=True)
+        wait_for_all_ranks()
+    return json.loads(choice_path.read_text())["multiplier"]
 
 
 def _run_one(
@@ -375,11 +418,13 @@ def _run_one(
         if _checkpoint_step(stable_dir) < item["branch_step"]:
             # constant LR up to the branch point: a WSD run without decay
             _train(data_dir, tokenizer, stable_dir, run_config(
-                opts, depth, width, item["branch_step"], ranks, cooldown_frac=0.0, eval_every=0))  # fmt: skip
+                opts, depth, width, item["branch_step"], ranks, item["lr_mult"], cooldown_frac=0.0,
+                eval_every=0))  # fmt: skip
         if dist.is_main:
             _branch_from(stable_dir, item["branch_step"], run_dir)
         wait_for_all_ranks()  # every rank resumes the branch from the copy rank 0 made
-    summary = _train(data_dir, tokenizer, run_dir, run_config(opts, depth, width, item["steps"], ranks))
+    cfg = run_config(opts, depth, width, item["steps"], ranks, item["lr_mult"])
+    summary = _train(data_dir, tokenizer, run_dir, cfg)
     if not dist.is_main:
         return None
     shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the final model stays; optimizer states go
@@ -392,6 +437,7 @@ def _run_one(
         "flops_model": counts["flops_per_token"] * tokens,
         "val_loss": summary["val_loss_end"], "val_bpb": summary["val_bpb_end"],
         "train_seconds": summary["train_seconds"], "schedule": opts.schedule, "seed": opts.seed,
+        "lr": cfg.lr, "lr_multiplier": item["lr_mult"],
         "data": settings["data"], "data_sha256": settings["data_sha256"],
         "tokenizer_sha256": settings["tokenizer_sha256"],
     }  # fmt: skip
