@@ -1,0 +1,69 @@
+"""Each run of a world sweep scored on people it never read about, beside its validation loss.
+
+    python bench/scaling_heldout_people.py SWEEP TEXTS [--max-docs N] [--out table.md]
+
+A world's validation split (a share of its documents) holds biographies of people whose other
+biographies are in training, so its loss falls when a model memorises their facts. TEXTS are documents
+about people no run read about: a world's heldout.jsonl, or a second world made with another seed
+(`chatforge world --out fresh --people 1000 --seed 1`: new people, the same templates, arithmetic and
+stories). Loss on them measures what generalises and no memorisation. Where the two losses part, the
+sweep's loss is memorisation, which E + A/N^alpha + B/D^beta does not describe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from chatforge.checkpoint import load_run  # noqa: E402
+from chatforge.data.sources import iter_documents  # noqa: E402
+from chatforge.eval.bpb import bits_per_byte, pack_rows  # noqa: E402
+from chatforge.fileio import atomic_write_text  # noqa: E402
+
+
+def heldout_loss(run_dir: Path, texts: list[str], seq_len: int = 128) -> float:
+    run = load_run(run_dir)
+    tok = run.tokenizer
+    x, y = pack_rows(([tok.bos_id, *tok.encode(t)] for t in texts), seq_len)
+    token_bytes = torch.tensor(tok.token_byte_lengths(), dtype=torch.int64)
+    loss, _ = bits_per_byte(run.model, [(x, y)], token_bytes, "cpu")
+    return loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", help="sweep folder (results.jsonl, runs/)")
+    parser.add_argument("texts", help="unseen documents: a world folder or a .jsonl with a text field")
+    parser.add_argument("--max-docs", type=int, default=2000, help="documents scored (default 2000)")
+    parser.add_argument("--out", help="markdown table to write")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sweep = Path(args.sweep)
+    texts = list(iter_documents(args.texts))
+    texts = random.Random(0).sample(texts, min(args.max_docs, len(texts)))  # every kind of document
+    rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
+    lines = [
+        f"Loss (nats/token) of each run: the sweep's validation split vs {len(texts)} documents of {args.texts}",
+        "",
+        "| run | validation | unseen | difference |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        held = heldout_loss(sweep / "runs" / r["run"], texts)
+        lines.append(f"| {r['run']} | {r['val_loss']:.3f} | {held:.3f} | {held - r['val_loss']:+.3f} |")
+        print(lines[-1], flush=True)
+    if args.out:
+        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
