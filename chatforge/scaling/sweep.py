@@ -12,6 +12,10 @@ shorter run's decay, instead of every run from scratch (`--schedule cosine` does
 Resumable run by run: SWEEP/runs/NAME/result.json marks a finished run, and the stable runs continue
 from their newest checkpoint. SWEEP/results.jsonl holds every finished run: parameters (total and
 non-embedding), tokens, FLOPs (6ND and the model's own count), validation loss and bits per byte.
+
+Sizes are independent: `--jobs N` trains N at once in spawned processes. Under torchrun every run is
+data parallel (the ranks split each step's rows; rank 0 keeps the books). `--tune-lr` picks each size's
+learning rate from whole runs of the smallest budget before its runs.
 """
 
 from __future__ import annotations
@@ -265,7 +269,6 @@ def plan_work(
 
 
 def cmd_scaling_sweep(opts: ScalingSweepOptions) -> None:
-
     data_dir, sweep_dir = Path(opts.data), Path(opts.out)
     tokenizer = Path(opts.tokenizer) if opts.tokenizer else data_dir / "tokenizer.json"
     if opts.jobs < 1 or opts.threads < 1:
