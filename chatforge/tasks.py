@@ -246,7 +246,7 @@ class Game24:
         for s in steps[:i]:
             nums = _step_result(nums, s) or nums
         if len(nums) == 1:
-            return f"Answer: {' '.join(str(n) for n in reversed(p.data['numbers']))} = 24"
+            return self._wrong_answer(p, steps[i] if i < len(steps) else "", rng)
         moves = _moves(nums)
         dead = [m for m in moves if not solvable(m[4])]
         if dead and rng.random() < 0.7:
@@ -258,6 +258,21 @@ class Game24:
             r += rng.choice((-2, -1, 1, 2))  # a miscount
             left = tuple(sorted((*rest, r)))
         return f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(r)} (left: {' '.join(_fmt(x) for x in left)})"
+
+    def _wrong_answer(self, p: Problem, right: str, rng: random.Random) -> str:
+        """A wrong answer line that looks right: the right expression with one operator or one
+        number changed (a near miss a verifier must read closely), else the numbers strung together."""
+        expr = self.extract(right) or ""
+        spots = [m.start() for m in re.finditer(r"[-+*/]|\d+", expr)]
+        for j in rng.sample(spots, len(spots)):
+            tok = re.match(r"[-+*/]|\d+", expr[j:]).group(0)
+            numbers = [str(n) for n in p.data["numbers"] if str(n) != tok]
+            other = [o for o in OPS if o != tok] if tok in OPS else numbers
+            for o in rng.sample(other, len(other)):
+                wrong = expr[:j] + o + expr[j + len(tok) :]
+                if not self.check(p, wrong):
+                    return f"Answer: {wrong} = 24"
+        return f"Answer: {' '.join(str(n) for n in reversed(p.data['numbers']))} = 24"
 
 
 def _step_result(nums: tuple[Fraction, ...], step: str) -> tuple[Fraction, ...] | None:

@@ -202,6 +202,34 @@ def test_step_labels_mark_the_first_wrong_step():
                 assert labels == [True] * i + [False] + [None] * (len(trace) - i - 1), (trace, i, wrong)
 
 
+def test_game24_wrong_answer_line_is_a_near_miss():
+    """A made-up wrong answer differs from the right one in one operator or number, so a verifier
+    learns to check the expression, not its look."""
+    g, rng = Game24(), random.Random(0)
+    for q in ("1 1 4 6", "3 3 8 8", "4 4 6 8"):
+        p = Problem("game24", q, "", {"numbers": [int(x) for x in q.split()]})
+        for trace in g.traces(p, rng, 5):
+            wrong = g.wrong_step(p, trace, 3, rng)
+            right = trace[3]
+            assert wrong.startswith("Answer: ") and not g.check(p, g.extract(wrong))
+            assert len(wrong.split()) == len(right.split())
+            assert sum(a != b for a, b in zip(wrong.split(), right.split(), strict=True)) == 1
+
+
+def test_verifier_pairs_branch_from_several_references():
+    from chatforge.think import verifier_pairs
+
+    g = Game24()
+    p = Problem("game24", "4 4 6 8", "", {"numbers": [4, 4, 6, 8]})
+    one = verifier_pairs(g, [p], random.Random(0), True, refs=1)
+    four = verifier_pairs(g, [p], random.Random(0), True, refs=4)
+    assert len(one) == 4 and len(four) == 16
+    assert len({r["chosen"]["content"] for r in four if r["chosen"]["content"].count("\n") == 3}) == 4
+    for r in four:
+        steps = r["rejected"]["content"].split("\n")
+        assert g.step_labels(p, steps)[-1] is False and all(g.step_labels(p, steps)[:-1])
+
+
 # ---- strategies on a tiny random model -----------------------------------------------------------
 
 
