@@ -126,7 +126,22 @@ def aggregate(per_seed: list[dict]) -> list[dict]:
     return points
 
 
-def plot(points: list[dict], title: str, path: Path) -> None:
+def equal_tokens(points: list[dict]) -> list[dict]:
+    """Each tree point beside the self-consistency point given at least as many tokens (the fewest
+    such N; None past the largest), so "beats self-consistency at equal tokens" is read off fairly."""
+    votes = sorted((p for p in points if p["family"] == "vote"), key=lambda p: p["tokens"])
+    rows = []
+    for t in (p for p in points if p["family"] == "tree"):
+        v = next((p for p in votes if p["tokens"] >= t["tokens"]), None)
+        rows.append({
+            "tree": t["strategy"], "tree_tokens": t["tokens"], "tree_accuracy": t["accuracy"], "tree_ci95": t["ci95"],
+            "vote": v and v["strategy"], "vote_tokens": v and v["tokens"], "vote_accuracy": v and v["accuracy"],
+            "vote_ci95": v and v["ci95"], "separated": bool(v and t["ci95"][0] > v["ci95"][1]),
+        })  # fmt: skip
+    return rows
+
+
+def plot(points: list[dict], title: str, path: Path, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +177,8 @@ def plot(points: list[dict], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    if note:
+        ax.text(0.99, 0.99, note, transform=ax.transAxes, fontsize=7, ha="right", va="top", color="dimgray")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -246,15 +263,26 @@ def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float)
     atomic_write_json(out / "curve.json", {
         "task": args.task, "problems": len(problems), "model": args.model, "prm": args.prm, "orm": args.orm,
         "seeds": seeds, "temperature": args.temperature, "points": points, "seconds": round(seconds),
-        "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4,
+        "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4, "tree_vs_vote": equal_tokens(points),
         "per_seed": [{k: [tokens, [int(c) for c in correct]] for k, (tokens, correct) in r.items()} for r in per_seed],
     })  # fmt: skip
-    plot(points, f"{what}: {Path(args.model).name}, seeds {seeds}", out / "curve.png")
+    note = (
+        "reference, not comparable: ToT paper, GPT-4, ranks 901-1000\n"
+        "direct 7.3%, CoT 4.0%, CoT-SC k=100 9%, ToT b=5 74%"
+        if args.task == "game24" else ""
+    )  # fmt: skip
+    plot(points, f"{what}: {Path(args.model).name}, seeds {seeds}", out / "curve.png", note)
     for p in points:
         lo, hi = p["ci95"]
         print(
             f"{p['strategy']:>20}  tokens {p['tokens']:7.1f}  acc {p['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  by seed {p['accuracy_by_seed']}"
         )
+    for r in equal_tokens(points):
+        if r["vote"]:
+            print(
+                f"{r['tree']} ({r['tree_tokens']:.0f} tokens) {r['tree_accuracy']:.3f} vs {r['vote']} "
+                f"({r['vote_tokens']:.0f} tokens) {r['vote_accuracy']:.3f}: intervals apart {r['separated']}"
+            )
 
 
 if __name__ == "__main__":

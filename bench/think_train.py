@@ -51,6 +51,53 @@ def task_chats(seed: int, world_problems: int, traces_per_puzzle: int) -> tuple[
     return train, val
 
 
+def game24_chats(seed: int, per_puzzle: int, shuffled: int) -> tuple[list, list]:
+    """(train, val) chats of the Game of 24 alone: up to `per_puzzle` of every puzzle's correct
+    traces (all of them for most: ranks 1-800 have a median of 10), each asked with the numbers in
+    the csv's order and again in `shuffled` random orders, plus one direct answer per puzzle; val
+    is 40 puzzles of ranks 1-800 kept out of training."""
+    rng = random.Random(seed)
+    task = Game24()
+    puzzles = task.load(GAME24_CSV, TRAIN_RANKS)
+    rng.shuffle(puzzles)
+    g_val, g_train = puzzles[:40], puzzles[40:]
+    train = []
+    for p in g_train:
+        orders = [p.question]
+        for _ in range(shuffled):
+            nums = p.question.split()
+            rng.shuffle(nums)
+            orders.append(" ".join(nums))
+        for t in task.traces(p, rng, per_puzzle):
+            for q in orders:
+                asked = dataclasses.replace(p, question=q)
+                train.append([*task.prompt(asked, True), {"role": "assistant", "content": "\n".join(t)}])
+        first = task.traces(p, rng, 1)
+        train.append([*task.prompt(p, False), {"role": "assistant", "content": first[0][-1]}])
+    rng.shuffle(train)
+    return train, trace_conversations(task, g_val, rng, 1)
+
+
+def build_game24_data(out: Path, seed: int, per_puzzle: int, shuffled: int, vocab: int) -> None:
+    """A Game-of-24 specialist's data: its chats as pretraining and SFT data, a tokenizer of them."""
+    if (out / "data" / "index.json").exists():
+        return
+    chats, val = game24_chats(seed, per_puzzle, shuffled)
+    sft_dir = out / "sft_data"
+    sft_dir.mkdir(parents=True, exist_ok=True)
+    write_conversations(chats, sft_dir / "sft_train.jsonl")
+    write_conversations(val, sft_dir / "sft_val.jsonl")
+    write_conversations(chats, out / "pretrain_chats.jsonl")
+    rules = out / "rules.txt"  # the one text document the shard builder needs beside the chats
+    rules.write_text(
+        "The Game of 24: combine four numbers with + - * / and parentheses, each number used once, to make 24.\n"
+    )
+    convs = [out / "pretrain_chats.jsonl"]
+    train_tokenizer([str(rules)], out / "tokenizer.json", vocab, conversations=convs)
+    build_shards([str(rules)], out / "tokenizer.json", out / "data", conversations=convs)
+    print(f"{len(chats):,} Game-of-24 chats, {len(val)} held-out", flush=True)
+
+
 def build_data(out: Path, seed: int, world_problems: int, traces_per_puzzle: int) -> None:
     if (out / "data" / "index.json").exists():
         return
@@ -80,19 +127,32 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--until", choices=("data", "base", "sft"), default="sft")
+    ap.add_argument(
+        "--task", choices=("both", "game24"), default="both",
+        help="both: the world and both tasks' traces; game24: a specialist on every trace of ranks 1-800",
+    )  # fmt: skip
+    ap.add_argument("--shuffled", type=int, default=1, help="game24: extra random orders of each puzzle")
+    ap.add_argument("--vocab", type=int, default=512, help="game24: tokenizer size")
+    ap.add_argument("--lr", type=float, default=None, help="pretraining learning rate (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.time()
-    build_data(out, args.seed, args.world_problems, args.traces_per_puzzle)
+    if args.task == "game24":
+        build_game24_data(out, args.seed, args.traces_per_puzzle, args.shuffled, args.vocab)
+    else:
+        build_data(out, args.seed, args.world_problems, args.traces_per_puzzle)
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
     if args.until == "data":
         return
     preset = get_preset("cpu")
     if not (out / "base" / "model.safetensors").exists():
         cfg = dataclasses.replace(
-            preset.pretrain, max_steps=args.pretrain_steps, seq_len=192, eval_every=200, ckpt_every=200
+            preset.pretrain, max_steps=args.pretrain_steps, seq_len=192, eval_every=200, ckpt_every=200,
+            seed=preset.pretrain.seed + args.seed,
         )
+        if args.lr:
+            cfg = dataclasses.replace(cfg, lr=args.lr, embed_lr=args.lr)
         pretrain(
             out / "data", out / "tokenizer.json", out / "base", cfg, resume=(out / "base" / "ckpt").is_dir()
         )

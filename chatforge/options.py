@@ -291,6 +291,7 @@ class PRMOptions(TrainingOptions):
     )
     problems: int = opt(3000, "world: problems to make (default 3000)")
     samples: int = opt(8, "the model's own traces per problem, labelled by program (default 8; 0 = none)")
+    refs: int = opt(1, "correct traces per problem that program-made wrong steps branch from (default 1)")
     outcome: bool = opt(False, "compare whole answers (an ORM) instead of answers cut after a step (a PRM)")
     out: str = opt(
         None, "run folder to write (its verifier_pairs.jsonl holds the labelled pairs)", metavar="RUN",

@@ -240,24 +240,57 @@ class Game24:
         return labels
 
     def wrong_step(self, p: Problem, steps: list[str], i: int, rng: random.Random) -> str | None:
-        """A plausible wrong step i after correct steps[:i]: a legal move into a dead end, a miscount,
-        or a wrong answer line; None when there is none to make."""
+        """A plausible wrong step i after correct steps[:i]: a legal move into a dead end, or a slip
+        (a miscounted result, a misstated list of what is left, a number that is not there), or a
+        wrong answer line; None when there is none to make."""
         nums = _key(p.data["numbers"])
         for s in steps[:i]:
             nums = _step_result(nums, s) or nums
         if len(nums) == 1:
-            return f"Answer: {' '.join(str(n) for n in reversed(p.data['numbers']))} = 24"
+            return self._wrong_answer(p, steps[i] if i < len(steps) else "", rng)
         moves = _moves(nums)
         dead = [m for m in moves if not solvable(m[4])]
-        if dead and rng.random() < 0.7:
+        if dead and rng.random() < 0.4:
             a, op, b, r, left = rng.choice(dead)
         else:
-            a, op, b, r, left = rng.choice(moves)
-            rest = list(left)
-            rest.remove(r)
-            r += rng.choice((-2, -1, 1, 2))  # a miscount
-            left = tuple(sorted((*rest, r)))
+            a, op, b, r, left = _slip(nums, rng.choice(moves), rng)
         return f"{_fmt(a)} {op} {_fmt(b)} = {_fmt(r)} (left: {' '.join(_fmt(x) for x in left)})"
+
+    def _wrong_answer(self, p: Problem, right: str, rng: random.Random) -> str:
+        """A wrong answer line that looks right: the right expression with one operator or one
+        number changed (a near miss a verifier must read closely), else the numbers strung together."""
+        expr = self.extract(right) or ""
+        spots = [m.start() for m in re.finditer(r"[-+*/]|\d+", expr)]
+        for j in rng.sample(spots, len(spots)):
+            tok = re.match(r"[-+*/]|\d+", expr[j:]).group(0)
+            numbers = [str(n) for n in p.data["numbers"] if str(n) != tok]
+            other = [o for o in OPS if o != tok] if tok in OPS else numbers
+            for o in rng.sample(other, len(other)):
+                wrong = expr[:j] + o + expr[j + len(tok) :]
+                if not self.check(p, wrong):
+                    return f"Answer: {wrong} = 24"
+        return f"Answer: {' '.join(str(n) for n in reversed(p.data['numbers']))} = 24"
+
+
+def _slip(nums: tuple[Fraction, ...], move: tuple, rng: random.Random) -> tuple:
+    """A move gone wrong the ways a model's steps go wrong: the result miscounted, a number of
+    what is left misstated, or an operand that is not among the numbers."""
+    a, op, b, r, left = move
+    rest = list(left)
+    rest.remove(r)
+    kind = rng.choice(("result", "left", "operand"))
+    if kind == "left" and rest:
+        j = rng.randrange(len(rest))
+        rest[j] = max(Fraction(1), rest[j] + rng.choice((-2, -1, 1, 2, 3)))
+        if Counter(rest) != Counter(left) - Counter([r]):
+            return a, op, b, r, tuple(sorted((*rest, r)))
+    if kind == "operand":
+        other = a + rng.choice((1, 2, 3))
+        made = _apply(other, op, b)
+        if other not in nums and made is not None and made >= 0:
+            return other, op, b, made, tuple(sorted((*rest, made)))
+    wrong = r + rng.choice((-2, -1, 1, 2))
+    return a, op, b, wrong, tuple(sorted((*rest, wrong)))
 
 
 def _step_result(nums: tuple[Fraction, ...], step: str) -> tuple[Fraction, ...] | None:

@@ -514,7 +514,7 @@ def _pair(task, p, chosen: list[str], rejected: list[str], kind: str) -> dict:
 
 
 def verifier_pairs(
-    task, problems: list, rng, process: bool, samples: list[list[str]] | None = None
+    task, problems: list, rng, process: bool, samples: list[list[str]] | None = None, refs: int = 1
 ) -> list[dict]:
     """Comparisons a reward model trains on, every label made by program.
 
@@ -522,21 +522,23 @@ def verifier_pairs(
     (the first wrong step: `task.step_labels` confirms it is labelled bad and the steps before it
     good); of the model's own traces, each one's prefix up to its first wrong step loses to the
     reference's prefix of the same length. Outcome (an ORM): a whole right trace beats a whole wrong
-    one (the model's own, or the reference with a wrong answer line)."""
+    one (the model's own, or the reference with a wrong answer line). `refs` correct traces per
+    problem (where it has that many) each give their own program-made pairs: more states to rate."""
     rows = []
     for j, p in enumerate(problems):
-        refs = task.traces(p, rng, 1)
-        if not refs:
+        traces = task.traces(p, rng, refs)
+        if not traces:
             continue
-        ref = refs[0]
-        for i in range(len(ref)):
-            wrong = task.wrong_step(p, ref, i, rng)
-            if wrong is None or task.step_labels(p, [*ref[:i], wrong])[i] is not False:
-                continue
-            if process:
-                rows.append(_pair(task, p, ref[: i + 1], [*ref[:i], wrong], "program_step"))
-            elif i == len(ref) - 1:
-                rows.append(_pair(task, p, ref, [*ref[:i], wrong], "program_answer"))
+        for ref in traces:
+            for i in range(len(ref)):
+                wrong = task.wrong_step(p, ref, i, rng)
+                if wrong is None or task.step_labels(p, [*ref[:i], wrong])[i] is not False:
+                    continue
+                if process:
+                    rows.append(_pair(task, p, ref[: i + 1], [*ref[:i], wrong], "program_step"))
+                elif i == len(ref) - 1:
+                    rows.append(_pair(task, p, ref, [*ref[:i], wrong], "program_answer"))
+        ref = traces[0]
         for text in samples[j] if samples else []:
             steps = split_steps(text)
             labels = task.step_labels(p, steps)
@@ -585,7 +587,9 @@ def cmd_prm(opts) -> None:
         th = Thinker(run.model, run.tokenizer, extract=task.extract, temperature=1.0, seed=cfg.seed)
         drawn = th.sample_many([task.prompt(p, True) for p in problems], opts.samples)
         texts = [[s.text for s in group] for group in drawn]
-    rows = verifier_pairs(task, problems, random.Random(cfg.seed), not opts.outcome, texts)
+    if opts.refs < 1:
+        raise ChatforgeError(f"--refs must be at least 1, got {opts.refs}")
+    rows = verifier_pairs(task, problems, random.Random(cfg.seed), not opts.outcome, texts, opts.refs)
     if not rows:
         raise ChatforgeError("no labelled pairs came out of these problems; give more (--ranks, --problems)")
     pairs = Path(opts.out) / "verifier_pairs.jsonl"

@@ -13,7 +13,18 @@ from chatforge import engine, think
 from chatforge.align.reward import RewardModel
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
-from chatforge.tasks import Game24, Problem, WorldSteps, eval_expression, solutions, solvable
+from chatforge.tasks import (
+    Game24,
+    Problem,
+    WorldSteps,
+    _fmt,
+    _key,
+    _moves,
+    _step_result,
+    eval_expression,
+    solutions,
+    solvable,
+)
 from chatforge.think import (
     Thinker,
     ThinkSpec,
@@ -200,6 +211,61 @@ def test_step_labels_mark_the_first_wrong_step():
                 wrong = task.wrong_step(p, trace, i, rng)
                 labels = task.step_labels(p, [*trace[:i], wrong, *trace[i + 1 :]])
                 assert labels == [True] * i + [False] + [None] * (len(trace) - i - 1), (trace, i, wrong)
+
+
+def test_game24_wrong_answer_line_is_a_near_miss():
+    """A made-up wrong answer differs from the right one in one operator or number, so a verifier
+    learns to check the expression, not its look."""
+    g, rng = Game24(), random.Random(0)
+    for q in ("1 1 4 6", "3 3 8 8", "4 4 6 8"):
+        p = Problem("game24", q, "", {"numbers": [int(x) for x in q.split()]})
+        for trace in g.traces(p, rng, 5):
+            wrong = g.wrong_step(p, trace, 3, rng)
+            right = trace[3]
+            assert wrong.startswith("Answer: ") and not g.check(p, g.extract(wrong))
+            assert len(wrong.split()) == len(right.split())
+            assert sum(a != b for a, b in zip(wrong.split(), right.split(), strict=True)) == 1
+
+
+def test_game24_wrong_steps_cover_the_slips_a_model_makes():
+    """Dead ends, miscounted results, misstated lists of what is left and operands that are not
+    there all come out, and every one is labelled wrong."""
+    g, rng = Game24(), random.Random(1)
+    seen = set()
+    for q in ("1 1 4 6", "3 3 8 8", "4 4 6 8", "2 5 7 11"):
+        p = Problem("game24", q, "", {"numbers": [int(x) for x in q.split()]})
+        for trace in g.traces(p, rng, 4):
+            for i in range(3):
+                wrong = g.wrong_step(p, trace, i, rng)
+                assert g.step_labels(p, [*trace[:i], wrong]) == [True] * i + [False]
+                a, op, b, _, r, left = wrong.replace("(left: ", "").rstrip(")").split(" ", 5)
+                nums = _key(p.data["numbers"])
+                for s in trace[:i]:
+                    nums = _step_result(nums, s)
+                move = [m for m in _moves(nums) if (_fmt(m[0]), m[1], _fmt(m[2])) == (a, op, b)]
+                if not move:
+                    seen.add("operand")
+                elif _fmt(move[0][3]) != r:
+                    seen.add("result")
+                elif left != " ".join(_fmt(x) for x in move[0][4]):
+                    seen.add("left")
+                else:
+                    seen.add("dead end")
+    assert seen == {"operand", "result", "left", "dead end"}
+
+
+def test_verifier_pairs_branch_from_several_references():
+    from chatforge.think import verifier_pairs
+
+    g = Game24()
+    p = Problem("game24", "4 4 6 8", "", {"numbers": [4, 4, 6, 8]})
+    one = verifier_pairs(g, [p], random.Random(0), True, refs=1)
+    four = verifier_pairs(g, [p], random.Random(0), True, refs=4)
+    assert len(one) == 4 and len(four) == 16
+    assert len({r["chosen"]["content"] for r in four if r["chosen"]["content"].count("\n") == 3}) == 4
+    for r in four:
+        steps = r["rejected"]["content"].split("\n")
+        assert g.step_labels(p, steps)[-1] is False and all(g.step_labels(p, steps)[:-1])
 
 
 # ---- strategies on a tiny random model -----------------------------------------------------------
