@@ -576,10 +576,11 @@ def cmd_prm(opts) -> None:
     import random
     from pathlib import Path
 
-
     cfg = pref_train_config(opts)
     if opts.samples < 0:
         raise ChatforgeError(f"--samples must be 0 or more, got {opts.samples}")
+    if opts.refs < 1:
+        raise ChatforgeError(f"--refs must be at least 1, got {opts.refs}")
     task, problems = task_problems(opts)
     texts = None
     if opts.samples:
@@ -587,8 +588,6 @@ def cmd_prm(opts) -> None:
         th = Thinker(run.model, run.tokenizer, extract=task.extract, temperature=1.0, seed=cfg.seed)
         drawn = th.sample_many([task.prompt(p, True) for p in problems], opts.samples)
         texts = [[s.text for s in group] for group in drawn]
-    if opts.refs < 1:
-        raise ChatforgeError(f"--refs must be at least 1, got {opts.refs}")
     rows = verifier_pairs(task, problems, random.Random(cfg.seed), not opts.outcome, texts, opts.refs)
     if not rows:
         raise ChatforgeError("no labelled pairs came out of these problems; give more (--ranks, --problems)")

@@ -410,6 +410,8 @@ def test_prefs_prm_trains_a_process_reward_model(tmp_path):
         run_command(
             *parse_command(["prefs", "prm", "--model", tmp_path / "sft", "--ranks", "700-850", "--out", out])
         )
+    with pytest.raises(ChatforgeError, match="--refs must be at least 1, got 0"):
+        run_command(*parse_command([*argv, "--refs", 0, "--out", tmp_path / "prm0"]))
 
 
 # ---- the dial in chat ----------------------------------------------------------------------------
