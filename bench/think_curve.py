@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,22 +25,13 @@ import torch
 
 from chatforge.align.reward import load_reward_model
 from chatforge.checkpoint import load_run
+from chatforge.eval.base import wilson
 from chatforge.fileio import atomic_write_json
 from chatforge.tasks import get_task
 from chatforge.think import Thinker, majority_vote, parse_spec, tree_answers
 
 GAME24_CSV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "game24" / "24.csv"
 TOT_GPT4 = {"direct": 0.073, "cot": 0.040, "vote:100 (CoT-SC)": 0.09, "tree:b5 (ToT)": 0.74}
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def problems_for(task_name: str, ranks: str, n: int):
