@@ -132,6 +132,17 @@ def run_command(command: Command, opts: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_cli(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a torchrun worker leaves as soon as its files are written: gloo's threads can abort (SIGABRT)
+        # while Python finalises, and torchrun then calls a finished job failed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_cli(argv: list[str] | None) -> int:
     ns = build_parser().parse_args([str(a) for a in (sys.argv[1:] if argv is None else argv)])
     if ns.no_verify:  # read where weights load (checkpoint.verify_weights), however deep
         os.environ[o.NO_VERIFY_ENV] = "1"

@@ -5,6 +5,7 @@ FLOP/s and memory (for MFU and run plans)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -75,7 +76,10 @@ def wait_for_all_ranks() -> None:
 
 
 def cleanup_distributed() -> None:
+    """Tear the process group down, after collecting what still holds its work: a sharded model's
+    pending collectives freed later, while Python shuts down, can abort a finished gloo job."""
     if tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
 
 

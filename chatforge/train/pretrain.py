@@ -144,36 +144,42 @@ def pretrain(
     progress: bool = True,
 ) -> dict:
     """Train a base model on the shards in data_dir; returns a summary dict (rank 0's view)."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
     owns_group = not torch.distributed.is_initialized()  # a sweep under torchrun keeps one for all its runs
     dist = setup_distributed(cfg.device)
     try:
-        read_index(data_dir)  # a missing or unfinished shard folder is the first thing to report
-        tokenizer = Tokenizer.load(tokenizer_path)
-        check_tokenizer_matches(tokenizer, Path(tokenizer_path), data_dir)
-        torch.manual_seed(cfg.seed)
-        mcfg = GPTConfig.from_depth(
-            cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, overrides=cfg.model
-        )
-        model = GPT(mcfg).to(dist.device)
-        loader = TokenLoader(
-            data_dir, "train", cfg.device_batch_size, cfg.seq_len,
-            rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
-        )  # fmt: skip
-        eval_batches = partial(
-            iter_eval_batches, data_dir, "val", cfg.device_batch_size, cfg.seq_len,
-            max_batches=cfg.eval_batches, rank=dist.rank, world_size=dist.world_size, device=dist.device,
-        )  # fmt: skip
-        stage = language_model_stage(
-            "pretrain", cfg, model, tokenizer, loader, eval_batches,
-            partial(sample_text, tokenizer=tokenizer, prompts=SAMPLE_PROMPTS), dist, {"data": str(data_dir)},
-        )  # fmt: skip
-        result = run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
+        # the model lives in the helper's frame, so it is gone (and collected) before the group is torn down
+        result = _train_base(Path(data_dir), Path(tokenizer_path), Path(out_dir), cfg, dist, resume, progress)
         wait_for_all_ranks()
         return result
     finally:
         if owns_group:
             cleanup_distributed()
+
+
+def _train_base(
+    data_dir: Path, tokenizer_path: Path, out_dir: Path, cfg: TrainConfig, dist: Dist, resume: bool, progress: bool
+) -> dict:
+    read_index(data_dir)  # a missing or unfinished shard folder is the first thing to report
+    tokenizer = Tokenizer.load(tokenizer_path)
+    check_tokenizer_matches(tokenizer, Path(tokenizer_path), data_dir)
+    torch.manual_seed(cfg.seed)
+    mcfg = GPTConfig.from_depth(
+        cfg.depth, vocab_size=tokenizer.vocab_size, seq_len=cfg.seq_len, overrides=cfg.model
+    )
+    model = GPT(mcfg).to(dist.device)
+    loader = TokenLoader(
+        data_dir, "train", cfg.device_batch_size, cfg.seq_len,
+        rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
+    )  # fmt: skip
+    eval_batches = partial(
+        iter_eval_batches, data_dir, "val", cfg.device_batch_size, cfg.seq_len,
+        max_batches=cfg.eval_batches, rank=dist.rank, world_size=dist.world_size, device=dist.device,
+    )  # fmt: skip
+    stage = language_model_stage(
+        "pretrain", cfg, model, tokenizer, loader, eval_batches,
+        partial(sample_text, tokenizer=tokenizer, prompts=SAMPLE_PROMPTS), dist, {"data": str(data_dir)},
+    )  # fmt: skip
+    return run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
 
 
 def dry_run_vocab_size(opts: PretrainOptions) -> int:

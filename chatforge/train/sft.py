@@ -25,7 +25,7 @@ from chatforge import checkpoint as ckpt
 from chatforge.chat_format import load_conversations, render_prompt, turn_end_ids
 from chatforge.config import TrainConfig, training_config
 from chatforge.data.sft import SFTLoader, iter_sft_eval_batches
-from chatforge.device import cleanup_distributed, setup_distributed, wait_for_all_ranks
+from chatforge.device import Dist, cleanup_distributed, setup_distributed, wait_for_all_ranks
 from chatforge.errors import ChatforgeError
 from chatforge.eval.base import generate_greedy
 from chatforge.model.gpt import GPT
@@ -98,54 +98,60 @@ def sft(
     train_file, val_file = resolve_sft_files(data, val)
     dist = setup_distributed(cfg.device)
     try:
-        run = ckpt.load_run(base, device=dist.device)
-        model, tokenizer, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
-        model.train()
-        train_convs = load_conversations(train_file)
-        if val_file is not None:
-            val_convs = load_conversations(val_file)
-        else:  # hold out 5% of the training conversations, at least one
-            n_val = max(1, len(train_convs) // 20)
-            train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
-        torch.manual_seed(cfg.seed)  # before apply_lora: the adapters' random init is seeded too
-        lora_meta = {}
-        if cfg.lora_rank:
-            lora_meta = {"lora": lora_setup(model, cfg)}
-            if dist.is_main:
-                print(
-                    f"LoRA rank {cfg.lora_rank} on {', '.join(lora_meta['lora']['targets'])}: "
-                    f"{lora_meta['lora']['trainable_params']:,} trainable of {model.num_params():,} parameters"
-                )
-        loader = SFTLoader(
-            train_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
-            rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
-        )  # fmt: skip
-        if loader.n_truncated and dist.is_main:
-            print(
-                f"note: {loader.n_truncated} conversations longer than {cfg.seq_len + 1} tokens were truncated"
-            )
-        eval_batches = partial(
-            iter_sft_eval_batches, val_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
-            rank=dist.rank, world_size=dist.world_size, max_batches=cfg.eval_batches, device=dist.device,
-        )  # fmt: skip
-        meta = {
-            **ckpt.inherited_meta(
-                base_meta
-            ),  # the chat format of the base (chat_template, add_bos_token, ...)
-            "data": str(train_file),
-            "base": str(model_dir),
-            "base_stage": base_meta.get("stage"),
-            **lora_meta,
-        }
-        stage = language_model_stage(
-            "sft", cfg, model, tokenizer, loader, eval_batches,
-            lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist, meta,
-        )  # fmt: skip
-        result = run_training(stage, cfg, Path(out_dir), tokenizer, dist, resume=resume, progress=progress)
+        # the model lives in the helper's frame, so it is gone (and collected) before the group is torn down
+        result = _finetune(base, train_file, val_file, Path(out_dir), cfg, dist, resume, progress)
         wait_for_all_ranks()
         return result
     finally:
         cleanup_distributed()
+
+
+def _finetune(
+    base: Path, train_file: Path, val_file: Path | None, out_dir: Path, cfg: TrainConfig, dist: Dist,
+    resume: bool, progress: bool,
+) -> dict:
+    run = ckpt.load_run(base, device=dist.device)
+    model, tokenizer, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
+    model.train()
+    train_convs = load_conversations(train_file)
+    if val_file is not None:
+        val_convs = load_conversations(val_file)
+    else:  # hold out 5% of the training conversations, at least one
+        n_val = max(1, len(train_convs) // 20)
+        train_convs, val_convs = train_convs[:-n_val], train_convs[-n_val:]
+    torch.manual_seed(cfg.seed)  # before apply_lora: the adapters' random init is seeded too
+    lora_meta = {}
+    if cfg.lora_rank:
+        lora_meta = {"lora": lora_setup(model, cfg)}
+        if dist.is_main:
+            print(
+                f"LoRA rank {cfg.lora_rank} on {', '.join(lora_meta['lora']['targets'])}: "
+                f"{lora_meta['lora']['trainable_params']:,} trainable of {model.num_params():,} parameters"
+            )
+    loader = SFTLoader(
+        train_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
+        rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
+    )  # fmt: skip
+    if loader.n_truncated and dist.is_main:
+        print(
+            f"note: {loader.n_truncated} conversations longer than {cfg.seq_len + 1} tokens were truncated"
+        )
+    eval_batches = partial(
+        iter_sft_eval_batches, val_convs, tokenizer, cfg.device_batch_size, cfg.seq_len,
+        rank=dist.rank, world_size=dist.world_size, max_batches=cfg.eval_batches, device=dist.device,
+    )  # fmt: skip
+    meta = {
+        **ckpt.inherited_meta(base_meta),  # the chat format of the base (chat_template, add_bos_token, ...)
+        "data": str(train_file),
+        "base": str(model_dir),
+        "base_stage": base_meta.get("stage"),
+        **lora_meta,
+    }
+    stage = language_model_stage(
+        "sft", cfg, model, tokenizer, loader, eval_batches,
+        lambda m: [f"{q} -> {a}" for q, a in chat_samples(m, tokenizer, SAMPLE_QUESTIONS)], dist, meta,
+    )  # fmt: skip
+    return run_training(stage, cfg, out_dir, tokenizer, dist, resume=resume, progress=progress)
 
 
 def cmd_sft(opts: SFTOptions) -> None:
