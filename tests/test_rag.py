@@ -1,5 +1,5 @@
 """Collections: every format ingested from fixtures made here, chunking, incremental adds and removal,
-kill -9 atomicity, reciprocal rank fusion, the prompt's delimiting, and bad input as one line.
+kill -9 atomicity, weighted reciprocal rank fusion, the prompt's delimiting, and bad input as one line.
 All but the last test use the hash-384 embedder (no torch); the last loads MiniLM offline."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from chatforge.rag.command import add_files, expand_files, world_questions
 from chatforge.rag.embed import HashEmbedder
 from chatforge.rag.evaluate import load_questions, retrieval_metrics
 from chatforge.rag.extract import Block, extract
-from chatforge.rag.retrieve import Hit, retrieve, rrf
+from chatforge.rag.retrieve import FUSED_RRF_K, FUSED_WEIGHTS, Hit, fuse, retrieve, rrf
 from chatforge.rag.store import Collection, StoredChunk
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,6 +223,50 @@ def test_rrf_on_fixed_rankings():
     assert fused[1][1] == pytest.approx(1 / 63 + 1 / 61)
     assert fused[3][1] == pytest.approx(1 / 63)
     assert rrf([[5, 6]], k=0)[0] == (5, 1.0)
+
+
+def test_weighted_rrf_orders_as_computed_by_hand():
+    # equal weights: 2 scores 1/3 + 1/2 and leads; a quarter weight on the second ranking
+    # gives 1: 1/2, 2: 1/3 + 0.25/2, 3 (only in the second ranking): 0.25/3
+    assert [i for i, _ in rrf([[1, 2], [2, 3]], k=1)] == [2, 1, 3]
+    fused = rrf([[1, 2], [2, 3]], k=1, weights=(1.0, 0.25))
+    assert [i for i, _ in fused] == [1, 2, 3]
+    assert [s for _, s in fused] == pytest.approx([1 / 2, 1 / 3 + 0.25 / 2, 0.25 / 3])
+    assert [i for i, _ in rrf([[7], [8]], k=5)] == [7, 8]  # a tie: first appearance first
+    assert [i for i, _ in rrf([[8], [7]], k=5)] == [8, 7]
+    with pytest.raises(ValueError):
+        rrf([[1], [2]], k=5, weights=(1.0,))
+
+
+def test_fuse_is_weighted_rrf_with_the_module_constants():
+    lexical, dense = [(10, 7.5), (11, 2.0)], [(12, 0.9), (10, 0.8)]
+    k, (w_lex, w_dense) = FUSED_RRF_K, FUSED_WEIGHTS
+    expected = {10: w_lex / (k + 1) + w_dense / (k + 2), 11: w_lex / (k + 2), 12: w_dense / (k + 1)}
+    fused = fuse(lexical, dense)
+    assert [i for i, _ in fused] == sorted(expected, key=lambda i: -expected[i])
+    assert dict(fused) == pytest.approx(expected)
+
+
+def test_fused_keeps_the_exact_bm25_match_first_when_dense_disagrees(tmp_path):
+    """The option name is in one chunk only; the hash embedder prefers chunks sharing the question's
+    common words. Equal-weight RRF (k=60) put the FAQ first; the fusion of mode="fused" keeps BM25's match."""
+    coll = new_collection(tmp_path)
+    docs = {
+        "reference.txt": "The option frobnicate-cache turns the cache on. Log rotation, file modes, socket "
+        "timeouts, worker counts, retry limits and proxy lists are set elsewhere in the same file.",
+        "faq.txt": "How do I turn the cache on? Ask how the cache is turned on in the settings page.",
+        "cache.txt": "How do I clear the cache? How do I see the cache size?",
+        "other.txt": "How do I turn the lights on? Ask the office.",
+    }
+    for name, text in docs.items():
+        coll.ingest("/" + name, name, text.encode(), HASH)
+    question = "How do I turn the cache on with frobnicate-cache?"
+    first = {mode: retrieve(coll, question, 4, HASH, mode)[0].chunk.name for mode in ("bm25", "dense", "fused")}
+    assert first == {"bm25": "reference.txt", "dense": "faq.txt", "fused": "reference.txt"}
+    dense_ids = [h.chunk.id for h in retrieve(coll, question, 4, HASH, "dense")]
+    lexical_ids = [h.chunk.id for h in retrieve(coll, question, 4, HASH, "bm25")]
+    assert coll.chunks([rrf([lexical_ids, dense_ids], k=60)[0][0]])[0].name == "faq.txt"
+    coll.close()
 
 
 def _hit(i: int, text: str, name: str = "doc.md", heading: str = "") -> Hit:
