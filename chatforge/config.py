@@ -154,6 +154,14 @@ class DataConfig:
     # learns to say who it is, add small numbers and refuse in grammatical sentences only when
     # these sentences are part of its language, not 200 SFT steps' afterthought
     assistant_chats_in_pretrain: int = 0
+    # open-book SFT conversations (rag/open_book.py): questions answered from biographies in the
+    # prompt, about a world the model never saw, so that it learns to read what retrieval gives it;
+    # they need an SFT seq_len that holds a question and three documents (about 450 tokens)
+    open_book_chats: int = 0
+    # one-document open-book chats about other strangers mixed into pretraining: each stranger is named
+    # in one short chat only, so the name and the fact asked for can only be copied from the context;
+    # a model pretrained on the world alone never meets a name it has not memorised and cannot copy one
+    open_book_in_pretrain: int = 0
 
 
 @dataclass

@@ -109,6 +109,51 @@ def plot_tool_bars(on: dict[str, dict], off: dict[str, dict], png: Path) -> Path
     return save_figure(fig, png)
 
 
+def plot_rag_bars(by_kind: dict[str, dict], png: Path) -> Path:
+    """Accuracy per kind of question about the held-out people, closed-book and with retrieval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(by_kind)
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(kinds), 4))
+    for j, (label, key) in enumerate((("closed-book", "closed_book"), ("with retrieval", "with_retrieval"))):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(kinds))]
+        ax.bar(xs, [100 * by_kind[k][key] for k in kinds], 0.38, label=label)
+    ax.set_xticks(range(len(kinds)), [f"{k} (n={by_kind[k]['n']})" for k in kinds])
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="questions about held-out people")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, png)
+
+
+def _rag_section(run: Path) -> list[str]:
+    result = _load(run / "rag" / "rag_eval.json")
+    if not result or "answers" not in result:
+        return []
+    a, k = result["answers"], result["k"]
+    recall = ", ".join(f"{m} {_fmt(r[f'recall@{k}'])}" for m, r in result["retrieval"].items())
+    lines = [
+        "## Answers from documents (retrieval)", "",
+        f"The held-out people's biographies (never in pretraining) as a collection; each question asked "
+        f"of `{Path(result['model']).name}` without documents and with the {result['answer_k']} best "
+        f"retrieved ({result['embedding']} + BM25) in its prompt. Recall@{k}: {recall}.", "",
+        "| questions | n | closed-book | with retrieval |", "|---|---|---|---|",
+    ]  # fmt: skip
+    for kind, m in a["by_kind"].items():
+        lines.append(f"| {kind} | {m['n']} | {_pct(m['closed_book'])} | {_pct(m['with_retrieval'])} |")
+    lines += [
+        "", f"Citation rate {_pct(a['citation_rate'])}; faithfulness (a cited document holds the answer) "
+        f"{_pct(a['faithfulness'])}. Reverse questions (\"Who is X's son?\") are the reversal curse: "
+        "closed-book the model cannot invert what it read; with the child's biography in front of it, it reads.", "",
+    ]  # fmt: skip
+    if (run / "rag" / "rag.png").exists():
+        lines += ["![answers from documents](rag/rag.png)", ""]
+    return lines
+
+
 def _tools_section(results: list[dict], run: Path) -> list[str]:
     """The same calculator problems with tools shown and without, side by side (eval/tools.py)."""
     by_name = {r["task"]: r for r in results}
@@ -356,6 +401,7 @@ def build_report(run: Path) -> Path:
             out += [f"- **{s['prompt']}** → {s['answer']}" for s in samples]
             out.append("")
         out += _rl_section(run, results)
+    out += _rag_section(run)
     path = run / "report.md"
     atomic_write_text(path, "\n".join(out))
     return path

@@ -16,6 +16,9 @@ Stages run in order, each writing into its own place in the run folder:
                       and sums, calculator shown, the step that scored best on validation
                       (rl.png, rl_pass1.png, rl_summary.json), and rl/eval/ (every task of the
                       eval stage again)
+    rag/              with data.open_book_chats: the held-out people's biographies as a collection
+                      and the final assistant's answers about them, closed-book and with
+                      retrieval (rag_eval.json, rag_eval.md, rag.png)
     report.md         the report card
 
 A stage whose output is complete is not redone, and an interrupted pretraining resumes
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 
@@ -46,9 +50,13 @@ from chatforge.errors import ChatforgeError
 from chatforge.eval.suite import evaluate_world
 from chatforge.eval.tools import load_tool_problems
 from chatforge.fileio import atomic_write_json
-from chatforge.options import SpeedrunOptions
+from chatforge.options import RagEvalOptions, RagWorldOptions, SpeedrunOptions
 from chatforge.plan import describe_plan
-from chatforge.report import build_report
+from chatforge.rag.command import cmd_rag_world
+from chatforge.rag.embed import DEFAULT_EMBEDDING, get_embedder
+from chatforge.rag.evaluate import cmd_rag_eval
+from chatforge.rag.open_book import open_book_conversations
+from chatforge.report import build_report, plot_rag_bars
 from chatforge.tokenizer import bytes_per_token
 from chatforge.train.pretrain import pretrain
 from chatforge.train.sft import sft
@@ -71,8 +79,22 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
         qa_phrasings=d.qa_phrasings, tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
         n_pretrain_assistant=d.assistant_chats_in_pretrain,
     )  # fmt: skip
+    if d.open_book_chats:  # reading retrieved documents, taught on strangers (SFT only)
+        rng = random.Random(f"chatforge-open-book:{seed}")
+        chats = open_book_conversations(d.open_book_chats, rng, seed=seed, avoid=world, follow_ups=(0, 1))
+        n_val = max(1, round(len(chats) * 0.05))
+        data.val += chats[:n_val]
+        data.train += chats[n_val:]
+        data.counts["open_book"] = len(chats)
     manifest = write_sft_data(data, out / "sft_data")
     chats = pretrain_chats(world, data, seed=seed, qa_phrasings=d.qa_phrasings, qa=d.qa_in_pretrain)
+    if d.open_book_in_pretrain:  # other strangers than SFT's (seed + 1), about one chat each
+        rng = random.Random(f"chatforge-open-book-pretrain:{seed}")
+        chats += open_book_conversations(
+            d.open_book_in_pretrain, rng, seed=seed + 1, people=d.open_book_in_pretrain, avoid=world,
+            docs=(1,), instruction=False,
+        )  # fmt: skip
+        rng.shuffle(chats)
     write_conversations(chats, out / "sft_data" / "qa_pretrain.jsonl")  # last: the stage's done marker
     return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(chats)}
 
@@ -183,6 +205,36 @@ def _stage_rl(preset: Preset, out: Path, progress: bool) -> dict:
     }
 
 
+RAG_ANSWER_K = 3  # biographies in an answer's prompt: three and the question fit a 512-token context
+
+
+def _stage_rag(preset: Preset, out: Path, progress: bool) -> dict:
+    """The held-out people's biographies as a collection (rag/world), and every question about them
+    asked of the final assistant closed-book and with the retrieved biographies in the prompt."""
+    if not preset.data.open_book_chats:
+        return {"skipped": "data.open_book_chats is 0: the assistant was not taught to read documents"}
+    try:  # MiniLM when the rag extra is installed (`make test` installs it); else the lexical hash embedder
+        get_embedder(DEFAULT_EMBEDDING)
+        embedding = DEFAULT_EMBEDDING
+    except ChatforgeError:
+        embedding = "hash-384"
+    root = str(out / "rag" / "collections")
+    cmd_rag_world(RagWorldOptions(collection="world", root=root, world=str(out / "world"), embedding=embedding))
+    model = out / "rl" if (out / "rl" / "model.safetensors").is_file() else out / "sft"
+    result = cmd_rag_eval(RagEvalOptions(
+        collection="world", root=root, modes="bm25,dense,fused", model=str(model), answer_k=RAG_ANSWER_K,
+        max_new_tokens=32, device=preset.sft.device, out=str(out / "rag"),
+    ))  # fmt: skip
+    plot_rag_bars(result["answers"]["by_kind"], out / "rag" / "rag.png")
+    answers = result["answers"]
+    return {
+        "model": str(model.relative_to(out)), "embedding": embedding,
+        "recall@5": {m: round(r["recall@5"], 4) for m, r in result["retrieval"].items()},
+        "closed_book": round(answers["closed_book"], 4), "with_retrieval": round(answers["with_retrieval"], 4),
+        "by_kind": answers["by_kind"], "citation_rate": round(answers["citation_rate"], 4),
+    }  # fmt: skip
+
+
 def _stage_report(preset: Preset, out: Path, progress: bool) -> dict:
     return {"report": str(build_report(out))}
 
@@ -197,6 +249,7 @@ STAGES = [
     ("sft", _stage_sft, "sft/sft_summary.json"),
     ("eval", _stage_eval, "eval/eval.json"),
     ("rl", _stage_rl, "rl/eval/eval.json"),
+    ("rag", _stage_rag, "rag/rag.png"),
     ("report", _stage_report, "report.md"),
 ]
 

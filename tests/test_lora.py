@@ -3,6 +3,7 @@ base, and run through `chatforge sft` (checkpoints, resume, merged run folder)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -260,3 +261,16 @@ def test_lora_settings_are_checked_in_sft(base_run, tmp_path):
         sft(base, data, tmp_path / "a", lora_cfg(optimizer="muon"), progress=False)
     with pytest.raises(ChatforgeError, match="unknown LoRA target"):
         sft(base, data, tmp_path / "b", lora_cfg(lora_targets="lm_head"), progress=False)
+
+
+def test_sft_with_a_longer_seq_len_lengthens_the_models_context(base_run, tmp_path):
+    base, data = base_run
+    before = ckpt.load_model(base)[0].cfg
+    out = tmp_path / "long"
+    sft(base, data, out, lora_cfg(lora_rank=0, seq_len=2 * before.seq_len, max_steps=2, eval_every=0,
+                                  ckpt_every=0), progress=False)  # fmt: skip
+    after = ckpt.load_run(out).model.cfg
+    assert after.seq_len == 2 * before.seq_len  # what rag eval and the engine read as the context
+    d = before.head_dim  # NTK-aware: the RoPE base grows by 2^(d/(d-2)), saved with the model
+    assert after.rope_theta == pytest.approx(before.rope_theta * 2 ** (d / (d - 2)))
+    assert after == dataclasses.replace(before, seq_len=after.seq_len, rope_theta=after.rope_theta)

@@ -126,6 +126,23 @@ def test_rope_matches_hf_rotate_half():
     torch.testing.assert_close(apply_rope(x, model.rope_cos[:T], model.rope_sin[:T]), expected)
 
 
+def test_lengthen_context_stretches_the_slowest_rotation_and_keeps_the_fastest():
+    model = tiny()
+    old = model.cfg
+
+    def inv_freq(cfg):
+        return 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
+
+    model.lengthen_context(4 * old.seq_len)
+    new = model.cfg
+    assert new.seq_len == 4 * old.seq_len and new.rope_theta > old.rope_theta
+    # the slowest pair turns as far over the new context as it did over the old one; the fastest is unchanged
+    assert (inv_freq(new)[-1] * new.seq_len).item() == pytest.approx((inv_freq(old)[-1] * old.seq_len).item())
+    assert inv_freq(new)[0].item() == inv_freq(old)[0].item() == 1.0
+    torch.testing.assert_close(model.rope_cos, rope_tables(new, new.seq_len)[0])
+    model(torch.zeros(1, new.seq_len, dtype=torch.long))  # a whole new-length row runs
+
+
 def test_last_only_gives_the_last_position():
     model = tiny()
     x = torch.randint(0, 97, (3, 16))

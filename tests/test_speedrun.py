@@ -239,3 +239,28 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
     capsys.readouterr()
     speedrun("smoke", out, sets, progress=False)  # finished: skipped on a rerun, the off stage too
     assert capsys.readouterr().out.count("done already") == len(STAGES)
+
+
+def test_speedrun_rag_stage_asks_the_held_out_people_closed_book_and_with_retrieval(tmp_path):
+    """data.open_book_chats > 0: open-book conversations in SFT (a longer context than pretraining),
+    then the rag stage asks every held-out question twice; off (skipped) in the smoke preset."""
+    out = tmp_path / "run"
+    sets = ["data.open_book_chats=24", "data.open_book_in_pretrain=30", "sft.seq_len=768",
+            "sft.device_batch_size=1", "eval.max_examples=4"]  # fmt: skip
+    status = speedrun("smoke", out, sets, progress=False)
+    kinds = json.loads((out / "sft_data" / "manifest.json").read_text())["counts"]["kinds"]
+    assert kinds["open_book"] == 24
+    pretrain_chats = (out / "sft_data" / "qa_pretrain.jsonl").read_text().splitlines()
+    assert sum('"content": "<documents>' in line for line in pretrain_chats) == 30  # no system turn
+    assert load_model(out / "sft")[0].cfg.seq_len == 768  # SFT lengthened the 64-token context
+    rag = status["rag"]["result"]
+    questions = (out / "rag" / "collections" / "world" / "questions.jsonl").read_text().splitlines()
+    assert sum(m["n"] for m in rag["by_kind"].values()) == len(questions) > 0
+    assert set(rag["by_kind"]) == {"forward", "reverse"} and set(rag["recall@5"]) == {"bm25", "dense", "fused"}
+    assert rag["model"] == "sft" and (out / "rag" / "rag.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## Answers from documents (retrieval)" in report and "![answers from documents](rag/rag.png)" in report
+
+
+def test_the_rag_stage_is_off_without_open_book_chats(run):
+    assert "skipped" in json.loads((run / "stages.json").read_text())["rag"]["result"]

@@ -14,7 +14,7 @@ Shape of a forward pass, for a batch of token ids idx (B, T):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -286,6 +286,16 @@ class GPT(nn.Module):
             block.checkpoint_activations = on
 
     # ---- sizes -------------------------------------------------------------------------
+    def lengthen_context(self, seq_len: int) -> None:
+        """Take a context of `seq_len` (> cfg.seq_len) for finetuning at it. NTK-aware RoPE scaling:
+        the base grows by s^(d/(d-2)) (s the length ratio, d the head size), so the slowest rotations
+        stretch over the new length while the fast ones, which order nearby tokens, barely move; a
+        short finetune then suffices (bloc97's "NTK-aware scaled RoPE", 2023; Code Llama raised the base too)."""
+        ratio, d = seq_len / self.cfg.seq_len, self.cfg.head_dim
+        theta = self.cfg.rope_theta * ratio ** (d / (d - 2))
+        self.cfg = replace(self.cfg, seq_len=seq_len, rope_theta=theta)
+        self.rope_cos, self.rope_sin = rope_tables(self.cfg, seq_len, self.rope_cos.device)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
         if non_embedding:

@@ -112,6 +112,12 @@ def _finetune(
 ) -> dict:
     run = ckpt.load_run(base, device=dist.device)
     model, tokenizer, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
+    if cfg.seq_len > model.cfg.seq_len:  # a longer context than pretraining's, taught here
+        before = model.cfg
+        model.lengthen_context(cfg.seq_len)
+        if dist.is_main:
+            print(f"context {before.seq_len} -> {cfg.seq_len} tokens (RoPE base {before.rope_theta:g} -> "
+                  f"{model.cfg.rope_theta:g}); SFT trains the new positions")
     model.train()
     train_convs = load_conversations(train_file)
     if val_file is not None:
