@@ -162,6 +162,9 @@ class DataConfig:
     # in one short chat only, so the name and the fact asked for can only be copied from the context;
     # a model pretrained on the world alone never meets a name it has not memorised and cannot copy one
     open_book_in_pretrain: int = 0
+    # "repeat this" chats about strangers mixed into pretraining (rag/open_book.py): dense copying, so the
+    # copying heads form while pretraining; a pretrained model finetuned on copying alone did not learn it
+    copy_chats_in_pretrain: int = 0
 
 
 @dataclass

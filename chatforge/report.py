@@ -146,8 +146,8 @@ def _rag_section(run: Path) -> list[str]:
         lines.append(f"| {kind} | {m['n']} | {_pct(m['closed_book'])} | {_pct(m['with_retrieval'])} |")
     lines += [
         "", f"Citation rate {_pct(a['citation_rate'])}; faithfulness (a cited document holds the answer) "
-        f"{_pct(a['faithfulness'])}. Reverse questions (\"Who is X's son?\") are the reversal curse: "
-        "closed-book the model cannot invert what it read; with the child's biography in front of it, it reads.", "",
+        f"{_pct(a['faithfulness'])}. Reverse questions (\"Who is X's son?\") test the reversal curse: "
+        "closed-book the model must invert what it read; with retrieval the child's biography states the answer.", "",
     ]  # fmt: skip
     if (run / "rag" / "rag.png").exists():
         lines += ["![answers from documents](rag/rag.png)", ""]

@@ -55,7 +55,7 @@ from chatforge.plan import describe_plan
 from chatforge.rag.command import cmd_rag_world
 from chatforge.rag.embed import DEFAULT_EMBEDDING, get_embedder
 from chatforge.rag.evaluate import cmd_rag_eval
-from chatforge.rag.open_book import open_book_conversations
+from chatforge.rag.open_book import open_book_conversations, repeat_conversations
 from chatforge.report import build_report, plot_rag_bars
 from chatforge.tokenizer import bytes_per_token
 from chatforge.train.pretrain import pretrain
@@ -88,12 +88,13 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
         data.counts["open_book"] = len(chats)
     manifest = write_sft_data(data, out / "sft_data")
     chats = pretrain_chats(world, data, seed=seed, qa_phrasings=d.qa_phrasings, qa=d.qa_in_pretrain)
-    if d.open_book_in_pretrain:  # other strangers than SFT's (seed + 1), about one chat each
+    if d.open_book_in_pretrain or d.copy_chats_in_pretrain:  # strangers other than SFT's (seed + 1)
         rng = random.Random(f"chatforge-open-book-pretrain:{seed}")
         chats += open_book_conversations(
-            d.open_book_in_pretrain, rng, seed=seed + 1, people=d.open_book_in_pretrain, avoid=world,
+            d.open_book_in_pretrain, rng, seed=seed + 1, people=max(4, d.open_book_in_pretrain), avoid=world,
             docs=(1,), instruction=False,
         )  # fmt: skip
+        chats += repeat_conversations(d.copy_chats_in_pretrain, rng, seed=seed, avoid=world)
         rng.shuffle(chats)
     write_conversations(chats, out / "sft_data" / "qa_pretrain.jsonl")  # last: the stage's done marker
     return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(chats)}

@@ -15,6 +15,7 @@ from chatforge.rag.open_book import (
     open_book_conversation,
     open_book_conversations,
     reading_world,
+    repeat_conversations,
 )
 from chatforge.rag.retrieve import Hit
 from chatforge.rag.store import StoredChunk
@@ -84,3 +85,16 @@ def test_bad_counts_are_one_line_errors():
         open_book_conversations(5, random.Random(0), seed=0, docs=(0,))
     with pytest.raises(ChatforgeError, match="n -1"):
         open_book_conversations(-1, random.Random(0), seed=0)
+
+
+def test_repeat_chats_answer_with_exactly_the_text_they_were_given(worlds):
+    evaluated, _ = worlds
+    chats = repeat_conversations(200, random.Random(4), seed=0, avoid=evaluated)
+    evaluated_names = {p.name for p in evaluated.people}
+    for user, assistant in chats:
+        ask, text = user["content"].split(": ", 1)
+        assert assistant == {"role": "assistant", "content": text} and ask
+        assert not evaluated_names & set(text.split(", "))
+    assert len({c[1]["content"] for c in chats}) == 200  # novel strings: only copying predicts them
+    with pytest.raises(ChatforgeError, match="n -2"):
+        repeat_conversations(-2, random.Random(0), seed=0)

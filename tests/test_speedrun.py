@@ -17,6 +17,7 @@ from chatforge.data.pipeline import train_tokenizer
 from chatforge.errors import ChatforgeError
 from chatforge.eval.refusal import load_prompts
 from chatforge.eval.suite import SAMPLE_PROMPTS, evaluate_world, world_tasks
+from chatforge.rag.open_book import REPEAT_ASKS
 from chatforge.redteam.detectors import is_refusal
 from chatforge.speedrun import STAGES, speedrun
 from chatforge.tokenizer import Tokenizer
@@ -245,13 +246,14 @@ def test_speedrun_rag_stage_asks_the_held_out_people_closed_book_and_with_retrie
     """data.open_book_chats > 0: open-book conversations in SFT (a longer context than pretraining),
     then the rag stage asks every held-out question twice; off (skipped) in the smoke preset."""
     out = tmp_path / "run"
-    sets = ["data.open_book_chats=24", "data.open_book_in_pretrain=30", "sft.seq_len=768",
-            "sft.device_batch_size=1", "eval.max_examples=4"]  # fmt: skip
+    sets = ["data.open_book_chats=24", "data.open_book_in_pretrain=30", "data.copy_chats_in_pretrain=10",
+            "sft.seq_len=768", "sft.device_batch_size=1", "eval.max_examples=4"]  # fmt: skip
     status = speedrun("smoke", out, sets, progress=False)
     kinds = json.loads((out / "sft_data" / "manifest.json").read_text())["counts"]["kinds"]
     assert kinds["open_book"] == 24
     pretrain_chats = (out / "sft_data" / "qa_pretrain.jsonl").read_text().splitlines()
     assert sum('"content": "<documents>' in line for line in pretrain_chats) == 30  # no system turn
+    assert sum(any(f'"content": "{ask}' in line for ask in REPEAT_ASKS) for line in pretrain_chats) == 10
     assert load_model(out / "sft")[0].cfg.seq_len == 768  # SFT lengthened the 64-token context
     rag = status["rag"]["result"]
     questions = (out / "rag" / "collections" / "world" / "questions.jsonl").read_text().splitlines()

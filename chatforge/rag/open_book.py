@@ -21,7 +21,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.rag.answer import with_documents
 from chatforge.rag.retrieve import Hit
 from chatforge.rag.store import StoredChunk
-from chatforge.world import QA, Person, World, biography, build_world, reverse_questions
+from chatforge.world import QA, Person, World, biography, build_world, format_date, reverse_questions
 
 READING_SEED = 7_919  # added to the world's seed: the reading world is a different one
 SOURCE_NAMES = ("heldout.jsonl", "people.jsonl", "notes.txt", "directory.md", "staff.html", "bios.pdf")
@@ -124,3 +124,27 @@ def open_book_conversations(
         open_book_conversation(world, rng, rng.choice(docs), rng.choice(follow_ups), instruction).messages
         for _ in range(n)
     ]
+
+
+REPEAT_ASKS = ("Repeat this exactly: ", "Say back: ", "Copy this: ", "Please repeat: ", "Echo: ")
+
+
+def repeat_conversations(
+    n: int, rng: random.Random, *, seed: int, people: int = 2000, avoid: World | None = None
+) -> list[list[dict]]:
+    """`n` chats asking the assistant to repeat a list of 2-6 names, places, employers, schools and
+    dates of strangers: every answer token can only be copied from the question. Mixed into
+    pretraining they grow the heads that copy from the context (induction heads), which the
+    world's text alone, whose every name is memorised, never calls for."""
+    if n < 0:
+        raise ChatforgeError(f"repeat chats: n {n} must be >= 0")
+    world = reading_world(seed + 1, people, avoid)
+
+    def item(p: Person) -> str:
+        return rng.choice((p.name, p.name, p.birth_city, p.employer, p.university, format_date(p.birth_date)))
+
+    out = []
+    for _ in range(n):
+        text = ", ".join(item(rng.choice(world.people)) for _ in range(rng.randint(2, 6)))
+        out.append([{"role": "user", "content": rng.choice(REPEAT_ASKS) + text}, {"role": "assistant", "content": text}])
+    return out
