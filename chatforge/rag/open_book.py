@@ -9,6 +9,7 @@ document as [n]. Reverse questions ("Who is X's son?") are answered from the chi
 which names X as a parent: the direction closed-book models cannot invert. A few conversations
 leave the answering biography out, and the assistant says the documents do not tell.
 
+`repeat_conversations` are "repeat this" chats about strangers: dense copying, for pretraining.
 The reading world's people never share a name with the world the model is evaluated on."""
 
 from __future__ import annotations
