@@ -19,6 +19,7 @@ import torch
 
 from chatforge.chat_format import render_prompt, turn_end_ids
 from chatforge.checkpoint import load_run
+from chatforge.errors import ChatforgeError
 from chatforge.eval.base import generate_greedy
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.rag.open_book import open_book_conversation, reading_world
@@ -80,7 +81,10 @@ def main() -> None:
     if args.from_scratch:
         from_scratch()
     for path in args.runs:
-        r = probe(path)
+        try:
+            r = probe(path)
+        except ChatforgeError as e:
+            raise SystemExit(f"reading_probe: error: {e}") from None
         print(f"{path}: repeat {r['repeat']:.3f}, one_doc {r['one_doc']:.3f}, open_book {r['open_book']:.3f}")
         print(f"  {r['example']}")
 
