@@ -24,6 +24,7 @@ from chatforge.rag.command import QUESTIONS_FILE, add_files, expand_files, world
 from chatforge.rag.embed import get_embedder
 from chatforge.rag.evaluate import cmd_rag_eval
 from chatforge.rag.store import Collection
+from chatforge.report import plot_rag_bars
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO.parent / "shared" / "data" / "python_docs" / "_sources"
@@ -91,34 +92,11 @@ def main() -> None:
         opts = dataclasses.replace(opts, questions=str(stratified(questions, args.seed)), modes="fused",
                                    out=str(args.out / "world_answers"))  # fmt: skip
         result["answers_run"] = cmd_rag_eval(opts)
-        plot_by_kind(result["answers_run"]["answers"], args.out / "world_answers" / "rag_world.png")
+        plot_rag_bars(result["answers_run"]["answers"]["by_kind"], args.out / "world_answers" / "rag_world.png")
     else:
         result = cmd_rag_eval(opts)
     result["ingest"] = ingest
     (args.out / args.set / "rag_eval.json").write_text(json.dumps(result, indent=2))
-
-
-def plot_by_kind(answers: dict, path: Path) -> None:
-    """Bars: exact match closed-book vs with retrieval, per question kind (forward, reverse)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = list(answers["by_kind"])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for j, (key, label) in enumerate((("closed_book", "closed-book"), ("with_retrieval", "with retrieval"))):
-        values = [answers["by_kind"][k][key] for k in kinds]
-        bars = ax.bar([i + 0.38 * j for i in range(len(kinds))], values, width=0.38, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks([i + 0.19 for i in range(len(kinds))])
-    ax.set_xticklabels([f"{k} (n={answers['by_kind'][k]['n']})" for k in kinds])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("exact match")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def stratified(path: Path, seed: int) -> Path:

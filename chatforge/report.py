@@ -89,44 +89,40 @@ def _tool_kinds(result: dict) -> dict[str, dict]:
     }
 
 
-def plot_tool_bars(on: dict[str, dict], off: dict[str, dict], png: Path) -> Path:
-    """Accuracy per kind of problem, with the calculator and without, side by side."""
+def _paired_bars(labels: list[str], series: dict[str, list[float]], title: str, png: Path) -> Path:
+    """Accuracies (0-1) as percent bars, the series side by side over each label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(on)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(kinds), 4))
-    for j, (label, table) in enumerate((("with calculator", on), ("without", off))):
-        xs = [i + (j - 0.5) * 0.38 for i in range(len(kinds))]
-        ax.bar(xs, [100 * table.get(k, {}).get("accuracy", 0.0) for k in kinds], 0.38, label=label)
-    ax.set_xticks(range(len(kinds)), kinds)
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="calculator problems")
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(labels), 4))
+    width = 0.76 / len(series)
+    for j, (name, values) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [100 * v for v in values], width, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+def plot_tool_bars(on: dict[str, dict], off: dict[str, dict], png: Path) -> Path:
+    """Accuracy per kind of problem, with the calculator and without, side by side."""
+    kinds = list(on)
+    series = {label: [table.get(k, {}).get("accuracy", 0.0) for k in kinds]
+              for label, table in (("with calculator", on), ("without", off))}  # fmt: skip
+    return _paired_bars(kinds, series, "calculator problems", png)
 
 
 def plot_rag_bars(by_kind: dict[str, dict], png: Path) -> Path:
-    """Accuracy per kind of question about the held-out people, closed-book and with retrieval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = list(by_kind)
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(kinds), 4))
-    for j, (label, key) in enumerate((("closed-book", "closed_book"), ("with retrieval", "with_retrieval"))):
-        xs = [i + (j - 0.5) * 0.38 for i in range(len(kinds))]
-        ax.bar(xs, [100 * by_kind[k][key] for k in kinds], 0.38, label=label)
-    ax.set_xticks(range(len(kinds)), [f"{k} (n={by_kind[k]['n']})" for k in kinds])
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="questions about held-out people")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, png)
+    """Accuracy per kind of question, closed-book and with retrieval (`rag eval`'s by_kind)."""
+    labels = [f"{k} (n={m['n']})" for k, m in by_kind.items()]
+    series = {label: [m[key] for m in by_kind.values()]
+              for label, key in (("closed-book", "closed_book"), ("with retrieval", "with_retrieval"))}  # fmt: skip
+    return _paired_bars(labels, series, "questions closed-book and with retrieval", png)
 
 
 def _rag_section(run: Path) -> list[str]:

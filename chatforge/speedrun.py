@@ -88,13 +88,15 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
         data.counts["open_book"] = len(chats)
     manifest = write_sft_data(data, out / "sft_data")
     chats = pretrain_chats(world, data, seed=seed, qa_phrasings=d.qa_phrasings, qa=d.qa_in_pretrain)
-    if d.open_book_in_pretrain or d.copy_chats_in_pretrain:  # strangers other than SFT's (seed + 1)
-        rng = random.Random(f"chatforge-open-book-pretrain:{seed}")
+    rng = random.Random(f"chatforge-open-book-pretrain:{seed}")
+    if d.open_book_in_pretrain:  # strangers other than SFT's (seed + 1), one chat each
         chats += open_book_conversations(
-            d.open_book_in_pretrain, rng, seed=seed + 1, people=max(4, d.open_book_in_pretrain), avoid=world,
+            d.open_book_in_pretrain, rng, seed=seed + 1, people=d.open_book_in_pretrain, avoid=world,
             docs=(1,), instruction=False,
         )  # fmt: skip
+    if d.copy_chats_in_pretrain:
         chats += repeat_conversations(d.copy_chats_in_pretrain, rng, seed=seed, avoid=world)
+    if d.open_book_in_pretrain or d.copy_chats_in_pretrain:
         rng.shuffle(chats)
     write_conversations(chats, out / "sft_data" / "qa_pretrain.jsonl")  # last: the stage's done marker
     return {"counts": manifest.get("counts"), "qa_pretrain_docs": len(chats)}
@@ -226,11 +228,11 @@ def _stage_rag(preset: Preset, out: Path, progress: bool) -> dict:
         collection="world", root=root, modes="bm25,dense,fused", model=str(model), answer_k=RAG_ANSWER_K,
         max_new_tokens=32, device=preset.sft.device, out=str(out / "rag"),
     ))  # fmt: skip
-    plot_rag_bars(result["answers"]["by_kind"], out / "rag" / "rag.png")
-    answers = result["answers"]
+    answers, k = result["answers"], result["k"]
+    plot_rag_bars(answers["by_kind"], out / "rag" / "rag.png")
     return {
         "model": str(model.relative_to(out)), "embedding": embedding,
-        "recall@5": {m: round(r["recall@5"], 4) for m, r in result["retrieval"].items()},
+        f"recall@{k}": {m: round(r[f"recall@{k}"], 4) for m, r in result["retrieval"].items()},
         "closed_book": round(answers["closed_book"], 4), "with_retrieval": round(answers["with_retrieval"], 4),
         "by_kind": answers["by_kind"], "citation_rate": round(answers["citation_rate"], 4),
     }  # fmt: skip
