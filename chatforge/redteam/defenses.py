@@ -27,7 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 from chatforge.chat_format import parse_assistant
 from chatforge.errors import ChatforgeError
 from chatforge.redteam.detectors import URL_PATTERN, host_of
-from chatforge.redteam.documents import DOCUMENT_PATTERN, has_untrusted
+from chatforge.redteam.documents import INVISIBLE, has_untrusted, map_untrusted
+from chatforge.redteam.injection import load_classifier
 from chatforge.redteam.perplexity import perplexity_filter
 from chatforge.tools.registry import ToolRegistry, ToolResult, error_result
 
@@ -39,7 +40,6 @@ class InputBlocked(ChatforgeError):
 BLOCKED_ANSWER = "[blocked by {name}: {reason}]"
 
 # ---- input scanners --------------------------------------------------------------------------
-_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\U000e0000-\U000e007f]")
 _HIDDEN_HTML = re.compile(
     r"<!--.*?-->|<[a-z]+[^>]*style\s*=\s*['\"][^'\"]*(display\s*:\s*none|visibility\s*:\s*hidden|"
     r"font-size\s*:\s*0|color\s*:\s*(#fff\b|#ffffff|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\)))",
@@ -56,7 +56,7 @@ def _scanned(messages: list[dict]) -> list[tuple[int, str]]:
 def scan_invisible(messages: list[dict], stack: DefenseStack) -> str | None:
     """Zero-width, bidi and tag characters, and HTML that hides text (comments, white or hidden spans)."""
     for i, text in _scanned(messages):
-        n = len(_INVISIBLE.findall(text))
+        n = len(INVISIBLE.findall(text))
         if n:
             return f"{n} invisible character(s) (zero-width, bidi or tag) in message {i}"
         if _HIDDEN_HTML.search(text):
@@ -83,9 +83,15 @@ def scan_encoded(messages: list[dict], stack: DefenseStack) -> str | None:
             if decoded is None:
                 continue
             words = re.findall(r"[A-Za-z]{2,}", decoded)
-            if len(words) >= MIN_DECODED_WORDS or _INVISIBLE.search(decoded):
+            if len(words) >= MIN_DECODED_WORDS or INVISIBLE.search(decoded):
                 return f"a base64-encoded payload in message {i} ({decoded[:40]!r}...)"
     return None
+
+
+def strip_injection(messages: list[dict], stack: DefenseStack) -> list[dict]:
+    """Sentences of untrusted text that the injection classifier flags are removed; the rest stays. A
+    false positive costs one sentence of a document, not the whole request."""
+    return map_untrusted(messages, load_classifier().without_flagged)
 
 
 # ---- spotlighting ------------------------------------------------------------------------------
@@ -110,14 +116,7 @@ def spotlight_text(text: str, mode: str) -> str:
 
 def spotlight(messages: list[dict], mode: str) -> list[dict]:
     """Untrusted text (document blocks, tool results) transformed, and the rule said in the system turn."""
-    out = []
-    for m in messages:
-        if m["role"] == "tool" and m.get("content"):
-            m = dict(m, content=spotlight_text(m["content"], mode))
-        elif m["role"] == "user" and m.get("content"):
-            sub = lambda g: g.group(1) + spotlight_text(g.group(2), mode) + g.group(3)  # noqa: E731
-            m = dict(m, content=DOCUMENT_PATTERN.sub(sub, m["content"]))
-        out.append(m)
+    out = map_untrusted(messages, lambda text: spotlight_text(text, mode))
     if not has_untrusted(messages):
         return out
     return with_system_line(out, SPOTLIGHT_RULES[mode])
@@ -178,7 +177,14 @@ def scan_perplexity(messages: list[dict], stack: DefenseStack) -> str | None:
     stack's threshold: GCG suffixes are token soup no person types."""
     if stack.model is None or stack.tok is None:
         raise ChatforgeError("the perplexity defense scores text with the model, and this path gives it none")
-    text = next((m["content"] for m in reversed(messages) if m["role"] == "user" and isinstance(m.get("content"), str)), "")
+    text = next(
+        (
+            m["content"]
+            for m in reversed(messages)
+            if m["role"] == "user" and isinstance(m.get("content"), str)
+        ),
+        "",
+    )
     if not text:
         return None
     flagged, ppl = perplexity_filter(stack.model, stack.tok, text, threshold=stack.perplexity_threshold)
@@ -198,6 +204,7 @@ class Defense:
 DEFENSES: dict[str, Defense] = {
     "scan-invisible": Defense("block zero-width/tag characters and hidden HTML in user text and tool results", scan=scan_invisible),
     "scan-encoded": Defense("block base64 blobs that decode to readable text", scan=scan_encoded),
+    "strip-injection": Defense("remove the sentences of documents and tool results the injection classifier flags", transform=strip_injection),
     "spotlight-delimit": Defense("untrusted text between \u00ab\u00bb, with a rule in the system turn", transform=lambda ms, s: spotlight(ms, "delimit")),
     "spotlight-datamark": Defense("spaces of untrusted text replaced by a marker, with a rule", transform=lambda ms, s: spotlight(ms, "datamark")),
     "spotlight-base64": Defense("untrusted text base64-encoded, with a rule", transform=lambda ms, s: spotlight(ms, "base64")),
@@ -240,8 +247,8 @@ class DefenseStack:
             reason = d.scan(messages, self) if d.scan else None
             if reason:
                 raise InputBlocked(BLOCKED_ANSWER.format(name=name, reason=reason))
-        for _, d in self._each():
-            if d.transform:
+        for name, d in DEFENSES.items():  # registry order: injected sentences go before spotlighting
+            if d.transform and name in self.names:
                 messages = d.transform(messages, self)
         return messages
 
@@ -316,4 +323,6 @@ def parse_defenses(spec: str | None, **settings: Any) -> DefenseStack | None:
         )
     if sum(n in SPOTLIGHTS for n in names) > 1:
         raise ChatforgeError(f"choose one spotlighting mode of {', '.join(SPOTLIGHTS)}")
+    if "strip-injection" in names:
+        load_classifier()  # fail closed now: a missing embedder or weights file is said before anything runs
     return DefenseStack(tuple(dict.fromkeys(names)), **settings)

@@ -5,7 +5,10 @@ injection probes both read this format, so retrieval can put its passages in wit
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
+# zero-width, bidi-control and Unicode tag characters: text a reader of the rendered page never sees
+INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\U000e0000-\U000e007f]")
 DOCUMENT_OPEN, DOCUMENT_CLOSE = "<document", "</document>"
 DOCUMENT_PATTERN = re.compile(r"(<document[^>\n]*>\n?)(.*?)(\n?</document>)", re.DOTALL)
 
@@ -32,3 +35,20 @@ def has_untrusted(messages: list[dict]) -> bool:
         if m["role"] == "user" and DOCUMENT_PATTERN.search(m.get("content") or ""):
             return True
     return False
+
+
+def map_untrusted(messages: list[dict], fn: Callable[[str], str]) -> list[dict]:
+    """The messages with `fn` applied to every piece of untrusted content (tool results, document blocks)."""
+    out = []
+    for m in messages:
+        if m["role"] == "tool" and m.get("content"):
+            m = dict(m, content=fn(m["content"]))
+        elif m["role"] == "user" and m.get("content"):
+            m = dict(
+                m,
+                content=DOCUMENT_PATTERN.sub(
+                    lambda g: g.group(1) + fn(g.group(2)) + g.group(3), m["content"]
+                ),
+            )
+        out.append(m)
+    return out
