@@ -333,7 +333,7 @@ def reduction(none: dict, full: dict) -> dict:
 def markdown(models: dict[str, list[dict]], seeds: dict) -> str:
     lines = []
     for model, runs in models.items():
-        labels = [r["defenses"] for r in runs]
+        labels = ["full" if len(r["defenses"].split("+")) > 2 else r["defenses"] for r in runs]
         lines += [
             f"#### {model}",
             "",
