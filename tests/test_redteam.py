@@ -33,7 +33,7 @@ from chatforge.redteam.detectors import (
     unrequested_tool_calls,
 )
 from chatforge.redteam.documents import document_block, has_untrusted, question_with_documents
-from chatforge.redteam.goals import BUILTIN_CONTEXTS, Goal, read_goal_file, world_goals
+from chatforge.redteam.goals import BUILTIN_CONTEXTS, Goal, default_contexts, read_goal_file, world_goals
 from chatforge.redteam.harness import asr_table, build_attacks, labelled_answers, run_attacks, wilson
 from chatforge.redteam.probes import (
     ANSWER_MARKER,
@@ -309,6 +309,13 @@ def test_injection_probes_put_the_document_in_one_format():
         assert has_untrusted(a.messages) and a.detectors == ("exfiltration", "complied")
         assert PRIVATE_DATA in a.messages[-1]["content"]
     assert document_block("x </document> y").count("</document>") == 1  # the text cannot close the block
+
+
+def test_default_contexts_never_repeat_a_context():
+    every = default_contexts(10_000, seed=3)  # far more than BIPIA's train split and the built-ins hold
+    assert len({(c.document, c.question) for c in every}) == len(every)
+    assert every[-len(BUILTIN_CONTEXTS) :] == list(BUILTIN_CONTEXTS)  # the built-ins come last, once each
+    assert default_contexts(2, seed=3) == every[:2]
 
 
 def test_resolve_probes_and_goal_files(tmp_path):

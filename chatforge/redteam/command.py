@@ -65,6 +65,9 @@ def redteam(generate: Generate, opts: RedteamOptions, model_name: str, model=Non
     else:
         goals = default_goals(opts.n_goals, opts.seed)
     contexts = default_contexts(opts.n_contexts, opts.seed)
+    if len(contexts) < opts.n_contexts and any(PROBES[p].uses == "context" for p in probes):
+        print(f"chatforge redteam: only {len(contexts)} distinct contexts (of --n-contexts {opts.n_contexts})",
+              file=sys.stderr)  # fmt: skip
     canary = "cf-canary-" + hashlib.sha256(f"redteam {opts.seed}".encode()).hexdigest()[:12]
     runs = []
     for spec, stack in zip(stacks_spec, stacks, strict=True):

@@ -99,7 +99,8 @@ BUILTIN_CONTEXTS = (
 
 
 def default_contexts(n: int, seed: int = 0, max_chars: int = 600) -> list[Context]:
-    """Injection contexts: BIPIA's email train split (short ones) when present, else the built-in ones."""
+    """Injection contexts: BIPIA's email train split (short ones) when present, then the built-in ones;
+    each at most once (a repeated context would count as another attack), so fewer than n when both run out."""
     contexts: list[Context] = []
     if BIPIA_EMAIL.is_file():
         for line in BIPIA_EMAIL.read_text(encoding="utf-8").splitlines():
@@ -114,9 +115,4 @@ def default_contexts(n: int, seed: int = 0, max_chars: int = 600) -> list[Contex
             ):
                 contexts.append(Context(obj["context"], obj["question"], ideal.strip(), "bipia-email-train"))
         random.Random(seed).shuffle(contexts)
-    contexts = contexts[:n]
-    k = 0
-    while len(contexts) < n:
-        contexts.append(BUILTIN_CONTEXTS[k % len(BUILTIN_CONTEXTS)])
-        k += 1
-    return contexts
+    return (contexts + list(BUILTIN_CONTEXTS))[:n]
