@@ -19,6 +19,7 @@ from chatforge.align.reward import (
     cmd_reward,
     cmd_winrate,
     load_reward_model,
+    pair_rewards,
     save_reward_model,
     score,
     win_rate,
@@ -26,6 +27,7 @@ from chatforge.align.reward import (
 from chatforge.align.rewards import get_reward
 from chatforge.checkpoint import load_model, read_config, save_model
 from chatforge.conversations import split_people
+from chatforge.device import cpu_has_native_bf16
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.model.hf import chatml_template  # noqa: E402
@@ -289,3 +291,37 @@ def test_rpo_alpha_keeps_the_chosen_answers_likely(setup, tmp_path):
     assert chosen_logp[1.0] > chosen_logp[0.0]
     summary = json.loads((tmp_path / "a1.0" / "dpo_summary.json").read_text())
     assert set(summary["val_acc_by_kind"]) <= {"fact_wrong", "fact_rambling", "arithmetic", "refusal"}
+
+
+def test_preference_trainers_honour_precision(setup, tmp_path):
+    root, tok = setup
+    base = (
+        "--model",
+        root / "sft",
+        "--data",
+        root / "prefs.jsonl",
+        "--steps",
+        1,
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
+    for options, command in ((DPOOptions, cmd_dpo), (RewardOptions, cmd_reward)):
+        with pytest.raises(ChatforgeError, match="unknown precision 'fp16'"):
+            command(parse(options, *base, "--out", tmp_path / "x", "--set", "precision=fp16"))
+        assert not (tmp_path / "x").exists()  # refused before anything was written
+    pairs, _ = encode_prefs(tok, load_prefs(root / "prefs.jsonl"), 96)
+    model, _, _ = load_model(root / "sft")
+    if not cpu_has_native_bf16():
+        with pytest.raises(ChatforgeError, match="precision bf16"):
+            pair_logps(model, pairs, "cpu", "bf16")
+        return
+    with torch.no_grad():  # bf16 autocast really runs: close to fp32, not equal, returned in fp32
+        c32, r32 = pair_logps(model, pairs, "cpu")
+        c16, r16 = pair_logps(model, pairs, "cpu", "bf16")
+        rm = RewardModel(model)
+        w32, _ = pair_rewards(rm, pairs, "cpu")
+        w16, _ = pair_rewards(rm, pairs, "cpu", "bf16")
+    assert c16.dtype == torch.float32 and w16.dtype == torch.float32
+    assert not torch.equal(c32, c16) and torch.allclose(c32, c16, rtol=0.05, atol=1.0)
+    assert not torch.equal(w32, w16) and torch.allclose(w32, w16, rtol=0.05, atol=0.1)

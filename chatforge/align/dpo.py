@@ -66,25 +66,32 @@ def dpo_loss(
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
-def pair_logps(model: torch.nn.Module, pairs: list[EncodedPair], device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(
+    model: torch.nn.Module, pairs: list[EncodedPair], device, precision: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs (chosen, rejected) of a batch, in one forward pass over 2B rows."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
-    with autocast(torch.device(device)):  # bf16 on CUDA; the log-probs come back in float32
+    with autocast(torch.device(device), precision):  # the log-probs come back in float32
         lp = sequence_logps(model, seqs, masks, device)
     return lp[: len(pairs)], lp[len(pairs) :]
 
 
 @torch.no_grad()
 def reference_logps(
-    model: torch.nn.Module, pairs: list[EncodedPair], batch_size: int, device, progress: bool = True
+    model: torch.nn.Module,
+    pairs: list[EncodedPair],
+    batch_size: int,
+    device,
+    progress: bool = True,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """(N, 2) summed answer log-probs of every pair under `model` as it is now (the reference)."""
     was = model.training
     model.eval()
     out = []
     for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", disable=not progress):
-        c, r = pair_logps(model, pairs[i : i + batch_size], device)
+        c, r = pair_logps(model, pairs[i : i + batch_size], device, precision)
         out.append(torch.stack([c, r], dim=1).cpu())
     model.train(was)
     return torch.cat(out) if out else torch.zeros(0, 2)
@@ -92,7 +99,13 @@ def reference_logps(
 
 @torch.no_grad()
 def evaluate_dpo(
-    model: torch.nn.Module, pairs: list[EncodedPair], ref: torch.Tensor, beta: float, batch_size: int, device
+    model: torch.nn.Module,
+    pairs: list[EncodedPair],
+    ref: torch.Tensor,
+    beta: float,
+    batch_size: int,
+    device,
+    precision: str = "auto",
 ) -> dict:
     """Held-out DPO loss, preference accuracy (chosen reward > rejected), margin, mean rewards."""
     was = model.training
@@ -100,7 +113,7 @@ def evaluate_dpo(
     loss_sum, chosen_sum, rejected_sum = 0.0, 0.0, 0.0
     correct: list[float] = []
     for i in range(0, len(pairs), batch_size):
-        c, r = pair_logps(model, pairs[i : i + batch_size], device)
+        c, r = pair_logps(model, pairs[i : i + batch_size], device, precision)
         rc, rr = ref[i : i + batch_size, 0].to(device), ref[i : i + batch_size, 1].to(device)
         loss, cr, rj = dpo_loss(c, r, rc, rr, beta)
         loss_sum += float(loss) * len(c)
@@ -150,13 +163,14 @@ def dpo(
         print(f"LoRA rank {cfg.lora_rank}: {lora_meta['lora']['trainable_params']:,} trainable parameters")
     bs = cfg.device_batch_size
     # the reference = the model before any update (LoRA starts as a no-op, so the same holds there)
-    ref_train = reference_logps(model, train, bs, device, progress)
-    ref_val = reference_logps(model, val, bs, device, progress)
+    autocast(torch.device(device), cfg.precision)  # a precision this device cannot run fails here, first
+    ref_train = reference_logps(model, train, bs, device, progress, cfg.precision)
+    ref_val = reference_logps(model, val, bs, device, progress, cfg.precision)
     model.train()
 
     def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
         idx = batch_indices(len(train), bs, step, cfg.seed)
-        c, r = pair_logps(module, [train[i] for i in idx], device)
+        c, r = pair_logps(module, [train[i] for i in idx], device, cfg.precision)
         ref = ref_train[idx].to(device)
         loss, cr, rj = dpo_loss(c, r, ref[:, 0], ref[:, 1], beta)
         if rpo_alpha:  # + alpha x NLL per token of the chosen answers: keeps their likelihood from sinking
@@ -201,7 +215,7 @@ def dpo(
     ]
     stage = Stage(
         name="dpo", model=model, step=step, meta=meta, summarize=summarize, plot=("dpo.png", panels),
-        evaluate=(lambda module: evaluate_dpo(module, val, ref_val, beta, bs, device)) if val else None,
+        evaluate=(lambda module: evaluate_dpo(module, val, ref_val, beta, bs, device, cfg.precision)) if val else None,
         plot_title=f"DPO from {Path(base).name} (beta {beta})", header=f"{len(train)} comparisons, {bs} per step",
     )  # fmt: skip
     return run_training(stage, cfg, out_dir, tok, single_process(device), resume=resume, progress=progress)

@@ -115,23 +115,27 @@ def _rewards(rm: RewardModel, seqs: list[list[int]], masks: list[list[int]], dev
     return rm(pad_right(seqs, device), lengths, pad_right(masks, device))
 
 
-def pair_rewards(rm: RewardModel, pairs: list[EncodedPair], device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(
+    rm: RewardModel, pairs: list[EncodedPair], device, precision: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected) for a batch of pairs, in one forward pass over 2B rows."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
-    with autocast(torch.device(device)):  # bf16 on CUDA
+    with autocast(torch.device(device), precision):
         r = _rewards(rm, seqs, masks, device).float()
     return r[: len(pairs)], r[len(pairs) :]
 
 
 @torch.no_grad()
-def evaluate_pairs(rm: RewardModel, pairs: list[EncodedPair], batch_size: int, device) -> dict:
+def evaluate_pairs(
+    rm: RewardModel, pairs: list[EncodedPair], batch_size: int, device, precision: str = "auto"
+) -> dict:
     """Held-out BT loss, pairwise accuracy (ties count half) and mean margin r_chosen - r_rejected."""
     was = rm.training
     rm.eval()
     losses, correct, margins = [], [], []
     for i in range(0, len(pairs), batch_size):
-        rc, rr = pair_rewards(rm, pairs[i : i + batch_size], device)
+        rc, rr = pair_rewards(rm, pairs[i : i + batch_size], device, precision)
         losses.append(float(-F.logsigmoid(rc - rr).sum()))
         correct += ((rc > rr).float() + 0.5 * (rc == rr).float()).tolist()
         margins.append(float((rc - rr).sum()))
@@ -317,11 +321,12 @@ def train_reward(
     max_len = min(cfg.seq_len or gpt.cfg.seq_len, gpt.cfg.seq_len)
     train, val, n_trunc = train_val_pairs(tok, data, val_data, val_fraction, cfg.seed, max_len)
     rm = RewardModel(gpt).to(device).train()
+    autocast(torch.device(device), cfg.precision)  # a precision this device cannot run fails here, first
     bs = cfg.device_batch_size
 
     def step(module: torch.nn.Module, step: int, update: int) -> tuple[torch.Tensor, dict]:
         rc, rr = pair_rewards(
-            module, [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)], device
+            module, [train[i] for i in batch_indices(len(train), bs, step, cfg.seed)], device, cfg.precision
         )
         return bt_loss(rc, rr), {"acc": float((rc > rr).float().mean())}
 
@@ -346,7 +351,7 @@ def train_reward(
     }
     stage = Stage(
         name="reward", model=gpt, trained=rm, step=step, meta=meta, summarize=summarize,
-        evaluate=(lambda module: evaluate_pairs(rm, val, bs, device)) if val else None,
+        evaluate=(lambda module: evaluate_pairs(rm, val, bs, device, cfg.precision)) if val else None,
         plot=("reward.png", [("Bradley-Terry loss", ["loss", "val_loss"]), ("pairwise accuracy", ["acc", "val_acc"])]),
         plot_title=f"reward model from {Path(base).name}",
         state=lambda: {"head": rm.head_state()},
