@@ -126,12 +126,14 @@ class RLConfig:
     keep_ckpts: int = 2
     seed: int = knob(0, "seed of sampling and problem order")
     device: str = knob("auto", "cpu, cuda, mps (default: cuda if available)")
+    precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32: the policy's log-probs")
 
     def train_config(self) -> TrainConfig:
         """The optimizer / schedule knobs in the form the trainer (train/loop.py, train/optim.py) takes."""
         return TrainConfig(
             lr=self.lr, embed_lr=self.lr, weight_decay=0.0, warmup_steps=self.warmup_steps,
             final_lr_frac=1.0, max_steps=self.steps, grad_clip=self.grad_clip, seed=self.seed,
+            precision=self.precision,
         )  # fmt: skip
 
 

@@ -274,6 +274,9 @@ def test_rl_cli_on_world_problems_writes_a_run(run_dir, tmp_path):
     assert summary["best_step"] in (0, 1, 2) and meta["best_step"] == summary["best_step"]
     with pytest.raises(ChatforgeError, match="needs --world"):
         cmd_rl(parse(RLOptions, argv[:4] + ["--out", tmp_path / "x"]))
+    with pytest.raises(ChatforgeError, match="unknown precision 'fp16'"):
+        cmd_rl(parse(RLOptions, [*argv, "--out", tmp_path / "y", "--set", "precision=fp16"]))
+    assert not (tmp_path / "y").exists()  # refused before anything was written
 
 
 # ---- with tools ------------------------------------------------------------------------------------------

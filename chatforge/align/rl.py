@@ -389,6 +389,7 @@ def grpo(
         raise ChatforgeError("--steps, --prompts-per-step and --epochs must be at least 1")
     out_dir = Path(out_dir)
     device = pick_device(cfg.device)
+    autocast(torch.device(device), cfg.precision)  # a precision this device cannot run fails here, first
     torch.manual_seed(cfg.seed)
     run = ckpt.load_run(base, device=device)
     policy, tok, base_meta, model_dir = run.model, run.tokenizer, run.meta, run.folder
@@ -575,7 +576,7 @@ class GRPOStep:
                 [token_logps(model, ids[i : i + mb], cfg.temperature) for i in range(0, len(rows), mb)]
             )
 
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, cfg.precision):
             # one update: the policy is still the sampler's, so the ratio's denominator is its own detached value
             old = logps_of(policy) if n_updates > 1 else None
             ref_lp = logps_of(self.ref) if self.ref is not None else None
@@ -602,7 +603,7 @@ class GRPOStep:
         mb = self.minibatch(b.ids.size(0))
         n_minibatches = math.ceil(b.ids.size(0) / mb)
         sl = slice((update % n_minibatches) * mb, (update % n_minibatches + 1) * mb)
-        with autocast(b.ids.device):
+        with autocast(b.ids.device, cfg.precision):
             lp = token_logps(module, b.ids[sl], cfg.temperature)
         loss, st = grpo_loss(
             lp, b.old_logps[sl] if b.old_logps is not None else lp.detach(), b.advantages[sl], b.mask[sl],
