@@ -32,15 +32,39 @@ import torch
 from chatforge.conversations import _BENIGN_TOPICS, _HOWTO_TOPICS
 from chatforge.fileio import atomic_write_json
 from chatforge.rag.embed import DEFAULT_EMBEDDING, get_embedder
-from chatforge.redteam.injection import (
-    CLASSIFIER_PATH,
-    InjectionClassifier,
-    sentences,
-    threshold_at,
-    train_logistic,
-)
+from chatforge.redteam.injection import CLASSIFIER_PATH, InjectionClassifier, sentences
 from chatforge.redteam.probes import AIMS, CARRIERS, hide, injected_instruction
 from chatforge.world import biography, build_world
+
+
+def train_logistic(
+    x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 100
+) -> tuple[np.ndarray, float]:
+    """Weights and bias of an L2-regularised logistic regression, the two classes weighted equally."""
+    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    pos = yt.sum().clamp_min(1)
+    sample_w = torch.where(yt > 0, 0.5 / pos, 0.5 / (len(yt) - pos).clamp_min(1))
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="none")
+        loss = (sample_w * losses).sum() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().numpy().astype(np.float32), float(b.detach())
+
+
+def threshold_at(negative_scores: np.ndarray, false_positive_rate: float) -> float:
+    """The smallest threshold that flags at most `false_positive_rate` of the negatives."""
+    ranked = np.sort(np.asarray(negative_scores))[::-1]
+    allowed = int(np.floor(false_positive_rate * len(ranked)))
+    return float(np.nextafter(ranked[allowed], 1.0)) if allowed < len(ranked) else 0.0
+
 
 BIPIA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bipia" / "benchmark"
 
@@ -52,7 +76,9 @@ def attacks(path: Path, code: bool) -> dict[str, list[str]]:
 
 
 def contexts() -> tuple[list[str], list[str]]:
-    emails = [json.loads(line)["context"] for line in (BIPIA / "email" / "train.jsonl").read_text().splitlines()]
+    emails = [
+        json.loads(line)["context"] for line in (BIPIA / "email" / "train.jsonl").read_text().splitlines()
+    ]
     code = []
     for line in (BIPIA / "code" / "train.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -136,7 +162,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--embedding", default=DEFAULT_EMBEDDING)
-    ap.add_argument("--fpr", type=float, default=0.01, help="share of training negatives the threshold may flag")
+    ap.add_argument(
+        "--fpr", type=float, default=0.01, help="share of training negatives the threshold may flag"
+    )
     ap.add_argument("--l2", type=float, default=1e-3)
     ap.add_argument("--generated", action="store_true", help="add generated instructions to the positives")
     ap.add_argument("--save", action="store_true", help="write the package's injection_classifier.json")
@@ -149,9 +177,13 @@ def main() -> None:
     emails, code = contexts()
     howtos = [f"{t.capitalize()}: {a}" for t, a in list(_BENIGN_TOPICS) + list(_HOWTO_TOPICS)]
     notices = notice_sentences(random.Random(0), 200) if args.generated else []
-    neg_train = [s for d in emails[0::2] + code[0::2] for s in sentences(d)] + world_sentences(0, 150) + howtos[0::2]
+    neg_train = (
+        [s for d in emails[0::2] + code[0::2] for s in sentences(d)] + world_sentences(0, 150) + howtos[0::2]
+    )
     neg_train += notices
-    neg_held = [s for d in emails[1::2] + code[1::2] for s in sentences(d)] + world_sentences(1, 150) + howtos[1::2]
+    neg_held = (
+        [s for d in emails[1::2] + code[1::2] for s in sentences(d)] + world_sentences(1, 150) + howtos[1::2]
+    )
     generated = generated_instructions(random.Random(0), 300) if args.generated else []
     pos_train, pos_held = text_train + code_train + generated, text_held + code_held
 
@@ -165,7 +197,9 @@ def main() -> None:
 
     held_emails = emails[1::2]
     rng = random.Random(0)
-    docs_attacked = [insert(d, rng.choice(text_held), rng.choice(["start", "middle", "end"])) for d in held_emails]
+    docs_attacked = [
+        insert(d, rng.choice(text_held), rng.choice(["start", "middle", "end"])) for d in held_emails
+    ]
     probe_docs = {f"{c}-{a}": insert(held_emails[0], hide(injected_instruction(a), c), "end")
                   for c in CARRIERS for a in AIMS}  # fmt: skip
     report = {
@@ -187,7 +221,12 @@ def main() -> None:
     if args.save:
         summary = {k: report[k] for k in ("held_out_sentences", "held_out_documents")}
         clf.save(CLASSIFIER_PATH, {"trained_by": "bench/injection_classifier.py", "held_out": summary})
-    print(json.dumps({k: v for k, v in report.items() if k not in ("missed_held_out", "false_positives_held_out")}, indent=1))
+    print(
+        json.dumps(
+            {k: v for k, v in report.items() if k not in ("missed_held_out", "false_positives_held_out")},
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,10 +51,8 @@ def goal_file(path: Path, requests: list[str], n: int, seed: int) -> Path:
     return path
 
 
-def red_team(folder: Path, goals: Path, n: int, args) -> dict:
+def red_team(folder: Path, model, tok, goals: Path, n: int, args) -> dict:
     """Per probe: the share of answers that do not refuse, and the clean accuracy."""
-    run = load_run(folder)
-    model, tok = run.model.eval(), run.tokenizer
     opts = RedteamOptions(model=str(folder), probes=PROBES, goals=str(goals), n_goals=n, n_contexts=1,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)  # fmt: skip
     generate = cached(engine_generator(model, tok, args.max_new_tokens, args.batch_size))
@@ -72,9 +70,10 @@ def red_team(folder: Path, goals: Path, n: int, args) -> dict:
 
 def measure(folder: Path, files: dict[str, Path], args) -> dict:
     t0 = time.perf_counter()
+    run = load_run(folder)
+    model, tok = run.model.eval(), run.tokenizer
     out = {
-        "harmful": red_team(folder, files["harmful"], args.n_goals, args),
-        "benign": red_team(folder, files["benign"], args.n_goals, args),
+        part: red_team(folder, model, tok, files[part], args.n_goals, args) for part in ("harmful", "benign")
     }
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -177,14 +177,7 @@ def scan_perplexity(messages: list[dict], stack: DefenseStack) -> str | None:
     stack's threshold: GCG suffixes are token soup no person types."""
     if stack.model is None or stack.tok is None:
         raise ChatforgeError("the perplexity defense scores text with the model, and this path gives it none")
-    text = next(
-        (
-            m["content"]
-            for m in reversed(messages)
-            if m["role"] == "user" and isinstance(m.get("content"), str)
-        ),
-        "",
-    )
+    text = next((m["content"] for m in reversed(messages) if m["role"] == "user" and isinstance(m.get("content"), str)), "")
     if not text:
         return None
     flagged, ppl = perplexity_filter(stack.model, stack.tok, text, threshold=stack.perplexity_threshold)

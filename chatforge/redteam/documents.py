@@ -39,16 +39,15 @@ def has_untrusted(messages: list[dict]) -> bool:
 
 def map_untrusted(messages: list[dict], fn: Callable[[str], str]) -> list[dict]:
     """The messages with `fn` applied to every piece of untrusted content (tool results, document blocks)."""
+
+    def in_blocks(g: re.Match) -> str:
+        return g.group(1) + fn(g.group(2)) + g.group(3)
+
     out = []
     for m in messages:
         if m["role"] == "tool" and m.get("content"):
             m = dict(m, content=fn(m["content"]))
         elif m["role"] == "user" and m.get("content"):
-            m = dict(
-                m,
-                content=DOCUMENT_PATTERN.sub(
-                    lambda g: g.group(1) + fn(g.group(2)) + g.group(3), m["content"]
-                ),
-            )
+            m = dict(m, content=DOCUMENT_PATTERN.sub(in_blocks, m["content"]))
         out.append(m)
     return out

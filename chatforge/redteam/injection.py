@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
@@ -57,16 +56,20 @@ class InjectionClassifier:
         logits = get_embedder(self.embedding).embed(texts) @ self.weights + self.bias
         return 1.0 / (1.0 + np.exp(-logits))
 
+    def scored(self, text: str) -> list[tuple[str, float]]:
+        """Each sentence of `text` with its score."""
+        parts = sentences(text)
+        return [(s, float(p)) for s, p in zip(parts, self.scores(parts), strict=True)]
+
     def flagged(self, text: str) -> list[tuple[str, float]]:
         """The sentences of `text` that score at or above the threshold, with their scores."""
-        parts = sentences(text)
-        return [(s, float(p)) for s, p in zip(parts, self.scores(parts), strict=True) if p >= self.threshold]
+        return [(s, p) for s, p in self.scored(text) if p >= self.threshold]
 
     def without_flagged(self, text: str) -> str:
         """`text` unchanged when no sentence is flagged; else its other sentences, one per line."""
-        parts = sentences(text)
-        keep = [s for s, p in zip(parts, self.scores(parts), strict=True) if p < self.threshold]
-        return text if len(keep) == len(parts) else "\n".join(keep)
+        scored = self.scored(text)
+        keep = [s for s, p in scored if p < self.threshold]
+        return text if len(keep) == len(scored) else "\n".join(keep)
 
     def save(self, path: Path, extra: dict | None = None) -> None:
         body = {"embedding": self.embedding, "bias": self.bias, "threshold": self.threshold,
@@ -95,32 +98,3 @@ def load_classifier(path: str = str(CLASSIFIER_PATH)) -> InjectionClassifier:
             f"{path} was trained on {clf.weights.shape[0]}-d embeddings, {clf.embedding} gives {embedder.dim}"
         )
     return clf
-
-
-def train_logistic(
-    x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 100
-) -> tuple[np.ndarray, float]:
-    """Weights and bias of an L2-regularised logistic regression, the two classes weighted equally."""
-    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    pos = yt.sum().clamp_min(1)
-    sample_w = torch.where(yt > 0, 0.5 / pos, 0.5 / (len(yt) - pos).clamp_min(1))
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        losses = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="none")
-        loss = (sample_w * losses).sum() + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().numpy().astype(np.float32), float(b.detach())
-
-
-def threshold_at(negative_scores: np.ndarray, false_positive_rate: float) -> float:
-    """The smallest threshold that flags at most `false_positive_rate` of the negatives."""
-    ranked = np.sort(np.asarray(negative_scores))[::-1]
-    allowed = int(np.floor(false_positive_rate * len(ranked)))
-    return float(np.nextafter(ranked[allowed], 1.0)) if allowed < len(ranked) else 0.0
