@@ -9,7 +9,7 @@ Data (../shared/data/bipia, train files only; BIPIA's test split is never read):
 - with --generated, positives also include instructions of the kinds attackers write (templates
   below; none is a red-team probe's sentence, word, host or tool).
 Split: every third attack category, every other context and a separate world are held out. The
-logistic regression (`redteam.injection.train_logistic`) trains on the rest; its threshold flags at most
+logistic regression (`train_logistic` below) trains on the rest; its threshold flags at most
 --fpr of the training negatives. Reported on the held-out part: sentence-level precision and recall,
 document-level (held-out emails, each clean and with a held-out attack at its start, middle or end),
 and the red-team probes' own three instructions (`probes.injected_instruction`) in every carrier.
