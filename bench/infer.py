@@ -5,7 +5,8 @@ Engines: chatforge (fp32, decode_layout: every matmul split across the threads),
 (fp32 with each matmul on one core, as torch runs a matrix-vector product), chatforge-bf16,
 chatforge-int8 and chatforge-int4 (model/quant.py; the kernel this CPU gets, recorded in the JSON;
 `chatforge-int8-KERNEL`, `chatforge-int4-KERNEL` or `chatforge-int4-gN` ask for a kernel or an int4
-group size), hf, and llamacpp (the shipped Q4_1 GGUF) / llamacpp-q8_0 (the run exported by
+group size; a `-compiled` suffix compiles the decode step, `quant.compile_decode`, and records
+the first generation's seconds, which pay the compile, as `compile_s`), hf, and llamacpp (the shipped Q4_1 GGUF) / llamacpp-q8_0 (the run exported by
 `chatforge export gguf --dtype q8_0`) when llama-cpp-python is importable by --llamacpp-python
 (never a dependency of chatforge: build it in a venv of its own).
 
@@ -53,6 +54,7 @@ ENGINES = (
     "chatforge-bf16",
     "chatforge-int8",
     "chatforge-int4",
+    "chatforge-int4-compiled",
     "hf",
     "llamacpp",
     "llamacpp-q8_0",
@@ -144,14 +146,16 @@ class HFLoss:
 
 
 def chatforge_format(engine: str) -> dict:
-    """chatforge[-1core | -bf16 | -int8[-KERNEL] | -int4[-KERNEL][-gN]] -> how its worker loads the run:
-    {"mode": None / "bf16" / "int8" / "int4", "kernel": None or a name, "group_size": int or None,
-    "parts": None or 1}. SystemExit for a name that is none of these."""
+    """chatforge[-1core | -bf16 | -int8[-KERNEL] | -int4[-KERNEL][-gN]][-compiled] -> how its worker
+    loads the run: {"mode": None / "bf16" / "int8" / "int4", "kernel": None or a name, "group_size":
+    int or None, "parts": None or 1, "compiled": bool}. SystemExit for a name that is none of these."""
     words = engine.split("-")
-    fmt: dict = {"mode": None, "kernel": None, "group_size": None, "parts": None}
+    fmt: dict = {"mode": None, "kernel": None, "group_size": None, "parts": None, "compiled": False}
     if words[0] != "chatforge":
         raise SystemExit(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     rest = words[1:]
+    if rest and rest[-1] == "compiled":
+        fmt["compiled"] = rest.pop() == "compiled"
     if rest == ["1core"]:
         return {**fmt, "parts": 1}
     if rest and rest[0] in ("bf16", "int8", "int4"):
@@ -290,7 +294,12 @@ def worker(spec: dict) -> dict:
     else:
         from chatforge.checkpoint import load_run
         from chatforge.engine import generate
-        from chatforge.model.quant import INT4_GROUP_SIZE, inference_model, quantization_kernels
+        from chatforge.model.quant import (
+            INT4_GROUP_SIZE,
+            compile_decode,
+            inference_model,
+            quantization_kernels,
+        )
 
         fmt = chatforge_format(engine)
         model = inference_model(
@@ -300,6 +309,13 @@ def worker(spec: dict) -> dict:
             fmt["kernel"],
             fmt["group_size"] or INT4_GROUP_SIZE,
         )
+        compile_s = None
+        if fmt["compiled"]:
+            compile_decode(model)
+            start = time.perf_counter()
+            list(generate(model, ids, 3, temperature=0.0))  # the first steps compile (or load the cache)
+            compile_s = time.perf_counter() - start
+            log(f"  {engine}: first generation (the compile) took {compile_s:.1f} s")
 
         def run_once() -> tuple[list[float], list[int]]:
             times, tokens = [], []
@@ -310,7 +326,8 @@ def worker(spec: dict) -> dict:
 
         quality_model = model
     out: dict = {"engine": engine, "load_s": time.perf_counter() - t0}
-    if engine != "hf":
+    if engine.startswith("chatforge"):
+        out["compile_s"] = compile_s
         out["kernels"] = quantization_kernels(model)
     out.update(timed_runs(spec, run_once))
     out["rss_mb"], out["peak_rss_mb"] = rss_mb()
@@ -513,6 +530,10 @@ def summarize(results: dict[str, list[dict]], baseline: str) -> dict:
             row["peak_rss_mb"] = round(max(o["peak_rss_mb"] for o in outs), 1)
             row["rss_after_mb"] = round(statistics.median(o["rss_mb"] for o in outs), 1)
             row["load_s"] = round(statistics.median(o["load_s"] for o in outs), 2)
+            if (
+                outs[0].get("compile_s") is not None
+            ):  # each round's process compiles (cold, then from the cache)
+                row["compile_s_per_round"] = [round(o["compile_s"], 1) for o in outs]
         if "quality" in outs[0]:
             row["bpb"] = round(outs[0]["quality"]["bpb"], 5)
             row["loss_nats"] = round(outs[0]["quality"]["loss_nats"], 5)

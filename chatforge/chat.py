@@ -32,6 +32,7 @@ from chatforge.engine import IncrementalDecoder, check_sampling, stream_batch
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_bytes
 from chatforge.model.gpt import GPT
+from chatforge.model.quant import compile_decode
 from chatforge.options import ChatOptions
 from chatforge.rag.answer import RagPrompt, rag_prompt, sources_line
 from chatforge.redteam.defenses import DefenseStack, InputBlocked, parse_defenses
@@ -520,6 +521,8 @@ def cmd_chat(args: ChatOptions) -> None:
     defenses = parse_defenses(args.defenses)  # a bad name fails before the model loads
     run = load_run(args.model, args.quantize or True, pick_device(args.device))
     model, tok, model_dir = run.model, run.tokenizer, run.folder
+    if args.compile:
+        compile_decode(model)
     if defenses is not None:  # for defenses that score text with the model
         defenses.model, defenses.tok = model, tok
     ctx = model.cfg.seq_len

@@ -223,22 +223,6 @@ def reservation(row: Row) -> int:
     return len(row.prompt) + max(row.budget, 1) - 1
 
 
-class LayerCache:
-    """Keys (or values) held as one tensor per layer, (rows, kv heads, columns, head dim), indexed as
-    one (layers, rows, kv heads, columns, head dim) tensor is: `k[layer, :, :, a:b]`, as Attention does.
-    One tensor per layer lets the pool be reallocated a layer at a time, so growing it holds one
-    layer twice for a moment, not the whole cache."""
-
-    def __init__(self, layers: list[torch.Tensor]) -> None:
-        self.layers = layers
-
-    def __getitem__(self, index: tuple) -> torch.Tensor:
-        return self.layers[index[0]][index[1:]]
-
-    def __setitem__(self, index: tuple, value: torch.Tensor) -> None:
-        self.layers[index[0]][index[1:]] = value
-
-
 class BatchDecoder:
     """Rows of one KV cache that advance together: `admit` prefills new rows, `step` gives every
     live row its next token with one forward, `remove` frees rows. A row also leaves by itself when
@@ -286,14 +270,14 @@ class BatchDecoder:
         self.step_view = False  # self.cache no longer views the live rows
         self.padded = any(self.start)
         self.start_t = torch.tensor(self.start, dtype=torch.long, device=self.device)
-        cols = torch.arange(self.pool_cols, device=self.device)
-        self.key_ok = cols[None, :] >= self.start_t[:, None]  # (B, columns): a row's own columns
+        self.cols = torch.arange(self.pool_cols, device=self.device)
+        self.key_ok = self.cols[None, :] >= self.start_t[:, None]  # (B, columns): a row's own columns
 
     def _view(self, rows: slice, first_col: int, pos: int) -> KVCache:
         """The cache for a forward: `rows` of the pool from column `first_col` on, filled up to `pos`."""
         c = self.cache
-        c.k = LayerCache([t[rows, :, first_col:] for t in self.k])
-        c.v = LayerCache([t[rows, :, first_col:] for t in self.v])
+        c.k = [t[rows, :, first_col:] for t in self.k]
+        c.v = [t[rows, :, first_col:] for t in self.v]
         c.max_len, c.pos = self.pool_cols - first_col, pos
         return c
 
@@ -428,9 +412,13 @@ class BatchDecoder:
         else:
             cache, self.step_view = self._view(slice(0, B), 0, self.col), True
         tokens = self.next_token.view(B, 1)
-        if self.padded:
+        compiled = self.model.decode_step is not None
+        if self.padded or compiled:
             positions = (self.col - self.start_t).view(B, 1)
-            mask = self.key_ok[:, None, None, : self.col + 1]
+            if compiled:  # a mask over the whole pool: the step's shapes change only with the pool's, one graph
+                mask = (self.key_ok & (self.cols <= self.col))[:, None, None, :]
+            else:
+                mask = self.key_ok[:, None, None, : self.col + 1]
             logits = self.model(tokens, cache=cache, positions=positions, attn_mask=mask)
         else:
             logits = self.model(tokens, cache=cache)

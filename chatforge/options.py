@@ -417,6 +417,10 @@ class PresetsOptions:
 
 # ---- evaluation, generation, serving ----------------------------------------------------------------
 
+_COMPILE_HELP = (
+    "compile the decode step with torch.compile (SmolLM2 int4 on a Zen 4: about 1.5x the eager step); the "
+    "first answer waits for the compile: about a minute, 20 s once torch has cached it (docs/decode.md)"
+)
 _DEVICE_HELP = "cpu, cuda, cuda:1, mps ... (default: cuda if available)"
 
 
@@ -501,6 +505,7 @@ class ChatOptions:
         "the speed and the cost)",
         choices=("bf16", "int8", "int4"),
     )  # fmt: skip
+    compile: bool = opt(False, _COMPILE_HELP)
     defenses: str | None = opt(None, _DEFENSES_HELP, metavar="NAMES")
     rag: str | None = opt(
         None, "answer from this collection (`chatforge rag add`): retrieved chunks go into the prompt, "
@@ -584,6 +589,11 @@ class ServeOptions:
     body_timeout: float = opt(30.0, "seconds a client has to send a request's body (default 30)")
     max_connections: int = opt(1000, "open connections at most; more get 503 (default 1000)")
     device: str = opt("auto", _DEVICE_HELP)
+    quantize: str | None = opt(
+        None, "serve the weights in bf16, or int8 / int4 weight-only (faster CPU decode; docs/decode.md)",
+        choices=("bf16", "int8", "int4"),
+    )  # fmt: skip
+    compile: bool = opt(False, _COMPILE_HELP)
     defenses: str | None = opt(
         None, _DEFENSES_HELP + "; answers are then post-processed (streams come whole)", metavar="NAMES"
     )

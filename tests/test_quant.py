@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatforge.checkpoint import model_state
-from chatforge.engine import generate, generate_batch
+from chatforge.engine import BatchDecoder, Row, generate, generate_batch
 from chatforge.errors import ChatforgeError
 from chatforge.model import quant
 from chatforge.model.gpt import GPT, MLP, Attention, GPTConfig, KVCache
@@ -413,3 +413,66 @@ def test_kernel_choice_is_refused_in_one_line_when_unknown():
     with pytest.raises(ChatforgeError, match="unknown kernel 'int4pack'") as e:
         quantize_model(tiny(), "int8", kernel="int4pack")
     assert "\n" not in str(e.value) and "int8pack" in str(e.value)
+
+
+def _engine_steps(model: GPT, prompts: list[list[int]], n: int) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Each decode step's logits (through the engine's own cache and padding) and the greedy ids."""
+    seen: list[torch.Tensor] = []
+    forward = model.forward
+
+    def spy(idx, *a, **kw):
+        out = forward(idx, *a, **kw)
+        if idx.size(1) == 1:
+            seen.append(out.detach().clone())
+        return out
+
+    model.forward = spy
+    try:
+        decoder = BatchDecoder(model, capacity=len(prompts), max_len=64)
+        rows = [Row(prompt=p, budget=n) for p in prompts]
+        out = {id(r): [] for r in rows}
+        with torch.inference_mode():
+            for row, t, _ in decoder.admit(rows):
+                out[id(row)].append(t)
+            while decoder.rows:
+                for row, t, _ in decoder.step():
+                    out[id(row)].append(t)
+    finally:
+        del model.forward
+    return seen, [out[id(r)] for r in rows]
+
+
+@pytest.mark.skipif(quant.compile_problem() is not None, reason="torch.compile needs a C++ compiler")
+def test_compiled_decode_steps_compute_what_eager_steps_compute(tmp_path, monkeypatch):
+    """The compiled step (one graph, dynamic in cache length and batch) against the same model eager,
+    with left-padded rows of two lengths: every step's logits within float rounding, same tokens.
+    The tiny model's lm_head (300 outputs) does not fit int4's layout and stays int8 (fbgemm), which
+    the compiled step calls eagerly: both paths are covered."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    eager = quant.inference_model(tiny(), "int4")  # the format it is for (about 30 s to compile here)
+    compiled = quant.compile_decode(quant.inference_model(tiny(), "int4"))
+    assert set(quant.quantization_kernels(compiled)) == {"int4 int4pack", f"int8 {pick_kernel('int8')}"}
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    want_logits, want = _engine_steps(eager, prompts, 6)
+    got_logits, got = _engine_steps(compiled, prompts, 6)
+    assert got == want
+    assert len(got_logits) == len(want_logits) == 5
+    for g, w in zip(got_logits, want_logits, strict=True):
+        assert g.shape == w.shape and rel_err(g, w) < 1e-3
+    _, one = _engine_steps(compiled, [[3, 4, 5]], 4)  # batch 1, no padding: the same graph or one more
+    assert one == _engine_steps(eager, [[3, 4, 5]], 4)[1]
+    assert any(tmp_path.iterdir())  # kernels kept on disk for the next process
+
+
+def test_compile_without_a_compiler_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(quant.shutil, "which", lambda name: None)
+    with pytest.raises(ChatforgeError, match="no C.. compiler"):
+        quant.compile_decode(tiny())
+
+
+@pytest.mark.skipif(kernel_problem("fbgemm") is not None, reason="fbgemm is not built into this torch")
+def test_compile_refuses_a_model_of_fbgemm_int8_matrices_in_one_line():
+    model = quantize_model(tiny(), "int8", "fbgemm")
+    with pytest.raises(ChatforgeError, match="does not speed up int8's fbgemm kernel; use --quantize int4"):
+        quant.compile_decode(model)
+    assert model.decode_step is None

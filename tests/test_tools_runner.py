@@ -105,16 +105,16 @@ class ScriptedGPT(GPT):
         start = cache.pos
         if start == 0:  # prefill: remember which columns are real tokens (not left padding)
             real = attn_mask[:, 0, -1, :T] if attn_mask is not None else torch.ones(B, T, dtype=torch.bool)
-            cache.v[0, :, 0, :T, 0] = real.float()
+            cache.v[0][:, 0, :T, 0] = real.float()
             self.rows_seen.append(B)
         else:
-            cache.v[0, :, 0, start : start + T, 0] = 1.0
-        cache.k[0, :, 0, start : start + T, 0] = idx.float()  # the engine's cache carries the history
+            cache.v[0][:, 0, start : start + T, 0] = 1.0
+        cache.k[0][:, 0, start : start + T, 0] = idx.float()  # the engine's cache carries the history
         cache.pos += T
         logits = torch.full((B, T, self.cfg.vocab_size), -1e4)
         for b in range(B):
-            keep = cache.v[0, b, 0, : cache.pos, 0] > 0
-            history = cache.k[0, b, 0, : cache.pos, 0][keep].long().tolist()
+            keep = cache.v[0][b, 0, : cache.pos, 0] > 0
+            history = cache.k[0][b, 0, : cache.pos, 0][keep].long().tolist()
             logits[b, -1, self.next_token(history)] = 1e4
         return logits
 

@@ -14,6 +14,7 @@ Shape of a forward pass, for a batch of token ids idx (B, T):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -148,15 +149,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
+class LayerKV:
+    """One layer's slice of a KVCache: keys and values (B, KV, max_len, D) and how many positions are
+    filled. What Attention reads and writes, so a layer's code never indexes by its layer number
+    (the whole model then compiles as one graph: quant.compile_decode)."""
+
+    __slots__ = ("k", "v", "pos")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        self.k, self.v, self.pos = k, v, pos
+
+
 class KVCache:
-    """Pre-allocated keys/values for every layer; generation writes in place, never concatenates."""
+    """Pre-allocated keys/values for every layer; generation writes in place, never concatenates.
+    k and v are (n_layer, B, KV, max_len, D) tensors, or lists of one (B, KV, max_len, D) tensor per
+    layer (the engine's pool, which grows a layer at a time)."""
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k: torch.Tensor | list[torch.Tensor] = torch.zeros(shape, device=device, dtype=dtype)
+        self.v: torch.Tensor | list[torch.Tensor] = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0  # how many positions are filled
         self.max_len = max_len
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i], self.pos)
 
     def reset(self) -> None:
         self.pos = 0
@@ -196,19 +213,21 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        kv: LayerKV | None,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q, k, v = self.heads(x, cos, sin)
-        if cache is not None:
+        if kv is not None:
             # write this step's keys/values into the cache, attend over everything so far
-            start = cache.pos
-            cache.k[self.layer_idx, :, :, start : start + T] = k
-            cache.v[self.layer_idx, :, :, start : start + T] = v
-            k = cache.k[self.layer_idx, :, :, : start + T]
-            v = cache.v[self.layer_idx, :, :, : start + T]
+            start = kv.pos
+            kv.k[:, :, start : start + T] = k
+            kv.v[:, :, start : start + T] = v
+            if attn_mask is not None and attn_mask.size(-1) == kv.k.size(2):  # a mask over the whole cache
+                k, v = kv.k, kv.v
+            else:
+                k, v = kv.k[:, :, : start + T], kv.v[:, :, : start + T]
         gqa = KV != H
         if attn_mask is None:
             # a fresh sequence, or one new token that may see the whole cache
@@ -242,13 +261,13 @@ class Block(nn.Module):
         # set by GPT.set_activation_checkpointing: keep only the block's input for backward, recompute the rest
         self.checkpoint_activations = False
 
-    def forward(self, x, cos, sin, cache, attn_mask):
-        if self.checkpoint_activations and cache is None and torch.is_grad_enabled():
+    def forward(self, x, cos, sin, kv: LayerKV | None, attn_mask):
+        if self.checkpoint_activations and kv is None and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, None, attn_mask, use_reentrant=False)
-        return self._forward(x, cos, sin, cache, attn_mask)
+        return self._forward(x, cos, sin, kv, attn_mask)
 
-    def _forward(self, x, cos, sin, cache, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask)
+    def _forward(self, x, cos, sin, kv: LayerKV | None, attn_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -266,6 +285,8 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg, cfg.seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # set by quant.compile_decode: _forward compiled, for one-token decode steps
+        self.decode_step: Callable | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -314,7 +335,9 @@ class GPT(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def _rope(self, start: int, length: int, positions: torch.Tensor | None):
-        need = (int(positions.max()) + 1) if positions is not None else start + length
+        # per-row positions count from each row's own first cache column, so they stay below
+        # start + length: no need to read them (a host sync, and a graph break when compiled)
+        need = start + length
         if need > self.rope_cos.size(0):
             # a longer context than configured: grow the tables (RoPE extrapolates poorly; the caller warns)
             cos, sin = rope_tables(self.cfg, max(need, 2 * self.rope_cos.size(0)), self.rope_cos.device)
@@ -339,7 +362,8 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V), or the loss if targets (B, T) are given (-1 = ignored).
 
         With a cache, idx holds the next T tokens after cache.pos; they are written to the cache and
-        cache.pos advances. attn_mask (bool, True = may attend, broadcastable to (B, 1, T, keys)) is
+        cache.pos advances. positions (B, T): each row's RoPE positions where rows start at different
+        cache columns (left padding); they count from the row's first column, so stay below cache.pos + T. attn_mask (bool, True = may attend, broadcastable to (B, 1, T, keys)) is
         needed only when new tokens must not see some cached ones (padding, or T > 1 after a prefix).
         last_only=True returns logits (B, 1, V) for the last position only: a prefill needs no others,
         and the vocabulary projection is the largest matmul of a short sequence.
@@ -348,17 +372,37 @@ class GPT(nn.Module):
         inputs_embeds (B, T, n_embd) replaces embed_tokens(idx) (idx may then be None): gradient attacks
         differentiate through one-hot rows of the embedding matrix.
         """
+        one_step = cache is not None and targets is None and inputs_embeds is None and not return_hidden
+        if self.decode_step is not None and one_step and idx.size(1) == 1:
+            return self.decode_step(idx, cache=cache, positions=positions, attn_mask=attn_mask)
+        return self._forward(
+            idx, targets, cache, positions, attn_mask, loss_reduction, last_only, return_hidden, inputs_embeds
+        )
+
+    def _forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        last_only: bool = False,
+        return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward's work; quant.compile_decode compiles this for decode steps."""
         B, T = (idx if inputs_embeds is None else inputs_embeds).shape[:2]
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ChatforgeError(f"context overflow: {start + T} tokens > cache size {cache.max_len}")
         cos, sin = self._rope(start, T, positions)
-        if cache is not None and start > 0 and T > 1 and attn_mask is None:
+        if T > 1 and cache is not None and start > 0 and attn_mask is None:  # T first: no guard on start when compiled
             # new tokens see all cached ones and are causal among themselves (bottom-right alignment)
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=cos.device).tril(diagonal=start)
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
-        for block in self.layers:
-            x = block(x, cos, sin, cache, attn_mask)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache.layer(i) if cache is not None else None, attn_mask)
         if cache is not None:
             cache.pos += T
         if return_hidden:

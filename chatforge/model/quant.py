@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import shutil
 import sys
 import warnings
 
@@ -264,12 +266,18 @@ class Int8Linear(QuantizedLinear):
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.kernel == "dequant" or x.size(-2) != 1:  # a fallback, or several positions per row: a prompt
             return F.linear(x, self.dequantized().to(x.dtype))
-        if x.size(0) == 1:  # an fbgemm decode step of one row
-            return torch.ops.quantized.linear_dynamic(x, self._packed, True)
-        return torch.cat([torch.ops.quantized.linear_dynamic(row, self._packed, True) for row in x.split(1)])
+        return _fbgemm_rows(x, self._packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel, {self.kernel}"
+
+
+@torch.compiler.disable  # dynamo cannot trace fbgemm's packed weights: a compiled step calls this eagerly
+def _fbgemm_rows(x: torch.Tensor, packed) -> torch.Tensor:
+    """fbgemm's dynamic int8 matmul, one call per row of a decode step (see Int8Linear)."""
+    if x.size(0) == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
+    return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, True) for row in x.split(1)])
 
 
 class Int4Linear(QuantizedLinear):
@@ -586,6 +594,35 @@ def inference_model(
         model = quantize_model(model, mode, kernel, group_size)
     _release_freed_memory()  # both copy the weights (decode_layout into its memory orders)
     return model.eval()
+
+
+def compile_problem() -> str | None:
+    """None when torch.compile can build kernels for this model's device here; else what is missing.
+    On a CPU inductor writes C++ and needs a compiler ($CXX, g++ or clang++)."""
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c):
+        return "no C++ compiler found (install g++, or set $CXX)"
+    return None
+
+
+def compile_decode(model: GPT) -> GPT:
+    """Compile the model's one-token decode step (GPT.forward with a cache and one new token per row)
+    with torch.compile into one graph: inductor fuses the norms, RoPE, SiLU, the casts around the
+    packed int4 / int8 kernels and the cache writes into a few C++ loops, which removes most of the
+    Python and dispatch cost of the ~40 small ops per layer that dominate a small model's decode step
+    (docs/decode.md measures it). Prompts (several tokens per row) stay eager. The graph is dynamic in
+    the cache length and batch from the first compile (one compile, not one per step), and torch
+    keeps what it compiled on disk ($TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_USER), so the
+    next process reuses it. The first decode step pays the compile (SmolLM2 on one Zen 4 core: about
+    a minute cold, 20 s from the cache; docs/decode.md)."""
+    problem = compile_problem()
+    if problem is not None:
+        raise ChatforgeError(f"--compile: {problem}; or run without --compile")
+    kernels = quantization_kernels(model)
+    if 2 * kernels.get("int8 fbgemm", 0) > sum(kernels.values()):
+        # each fbgemm matmul runs outside the graph: SmolLM2 int8 decoded at 0.70x its eager speed
+        raise ChatforgeError("--compile does not speed up int8's fbgemm kernel; use --quantize int4 with it")
+    model.decode_step = torch.compile(model._forward, dynamic=True)
+    return model
 
 
 def _release_freed_memory() -> None:

@@ -23,6 +23,7 @@ import os
 import resource
 import socket
 import sys
+import time
 from pathlib import Path
 
 import uvicorn
@@ -31,8 +32,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from chatforge.align.label import Judge
 from chatforge.checkpoint import load_run
 from chatforge.device import pick_device
-from chatforge.engine import kv_bytes_per_token
+from chatforge.engine import generate_batch, kv_bytes_per_token
 from chatforge.errors import ChatforgeError
+from chatforge.model.gpt import GPT
+from chatforge.model.quant import compile_decode
 from chatforge.options import ServeOptions, add_options, options_from_args
 from chatforge.rag.embed import EMBEDDERS
 from chatforge.redteam.defenses import parse_defenses
@@ -239,6 +242,17 @@ def checked_keys(args: ServeOptions) -> Keys:
     return keys
 
 
+def compile_before_serving(model: GPT) -> None:
+    """--compile: compile the decode step now, not in the first requests. A step of one row and a
+    step of several are two graphs (torch specialises a batch of 1), so both are run once."""
+    compile_decode(model)
+    print("compiling the decode step (about a minute the first time, less from torch's cache)", flush=True)
+    start = time.perf_counter()
+    generate_batch(model, [[0, 1, 2]], 3)
+    generate_batch(model, [[0, 1], [0, 1, 2]], 3)
+    print(f"compiled in {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def build_server_app(args: ServeOptions, keys: Keys | None = None):
     """Check the options, load the run and build the app `cmd_serve` runs (separate so tests can call
     it). `keys`: from `checked_keys`, when the caller checked already. Returns (app, model id,
@@ -248,8 +262,10 @@ def build_server_app(args: ServeOptions, keys: Keys | None = None):
     link_hosts = [h.strip().lower() for item in args.link_hosts for h in item.split(",") if h.strip()]
     defenses = parse_defenses(args.defenses, allowed_hosts=tuple(link_hosts))  # before the model loads
     rag = rag_settings(args)
-    # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout), the same logits
-    loaded = load_run(args.model, inference=True, device=pick_device(args.device))
+    # loaded as `chatforge chat` loads it: the decode layout (quant.decode_layout) or --quantize's format
+    loaded = load_run(args.model, inference=args.quantize or True, device=pick_device(args.device))
+    if args.compile:
+        compile_before_serving(loaded.model)
     kv_tokens, max_model_len = kv_cache_budget(args, loaded.model)
     if defenses is not None:  # for defenses that score text with the model
         defenses.model, defenses.tok = loaded.model, loaded.tokenizer
