@@ -115,14 +115,17 @@ class KaplanLaw:
         slope in N (L rises with the inner sum, and E does not move the optimum)."""
         u = self.alpha_N / self.alpha_D
         c6 = np.asarray(flops, dtype=float) / 6.0
-        n_opt = np.exp((math.log(u) + u * math.log(self.N_c) + np.log(c6) - math.log(self.D_c)) / (1.0 + u))
+        with np.errstate(invalid="ignore", divide="ignore"):  # a law falling with N has u > 0; else nan
+            n_opt = np.exp((np.log(u) + u * np.log(self.N_c) + np.log(c6) - np.log(self.D_c)) / (1.0 + u))
         return n_opt, c6 / n_opt
 
     @classmethod
     def from_theta(cls, theta) -> KaplanLaw:
-        a, b, *e, u, alpha_d = (float(x) for x in theta)
-        return cls(N_c=math.exp(a / u), D_c=math.exp(b), alpha_N=u * alpha_d, alpha_D=alpha_d,
-                   E=math.exp(e[0]) if e else 0.0)  # fmt: skip
+        a, b, *e, u, alpha_d = (np.float64(x) for x in theta)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # u -> 0: N_c = inf, not a crash
+            n_c = np.exp(a / u)
+        return cls(N_c=float(n_c), D_c=float(np.exp(b)), alpha_N=float(u * alpha_d), alpha_D=float(alpha_d),
+                   E=float(np.exp(e[0])) if e else 0.0)  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,6 +135,11 @@ class KaplanLaw:
 
 
 ScalingLaw = Law | KaplanLaw
+
+
+def is_finite(law: ScalingLaw) -> bool:
+    """Every constant a number: a degenerate fit (e.g. Kaplan's u -> 0, N_c = inf) is not one."""
+    return all(math.isfinite(v) for v in law.to_dict().values())
 
 
 def _lse_weights(*terms):
@@ -189,7 +197,7 @@ FORMS = {
         "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "e": _E_GRID,
         "alpha": [0.0, 0.5, 1.0, 1.5, 2.0], "beta": [0.0, 0.5, 1.0, 1.5, 2.0],
     }),
-    # a = u log N_c, b = log D_c; alpha_D is small when E is absent (Kaplan et al.: 0.095)
+    # a = u log N_c, b = log D_c; alpha_D is small when E is absent (Kaplan et al.: 0.103)
     "kaplan": Form("kaplan", KaplanLaw, _kaplan_log_loss, {
         "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0], "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "e": _E_GRID,
         "u": [0.25, 0.5, 1.0, 1.5, 2.0], "alpha_D": [0.05, 0.1, 0.25, 0.5, 1.0],
@@ -277,7 +285,9 @@ def bootstrap(
         pick = rng.integers(0, len(n), len(n))
         if len(set(zip(n[pick], d[pick], strict=True))) <= size:
             continue  # too few distinct runs to pin the constants
-        laws.append(fit_law(n[pick], d[pick], loss[pick], inits=starts, form=form)[0])
+        law = fit_law(n[pick], d[pick], loss[pick], inits=starts, form=form)[0]
+        if is_finite(law):
+            laws.append(law)
     return laws
 
 
@@ -398,6 +408,10 @@ def analyse(rows: list[dict], params: str = "nonembedding", holdout: str = "larg
         )
     n, d, loss = (np.array([r[k] for r in fitted], dtype=float) for k in (n_key, "tokens", "val_loss"))
     law, _, starts = fit_law(n, d, loss, form=form)
+    if not is_finite(law):
+        raise ChatforgeError(
+            f"the {form} fit degenerated ({law.summary()}): fit another --form or a bigger grid"
+        )
     laws = bootstrap(n, d, loss, starts, resamples, seed, form=form)
     predicted = [
         {"run": r["run"], "n": r[n_key], "tokens": r["tokens"], "measured": r["val_loss"],
