@@ -100,3 +100,12 @@ def test_bad_form_input_is_one_line():
         law_from_fit({"form": "kaplan", "law": {"E": 1.0, "A": 10.0, "B": 10.0, "alpha": 0.3, "beta": 0.3}})
     with pytest.raises(SystemExit):
         parse(ScalingFitOptions, ["sweep", "--form", "bogus"])
+
+
+def test_a_degenerate_kaplan_fit_is_not_a_crash():
+    """u = alpha_N / alpha_D -> 0 puts N_c at infinity: the law is built, flagged, and never used."""
+    from chatforge.scaling.fit import is_finite
+
+    law = KaplanLaw.from_theta([5.0, 10.0, 0.0, 0.0, 0.3])
+    assert law.N_c == np.inf and not is_finite(law)
+    assert is_finite(KaplanLaw.from_theta([5.0, 10.0, 0.0, 0.5, 0.3]))
