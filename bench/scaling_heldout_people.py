@@ -1,13 +1,15 @@
 """Each run of a world sweep scored on people it never read about, beside its validation loss.
 
-    python bench/scaling_heldout_people.py SWEEP TEXTS [--max-docs N] [--out table.md]
+    python bench/scaling_heldout_people.py SWEEP TEXTS [--max-docs N] [--out table.md] [--results DIR]
 
 A world's validation split (a share of its documents) holds biographies of people whose other
 biographies are in training, so its loss falls when a model memorises their facts. TEXTS are documents
 about people no run read about: a world's heldout.jsonl, or a second world made with another seed
 (`chatforge world --out fresh --people 1000 --seed 1`: new people, the same templates, arithmetic and
 stories). Loss on them measures what generalises and no memorisation. Where the two losses part, the
-sweep's loss is memorisation, which E + A/N^alpha + B/D^beta does not describe.
+sweep's loss is memorisation, which E + A/N^alpha + B/D^beta does not describe. --results DIR writes
+the sweep's rows with the unseen loss as `val_loss` (the split's kept as `val_loss_split`, `val_bpb_split`) to
+DIR/results.jsonl, for `chatforge scaling fit DIR`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("texts", help="unseen documents: a world folder or a .jsonl with a text field")
     parser.add_argument("--max-docs", type=int, default=2000, help="documents scored (default 2000)")
     parser.add_argument("--out", help="markdown table to write")
+    parser.add_argument("--results", help="folder for a results.jsonl of the unseen losses, to fit")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,12 +60,20 @@ def main() -> None:
         "| run | validation | unseen | difference |",
         "|---|---|---|---|",
     ]
+    unseen = []
     for r in rows:
         held = heldout_loss(sweep / "runs" / r["run"], texts)
         lines.append(f"| {r['run']} | {r['val_loss']:.3f} | {held:.3f} | {held - r['val_loss']:+.3f} |")
         print(lines[-1], flush=True)
+        row = dict(r, val_loss=held, val_loss_split=r["val_loss"], val_bpb_split=r.get("val_bpb"))
+        row.pop("val_bpb", None)  # the split's, not the unseen documents'
+        unseen.append(row)
     if args.out:
         atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
+    if args.results:
+        Path(args.results).mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r) + "\n" for r in unseen)
+        atomic_write_text(Path(args.results) / "results.jsonl", text)
 
 
 if __name__ == "__main__":

@@ -772,6 +772,9 @@ class ScalingFitOptions:
     bootstrap: int = opt(200, "bootstrap resamples for the intervals (default 200)")
     seed: int = opt(0, "seed of the bootstrap")
     out: str | None = opt(None, "report folder (default: SWEEP/report)")
+    form: str = opt("chinchilla", "the law's form: chinchilla, E + A/N^alpha + B/D^beta; kaplan, "
+                    "E + [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D; kaplan-no-e, the same with E = 0 as published",
+                    choices=("chinchilla", "kaplan", "kaplan-no-e"))  # fmt: skip
 
 
 @dataclass

@@ -20,7 +20,7 @@ from chatforge.device import GPU_PEAK_FLOPS
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.options import ScalingPlanOptions
-from chatforge.scaling.fit import CHINCHILLA, Law
+from chatforge.scaling.fit import CHINCHILLA, Law, ScalingLaw, law_from_fit
 
 BUDGET_RE = re.compile(
     r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*gpu[- ]?hours?\s+(?:on\s+)?(\S+)\s*$", re.IGNORECASE
@@ -44,8 +44,9 @@ def budget_flops(text: str, mfu: float) -> tuple[float, str]:
     return flops, f"{hours:g} h x {peak:.3g} FLOP/s ({gpu}, bf16 dense peak) x {mfu:g} MFU"
 
 
-def load_fit(path: str | None) -> tuple[Law, str, str, float | None]:
-    """(law, which parameters N counts, where it came from, smallest N it was measured on)."""
+def load_fit(path: str | None) -> tuple[ScalingLaw, str, str, float | None]:
+    """(law, which parameters N counts, where it came from, smallest N it was measured on); the law is
+    of the form the fit saved."""
     if path is None:
         return Law(**CHINCHILLA), "total", "Chinchilla's published fit (Hoffmann et al. 2022)", None
     p = Path(path)
@@ -55,7 +56,7 @@ def load_fit(path: str | None) -> tuple[Law, str, str, float | None]:
             if "law" not in fit:
                 break
             smallest = min((q["n"] for c in fit.get("isoflop", []) for q in c["points"]), default=None)
-            return Law(**fit["law"]), fit["params"], str(candidate), smallest
+            return law_from_fit(fit), fit["params"], str(candidate), smallest
     raise ChatforgeError(f"no fit.json in {p}: run `chatforge scaling fit SWEEP` first, or leave out --fit")
 
 
@@ -75,7 +76,7 @@ def preset_params(name: str, params: str) -> tuple[int, int]:
     return n, tokens
 
 
-def plan_lines(law: Law, params: str, flops: float, smallest: float | None) -> list[str]:
+def plan_lines(law: ScalingLaw, params: str, flops: float, smallest: float | None) -> list[str]:
     n_opt, d_opt = (float(x) for x in law.optimum(flops))
     floor = smallest or min(preset_params(name, params)[0] for name in PRESETS)
     if n_opt < floor:
@@ -94,7 +95,7 @@ def plan_lines(law: Law, params: str, flops: float, smallest: float | None) -> l
     ]
 
 
-def horizon_lines(law: Law, params: str) -> list[str]:
+def horizon_lines(law: ScalingLaw, params: str) -> list[str]:
     """Each GPU preset's pretraining against the compute-optimal split of its own compute."""
     lines = ["GPU presets' horizons (preset N, D vs the law's optimum at the same C):"]
     for name in ("d12", "d20"):
@@ -121,9 +122,7 @@ def cmd_scaling_plan(opts: ScalingPlanOptions) -> None:
         flops, how = opts.flops, "given"
         if not (flops > 0 and math.isfinite(flops)):
             raise ChatforgeError(f"--flops {flops} must be a positive number of FLOPs, e.g. 1e19")
-    print(
-        f"law: {source}: E {law.E:.3g}, A {law.A:.4g}, B {law.B:.4g}, alpha {law.alpha:.3f}, beta {law.beta:.3f}"
-    )
+    print(f"law: {source}: L(N, D) = {law.FORMULA}; {law.summary()}")
     print(f"budget: {how}")
     print("\n".join(plan_lines(law, params, flops, smallest)))
     print("\n".join(horizon_lines(law, params)))
