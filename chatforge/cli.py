@@ -69,7 +69,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "doctor": Command(o.DoctorOptions, "chatforge.tools.sandbox:cmd_doctor", "what this machine gives the python tool's sandbox (Landlock, seccomp, namespaces) and whether it runs"),
     "scaling": {
         "sweep": Command(o.ScalingSweepOptions, "chatforge.scaling.sweep:cmd_scaling_sweep", "train a grid of model sizes x token budgets, resumable run by run"),
-        "fit": Command(o.ScalingFitOptions, "chatforge.scaling.fit:cmd_scaling_fit", "fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep; IsoFLOP view, plots, held-out check"),
+        "fit": Command(o.ScalingFitOptions, "chatforge.scaling.fit:cmd_scaling_fit", "fit a scaling law L(N, D) (Chinchilla or Kaplan form) to a sweep; IsoFLOP view, plots, held-out check"),
         "plan": Command(o.ScalingPlanOptions, "chatforge.scaling.plan:cmd_scaling_plan", "compute-optimal N, D and predicted loss for a FLOP or GPU-hour budget"),
     },
     "presets": Command(o.PresetsOptions, "chatforge.plan:cmd_presets", "list presets with their model shapes, FLOPs and memory estimates"),

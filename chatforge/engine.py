@@ -412,7 +412,7 @@ class BatchDecoder:
         else:
             cache, self.step_view = self._view(slice(0, B), 0, self.col), True
         tokens = self.next_token.view(B, 1)
-        compiled = self.model.decode_step is not None
+        compiled = getattr(self.model, "decode_step", None) is not None  # quant.compile_decode's
         if self.padded or compiled:
             positions = (self.col - self.start_t).view(B, 1)
             if compiled:  # a mask over the whole pool: the step's shapes change only with the pool's, one graph

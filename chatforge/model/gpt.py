@@ -340,7 +340,8 @@ class GPT(nn.Module):
         need = start + length
         if need > self.rope_cos.size(0):
             # a longer context than configured: grow the tables (RoPE extrapolates poorly; the caller warns)
-            cos, sin = rope_tables(self.cfg, max(need, 2 * self.rope_cos.size(0)), self.rope_cos.device)
+            with torch.inference_mode(False):  # grown while generating, the tables must serve training too
+                cos, sin = rope_tables(self.cfg, max(need, 2 * self.rope_cos.size(0)), self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos, sin
         if positions is not None:  # per-row positions (B, T), e.g. left-padded batches
             return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)

@@ -33,6 +33,7 @@ MAX_INPUT_CHARS = 1000
 MAX_DIGITS = 10_000
 _LIMIT = 10**MAX_DIGITS  # the smallest integer with too many digits
 _MAX_BITS = _LIMIT.bit_length() + 4  # estimates in bits get a little slack; _check is exact
+MAX_DEPTH = 500  # nested operations (a 1,000-character sum is 499 deep); its own limit, not Python's recursion limit, which torch.compile raises
 MAX_CPU_SECONDS = 1.0  # this thread's CPU time for one evaluation; bounded operations take milliseconds
 SHOWN_DIGITS = 15  # significant digits of the decimal rendering of a non-integer
 
@@ -110,7 +111,9 @@ def format_value(value: Fraction) -> str:
 
 
 # ---- the walk -------------------------------------------------------------------------------
-def _eval(node: ast.AST, text: str, deadline: float) -> Fraction:
+def _eval(node: ast.AST, text: str, deadline: float, depth: int = 0) -> Fraction:
+    if depth > MAX_DEPTH:
+        raise CalculatorError("the expression is nested too deeply")
     if time.thread_time() > deadline:
         raise CalculatorError(
             f"the expression took more than {MAX_CPU_SECONDS:g} s of CPU time, so it is refused; simplify it"
@@ -118,10 +121,10 @@ def _eval(node: ast.AST, text: str, deadline: float) -> Fraction:
     if isinstance(node, ast.Constant):
         return _literal(node, text)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        v = _eval(node.operand, text, deadline)
+        v = _eval(node.operand, text, deadline, depth + 1)
         return -v if isinstance(node.op, ast.USub) else v
     if isinstance(node, ast.BinOp) and isinstance(node.op, _BINOPS):
-        a, b = _eval(node.left, text, deadline), _eval(node.right, text, deadline)
+        a, b = _eval(node.left, text, deadline, depth + 1), _eval(node.right, text, deadline, depth + 1)
         if isinstance(node.op, ast.Pow):
             return _power(a, b)
         return _check(_arith(type(node.op), a, b))
