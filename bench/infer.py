@@ -118,7 +118,8 @@ def decode_bpb(model, tok, texts: list[str], max_tokens: int) -> dict:
         ids = (tok.start_ids() + tok.encode(text))[: max_tokens + 1]
         cache = KVCache(model.cfg, 1, len(ids), dtype=next(model.parameters()).dtype)
         for t in range(len(ids) - 1):
-            logits = model(torch.tensor([ids[t : t + 1]]), cache=cache)[0, -1].float()
+            step = getattr(model, "decode_step", None) or model  # the compiled step, where there is one
+            logits = step(torch.tensor([ids[t : t + 1]]), cache=cache)[0, -1].float()
             if lengths[ids[t + 1]] > 0:
                 nats += float(torch.log_softmax(logits, -1)[ids[t + 1]].neg())
                 nbytes += lengths[ids[t + 1]]

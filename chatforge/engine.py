@@ -412,16 +412,17 @@ class BatchDecoder:
         else:
             cache, self.step_view = self._view(slice(0, B), 0, self.col), True
         tokens = self.next_token.view(B, 1)
-        compiled = getattr(self.model, "decode_step", None) is not None  # quant.compile_decode's
+        compiled = getattr(self.model, "decode_step", None)  # quant.compile_decode's forward
+        forward = compiled or self.model
         if self.padded or compiled:
             positions = (self.col - self.start_t).view(B, 1)
             if compiled:  # a mask over the whole pool: the step's shapes change only with the pool's, one graph
                 mask = (self.key_ok & (self.cols <= self.col))[:, None, None, :]
             else:
                 mask = self.key_ok[:, None, None, : self.col + 1]
-            logits = self.model(tokens, cache=cache, positions=positions, attn_mask=mask)
+            logits = forward(tokens, cache=cache, positions=positions, attn_mask=mask)
         else:
-            logits = self.model(tokens, cache=cache)
+            logits = forward(tokens, cache=cache)
         self.col += 1
         return self._sample(logits[:, -1], 0)
 

@@ -418,7 +418,8 @@ def test_kernel_choice_is_refused_in_one_line_when_unknown():
 def _engine_steps(model: GPT, prompts: list[list[int]], n: int) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Each decode step's logits (through the engine's own cache and padding) and the greedy ids."""
     seen: list[torch.Tensor] = []
-    forward = model.forward
+    name = "decode_step" if model.decode_step is not None else "forward"  # what the engine's steps call
+    forward = getattr(model, name)
 
     def spy(idx, *a, **kw):
         out = forward(idx, *a, **kw)
@@ -426,7 +427,7 @@ def _engine_steps(model: GPT, prompts: list[list[int]], n: int) -> tuple[list[to
             seen.append(out.detach().clone())
         return out
 
-    model.forward = spy
+    setattr(model, name, spy)
     try:
         decoder = BatchDecoder(model, capacity=len(prompts), max_len=64)
         rows = [Row(prompt=p, budget=n) for p in prompts]
@@ -438,7 +439,10 @@ def _engine_steps(model: GPT, prompts: list[list[int]], n: int) -> tuple[list[to
                 for row, t, _ in decoder.step():
                     out[id(row)].append(t)
     finally:
-        del model.forward
+        if name == "decode_step":
+            model.decode_step = forward
+        else:
+            del model.forward
     return seen, [out[id(r)] for r in rows]
 
 

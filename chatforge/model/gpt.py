@@ -285,7 +285,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg, cfg.seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # set by quant.compile_decode: _forward compiled, for one-token decode steps
+        # set by quant.compile_decode: forward compiled, which the engine calls for one-token steps
         self.decode_step: Callable | None = None
         self.reset_parameters()
 
@@ -364,8 +364,8 @@ class GPT(nn.Module):
 
         With a cache, idx holds the next T tokens after cache.pos; they are written to the cache and
         cache.pos advances. positions (B, T): each row's RoPE positions where rows start at different
-        cache columns (left padding); they count from the row's first column, so stay below cache.pos + T. attn_mask (bool, True = may attend, broadcastable to (B, 1, T, keys)) is
-        needed only when new tokens must not see some cached ones (padding, or T > 1 after a prefix).
+        cache columns (left padding); they count from the row's first column, so stay below
+        cache.pos + T. attn_mask (bool, True = may attend, broadcastable to (B, 1, T, keys)) is needed only when new tokens must not see some cached ones (padding, or T > 1 after a prefix).
         last_only=True returns logits (B, 1, V) for the last position only: a prefill needs no others,
         and the vocabulary projection is the largest matmul of a short sequence.
         return_hidden=True returns the final normalised hidden states (B, T, n_embd) instead of
@@ -373,26 +373,6 @@ class GPT(nn.Module):
         inputs_embeds (B, T, n_embd) replaces embed_tokens(idx) (idx may then be None): gradient attacks
         differentiate through one-hot rows of the embedding matrix.
         """
-        one_step = cache is not None and targets is None and inputs_embeds is None and not return_hidden
-        if self.decode_step is not None and one_step and idx.size(1) == 1:
-            return self.decode_step(idx, cache=cache, positions=positions, attn_mask=attn_mask)
-        return self._forward(
-            idx, targets, cache, positions, attn_mask, loss_reduction, last_only, return_hidden, inputs_embeds
-        )
-
-    def _forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        loss_reduction: str = "mean",
-        last_only: bool = False,
-        return_hidden: bool = False,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """forward's work; quant.compile_decode compiles this for decode steps."""
         B, T = (idx if inputs_embeds is None else inputs_embeds).shape[:2]
         start = cache.pos if cache is not None else 0
         if cache is not None and start + T > cache.max_len:

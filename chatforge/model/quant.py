@@ -605,8 +605,8 @@ def compile_problem() -> str | None:
 
 
 def compile_decode(model: GPT) -> GPT:
-    """Compile the model's one-token decode step (GPT.forward with a cache and one new token per row)
-    with torch.compile into one graph: inductor fuses the norms, RoPE, SiLU, the casts around the
+    """Compile the model's one-token decode step (GPT.forward with a cache and one new token per row,
+    which engine.BatchDecoder.step calls as `model.decode_step`) with torch.compile into one graph: inductor fuses the norms, RoPE, SiLU, the casts around the
     packed int4 / int8 kernels and the cache writes into a few C++ loops, which removes most of the
     Python and dispatch cost of the ~40 small ops per layer that dominate a small model's decode step
     (docs/decode.md measures it). Prompts (several tokens per row) stay eager. The graph is dynamic in
@@ -621,7 +621,7 @@ def compile_decode(model: GPT) -> GPT:
     if 2 * kernels.get("int8 fbgemm", 0) > sum(kernels.values()):
         # each fbgemm matmul runs outside the graph: SmolLM2 int8 decoded at 0.70x its eager speed
         raise ChatforgeError("--compile does not speed up int8's fbgemm kernel; use --quantize int4 with it")
-    model.decode_step = torch.compile(model._forward, dynamic=True)
+    model.decode_step = torch.compile(model.forward, dynamic=True)
     return model
 
 
