@@ -1,6 +1,6 @@
 """Each law form of `chatforge scaling fit` on the same sweeps, side by side.
 
-    python bench/scaling_forms.py SWEEP [SWEEP ...] [--mean] [--forms chinchilla,kaplan] [--out DIR]
+    python bench/scaling_forms.py SWEEP [SWEEP ...] [--mean] [--forms chinchilla,kaplan] [--min-tokens 1M] [--out DIR]
 
 For each sweep (or, with --mean, for the runs' validation losses averaged over the sweeps: seeds of
 one grid, which halves the noise of two) and each form: the RMS error of log-loss on the fitted runs,
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from chatforge.scaling.fit import FORMS, analyse, load_results  # noqa: E402
+from chatforge.scaling.fit import FORMS, analyse, drop_short_runs, load_results  # noqa: E402
 
 
 def mean_rows(sweeps: list[Path]) -> list[dict]:
@@ -66,13 +66,14 @@ def main() -> None:
     parser.add_argument("--label", help="name of the sweep in the table (default: its folder's name)")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--out", default="scaling_forms", help="folder for the fits and forms.md")
+    parser.add_argument("--min-tokens", default="", help="fit only the runs of at least this many tokens, e.g. 1M")
     args = parser.parse_args()
     sweeps = [Path(s) for s in args.sweeps]
     if args.mean:
         label = args.label or "mean of " + " + ".join(s.name for s in sweeps)
-        sets = [(label, mean_rows(sweeps))]
+        sets = [(label, drop_short_runs(mean_rows(sweeps), args.min_tokens))]
     else:
-        sets = [(args.label or s.name, load_results(s)) for s in sweeps]
+        sets = [(args.label or s.name, drop_short_runs(load_results(s), args.min_tokens)) for s in sweeps]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [

@@ -734,6 +734,11 @@ class ScalingSweepOptions:
         1.1e13, "leave out the runs with 6ND above this (N non-embedding): the costly corner of large models "
         "on many tokens; 0 = the whole grid (default 1.1e13)",
     )  # fmt: skip
+    max_epochs: float = opt(
+        1.0, "leave out the budgets above this many passes over the training split (default 1: unique data). "
+        "Up to about 4 passes, repeated tokens are worth nearly as much as new ones (Muennighoff et al. 2023), "
+        "so a small corpus may allow 2-3",
+    )  # fmt: skip
     schedule: str = opt("wsd", "wsd: one stable run per size, a decay branch per budget; cosine: a run each",
                         choices=("wsd", "cosine"))  # fmt: skip
     cooldown_frac: float = opt(0.25, "wsd: share of each run spent decaying (default 0.25)")
@@ -771,6 +776,8 @@ class ScalingFitOptions:
                        "or none", choices=("largest", "none"))  # fmt: skip
     bootstrap: int = opt(200, "bootstrap resamples for the intervals (default 200)")
     seed: int = opt(0, "seed of the bootstrap")
+    min_tokens: str = opt("", "fit and plot only the runs of at least this many tokens, e.g. 1M: runs of a few "
+                          "hundred steps are far from converged (default: every run)", metavar="TOKENS")  # fmt: skip
     out: str | None = opt(None, "report folder (default: SWEEP/report)")
     form: str = opt("chinchilla", "the law's form: chinchilla, E + A/N^alpha + B/D^beta; kaplan, "
                     "E + [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D; kaplan-no-e, the same with E = 0 as published",

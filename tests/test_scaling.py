@@ -215,8 +215,42 @@ def test_budgets_beyond_one_epoch_are_dropped_with_a_note(capsys):
         "(the fit assumes unique data; make a larger corpus)"
     )
     assert fresh_budgets([1000], 2000) == [1000] and capsys.readouterr().out == ""
-    with pytest.raises(ChatforgeError, match="every --tokens budget is above the 2,000 training tokens"):
+    with pytest.raises(ChatforgeError, match="every --tokens budget is above one epoch of the 2,000 training"):
         fresh_budgets([3000, 4000], 2000)
+
+
+def test_min_tokens_fits_only_the_longer_runs():
+    from chatforge.scaling.fit import drop_short_runs
+
+    rows = [{"run": f"r{t}", "tokens": t} for t in (524288, 1048576, 2097152)]
+    assert drop_short_runs(rows, "") == rows
+    assert [r["tokens"] for r in drop_short_runs(rows, "1M")] == [1048576, 2097152]
+    with pytest.raises(ChatforgeError, match="no run has --min-tokens 4M or more"):
+        drop_short_runs(rows, "4M")
+    with pytest.raises(ChatforgeError, match="bad token budget 'lots' in --min-tokens"):
+        drop_short_runs(rows, "lots")
+    with pytest.raises(ChatforgeError, match="give one token count"):
+        drop_short_runs(rows, "1M,2M")
+
+
+def test_max_epochs_lets_budgets_repeat_the_corpus_with_a_note(capsys):
+    assert fresh_budgets([1000, 3000, 5000, 7000], 2000, max_epochs=2.5) == [1000, 3000, 5000]
+    out = capsys.readouterr().out
+    assert "dropped --tokens 7,000: more than 2.5 epochs of the 2,000 training tokens" in out
+    assert "--tokens 3,000, 5,000 pass over the 2,000 training tokens more than once (up to 2.50 epochs)" in out
+    with pytest.raises(ChatforgeError, match="--max-epochs 0: give a positive number"):
+        fresh_budgets([1000], 2000, max_epochs=0)
+
+
+def test_a_grown_grid_may_raise_max_epochs_and_old_folders_read_new_settings_as_defaults(tmp_path):
+    from chatforge.scaling.sweep import _check_sweep_file
+
+    settings = {"data": "d", "lr": 0.01, "tune_lr": "", "max_epochs": 1.0, "tokens": "1M"}
+    _check_sweep_file(tmp_path, {k: v for k, v in settings.items() if k not in ("tune_lr", "max_epochs")})
+    _check_sweep_file(tmp_path, settings)  # settings added since read as their defaults
+    _check_sweep_file(tmp_path, dict(settings, max_epochs=3.0, tokens="1M,8M"))  # the grid grows
+    with pytest.raises(ChatforgeError, match="holds a sweep with other lr, tune_lr"):
+        _check_sweep_file(tmp_path, dict(settings, lr=0.02, tune_lr="0.5,1,2"))
 
 
 def test_sweep_never_trains_past_one_epoch(smoke, tmp_path, one_thread, capsys):

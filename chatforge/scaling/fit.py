@@ -301,6 +301,43 @@ def intervals(laws: list[ScalingLaw], level: float = 0.95) -> dict:
     return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in values.items()}
 
 
+def parse_tokens(text: str, flag: str = "--tokens") -> list[int]:
+    """'128K,1M,3000000' -> token counts; K and M are binary (1024, 1024^2) so budgets are whole batches."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        scale = {"K": 2**10, "M": 2**20}.get(item[-1:].upper(), 1)
+        number = item[:-1] if scale > 1 else item
+        try:
+            value = float(number) * scale
+        except ValueError:
+            raise ChatforgeError(
+                f"bad token budget {item!r} in {flag}: write e.g. 128K,1M or 262144"
+            ) from None
+        if value <= 0 or value != int(value):
+            raise ChatforgeError(f"bad token budget {item!r} in {flag}: a positive whole number of tokens")
+        out.append(int(value))
+    if not out:
+        raise ChatforgeError(f"{flag} is empty: give token budgets, e.g. 128K,256K,512K,1M")
+    return sorted(set(out))
+
+
+def drop_short_runs(rows: list[dict], min_tokens: str) -> list[dict]:
+    """The runs of at least min_tokens ('1M', '' for all): runs of a few hundred steps are far from
+    converged, and on real text they bend the law (see docs/scaling.md)."""
+    if not min_tokens:
+        return rows
+    counts = parse_tokens(min_tokens, "--min-tokens")
+    if len(counts) > 1:
+        raise ChatforgeError(f"--min-tokens {min_tokens}: give one token count, e.g. 1M")
+    kept = [r for r in rows if r["tokens"] >= counts[0]]
+    if not kept:
+        raise ChatforgeError(
+            f"no run has --min-tokens {min_tokens} or more (the largest has {max(r['tokens'] for r in rows):,}): "
+            "lower it"
+        )
+    return kept
+
+
 def load_results(path: Path) -> list[dict]:
     """A sweep's results.jsonl (a sweep folder or the file), checked to be one sweep's runs."""
     path = Path(path)
@@ -471,8 +508,9 @@ def describe(result: dict) -> str:
 
 def cmd_scaling_fit(opts) -> None:
     source = Path(opts.sweep)
-    rows = load_results(source)
+    rows = drop_short_runs(load_results(source), opts.min_tokens)
     result = analyse(rows, opts.params, opts.holdout, opts.bootstrap, opts.seed, opts.form)
+    result["min_tokens"] = opts.min_tokens
     report = Path(opts.out) if opts.out else (source if source.is_dir() else source.parent) / "report"
     report.mkdir(parents=True, exist_ok=True)
     result["plots"] = [str(p) for p in draw_plots(rows, result, law_from_fit(result), report)]

@@ -26,7 +26,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from chatforge.checkpoint import CKPT_DIR, latest_checkpoint, list_checkpoints
@@ -37,6 +37,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_json, atomic_write_text
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.options import ScalingSweepOptions
+from chatforge.scaling.fit import parse_tokens
 from chatforge.train.pretrain import pretrain
 
 HEAD_DIM = 32  # small widths: heads of 32 dims (one head below 64)
@@ -55,26 +56,6 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     if not sizes:
         raise ChatforgeError("--sizes is empty: give model sizes as DEPTHxWIDTH, e.g. 2x64,3x96")
     return sorted(set(sizes), key=lambda s: s[0] * s[1] ** 2)
-
-
-def parse_tokens(text: str) -> list[int]:
-    """'128K,1M,3000000' -> token counts; K and M are binary (1024, 1024^2) so budgets are whole batches."""
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        scale = {"K": 2**10, "M": 2**20}.get(item[-1:].upper(), 1)
-        number = item[:-1] if scale > 1 else item
-        try:
-            value = float(number) * scale
-        except ValueError:
-            raise ChatforgeError(
-                f"bad token budget {item!r} in --tokens: write e.g. 128K,1M or 262144"
-            ) from None
-        if value <= 0 or value != int(value):
-            raise ChatforgeError(f"bad token budget {item!r} in --tokens: a positive whole number of tokens")
-        out.append(int(value))
-    if not out:
-        raise ChatforgeError("--tokens is empty: give token budgets, e.g. 128K,256K,512K,1M")
-    return sorted(set(out))
 
 
 def parse_lr_multipliers(text: str) -> list[float]:
@@ -192,10 +173,12 @@ def _check_sweep_file(sweep_dir: Path, settings: dict, write: bool = True) -> No
     path = sweep_dir / SWEEP_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        fixed = {
-            k: v for k, v in settings.items() if k not in ("sizes", "tokens", "max_flops", "threads", "jobs")
-        }
-        changed = sorted(k for k, v in fixed.items() if old.get(k) != v)
+        # what only picks runs of the grid (or how they are scheduled) may change between invocations
+        grid = ("sizes", "tokens", "max_flops", "max_epochs", "threads", "jobs")
+        fixed = {k: v for k, v in settings.items() if k not in grid}
+        # a setting the folder's sweep.json lacks is one added since: that sweep ran at its default
+        defaults = {f.name: f.default for f in fields(ScalingSweepOptions)}
+        changed = sorted(k for k, v in fixed.items() if old.get(k, defaults.get(k)) != v)
         if changed:
             raise ChatforgeError(
                 f"{sweep_dir} holds a sweep with other {', '.join(changed)}: use a new --out for this one"
@@ -205,22 +188,32 @@ def _check_sweep_file(sweep_dir: Path, settings: dict, write: bool = True) -> No
         atomic_write_json(path, settings)
 
 
-def fresh_budgets(budgets: list[int], train_tokens: int) -> list[int]:
-    """The budgets within one epoch of the training split; the rest are dropped with a note.
+def fresh_budgets(budgets: list[int], train_tokens: int, max_epochs: float = 1.0) -> list[int]:
+    """The budgets within max_epochs passes over the training split; the rest are dropped with a note.
 
     The law is fitted as if every token were new (Chinchilla's D is unique data): a budget that
-    repeats the corpus would read as a smaller law, so it is not trained at all."""
-    fresh = [t for t in budgets if t <= train_tokens]
-    dropped = [t for t in budgets if t > train_tokens]
+    repeats the corpus many times would read as a smaller law, so it is not trained at all. A few
+    passes cost little (Muennighoff et al. 2023: about 4 epochs are worth nearly 4x the data)."""
+    if not max_epochs > 0:
+        raise ChatforgeError(f"--max-epochs {max_epochs:g}: give a positive number of passes, e.g. 1 or 2.5")
+    limit, passes = train_tokens * max_epochs, "one epoch" if max_epochs == 1 else f"{max_epochs:g} epochs"
+    fresh = [t for t in budgets if t <= limit]
+    dropped = [t for t in budgets if t > limit]
     if not fresh:
         raise ChatforgeError(
-            f"every --tokens budget is above the {train_tokens:,} training tokens of the shards: "
-            "use smaller budgets or a larger corpus (e.g. `chatforge world --people` more)"
+            f"every --tokens budget is above {passes} of the {train_tokens:,} training tokens of the shards: "
+            "use smaller budgets, a larger corpus (e.g. `chatforge world --people` more) or a larger --max-epochs"
         )
     if dropped:
         print(
-            f"dropped --tokens {', '.join(f'{t:,}' for t in dropped)}: more than one epoch of the "
+            f"dropped --tokens {', '.join(f'{t:,}' for t in dropped)}: more than {passes} of the "
             f"{train_tokens:,} training tokens (the fit assumes unique data; make a larger corpus)"
+        )
+    repeated = [t for t in fresh if t > train_tokens]
+    if repeated:
+        print(
+            f"--tokens {', '.join(f'{t:,}' for t in repeated)} pass over the {train_tokens:,} training tokens "
+            f"more than once (up to {max(repeated) / train_tokens:.2f} epochs); the fit counts every token"
         )
     return fresh
 
@@ -294,7 +287,7 @@ def _sweep(opts: ScalingSweepOptions, data_dir: Path, sweep_dir: Path, tokenizer
     index = read_index(data_dir)
     vocab_size = index["vocab_size"]
     sizes = parse_sizes(opts.sizes)
-    budgets = fresh_budgets(parse_tokens(opts.tokens), index["splits"]["train"]["tokens"])
+    budgets = fresh_budgets(parse_tokens(opts.tokens), index["splits"]["train"]["tokens"], opts.max_epochs)
     settings = {
         **fingerprint(data_dir, tokenizer), "sizes": opts.sizes, "tokens": opts.tokens,
         **{k: v for k, v in asdict(opts).items() if k not in ("data", "out", "sizes", "tokens", "tokenizer")},
