@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from chatforge.align.reward import load_reward_model
@@ -116,9 +118,28 @@ def aggregate(per_seed: list[dict]) -> list[dict]:
     return points
 
 
-def equal_tokens(points: list[dict]) -> list[dict]:
+def paired_by_problem(per_seed: list[dict], a: str, b: str, resamples: int = 10_000) -> dict:
+    """Strategy a against b on the same problems, with each problem as one unit: its accuracy averaged
+    over the sampling seeds (seeds reuse the problems, so pooling them as independent answers would
+    overstate the evidence). The mean difference with a 95% bootstrap interval over problems, and an
+    exact two-sided sign test over the problems where the two differ."""
+    diffs = np.mean([np.array(s[a][1], dtype=float) - np.array(s[b][1], dtype=float) for s in per_seed], axis=0)
+    rng = np.random.default_rng(0)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    better, worse = int((diffs > 0).sum()), int((diffs < 0).sum())
+    n = better + worse
+    tail = sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2**n if n else 1.0
+    return {
+        "problems": len(diffs), "mean_difference": float(diffs.mean()),
+        "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+        "problems_better": better, "problems_worse": worse, "sign_test_p": min(1.0, 2 * tail),
+    }  # fmt: skip
+
+
+def equal_tokens(points: list[dict], per_seed: list[dict] | None = None) -> list[dict]:
     """Each tree point beside the self-consistency point given at least as many tokens (the fewest
-    such N; None past the largest), so "beats self-consistency at equal tokens" is read off fairly."""
+    such N; None past the largest), so "beats self-consistency at equal tokens" is read off fairly;
+    with per_seed, the two compared problem by problem too (`paired_by_problem`)."""
     votes = sorted((p for p in points if p["family"] == "vote"), key=lambda p: p["tokens"])
     rows = []
     for t in (p for p in points if p["family"] == "tree"):
@@ -127,6 +148,7 @@ def equal_tokens(points: list[dict]) -> list[dict]:
             "tree": t["strategy"], "tree_tokens": t["tokens"], "tree_accuracy": t["accuracy"], "tree_ci95": t["ci95"],
             "vote": v and v["strategy"], "vote_tokens": v and v["tokens"], "vote_accuracy": v and v["accuracy"],
             "vote_ci95": v and v["ci95"], "separated": bool(v and t["ci95"][0] > v["ci95"][1]),
+            "paired": paired_by_problem(per_seed, t["strategy"], v["strategy"]) if v and per_seed else None,
         })  # fmt: skip
     return rows
 
@@ -253,7 +275,8 @@ def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float)
     atomic_write_json(out / "curve.json", {
         "task": args.task, "problems": len(problems), "model": args.model, "prm": args.prm, "orm": args.orm,
         "seeds": seeds, "temperature": args.temperature, "points": points, "seconds": round(seconds),
-        "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4, "tree_vs_vote": equal_tokens(points),
+        "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4,
+        "tree_vs_vote": equal_tokens(points, per_seed),
         "per_seed": [{k: [tokens, [int(c) for c in correct]] for k, (tokens, correct) in r.items()} for r in per_seed],
     })  # fmt: skip
     note = (
@@ -267,11 +290,14 @@ def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float)
         print(
             f"{p['strategy']:>20}  tokens {p['tokens']:7.1f}  acc {p['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  by seed {p['accuracy_by_seed']}"
         )
-    for r in equal_tokens(points):
+    for r in equal_tokens(points, per_seed):
         if r["vote"]:
+            d = r["paired"]
             print(
                 f"{r['tree']} ({r['tree_tokens']:.0f} tokens) {r['tree_accuracy']:.3f} vs {r['vote']} "
-                f"({r['vote_tokens']:.0f} tokens) {r['vote_accuracy']:.3f}: intervals apart {r['separated']}"
+                f"({r['vote_tokens']:.0f} tokens) {r['vote_accuracy']:.3f}: intervals apart {r['separated']}; "
+                f"by problem {d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                f"better on {d['problems_better']}, worse on {d['problems_worse']}, sign test p {d['sign_test_p']:.3g}"
             )
 
 

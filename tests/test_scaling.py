@@ -212,7 +212,7 @@ def test_budgets_beyond_one_epoch_are_dropped_with_a_note(capsys):
     assert fresh_budgets([1000, 2000, 3000], 2000) == [1000, 2000]
     assert capsys.readouterr().out.strip() == (
         "dropped --tokens 3,000: more than one epoch of the 2,000 training tokens "
-        "(the fit assumes unique data; make a larger corpus)"
+        "(the fit assumes unique data; make a larger corpus or raise --max-epochs)"
     )
     assert fresh_budgets([1000], 2000) == [1000] and capsys.readouterr().out == ""
     with pytest.raises(ChatforgeError, match="every --tokens budget is above one epoch of the 2,000 training"):

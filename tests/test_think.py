@@ -490,3 +490,37 @@ def test_interactive_chat_answers_by_the_strategy(tiny):
     printed = session.handle("Make 24 from 1 1 4 6.")
     assert "(think vote:2: " in printed and session.thinker.generated > 0
     assert [m["role"] for m in session.conversation()] == ["user", "assistant"]
+
+
+def _think_curve_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "think_curve.py"
+    spec = importlib.util.spec_from_file_location("think_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tree_against_vote_counts_each_problem_once_over_seeds():
+    bench = _think_curve_bench()
+    # 3 seeds of the same 10 problems: the tree is right on problems 0-5 in every seed, the vote on 0-1
+    tree = [1] * 6 + [0] * 4
+    vote = [1] * 2 + [0] * 8
+    per_seed = [{"tree:b2d4": (100.0, tree), "vote:4": (120.0, vote)} for _ in range(3)]
+    d = bench.paired_by_problem(per_seed, "tree:b2d4", "vote:4")
+    assert d["problems"] == 10 and d["mean_difference"] == pytest.approx(0.4)
+    assert (d["problems_better"], d["problems_worse"]) == (4, 0)
+    # 4 of 4 differing problems one way: p = 2 / 2^4, not the 2 / 2^12 of 12 pooled answers
+    assert d["sign_test_p"] == pytest.approx(0.125)
+    assert 0.0 < d["ci95"][0] <= 0.4 <= d["ci95"][1]
+    same = bench.paired_by_problem(per_seed, "vote:4", "vote:4")
+    assert same["sign_test_p"] == 1.0 and same["ci95"] == [0.0, 0.0]
+    points = [
+        {"strategy": "tree:b2d4", "family": "tree", "tokens": 100.0, "accuracy": 0.6, "ci95": [0.3, 0.8]},
+        {"strategy": "vote:4", "family": "vote", "tokens": 120.0, "accuracy": 0.2, "ci95": [0.05, 0.5]},
+    ]
+    (row,) = bench.equal_tokens(points, per_seed)
+    assert row["vote"] == "vote:4" and row["paired"]["problems_better"] == 4
+    assert bench.equal_tokens(points)[0]["paired"] is None

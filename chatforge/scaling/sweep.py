@@ -207,7 +207,7 @@ def fresh_budgets(budgets: list[int], train_tokens: int, max_epochs: float = 1.0
     if dropped:
         print(
             f"dropped --tokens {', '.join(f'{t:,}' for t in dropped)}: more than {passes} of the "
-            f"{train_tokens:,} training tokens (the fit assumes unique data; make a larger corpus)"
+            f"{train_tokens:,} training tokens (the fit assumes unique data; make a larger corpus or raise --max-epochs)"
         )
     repeated = [t for t in fresh if t > train_tokens]
     if repeated:
