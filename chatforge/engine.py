@@ -489,6 +489,7 @@ def stream_batch(
     top_p: float | None = None,
     seeds: int | Sequence[int] | None = None,
     stop_ids: Iterable[int | None] = (),
+    finished: set[int] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Generate for several prompts in one batch, yielding `(row, token_id)` events as they come.
 
@@ -497,6 +498,8 @@ def stream_batch(
     `token_budgets` (a prompt that fills the whole context raises ChatforgeError). temperature 0
     is greedy; `seeds` gives row i the generator seed seeds + i (an int) or seeds[i] (a list), so
     the tokens do not depend on what else is in the batch. Without seeds, the global RNG is used.
+    A row whose index the caller adds to `finished` (a stop the caller sees in the decoded text,
+    not in the ids) leaves before the next step, so it costs no more forwards.
     """
     budgets = token_budgets(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
@@ -515,6 +518,8 @@ def stream_batch(
     while True:
         for row, token, _ in events:
             yield index[id(row)], token
+        if finished:
+            decoder.remove([r for r in decoder.rows if index[id(r)] in finished])
         if not decoder.rows:
             return
         events = decoder.step()

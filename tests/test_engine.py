@@ -104,6 +104,25 @@ def test_streaming_matches_and_interleaves(model):
     assert [r for r, _ in events[:4]] == [0, 1, 2, 3]  # one event per row per step, as produced
 
 
+def test_a_row_the_caller_finishes_leaves_and_the_others_go_on(model):
+    kw = {"temperature": 1.0, "top_k": 30, "seeds": 1}
+    full = generate_batch(model, PROMPTS, 6, **kw)
+    finished: set[int] = set()
+    rows: list[list[int]] = [[] for _ in PROMPTS]
+    shapes = []
+    hook = model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        for r, t in stream_batch(model, PROMPTS, 6, finished=finished, **kw):
+            rows[r].append(t)
+            if r == 1 and len(rows[1]) == 2:
+                finished.add(1)  # e.g. a stop the caller found in the decoded text
+    finally:
+        hook.remove()
+    assert rows[1] == full[1][:2]  # nothing after the caller finished it
+    assert [rows[i] for i in (0, 2, 3)] == [full[i] for i in (0, 2, 3)]  # seeded rows do not notice
+    assert shapes == [(4, 11), (4, 1), (3, 1), (3, 1), (3, 1), (3, 1)]  # no forward for row 1 after
+
+
 def test_single_generate_is_the_batched_engine(model):
     for i, p in enumerate(PROMPTS):
         assert (

@@ -167,6 +167,7 @@ def _generate_round(model, tok, rows, prompts, max_new_tokens, temperature, top_
     scanners = {i: ToolCallScanner() for i in rows}  # the tags may arrive split over several tokens
     shown = {i: 0 for i in rows}  # characters of the text already sent as "text" events
     result: dict[int, tuple[str, str]] = {}
+    done: set[int] = set()  # batch rows that stopped on text: the engine drops them
     for j, tid in stream_batch(
         model,
         prompts,
@@ -176,10 +177,9 @@ def _generate_round(model, tok, rows, prompts, max_new_tokens, temperature, top_
         top_p=top_p,
         seeds=seeds,
         stop_ids=stops,
+        finished=done,
     ):
         i = rows[j]
-        if i in result:
-            continue  # stopped on text while the batch goes on: its further tokens are dropped
         if tid in ends:
             result[i] = (decoders[i].text, "stop")
         else:
@@ -192,6 +192,7 @@ def _generate_round(model, tok, rows, prompts, max_new_tokens, temperature, top_
                 result[i] = (scan.text[:k_end], "stop")
         if i in result:
             visible = result[i][0]
+            done.add(j)
         else:
             visible = decoders[i].emitted  # whole characters only (see IncrementalDecoder)
         if len(visible) > shown[i]:
