@@ -153,6 +153,26 @@ def equal_tokens(points: list[dict], per_seed: list[dict] | None = None) -> list
     return rows
 
 
+def verifier_order(points: list[dict], per_seed: list[dict]) -> dict | None:
+    """Lightman et al.'s ordering at the largest N: PRM-ranked >= ORM-ranked >= majority vote, each
+    neighbour pair compared problem by problem (`paired_by_problem`); None without an N that all
+    three ran at."""
+    names = {p["strategy"] for p in points}
+    ns = [int(p["strategy"].split(":")[1]) for p in points if p["family"] == "vote"]
+    n = max((k for k in ns if {f"best-of:{k}:prm", f"best-of:{k}:orm"} <= names), default=None)
+    if n is None:
+        return None
+    acc = {p["strategy"]: p["accuracy"] for p in points}
+    prm, orm, vote = f"best-of:{n}:prm", f"best-of:{n}:orm", f"vote:{n}"
+    return {
+        "n": n, "prm": acc[prm], "orm": acc[orm], "vote": acc[vote],
+        "holds": acc[prm] >= acc[orm] >= acc[vote],
+        "prm_vs_orm": paired_by_problem(per_seed, prm, orm),
+        "orm_vs_vote": paired_by_problem(per_seed, orm, vote),
+        "prm_vs_vote": paired_by_problem(per_seed, prm, vote),
+    }  # fmt: skip
+
+
 def plot(points: list[dict], title: str, path: Path, note: str = "") -> None:
     import matplotlib
 
@@ -277,6 +297,7 @@ def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float)
         "seeds": seeds, "temperature": args.temperature, "points": points, "seconds": round(seconds),
         "command": " ".join(sys.argv), "reference_tot_gpt4_game24": TOT_GPT4,
         "tree_vs_vote": equal_tokens(points, per_seed),
+        "verifier_order": verifier_order(points, per_seed),
         "per_seed": [{k: [tokens, [int(c) for c in correct]] for k, (tokens, correct) in r.items()} for r in per_seed],
     })  # fmt: skip
     note = (
@@ -297,6 +318,15 @@ def write(args, task, problems, per_seed: list[dict], out: Path, seconds: float)
                 f"{r['tree']} ({r['tree_tokens']:.0f} tokens) {r['tree_accuracy']:.3f} vs {r['vote']} "
                 f"({r['vote_tokens']:.0f} tokens) {r['vote_accuracy']:.3f}: intervals apart {r['separated']}; "
                 f"by problem {d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                f"better on {d['problems_better']}, worse on {d['problems_worse']}, sign test p {d['sign_test_p']:.3g}"
+            )
+    order = verifier_order(points, per_seed)
+    if order:
+        print(f"at N={order['n']}: PRM {order['prm']:.3f} >= ORM {order['orm']:.3f} >= vote {order['vote']:.3f}: {order['holds']}")
+        for pair in ("prm_vs_orm", "orm_vs_vote", "prm_vs_vote"):
+            d = order[pair]
+            print(
+                f"  {pair}: by problem {d['mean_difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
                 f"better on {d['problems_better']}, worse on {d['problems_worse']}, sign test p {d['sign_test_p']:.3g}"
             )
 

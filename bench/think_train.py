@@ -78,29 +78,39 @@ def game24_chats(seed: int, per_puzzle: int, shuffled: int) -> tuple[list, list]
     return train, trace_conversations(task, g_val, rng, 1)
 
 
-def build_game24_data(out: Path, seed: int, per_puzzle: int, shuffled: int, vocab: int) -> None:
-    """A Game-of-24 specialist's data: its chats as pretraining and SFT data, a tokenizer of them."""
-    if (out / "data" / "index.json").exists():
-        return
-    chats, val = game24_chats(seed, per_puzzle, shuffled)
+def world_chats(seed: int, problems: int) -> tuple[list, list]:
+    """(train, val) chats of world age problems alone: `problems` problems (each as a step trace and
+    a direct answer) made with seed + 1, 200 more with seed + 2 to validate on. The curve's problems
+    (seed 303) and the verifiers' (seed 101) are made apart."""
+    rng = random.Random(seed)
+    world = WorldSteps()
+    train = trace_conversations(world, world.make(problems, seed + 1), rng, 1)
+    rng.shuffle(train)
+    return train, trace_conversations(world, world.make(200, seed + 2), rng, 1)
+
+
+SPECIALIST_RULES = {  # the one text document the shard builder needs beside the chats
+    "game24": "The Game of 24: combine four numbers with + - * / and parentheses, each number used once, to make 24.\n",
+    "world": "Age problems: one age is given, the others as differences; add and subtract step by step.\n",
+}
+
+
+def build_specialist_data(out: Path, task: str, chats: list, val: list, vocab: int) -> None:
+    """A one-task specialist's data: its chats as pretraining and SFT data, a tokenizer of them."""
     sft_dir = out / "sft_data"
     sft_dir.mkdir(parents=True, exist_ok=True)
     write_conversations(chats, sft_dir / "sft_train.jsonl")
     write_conversations(val, sft_dir / "sft_val.jsonl")
     write_conversations(chats, out / "pretrain_chats.jsonl")
-    rules = out / "rules.txt"  # the one text document the shard builder needs beside the chats
-    rules.write_text(
-        "The Game of 24: combine four numbers with + - * / and parentheses, each number used once, to make 24.\n"
-    )
+    rules = out / "rules.txt"
+    rules.write_text(SPECIALIST_RULES[task])
     convs = [out / "pretrain_chats.jsonl"]
     train_tokenizer([str(rules)], out / "tokenizer.json", vocab, conversations=convs)
     build_shards([str(rules)], out / "tokenizer.json", out / "data", conversations=convs)
-    print(f"{len(chats):,} Game-of-24 chats, {len(val)} held-out", flush=True)
+    print(f"{len(chats):,} {task} chats, {len(val)} held-out", flush=True)
 
 
 def build_data(out: Path, seed: int, world_problems: int, traces_per_puzzle: int) -> None:
-    if (out / "data" / "index.json").exists():
-        return
     preset = get_preset("cpu")
     world = build_world(seed, 300, 20)
     write_world(world, out / "world", paraphrases=3, seed=seed)
@@ -128,20 +138,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--until", choices=("data", "base", "sft"), default="sft")
     ap.add_argument(
-        "--task", choices=("both", "game24"), default="both",
-        help="both: the world and both tasks' traces; game24: a specialist on every trace of ranks 1-800",
+        "--task", choices=("both", "game24", "world"), default="both",
+        help="both: the world and both tasks' traces; game24: a specialist on every trace of ranks"
+        " 1-800; world: a specialist on --world-problems age problems",
     )  # fmt: skip
     ap.add_argument("--shuffled", type=int, default=1, help="game24: extra random orders of each puzzle")
-    ap.add_argument("--vocab", type=int, default=512, help="game24: tokenizer size")
+    ap.add_argument("--vocab", type=int, default=512, help="a specialist's tokenizer size")
     ap.add_argument("--lr", type=float, default=None, help="pretraining learning rate (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.time()
-    if args.task == "game24":
-        build_game24_data(out, args.seed, args.traces_per_puzzle, args.shuffled, args.vocab)
-    else:
-        build_data(out, args.seed, args.world_problems, args.traces_per_puzzle)
+    if not (out / "data" / "index.json").exists():  # made once: an interrupted run continues
+        if args.task == "game24":
+            chats, val = game24_chats(args.seed, args.traces_per_puzzle, args.shuffled)
+            build_specialist_data(out, "game24", chats, val, args.vocab)
+        elif args.task == "world":
+            build_specialist_data(out, "world", *world_chats(args.seed, args.world_problems), args.vocab)
+        else:
+            build_data(out, args.seed, args.world_problems, args.traces_per_puzzle)
     print(f"data ready in {time.time() - t0:.0f}s", flush=True)
     if args.until == "data":
         return

@@ -524,3 +524,20 @@ def test_tree_against_vote_counts_each_problem_once_over_seeds():
     (row,) = bench.equal_tokens(points, per_seed)
     assert row["vote"] == "vote:4" and row["paired"]["problems_better"] == 4
     assert bench.equal_tokens(points)[0]["paired"] is None
+
+
+def test_verifier_order_is_read_at_the_largest_n_all_three_ran():
+    bench = _think_curve_bench()
+    right = {  # per problem, 6 problems: PRM right on 4, ORM on 3, vote on 1; N=8 has no ORM
+        "vote:4": [1, 0, 0, 0, 0, 0], "best-of:4:orm": [1, 1, 1, 0, 0, 0], "best-of:4:prm": [1, 1, 1, 1, 0, 0],
+        "vote:8": [1, 1, 1, 1, 1, 1], "best-of:8:prm": [1, 1, 1, 1, 1, 1],
+    }  # fmt: skip
+    per_seed = [{k: (10.0, v) for k, v in right.items()} for _ in range(2)]
+    order = bench.verifier_order(bench.aggregate(per_seed), per_seed)
+    assert order["n"] == 4 and order["holds"]
+    assert (order["prm"], order["orm"], order["vote"]) == pytest.approx((4 / 6, 3 / 6, 1 / 6))
+    assert order["orm_vs_vote"]["problems_better"] == 2 and order["prm_vs_orm"]["problems_worse"] == 0
+    flipped = [{**s, "vote:4": (10.0, [1, 1, 1, 1, 1, 0])} for s in per_seed]
+    assert not bench.verifier_order(bench.aggregate(flipped), flipped)["holds"]
+    only_votes = [{"vote:4": s["vote:4"]} for s in per_seed]
+    assert bench.verifier_order(bench.aggregate(only_votes), only_votes) is None
