@@ -146,6 +146,40 @@ def test_owners(store):
     assert store.delete_conversation(a, owner="alice")
 
 
+def test_answers_keep_their_documents_and_old_files_gain_the_column(store, tmp_path):
+    cid = store.create_conversation(source="web")["id"]
+    parent = store.store_path(cid, [U("who keeps the light?")])
+    docs = [{"id": 1, "source": "keeper.md", "heading": "Lighthouse", "text": "Marta.", "chunk_id": 7}]
+    store.add_answer(cid, parent, "c1-0", "m", "notes", docs)
+    store.finish_answer("c1-0", "Marta [1].", "stop")
+    answer(store, cid, [U("hi")], "hello", "c2-0")  # no retrieval: no documents
+    got = {m["id"]: m for m in store.get_conversation(cid)["messages"]}
+    assert got["c1-0"]["documents"] == docs and got["c1-0"]["collection"] == "notes"
+    assert "documents" not in got["c2-0"] and "collection" not in got["c2-0"]
+
+    old = tmp_path / "old.sqlite"  # a file written before answers kept their documents
+    db = sqlite3.connect(old)
+    db.executescript(SCHEMA_BEFORE_SOURCES)
+    db.execute("INSERT INTO conversations (id, created, updated) VALUES ('conv-1', 0, 0)")
+    db.execute("INSERT INTO messages (id, conversation_id, role, content, created) VALUES ('m1', 'conv-1', 'user', 'hi', 0)")
+    db.commit()
+    db.close()
+    reopened = FeedbackStore(old)
+    assert [m["content"] for m in reopened.get_conversation("conv-1")["messages"]] == ["hi"]
+    reopened.add_answer("conv-1", "m1", "a1", "m", "notes", docs)
+    assert reopened.get_conversation("conv-1")["messages"][-1]["documents"] == docs
+    reopened.close()
+
+
+SCHEMA_BEFORE_SOURCES = """
+CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', model TEXT,
+    source TEXT NOT NULL DEFAULT 'api', user TEXT, owner TEXT, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE messages (id TEXT PRIMARY KEY, conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    parent_id TEXT REFERENCES messages(id) ON DELETE CASCADE, role TEXT NOT NULL, content TEXT, tool_calls TEXT,
+    model TEXT, finish_reason TEXT, created REAL NOT NULL);
+"""
+
+
 def test_cli_list_and_errors(store, tmp_path, capsys):
     cid = store.create_conversation()["id"]
     store.rate(answer(store, cid, [U("hello world")], "hi", "l-0"), 1)

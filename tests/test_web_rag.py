@@ -124,3 +124,17 @@ def test_upload_ask_and_open_a_citation(page_and_root, tmp_path):
     page.wait_for_selector("#chunk-view[open]")
     assert page.inner_text("#chunk-text") == stored.text
     page.click("#chunk-close")
+
+    # reopened from the conversation list, the answer still has its sources and citations
+    cid = page.evaluate("state.conversationId")
+    page.click("#new-chat")
+    page.wait_for_function("document.querySelectorAll('.msg').length === 0")
+    page.click(f"#conversations li[data-id='{cid}'] button.open")
+    again = page.wait_for_selector(".msg.assistant .sources")
+    assert [b.inner_text() for b in again.query_selector_all("button")] == ["[1] keeper.md > Lighthouse"]
+    with page.expect_response("**/v1/collections/lighthouse/chunks/1") as r:
+        page.click(".msg.assistant .body button.cite")
+    assert r.value.ok
+    page.wait_for_selector("#chunk-view[open]")
+    assert page.inner_text("#chunk-text") == stored.text
+    page.click("#chunk-close")

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS messages (
     tool_calls TEXT,
     model TEXT,
     finish_reason TEXT,
+    sources TEXT,
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, created);
@@ -118,6 +119,8 @@ class FeedbackStore:
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(conversations)")}
             if "owner" not in columns:  # a file from before owners: its conversations are the admin's
                 self.db.execute("ALTER TABLE conversations ADD COLUMN owner TEXT")
+            if "sources" not in {r[1] for r in self.db.execute("PRAGMA table_info(messages)")}:
+                self.db.execute("ALTER TABLE messages ADD COLUMN sources TEXT")  # a file from before RAG
             self.db.execute(
                 "CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated)"
             )
@@ -227,6 +230,8 @@ class FeedbackStore:
         }
         if r["tool_calls"]:
             d["tool_calls"] = json.loads(r["tool_calls"])
+        if r["sources"]:  # the documents the answer was given and their collection
+            d.update(json.loads(r["sources"]))
         return d
 
     # ---- messages ----------------------------------------------------------------------------
@@ -273,14 +278,24 @@ class FeedbackStore:
 
         return self._write(write)
 
-    def add_answer(self, cid: str, parent_id: str | None, message_id: str, model: str) -> None:
-        """Insert an (empty, unfinished) assistant answer now, so it can be rated even while it streams."""
+    def add_answer(
+        self,
+        cid: str,
+        parent_id: str | None,
+        message_id: str,
+        model: str,
+        collection: str | None = None,
+        documents: list[dict] | None = None,
+    ) -> None:
+        """Insert an (empty, unfinished) assistant answer now, so it can be rated even while it streams;
+        with the documents retrieved for it from `collection`, so a reopened answer shows its sources."""
+        sources = json.dumps({"collection": collection, "documents": documents}) if documents is not None else None
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT INTO messages (id, conversation_id, parent_id, role, content, model, created) "
-                "VALUES (?, ?, ?, 'assistant', '', ?, ?)",
-                (message_id, cid, parent_id, model, time.time()),
+                "INSERT INTO messages (id, conversation_id, parent_id, role, content, model, sources, created) "
+                "VALUES (?, ?, ?, 'assistant', '', ?, ?, ?)",
+                (message_id, cid, parent_id, model, sources, time.time()),
             )
 
         self._write(write)

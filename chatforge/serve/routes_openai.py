@@ -271,7 +271,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, srv: St
     if conv_id is not None or req.store:
         try:
             conv_id = await run_in_threadpool(
-                store_request, srv, conv_id, user, req.user, messages, choices, cid
+                store_request, srv, conv_id, user, req.user, messages, choices, cid, req.collection, prompt.documents
             )
         except BaseException:
             finish_choices(choices, srv.store)

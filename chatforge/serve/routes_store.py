@@ -89,9 +89,12 @@ def store_request(
     messages: list[dict],
     choices: list[Choice],
     cid: str,
+    collection: str | None = None,
+    documents: list[dict] | None = None,
 ) -> str:
     """Write the request's messages and an empty answer per choice (filled in by finish_choices),
-    in a conversation `user` owns (a new one when conv_id is None)."""
+    in a conversation `user` owns (a new one when conv_id is None); each answer keeps the documents
+    retrieved for it."""
     assert srv.store is not None
     if conv_id is None:
         conv_id = srv.store.create_conversation(
@@ -105,7 +108,7 @@ def store_request(
         ) from None
     for c in choices:
         c.message_id = f"{cid}-{c.index}"
-        srv.store.add_answer(conv_id, parent, c.message_id, srv.model_id)
+        srv.store.add_answer(conv_id, parent, c.message_id, srv.model_id, collection, documents)
     return conv_id
 
 

@@ -199,6 +199,10 @@ async function openConversation(id) {
     const msg = { role: m.role, content: m.content || "", id: m.id, rating: m.rating, comment: m.comment, correction: m.correction };
     state.messages.push(msg);
     addMessageElement(msg, true);
+    if (m.documents) {
+      msg.collection = m.collection;
+      showSources(msg, m.documents);
+    }
   }
   status("");
   loadConversations();
