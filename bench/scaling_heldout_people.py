@@ -1,6 +1,7 @@
 """Each run of a world sweep scored on people it never read about, beside its validation loss.
 
     python bench/scaling_heldout_people.py SWEEP TEXTS [--max-docs N] [--out table.md] [--results DIR]
+    python bench/scaling_heldout_people.py SWEEP WORLD --by-kind 600 --runs 2x64_t2097152,2x64_t4194304
 
 A world's validation split (a share of its documents) holds biographies of people whose other
 biographies are in training, so its loss falls when a model memorises their facts. TEXTS are documents
@@ -9,7 +10,8 @@ about people no run read about: a world's heldout.jsonl, or a second world made 
 stories). Loss on them measures what generalises and no memorisation. Where the two losses part, the
 sweep's loss is memorisation, which E + A/N^alpha + B/D^beta does not describe. --results DIR writes
 the sweep's rows with the unseen loss as `val_loss` (the split's kept as `val_loss_split`, `val_bpb_split`) to
-DIR/results.jsonl, for `chatforge scaling fit DIR`.
+DIR/results.jsonl, for `chatforge scaling fit DIR`. --by-kind N scores N documents of each kind of a
+world folder (biographies, arithmetic, stories) apart, to see which kind a step in the loss is in.
 """
 
 from __future__ import annotations
@@ -47,10 +49,14 @@ def main() -> None:
     parser.add_argument("--max-docs", type=int, default=2000, help="documents scored (default 2000)")
     parser.add_argument("--out", help="markdown table to write")
     parser.add_argument("--results", help="folder for a results.jsonl of the unseen losses, to fit")
+    parser.add_argument("--by-kind", type=int, metavar="N", help="N documents of each kind, scored apart")
+    parser.add_argument("--runs", help="comma-separated run names (default: every run of the sweep)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sweep = Path(args.sweep)
+    if args.by_kind:
+        return by_kind(sweep, args)
     texts = list(iter_documents(args.texts))
     texts = random.Random(0).sample(texts, min(args.max_docs, len(texts)))  # every kind of document
     rows = [json.loads(line) for line in (sweep / "results.jsonl").read_text().splitlines()]
@@ -74,6 +80,22 @@ def main() -> None:
         Path(args.results).mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(r) + "\n" for r in unseen)
         atomic_write_text(Path(args.results) / "results.jsonl", text)
+
+
+def by_kind(sweep: Path, args) -> None:
+    """Each run's unseen loss per document kind (a world folder's `kind` field)."""
+    docs = Path(args.texts) / "pretrain.jsonl"  # a world folder's documents, each with its kind
+    if not docs.is_file():
+        sys.exit(f"--by-kind reads a world folder (pretrain.jsonl with a kind field); {args.texts} is not one")
+    pairs = list(zip(iter_documents(docs), iter_documents(docs, field="kind"), strict=True))
+    kinds: dict[str, list[str]] = {}
+    for text, kind in random.Random(0).sample(pairs, len(pairs)):
+        kinds.setdefault(kind, []).append(text)
+    runs = args.runs.split(",") if args.runs else sorted(p.name for p in (sweep / "runs").iterdir() if "_t" in p.name)
+    print("| run | " + " | ".join(f"{k} ({min(len(v), args.by_kind)} docs)" for k, v in kinds.items()) + " |")
+    for run in runs:
+        losses = [heldout_loss(sweep / "runs" / run, texts[: args.by_kind]) for texts in kinds.values()]
+        print(f"| {run} | " + " | ".join(f"{v:.3f}" for v in losses) + " |", flush=True)
 
 
 if __name__ == "__main__":
