@@ -14,6 +14,7 @@
 #   g24-train: a model taught every correct trace of puzzles ranked 1-800 (bench/think_train.py --task
 #              game24), then its PRM from program-labelled steps (4 reference traces per puzzle with
 #              program-made slips and dead ends, 8 own samples per puzzle cut at their first wrong step)
+#              and its ORM from the same kinds of whole answers (right beats wrong)
 #   g24-curve: the curve on puzzles ranked 801-900, one run per sampling seed (SEEDS), then pooled;
 #              temperature 0.5, chosen on 40 puzzles of ranks 1-800 kept out of training (per-sample
 #              accuracy 24.7% against 17.8% at 0.8, pass@8 70% against 65%)
@@ -40,11 +41,14 @@ case "${1:?train, game24, world, g24-train or g24-curve}" in
       --pretrain-steps "${G24_STEPS:-2400}" --sft-steps 150
     [ -f "$G24/prm/model.safetensors" ] || $PY -m chatforge.cli prefs prm --model "$G24/sft" \
       --task game24 --out "$G24/prm" --steps 600 --lr 3e-4 --samples 8 --refs 4 \
+      --set eval_every=150 --no-progress --resume
+    [ -f "$G24/orm/model.safetensors" ] || $PY -m chatforge.cli prefs prm --model "$G24/sft" \
+      --task game24 --out "$G24/orm" --outcome --steps 600 --lr 3e-4 --samples 8 --refs 4 \
       --set eval_every=150 --no-progress --resume ;;
   g24-curve)
     dirs=()
     for s in ${SEEDS//,/ }; do
-      $PY bench/think_curve.py --model "$G24/sft" --prm "$G24/prm" --task game24 --ranks 801-900 \
+      $PY bench/think_curve.py --model "$G24/sft" --prm "$G24/prm" --orm "$G24/orm" --task game24 --ranks 801-900 \
         --budgets 1,2,4,8,16 --trees b1d4,b2d4,b3d4,b5d4 --temperature 0.5 --seeds "$s" \
         --out "$G24/report/game24_s$s"
       dirs+=("$G24/report/game24_s$s")
