@@ -20,6 +20,7 @@ from chatforge.chat_format import load_conversations
 from chatforge.cli import parse_command, run_command
 from chatforge.errors import ChatforgeError
 from chatforge.options import ServeOptions
+from chatforge.rag.answer import RAG_INSTRUCTION, with_document_objects
 from chatforge.serve.feedback import FeedbackStore
 from chatforge.tokenizer import Tokenizer
 
@@ -156,6 +157,22 @@ def test_answers_keep_their_documents_and_old_files_gain_the_column(store, tmp_p
     got = {m["id"]: m for m in store.get_conversation(cid)["messages"]}
     assert got["c1-0"]["documents"] == docs and got["c1-0"]["collection"] == "notes"
     assert "documents" not in got["c2-0"] and "collection" not in got["c2-0"]
+
+    # exported, a cited answer comes with the documents its prompt had ([1] must mean something)
+    store.rate("c1-0", 1)
+    store.add_answer(cid, parent, "c3-0", "m", "notes", docs)  # a regeneration, rated down and corrected
+    store.finish_answer("c3-0", "Nobody.", "stop")
+    store.rate("c3-0", -1, correction="Marta keeps it [1].")
+    asked = with_document_objects([U("who keeps the light?")], docs)
+    assert asked[0] == {"role": "system", "content": RAG_INSTRUCTION}
+    assert '<doc id="1" source="keeper.md > Lighthouse">\nMarta.\n</doc>' in asked[1]["content"]
+    sft = [e["messages"] for e in store.export_sft()]
+    assert [*asked, A("Marta [1].")] in sft and [*asked, A("Marta keeps it [1].")] in sft
+    prefs = store.export_prefs()
+    assert {(e["chosen"]["content"], e["rejected"]["content"]) for e in prefs} == {
+        ("Marta [1].", "Nobody."), ("Marta keeps it [1].", "Nobody.")
+    }
+    assert all(e["messages"] == asked for e in prefs)
 
     old = tmp_path / "old.sqlite"  # a file written before answers kept their documents
     db = sqlite3.connect(old)

@@ -45,20 +45,29 @@ def source_label(hit: Hit) -> str:
 
 
 def documents_block(hits: list[Hit]) -> str:
-    docs = [
-        f'<doc id="{i}" source="{_defang(source_label(h)).replace(chr(34), chr(39))}">\n{_defang(h.chunk.text)}\n</doc>'
-        for i, h in enumerate(hits, 1)
-    ]
+    return _block(document_objects(hits))
+
+
+def _block(documents: list[dict]) -> str:
+    docs = []
+    for d in documents:
+        label = f"{d['source']} > {d['heading']}" if d.get("heading") else d["source"]
+        docs.append(f'<doc id="{d["id"]}" source="{_defang(label).replace(chr(34), chr(39))}">\n{_defang(d["text"])}\n</doc>')
     return "<documents>\n" + "".join(d + "\n" for d in docs) + "</documents>"
 
 
 def with_documents(messages: list[dict], hits: list[Hit]) -> list[dict]:
     """`messages` with the documents put before the last user message and the instruction in the system turn."""
+    return with_document_objects(messages, document_objects(hits))
+
+
+def with_document_objects(messages: list[dict], documents: list[dict]) -> list[dict]:
+    """`with_documents` from `document_objects`' dicts: the prompt an answer stored with its documents had."""
     last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last is None:
         raise ChatforgeError("no user message to answer: the last turn must be the user's question")
     out = [dict(m) for m in messages]
-    out[last]["content"] = f"{documents_block(hits)}\nQuestion: {messages[last]['content']}"
+    out[last]["content"] = f"{_block(documents)}\nQuestion: {messages[last]['content']}"
     if out and out[0]["role"] == "system":
         out[0]["content"] = RAG_INSTRUCTION + "\n" + (out[0]["content"] or "")
         return out

@@ -49,6 +49,7 @@ from typing import Any
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import atomic_write_text
 from chatforge.options import FeedbackExportOptions, FeedbackListOptions
+from chatforge.rag.answer import with_document_objects
 from chatforge.terminal import strip_controls
 
 SCHEMA = """
@@ -376,7 +377,7 @@ class FeedbackStore:
                     msgs[-1].get("content") or msgs[-1].get("tool_calls")
                 ):
                     continue  # a bad answer without a correction on the way, or an empty answer
-                paths.append(([x["id"] for x in path], msgs))
+                paths.append(([x["id"] for x in path], _as_asked(msgs[:-1], path[-1]) + msgs[-1:]))
             ids = [p for p, _ in paths]
             for p, msgs in paths:
                 if not any(len(q) > len(p) and q[: len(p)] == p for q in ids):  # keep only the longest
@@ -399,10 +400,11 @@ class FeedbackStore:
                 for down in downs:
                     rejected = _plain(down)
                     for up in ups:
-                        out.append({"messages": prompt, "chosen": _plain(up), "rejected": rejected})
+                        asked = _as_asked(prompt, up if up.get("documents") else down)
+                        out.append({"messages": asked, "chosen": _plain(up), "rejected": rejected})
                     if down["correction"]:
                         chosen = {"role": "assistant", "content": down["correction"]}
-                        out.append({"messages": prompt, "chosen": chosen, "rejected": rejected})
+                        out.append({"messages": _as_asked(prompt, down), "chosen": chosen, "rejected": rejected})
         return out
 
 
@@ -433,6 +435,12 @@ def _path(tree: dict[str, dict], mid: str) -> list[dict]:
         path.append(m)
         mid = m["parent_id"]
     return path[::-1]
+
+
+def _as_asked(prompt: list[dict], answer: dict) -> list[dict]:
+    """The prompt as the model saw it: with the documents retrieved for `answer` (a RAG answer), so an
+    exported answer that cites [n] comes with what [n] is."""
+    return with_document_objects(prompt, answer["documents"]) if answer.get("documents") else prompt
 
 
 def _plain(m: dict) -> dict:
