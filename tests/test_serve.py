@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import json
 import socket
+import statistics
 import threading
 import time
 
@@ -726,7 +727,7 @@ def test_health_shows_no_paths(server):
 
 def test_reachable_under_slow_clients_and_megabyte_prompts(model, tok):
     """120 connections that stall mid-request and 8 concurrent 1 MB prompts: /health still answers
-    within a second; the stalled connections are closed at their deadlines (headers: closed; body:
+    at once (median under 0.25 s); the stalled connections are closed at their deadlines (headers: closed; body:
     408), and the prompts get their 400. bench/serve_slowloris.py does this with 250 sockets."""
     app = create_app(model, tok, model_id=MODEL_ID, max_batch=2, body_timeout=2.0)
     with serve(app, header_timeout=1.5) as url:
@@ -755,7 +756,9 @@ def test_reachable_under_slow_clients_and_megabyte_prompts(model, tok):
                 time.sleep(0.05)
             for f in prompts:
                 _error(f.result(), 400, "context_length_exceeded")
-        assert max(latencies) < 1.0, latencies
+        # typically a few ms each; a prompt tokenised on the event loop would hold most of them back for
+        # over a second, so the median is the guard and one stall of the shared test machine is let pass
+        assert statistics.median(latencies) < 0.25 and max(latencies) < 3.0, latencies
         for s in stalled_headers + stalled_bodies:
             s.settimeout(10)
         assert all(s.recv(100) == b"" for s in stalled_headers)  # closed at the header deadline
