@@ -40,8 +40,11 @@ def _defang(text: str) -> str:
 
 
 def source_label(hit: Hit) -> str:
-    c = hit.chunk
-    return f"{c.name} > {c.heading}" if c.heading else c.name
+    return _label(hit.chunk.name, hit.chunk.heading)
+
+
+def _label(source: str, heading: str | None) -> str:
+    return f"{source} > {heading}" if heading else source
 
 
 def documents_block(hits: list[Hit]) -> str:
@@ -49,10 +52,11 @@ def documents_block(hits: list[Hit]) -> str:
 
 
 def _block(documents: list[dict]) -> str:
-    docs = []
-    for d in documents:
-        label = f"{d['source']} > {d['heading']}" if d.get("heading") else d["source"]
-        docs.append(f'<doc id="{d["id"]}" source="{_defang(label).replace(chr(34), chr(39))}">\n{_defang(d["text"])}\n</doc>')
+    docs = [
+        f'<doc id="{d["id"]}" source="{_defang(_label(d["source"], d.get("heading"))).replace(chr(34), chr(39))}">'
+        f'\n{_defang(d["text"])}\n</doc>'
+        for d in documents
+    ]
     return "<documents>\n" + "".join(d + "\n" for d in docs) + "</documents>"
 
 
