@@ -611,6 +611,10 @@ class ServeOptions:
         16.0, "largest upload of files into a collection, in MiB, files together (default 16)", metavar="MB"
     )
     max_documents: int = opt(1000, "documents per collection at most (default 1000)")
+    shared_collections: list[str] = opt(
+        [], "collections made by `chatforge rag add` that every user may read and ask about, read-only for all "
+        "but admins (comma-separated or repeated)", metavar="NAME", repeatable=True,
+    )  # fmt: skip
 
 
 @dataclass

@@ -372,12 +372,16 @@ class WorldSteps:
             f"{i + 1}. {who[i + 1]} is {ages[i]} {'+' if d > 0 else '-'} {abs(d)} = {ages[i + 1]}."
             for i, d in enumerate(diffs)
         ]
-        k = len(steps) + 1
         if p.data["sum"]:
-            steps.append(f"{k}. The sum is {' + '.join(str(a) for a in ages)} = {p.answer}.")
+            # one addition per step: a small model adds two numbers far more reliably than three
+            total = ages[0]
+            for i, a in enumerate(ages[1:]):
+                so_far = "" if i == len(ages) - 2 else " so far"
+                steps.append(f"{len(steps) + 1}. The sum{so_far} is {total} + {a} = {total + a}.")
+                total += a
         else:
             hi, lo = max(ages[0], ages[-1]), min(ages[0], ages[-1])
-            steps.append(f"{k}. The gap is {hi} - {lo} = {p.answer}.")
+            steps.append(f"{len(steps) + 1}. The gap is {hi} - {lo} = {p.answer}.")
         return [*steps, f"Answer: {p.answer}"]
 
     def step_labels(self, p: Problem, steps: list[str]) -> list[bool | None]:

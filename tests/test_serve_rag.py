@@ -76,7 +76,8 @@ def test_upload_list_cite_and_delete(model, tok, tmp_path):
         assert r.status_code == 200, r.text
         assert [(f["name"], f["outcome"]) for f in r.json()["files"]] == [("keeper.md", "added"), ("tea.txt", "added")]
         assert r.json()["collection"] == {"id": "notes", "object": "collection", "name": "notes", "owner": "alice",
-                                          "documents": 2, "chunks": 2, "embedding": "hash-384"}  # fmt: skip
+                                          "documents": 2, "chunks": 2, "embedding": "hash-384",
+                                          "shared": False, "writable": True}  # fmt: skip
         # the same ingest as `chatforge rag add`: the chunks are what add_files makes of the same files
         (tmp_path / "cli").mkdir()
         for n, text in (("keeper.md", KEEPER), ("tea.txt", TEA)):
@@ -150,6 +151,61 @@ def test_collections_belong_to_their_user(model, tok, tmp_path):
         assert c.delete("/v1/collections/bob:notes", headers=auth(ADMIN)).json()["deleted"]
         assert c.get("/v1/collections", headers=auth(BOB)).json()["data"] == []
         assert c.get("/v1/collections").status_code == 401  # no key, no collections
+
+
+def test_shared_collections_are_read_only_for_users(model, tok, tmp_path):
+    (tmp_path / "handbook.md").write_text(KEEPER)
+    (tmp_path / "secret.txt").write_text("The vault code is 4711.\n")
+    for name, file in (("handbook", "handbook.md"), ("ops", "secret.txt")):  # `chatforge rag add`'s, the admins'
+        coll = Collection.open(name, tmp_path / "root", create_with="hash-384")
+        add_files(coll, [(tmp_path / file, file)], HashEmbedder())
+        coll.close()
+    with client(model, tok, tmp_path / "root", shared=("handbook",)) as c:
+        # every user lists, reads and asks about the shared one; the unshared "ops" stays the admins'
+        listed = c.get("/v1/collections", headers=auth(BOB)).json()["data"]
+        assert [(x["id"], x["owner"], x["shared"], x["writable"]) for x in listed] == [("handbook", None, True, False)]
+        assert c.get("/v1/collections/ops", headers=auth(BOB)).status_code == 404
+        r = ask(c, BOB, "handbook")
+        assert r.status_code == 200 and {d["source"] for d in r.json()["documents"]} == {"handbook.md"}
+        chunk = c.get(f"/v1/collections/handbook/chunks/{r.json()['documents'][0]['chunk_id']}", headers=auth(BOB))
+        assert chunk.json()["text"] == r.json()["documents"][0]["text"]
+
+        # nobody but an admin changes it: upload, create, delete a file or the whole, each a one-line 403
+        doc_id = c.get("/v1/collections/handbook", headers=auth(BOB)).json()["data"][0]["id"]
+        for r in (
+            upload(c, BOB, "handbook", {"tea.txt": TEA}),
+            c.post("/v1/collections", json={"name": "handbook"}, headers=auth(BOB)),
+            c.delete(f"/v1/collections/handbook/files/{doc_id}", headers=auth(BOB)),
+            c.delete("/v1/collections/handbook", headers=auth(BOB)),
+        ):
+            assert r.status_code == 403 and r.json()["error"]["code"] == "read_only", r.text
+            assert "read-only" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+        assert [d["name"] for d in c.get("/v1/collections/handbook", headers=auth(BOB)).json()["data"]] == ["handbook.md"]
+
+        # the admin sees it marked shared and may change it; a user's own collection of the name comes first
+        admin = {x["id"]: x for x in c.get("/v1/collections", headers=auth(ADMIN)).json()["data"]}
+        assert admin["handbook"]["shared"] and admin["handbook"]["writable"] and not admin["ops"]["shared"]
+        assert upload(c, ADMIN, "handbook", {"tea.txt": TEA}).status_code == 200
+        assert c.get("/v1/collections/handbook", headers=auth(ALICE)).json()["documents"] == 2
+        own = Collection.open("handbook", tmp_path / "root" / "_users" / "alice", create_with="hash-384")
+        add_files(own, [(tmp_path / "secret.txt", "mine.txt")], HashEmbedder())  # made before the share
+        own.close()
+        assert [(x["id"], x["owner"]) for x in c.get("/v1/collections", headers=auth(ALICE)).json()["data"]] == [("handbook", "alice")]
+        assert {d["source"] for d in ask(c, ALICE, "handbook").json()["documents"]} == {"mine.txt"}
+        assert upload(c, ALICE, "handbook", {"tea.txt": TEA}).status_code == 200  # hers to change
+
+
+def test_shared_collections_must_exist(tmp_path):
+    from chatforge.errors import ChatforgeError
+    from chatforge.options import ServeOptions
+    from chatforge.serve.command import rag_settings
+
+    coll = Collection.open("handbook", tmp_path, create_with="hash-384")
+    coll.close()
+    opts = ServeOptions(model="x", rag_root=str(tmp_path), rag_embedding="hash-384", shared_collections=["handbook,handbook"])
+    assert rag_settings(opts).shared == ("handbook",)
+    with pytest.raises(ChatforgeError, match="--shared-collections wiki: no collection 'wiki'.*rag add --collection wiki"):
+        rag_settings(ServeOptions(model="x", rag_root=str(tmp_path), shared_collections=["handbook", "wiki"]))
 
 
 def test_bad_uploads_are_one_line_errors(model, tok, tmp_path):

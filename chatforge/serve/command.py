@@ -38,6 +38,7 @@ from chatforge.model.gpt import GPT
 from chatforge.model.quant import compile_decode
 from chatforge.options import ServeOptions, add_options, options_from_args
 from chatforge.rag.embed import EMBEDDERS
+from chatforge.rag.store import collection_exists, default_root
 from chatforge.redteam.defenses import parse_defenses
 from chatforge.serve.app import create_app
 from chatforge.serve.auth import (
@@ -300,8 +301,16 @@ def rag_settings(args: ServeOptions) -> RagSettings:
     if args.rag_embedding not in EMBEDDERS:
         raise ChatforgeError(f"--rag-embedding {args.rag_embedding}: use one of {', '.join(EMBEDDERS)}")
     root = Path(args.rag_root).expanduser() if args.rag_root else None
+    base = root if root is not None else default_root()
+    shared = tuple(dict.fromkeys(n.strip() for item in args.shared_collections for n in item.split(",") if n.strip()))
+    for name in shared:  # a share that names nothing is a typo: refuse it rather than serve without it
+        if not collection_exists(name, base):
+            raise ChatforgeError(
+                f"--shared-collections {name}: no collection {name!r} in {base}; make it first with "
+                f"`chatforge rag add --collection {name} FILES`"
+            )
     return RagSettings(root=root, embedding=args.rag_embedding, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                       max_documents=args.max_documents)  # fmt: skip
+                       max_documents=args.max_documents, shared=shared)  # fmt: skip
 
 
 def _judge(args: ServeOptions) -> Judge | None:

@@ -34,7 +34,7 @@ from chatforge.serve.protocol import (
     stop_strings,
     token_budget,
 )
-from chatforge.serve.routes_rag import existing
+from chatforge.serve.routes_rag import readable
 from chatforge.serve.routes_store import conversation_for, store_request
 from chatforge.serve.state import Caller, ServerState, State
 from chatforge.serve.streaming import (
@@ -175,7 +175,7 @@ def _chat_prompt(srv: ServerState, req: ChatCompletionRequest, user: User) -> Ch
     messages = [_message(m) for m in req.messages]
     prompt, documents = messages, None
     if req.collection is not None:  # the documents go into the prompt; the stored conversation stays as asked
-        place = existing(srv, user, req.collection, param="collection", missing=400)  # the caller's own only
+        place = readable(srv, user, req.collection, param="collection", missing=400)  # theirs, or a shared one
         try:
             budget = srv.ctx - min(_answer_room(srv, req), srv.ctx // 4)
             rag = rag_prompt(place.name, messages, srv.tok, budget, root=place.root)

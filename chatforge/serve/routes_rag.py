@@ -10,6 +10,9 @@ rag add` makes, and an admin sees everyone's: another user's as "USER:NAME". Ano
 collection is "not found", the same answer as one that does not exist. On a server without keys the
 one caller is the local admin.
 
+`serve --shared-collections NAME` lets every user read an admin's collection NAME and ask about it
+(their own collection of that name, if they have one, comes first); only admins change it.
+
 Uploads are JSON, {"files": [{"name", "content": base64}]}, not multipart: the body passes the same
 size and time limits as every request (middleware.Guard reads it whole in any case, so a streaming
 multipart parser would gain nothing) and no parser dependency is added."""
@@ -51,6 +54,7 @@ class Place:
     name: str
     owner: str | None
     ident: str
+    shared: bool = False  # an admins' collection every user may read (serve --shared-collections)
 
     @property
     def exists(self) -> bool:
@@ -95,10 +99,39 @@ def place_for(srv: ServerState, user: User, ident: str, *, param: str | None = N
 
 
 def existing(srv: ServerState, user: User, ident: str, *, param: str | None = None, missing: int = 404) -> Place:
+    """A collection the caller may change: their own (an admin: anyone's)."""
     place = place_for(srv, user, ident, param=param, missing=missing)
     if not place.exists:
+        if _shared(srv, user, ident) is not None:
+            raise _read_only(ident, param)
         raise _missing(ident, missing, param)
     return place
+
+
+def readable(srv: ServerState, user: User, ident: str, *, param: str | None = None, missing: int = 404) -> Place:
+    """A collection the caller may read and ask about: their own, else a shared one of that name."""
+    place = place_for(srv, user, ident, param=param, missing=missing)
+    if place.exists:
+        return place
+    shared = _shared(srv, user, ident)
+    if shared is None:
+        raise _missing(ident, missing, param)
+    return shared
+
+
+def _shared(srv: ServerState, user: User, ident: str) -> Place | None:
+    """The shared collection `ident` names, for a caller who is not an admin (admins reach it anyway)."""
+    if user.admin or ident not in srv.rag.shared:
+        return None
+    place = Place(srv.rag.base, ident, None, ident, shared=True)
+    return place if place.exists else None
+
+
+def _read_only(ident: str, param: str | None) -> APIError:
+    return APIError(
+        403, f"collection {ident!r} is shared by this server's admins and is read-only; "
+        "upload to a collection of your own under another name", param=param, code="read_only",
+    )  # fmt: skip
 
 
 def _missing(ident: str, status: int, param: str | None) -> APIError:
@@ -109,12 +142,14 @@ def _missing(ident: str, status: int, param: str | None) -> APIError:
 
 
 def _places(srv: ServerState, user: User) -> list[Place]:
-    """The collections `user` sees: their own; for an admin, everyone's."""
+    """The collections `user` sees: their own and the shared ones; for an admin, everyone's."""
     base = srv.rag.base
     if not user.admin:
         root = base / USERS_DIR / user_folder(user.name)
-        return [Place(root, n, user.name, n) for n in list_collections(root)]
-    out = [Place(base, n, None, n) for n in list_collections(base)]
+        own = [Place(root, n, user.name, n) for n in list_collections(root)]
+        shared = [_shared(srv, user, n) for n in srv.rag.shared if n not in {p.name for p in own}]
+        return own + [p for p in shared if p is not None]
+    out = [Place(base, n, None, n, shared=n in srv.rag.shared) for n in list_collections(base)]
     users = base / USERS_DIR
     for folder in sorted(users.iterdir()) if users.is_dir() else []:
         owner = folder_user(folder.name)
@@ -123,11 +158,12 @@ def _places(srv: ServerState, user: User) -> list[Place]:
     return out
 
 
-def _summary(place: Place, coll: Collection, documents: bool = False) -> dict:
+def _summary(place: Place, coll: Collection, documents: bool = False, user: User | None = None) -> dict:
     docs = coll.documents()
     out = {
         "id": place.ident, "object": "collection", "name": place.name, "owner": place.owner,
         "documents": len(docs), "chunks": coll.n_chunks(), "embedding": coll.embedding,
+        "shared": place.shared, "writable": user is None or user.admin or not place.shared,
     }  # fmt: skip
     if documents:  # never `source`: for files added by `chatforge rag add` it is a path on the server
         out["data"] = [{k: d[k] for k in ("id", "name", "chunks", "sha256", "added")} for d in docs]
@@ -146,7 +182,7 @@ def list_user_collections(srv: State, user: Caller) -> dict:
     for place in _places(srv, user):
         coll = _open(place)
         try:
-            out.append(_summary(place, coll))
+            out.append(_summary(place, coll, user=user))
         finally:
             coll.close()
     return {"object": "list", "data": out}
@@ -159,6 +195,8 @@ def create_collection(req: CollectionCreate, srv: State, user: Caller) -> dict:
     except ChatforgeError as e:
         raise APIError(400, str(e), param="name") from None
     place = place_for(srv, user, req.name, param="name")
+    if _shared(srv, user, req.name) is not None:
+        raise _read_only(req.name, "name")
     if place.exists:
         raise APIError(409, f"collection {req.name!r} exists already; upload files to it, or pick another name", param="name")
     embedding = req.embedding or srv.rag.embedding
@@ -175,10 +213,10 @@ def create_collection(req: CollectionCreate, srv: State, user: Caller) -> dict:
 
 @router.get("/v1/collections/{ident}")
 def get_collection(ident: str, srv: State, user: Caller) -> dict:
-    place = existing(srv, user, ident)
+    place = readable(srv, user, ident)
     coll = _open(place)
     try:
-        return _summary(place, coll, documents=True)
+        return _summary(place, coll, documents=True, user=user)
     finally:
         coll.close()
 
@@ -208,7 +246,7 @@ def delete_document(ident: str, doc_id: int, srv: State, user: Caller) -> dict:
 @router.get("/v1/collections/{ident}/chunks/{chunk_id}")
 def get_chunk(ident: str, chunk_id: int, srv: State, user: Caller) -> dict:
     """The chunk a citation points to (the chat answer's documents[i].chunk_id)."""
-    place = existing(srv, user, ident)
+    place = readable(srv, user, ident)
     coll = _open(place)
     try:
         found = coll.chunks([chunk_id])
@@ -227,6 +265,8 @@ def upload_files(ident: str, req: UploadRequest, srv: State, user: Caller) -> di
     name of one already there replaces it, the same bytes again are skipped. A file that cannot be
     read is named in "files" and the rest land; when none lands it is a 400."""
     place = place_for(srv, user, ident)
+    if not place.exists and _shared(srv, user, ident) is not None:
+        raise _read_only(ident, None)
     files = _decoded(srv, req)
     with ingest_turn(srv):
         made = not place.exists

@@ -55,6 +55,7 @@ class RagSettings:
     max_upload_bytes: int = 16 << 20  # one upload's files together, decoded
     max_files: int = 20  # files per upload
     max_documents: int = 1000  # documents per collection
+    shared: tuple[str, ...] = ()  # admins' collections every user may read and ask about
 
     @property
     def base(self) -> Path:

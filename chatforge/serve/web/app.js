@@ -524,7 +524,10 @@ async function loadCollections(select) {
   const box = $("collection");
   const chosen = select === undefined ? box.value : select;
   box.replaceChildren(new Option("no collection", ""));
-  for (const c of data) box.append(new Option(`${c.id} (${plural(c.documents, "file")})`, c.id));
+  for (const c of data) {
+    const shared = c.shared ? ", shared" : "";
+    box.append(new Option(`${c.id} (${plural(c.documents, "file")}${shared})`, c.id));
+  }
   box.value = data.some((c) => c.id === chosen) ? chosen : "";
   showCollectionFiles();
 }
@@ -542,6 +545,7 @@ async function showCollectionFiles() {
     uploadStatus(e.message, true);
     return;
   }
+  $("collection-delete").hidden = !coll.writable; // a shared collection is read-only but for admins
   for (const doc of coll.data) {
     const li = document.createElement("li");
     const label = document.createElement("span");
@@ -562,7 +566,8 @@ async function showCollectionFiles() {
       }
       loadCollections();
     };
-    li.append(label, del);
+    li.append(label);
+    if (coll.writable) li.append(del);
     list.append(li);
   }
 }
