@@ -96,5 +96,7 @@ def test_repeat_chats_answer_with_exactly_the_text_they_were_given(worlds):
         assert assistant == {"role": "assistant", "content": text} and ask
         assert not evaluated_names & set(text.split(", "))
     assert len({c[1]["content"] for c in chats}) == 200  # novel strings: only copying predicts them
+    numbers = [x for _, a in chats for x in a["content"].split(", ") if x.isdigit()]
+    assert len(numbers) > 50 and {len(x) for x in numbers} == set(range(3, 10))  # what a calculator call copies
     with pytest.raises(ChatforgeError, match="n -2"):
         repeat_conversations(-2, random.Random(0), seed=0)

@@ -134,15 +134,19 @@ def repeat_conversations(
     n: int, rng: random.Random, *, seed: int, people: int = 2000, avoid: World | None = None
 ) -> list[list[dict]]:
     """`n` chats asking the assistant to repeat a list of 2-6 names, places, employers, schools and
-    dates of strangers: every answer token can only be copied from the question. Mixed into
-    pretraining they grow the heads that copy from the context (induction heads), which the
-    world's text alone, whose every name is memorised, never calls for."""
+    dates of strangers and random numbers: every answer token can only be copied from the question.
+    Mixed into pretraining they grow the heads that copy from the context (induction heads), which
+    the world's text alone, whose every name is memorised, never calls for. The numbers (3-9 digits,
+    digits repeat inside them) are what a calculator call copies from a question and a final
+    answer from the tool's result."""
     if n < 0:
         raise ChatforgeError(f"repeat chats: n {n} must be >= 0")
     world = reading_world(seed + 1, people, avoid)
 
     def item(p: Person) -> str:
-        return rng.choice((p.name, p.name, p.birth_city, p.employer, p.university, format_date(p.birth_date)))
+        digits = rng.randint(3, 9)
+        number = str(rng.randrange(10 ** (digits - 1), 10**digits))
+        return rng.choice((p.name, p.name, p.birth_city, p.employer, p.university, format_date(p.birth_date), number))
 
     out = []
     for _ in range(n):
