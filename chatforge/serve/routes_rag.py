@@ -195,10 +195,10 @@ def create_collection(req: CollectionCreate, srv: State, user: Caller) -> dict:
     except ChatforgeError as e:
         raise APIError(400, str(e), param="name") from None
     place = place_for(srv, user, req.name, param="name")
-    if _shared(srv, user, req.name) is not None:
-        raise _read_only(req.name, "name")
     if place.exists:
         raise APIError(409, f"collection {req.name!r} exists already; upload files to it, or pick another name", param="name")
+    if _shared(srv, user, req.name) is not None:
+        raise _read_only(req.name, "name")
     embedding = req.embedding or srv.rag.embedding
     try:
         get_embedder(embedding)  # an unknown model or a missing extra is said before a folder is made
