@@ -146,9 +146,9 @@ def _places(srv: ServerState, user: User) -> list[Place]:
     base = srv.rag.base
     if not user.admin:
         root = base / USERS_DIR / user_folder(user.name)
-        own = [Place(root, n, user.name, n) for n in list_collections(root)]
-        shared = [_shared(srv, user, n) for n in srv.rag.shared if n not in {p.name for p in own}]
-        return own + [p for p in shared if p is not None]
+        own = list_collections(root)
+        shared = [_shared(srv, user, n) for n in srv.rag.shared if n not in own]  # their own comes first
+        return [Place(root, n, user.name, n) for n in own] + [p for p in shared if p is not None]
     out = [Place(base, n, None, n, shared=n in srv.rag.shared) for n in list_collections(base)]
     users = base / USERS_DIR
     for folder in sorted(users.iterdir()) if users.is_dir() else []:
