@@ -40,13 +40,14 @@ def probe(path: str) -> dict:
     ]
     got = _replies(run, [[{"role": "user", "content": "Repeat this exactly: " + s}] for s in strings], 40)
     out = {"repeat": sum(g.strip() == s for s, g in zip(strings, got, strict=True)) / len(strings)}
+    num_rng = random.Random(2)  # its own: the document probes below ask what they always asked
     numbers = [
-        f"{rng.randrange(100, 10 ** rng.randint(3, 6))}, {rng.randrange(100, 10 ** rng.randint(3, 6))}"
+        f"{num_rng.randrange(100, 10 ** num_rng.randint(3, 6))}, {num_rng.randrange(100, 10 ** num_rng.randint(3, 6))}"
         for _ in range(40)
     ]
     got_n = _replies(run, [[{"role": "user", "content": "Repeat this exactly: " + s}] for s in numbers], 24)
     out["numbers"] = sum(g.strip() == s for s, g in zip(numbers, got_n, strict=True)) / len(numbers)
-    problems = [big_arithmetic_problem(rng) for _ in range(60)]
+    problems = [big_arithmetic_problem(num_rng) for _ in range(60)]
     asked = [with_tools([{"role": "user", "content": p.question}], [CALCULATOR_TOOL]) for p in problems]
     calls = _replies(run, asked, 40)
     out["calls"] = sum(f'"{p.expression}"' in c for p, c in zip(problems, calls, strict=True)) / len(problems)
