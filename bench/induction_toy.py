@@ -56,9 +56,8 @@ def copy_batch(n: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.
         x = torch.randint(0, VOCAB, (ROW + 1,), generator=gen)
         x[at + length : at + 2 * length] = x[at : at + length]
         y = torch.full_like(x, -1)
-        y[at + length + 1 : at + 2 * length] = x[
-            at + length + 1 : at + 2 * length
-        ]  # the first token is a guess
+        scored = slice(at + length + 1, at + 2 * length)  # the copy's first token cannot be foreseen
+        y[scored] = x[scored]
         xs.append(x)
         ys.append(y)
     x, y = torch.stack(xs), torch.stack(ys)
@@ -102,7 +101,11 @@ def train(args: argparse.Namespace, lr: float, seed: int) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--lr", type=float, nargs="+", default=[3e-3, 1e-3], help="learning rates (AdamW, every group)"
+        "--lr",
+        type=float,
+        nargs="+",
+        default=[3e-3, 1e-3],
+        help="learning rates (with --optimizer muon, of the AdamW groups only)",
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=1500)
