@@ -2,10 +2,13 @@
 
     python bench/speedrun_seeds.py --seeds 0 1 2 --out runs/seeds            # the cpu preset
     python bench/speedrun_seeds.py --seeds 0 1 --out runs/s --preset smoke --until eval
+    python bench/speedrun_seeds.py --seeds 0 1 2 --out runs/rl-b --reuse runs/seeds --set rl.lr=5e-5
 
 Runs `chatforge speedrun` once per world seed into OUT/seed-N (`--set world.seed=N` on top of
-the preset and any --set given here). A seed's folder that is already there resumes: finished
-stages are skipped, so an interrupted sweep continues where it stopped. Then every figure of
+the preset and any --set given here); with --reuse, a copy of an earlier sweep's seed folder
+without the --redo stages (default rl, rag, report) is the start. A seed's folder that is already
+there resumes: finished stages are skipped, so an interrupted sweep continues where it stopped.
+Then every figure of
 every seed (each evaluation task before and after RL, RL's held-out pass@1 and its lift, the
 seconds of each stage and the total) goes into OUT/seeds.json (per seed, mean, min, max, std)
 and OUT/seeds.md (the same as a markdown table, ready for docs/benchmarks.md).
@@ -20,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.seeds import write_seed_table  # noqa: E402
-from chatforge.speedrun import speedrun  # noqa: E402
+from chatforge.speedrun import copy_run, speedrun  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                     help="preset override, for every seed (world.seed is set per seed)")  # fmt: skip
     ap.add_argument("--until", default=None, metavar="STAGE", help="stop each seed after this stage")
+    ap.add_argument("--reuse", metavar="DIR", help="start each seed from a copy of DIR/seed-N without the "
+                    "--redo stages' outputs (try another recipe for later stages on the same models)")
+    ap.add_argument("--redo", nargs="+", default=["rl", "rag", "report"], metavar="STAGE",
+                    help="with --reuse: the stages to run again (default: rl rag report)")  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument(
         "--tabulate-only",
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"no run folder {runs[seed]} to tabulate; run without --tabulate-only"
                     )
                 continue
+            if args.reuse and not runs[seed].exists():
+                copy_run(Path(args.reuse) / f"seed-{seed}", runs[seed], args.redo)
             print(f"=== world seed {seed}: {runs[seed]}", flush=True)
             speedrun(args.preset, runs[seed], [*args.overrides, f"world.seed={seed}"],
                      progress=not args.no_progress, until=args.until)  # fmt: skip

@@ -570,10 +570,12 @@ def _digits(rng: random.Random, lo: int, hi: int) -> int:
     return rng.randint(10 ** (n - 1), 10**n - 1)
 
 
-def big_arithmetic_problem(rng: random.Random) -> ToolProblem:
-    """Multiplication of two 3- to 5-digit numbers (60%), or adding / subtracting 4- to 6-digit ones."""
+def big_arithmetic_problem(rng: random.Random, *, short: bool = False) -> ToolProblem:
+    """Multiplication of two 3- to 5-digit numbers (60%), or adding / subtracting 4- to 6-digit ones;
+    `short`: two 2-digit numbers multiplied, or 2- to 3-digit ones added or subtracted."""
     op = rng.choices("*+-", weights=(6, 2, 2))[0]
-    a, b = (_digits(rng, 3, 5), _digits(rng, 3, 5)) if op == "*" else (_digits(rng, 4, 6), _digits(rng, 4, 6))
+    lo, hi = ((2, 2) if op == "*" else (2, 3)) if short else ((3, 5) if op == "*" else (4, 6))
+    a, b = _digits(rng, lo, hi), _digits(rng, lo, hi)
     if op == "-" and b > a:
         a, b = b, a
     c = {"+": a + b, "-": a - b, "*": a * b}[op]
@@ -719,6 +721,7 @@ def build_sft_data(
     n_eval_tools: int = 200,
     n_pretrain_tools: int = 0,
     n_pretrain_assistant: int = 0,
+    short_tool_share: float = 0.0,
 ) -> SFTData:
     """Build SFT conversations and evaluation questions from `world` (see `SFTData`).
 
@@ -730,6 +733,8 @@ def build_sft_data(
     not to use a tool). `n_eval_tools` problems of each eval kind go to eval_tools;
     `n_pretrain_tools` (half arithmetic, half word problems) to pretrain_tools;
     `n_pretrain_assistant` chats to pretrain_assistant (`assistant_chats`).
+    A `short_tool_share` of the training calculator chats' arithmetic (SFT's and pretraining's, never
+    the evaluation's) has 2- to 3-digit operands, so copying into a call works for short numbers too.
     `eval_phrasings` phrasings per attribute in eval_forward / eval_reverse (a seeded choice);
     `qa_phrasings` per attribute in sft_qa.
     """
@@ -785,7 +790,13 @@ def build_sft_data(
     )
     n_tool_word = max(16, F // 4) if n_tool_word is None else _check_count("n_tool_word", n_tool_word)
     rng = stream("tools")
-    tool_problems = [big_arithmetic_problem(rng) for _ in range(n_tool_arithmetic)]
+    if not 0 <= short_tool_share <= 1:
+        raise ChatforgeError(f"short_tool_share must be a number in [0, 1], got {short_tool_share!r}")
+
+    def calculator_arithmetic(rng: random.Random) -> ToolProblem:
+        return big_arithmetic_problem(rng, short=short_tool_share > 0 and rng.random() < short_tool_share)
+
+    tool_problems = [calculator_arithmetic(rng) for _ in range(n_tool_arithmetic)]
     tool_problems += [word_problem(rng.choice(sft_people), world, rng) for _ in range(n_tool_word)]
     tools = [tool_conversation(p, rng, system_prob=0.0) for p in tool_problems]  # short: 128-token rows
     for i in rng.sample(range(F), round(F * tools_shown_fraction)):
@@ -813,7 +824,7 @@ def build_sft_data(
     sft_qa = [qa for p in sft_people for qa in fact_questions(p, world, rng, n_phrasings=qa_phrasings)]
     rng = stream("pretrain_tools")
     pretrain_tools = [
-        big_arithmetic_problem(rng) if i % 2 else word_problem(rng.choice(sft_people), world, rng)
+        calculator_arithmetic(rng) if i % 2 else word_problem(rng.choice(sft_people), world, rng)
         for i in range(_check_count("n_pretrain_tools", n_pretrain_tools))
     ]
     rng = stream("eval_tools")

@@ -14,6 +14,11 @@ from chatforge.fileio import atomic_write_text, save_figure
 from chatforge.options import ReportOptions
 
 
+def shown_tools(sample: dict) -> str:
+    """' (with the calculator)' for a sample answer asked with a tool shown, else ''."""
+    return f" (with the {sample['tools']})" if sample.get("tools") else ""
+
+
 def _load(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -257,6 +262,10 @@ def _rl_section(run: Path, results: list[dict]) -> list[str]:
             name = f"{task} (no tools shown)" if task == "world_forward" else f"{task} ({r['metric']})"
             lines.append(f"| {name} | {_value(before.get(task))} | {_value(r)} | {r['n']:,} |")
     lines.append("")
+    if after_eval.get("samples"):
+        lines += ["Sample answers of the RL model:", ""]
+        lines += [f"- **{s['prompt']}**{shown_tools(s)} → {s['answer']}" for s in after_eval["samples"]]
+        lines.append("")
     for png, alt in (("rl_pass1.png", "pass@1 against step"), ("rl.png", "reinforcement learning")):
         if (run / "rl" / png).exists():
             lines += [f"![{alt}](rl/{png})", ""]
@@ -394,7 +403,7 @@ def build_report(run: Path) -> Path:
         samples = evaluation.get("samples")
         if samples:
             out += ["### Sample answers", ""]
-            out += [f"- **{s['prompt']}** → {s['answer']}" for s in samples]
+            out += [f"- **{s['prompt']}**{shown_tools(s)} → {s['answer']}" for s in samples]
             out.append("")
         out += _rl_section(run, results)
     out += _rag_section(run)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from chatforge.fileio import atomic_write_json, atomic_write_text
-from chatforge.report import machine_words
+from chatforge.report import machine_words, shown_tools
 
 # units: "%" (a share, stored 0-1, shown x100), "points" (a difference of shares, stored 0-1),
 # "s", "min", and "" (a plain number such as bits per byte)
@@ -148,8 +148,9 @@ def tabulate(runs: dict[int, Path]) -> dict:
         }
     samples, machines = {}, {}
     for seed, path in runs.items():
-        evaluation = _load(Path(path) / "eval" / "eval.json") or {}
-        samples[str(seed)] = evaluation.get("samples", [])
+        # the final model's answers: after RL where it ran
+        final = _load(Path(path) / "rl" / "eval" / "eval.json") or _load(Path(path) / "eval" / "eval.json") or {}
+        samples[str(seed)] = final.get("samples", [])
         stages = _load(Path(path) / "stages.json") or {}
         machines[str(seed)] = sorted({machine_words(s) for s in stages.values() if "cpu" in s})
     return {"seeds": [int(s) for s in runs], "figures": table, "samples": samples, "machines": machines}
@@ -205,9 +206,9 @@ def seeds_markdown(table: dict, title: str = "Speedrun over world seeds") -> str
         )
     lines.append("")
     if any(table["samples"].values()):
-        lines += ["### Sample answers", ""]
+        lines += ["### Sample answers (the final model: after RL where it ran)", ""]
         for seed, samples in table["samples"].items():
-            lines += [f"- seed {seed}: **{s['prompt']}** → {s['answer']}" for s in samples]
+            lines += [f"- seed {seed}: **{s['prompt']}**{shown_tools(s)} → {s['answer']}" for s in samples]
         lines.append("")
     return "\n".join(lines)
 

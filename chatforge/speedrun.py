@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
     data = build_sft_data(
         world, seed=seed, eval_fraction=d.eval_fraction, convs_per_person=d.convs_per_person,
         qa_phrasings=d.qa_phrasings, tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
-        n_pretrain_assistant=d.assistant_chats_in_pretrain,
+        n_pretrain_assistant=d.assistant_chats_in_pretrain, short_tool_share=d.short_tool_share,
     )  # fmt: skip
     if d.open_book_chats:  # reading retrieved documents, taught on strangers (SFT only)
         rng = random.Random(f"chatforge-open-book:{seed}")
@@ -255,6 +256,29 @@ STAGES = [
     ("rag", _stage_rag, "rag/rag.png"),
     ("report", _stage_report, "report.md"),
 ]
+
+
+def copy_run(src: Path, dst: Path, redo: list[str]) -> None:
+    """Make `dst` a copy of the speedrun folder `src` without the outputs of the stages in `redo`,
+    so that `speedrun` into `dst` runs those again (with other settings) and reuses the rest: e.g.
+    redo ["rl", "rag", "report"] tries an RL recipe on the same SFT model. The kept stages are taken
+    as they are, whatever settings made them; preset.json is left out for the new run to write."""
+    names = [name for name, _, _ in STAGES]
+    unknown = [r for r in redo if r not in names]
+    if unknown:
+        raise ChatforgeError(f"unknown stage {unknown[0]!r} to redo; stages are: {', '.join(names)}")
+    src, dst = Path(src), Path(dst)
+    if not (src / "stages.json").is_file():
+        raise ChatforgeError(f"{src} is not a speedrun folder (no stages.json)")
+    if dst.exists():
+        raise ChatforgeError(f"{dst} exists already; give a new folder")
+    left_out = {marker.split("/")[0] for name, _, marker in STAGES if name in redo} | {"preset.json"}
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda folder, files: [f for f in files if Path(folder) == src and f in left_out])
+    status = json.loads((src / "stages.json").read_text())
+    atomic_write_json(tmp / "stages.json", {k: v for k, v in status.items() if k not in redo})
+    tmp.rename(dst)  # whole or not at all: a stopped copy leaves only the .tmp folder
 
 
 def speedrun(

@@ -448,6 +448,29 @@ def test_tool_use_data_holds_out_its_eval_questions(world):
         build_sft_data(world, seed=1, tool_use=True, tools_shown_fraction=1.5)
 
 
+def test_short_tool_share_shortens_training_calls_only(world):
+    rng = random.Random(4)
+    for _ in range(100):
+        p = big_arithmetic_problem(rng, short=True)
+        a, op, b = p.expression.split()
+        assert 2 <= len(a) <= 3 and 2 <= len(b) <= 3 and (op != "*" or len(a) == len(b) == 2)
+    plain = build_sft_data(world, seed=1, tool_use=True, n_pretrain_tools=200)
+    short = build_sft_data(world, seed=1, tool_use=True, n_pretrain_tools=200, short_tool_share=0.5)
+
+    def lengths(problems):
+        return [len(p.expression.split()[0]) for p in problems if p.kind == "arithmetic"]
+
+    assert min(lengths(plain.pretrain_tools)) >= 3 and min(lengths(short.pretrain_tools)) == 2
+    assert sum(n == 2 for n in lengths(short.pretrain_tools)) >= 20
+    def asked(data):  # word_seen drops what a training chat asks, so only it may differ
+        return [p for p in data.eval_tools if p.kind != "word_seen"]
+
+    assert asked(short) == asked(plain)  # the evaluation's problems do not move
+    assert plain == build_sft_data(world, seed=1, tool_use=True, n_pretrain_tools=200, short_tool_share=0.0)
+    with pytest.raises(ChatforgeError, match="short_tool_share"):
+        build_sft_data(world, seed=1, tool_use=True, short_tool_share=2)
+
+
 def test_pretrain_chats_ask_only_about_sft_people_and_add_the_calculator_chats(world):
     data = build_sft_data(world, seed=1, tool_use=True, n_pretrain_tools=10)
     chats = pretrain_chats(world, data, seed=3, qa_phrasings=2)

@@ -165,6 +165,11 @@ def test_world_problems_are_checkable(tmp_path):
     path.write_text(json.dumps({"question": "Where?", "answer": "Here"}) + "\n" + '{"answer": 1}\n')
     with pytest.raises(ChatforgeError, match="line 2: a problem needs"):
         load_problems(path)
+    path.write_text(json.dumps({"question": "2 + 2?", "answer": 4, "tools": False}) + "\n")
+    assert load_problems(path)[0]["tools"] is False  # asked without the calculator (a rollout's `shown`)
+    path.write_text(json.dumps({"question": "2 + 2?", "tools": "no"}) + "\n")
+    with pytest.raises(ChatforgeError, match="'tools' must be true or false"):
+        load_problems(path)
 
 
 # ---- learning ---------------------------------------------------------------------------------------------
@@ -205,6 +210,20 @@ def test_the_kl_is_to_the_frozen_starting_model(run_dir, tmp_path):
         if "kl" in r
     ]
     assert len(kl) == 4 and abs(kl[0]) < 1e-5 and kl[-1] > 1e-3
+
+
+def test_embed_lr_zero_leaves_the_embeddings_as_they_were(run_dir, tmp_path):
+    def contains_e(messages, text, example):
+        return float("e" in text)
+
+    problems = [{"messages": [{"role": "user", "content": f"Say something {i}."}]} for i in range(8)]
+    cfg = RLConfig(steps=2, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=3e-3, warmup_steps=0,
+                   eval_every=0, embed_lr=0.0, epochs=1, device="cpu", seed=0)  # fmt: skip
+    assert cfg.train_config().embed_lr == 0.0 and RLConfig(lr=2e-4).train_config().embed_lr == 2e-4
+    grpo(run_dir, problems, problems[:4], tmp_path / "frozen", cfg, contains_e, progress=False)
+    before, after = load_model(run_dir)[0].state_dict(), load_model(tmp_path / "frozen")[0].state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and not any("wte" in k or "embed" in k for k in moved)
 
 
 def test_grpo_keeps_the_step_that_scores_best_on_validation(run_dir, tmp_path):
@@ -306,6 +325,26 @@ def test_tool_rollout_trains_on_what_the_policy_wrote_never_on_the_tool_result(t
     assert "Let me compute." in trained and "2**64" in trained and trained.count(result) == 1  # the answer
     assert untrained.count(result) == 1  # the tool's result: given, never trained on
     assert "What is 2 to the 64?" in untrained
+
+
+def test_a_rollout_mixes_questions_with_and_without_the_calculator(tok):  # noqa: F811
+    """shown=False asks a question with no tool in the system turn, in the same batch as one that
+    shows the calculator; each row is rendered (and so trained on) the way it was asked."""
+
+    def policy(msgs: list[tuple[str, str]]) -> str:
+        if any(role == "system" and "calculator" in text for role, text in msgs):
+            return calc_policy(msgs)
+        return "I cannot compute that in my head."
+
+    model, reg = ScriptedGPT(tok, policy), tools_registry()
+    cfg = RLConfig(max_new_tokens=64, max_calls=2)
+    ids, masks, texts = sample_answers(
+        model, tok, [USER, USER], cfg, temperature=0.0, seed=None, registry=reg, shown=[True, False]
+    )
+    assert texts == [f"It is {2**64}.", "I cannot compute that in my head."]
+    plain = USER + [{"role": "assistant", "content": texts[1]}]
+    assert (ids[1], masks[1]) == render_conversation(tok, plain)
+    assert "calculator" in tok.decode(ids[0]) and "calculator" not in tok.decode(ids[1])
 
 
 def test_tool_problems_are_checkable():

@@ -16,7 +16,7 @@ from chatforge.conversations import refusal_eval_requests
 from chatforge.data.pipeline import train_tokenizer
 from chatforge.errors import ChatforgeError
 from chatforge.eval.refusal import load_prompts
-from chatforge.eval.suite import SAMPLE_PROMPTS, evaluate_world, world_tasks
+from chatforge.eval.suite import SAMPLE_PROMPTS, TOOL_SAMPLE_PROMPTS, evaluate_world, world_tasks
 from chatforge.rag.open_book import REPEAT_ASKS
 from chatforge.redteam.detectors import is_refusal
 from chatforge.speedrun import STAGES, speedrun
@@ -237,6 +237,12 @@ def test_speedrun_rl_stage_sets_the_assistant_beside_the_rl_model(tmp_path, caps
     for png in ("rl.png", "rl_pass1.png"):
         assert (out / "rl" / png).stat().st_size > 1000
     assert "Held-out pass@1" in report and "![pass@1 against step](rl/rl_pass1.png)" in report
+    # with tool use, the small sums are asked again with the calculator shown, and labelled so
+    samples = json.loads((out / "rl" / "eval" / "eval.json").read_text())["samples"]
+    shown = [s for s in samples if s.get("tools") == "calculator"]
+    assert [s["prompt"] for s in shown] == TOOL_SAMPLE_PROMPTS and len(samples) == len(SAMPLE_PROMPTS) + 2
+    assert f"**{TOOL_SAMPLE_PROMPTS[0]}** (with the calculator) →" in report
+    assert "Sample answers of the RL model:" in report
     capsys.readouterr()
     speedrun("smoke", out, sets, progress=False)  # finished: skipped on a rerun, the off stage too
     assert capsys.readouterr().out.count("done already") == len(STAGES)

@@ -88,6 +88,32 @@ def test_a_rerun_reuses_finished_stages(sweep, capsys):
     assert (sweep / "seed-1" / "stages.json").read_text() == before
 
 
+def test_reuse_copies_the_earlier_stages_and_runs_the_redo_ones_again(sweep, tmp_path, capsys):
+    out = tmp_path / "again"
+    _bench().main(["--seeds", "1", "--out", str(out), "--preset", "smoke", "--until", "eval", "--no-progress",
+                   "--reuse", str(sweep), "--redo", "sft", "eval", "--set", "sft.max_steps=3"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "[pretrain] done already" in printed and "[sft] running" in printed and "[eval] running" in printed
+    run, old = out / "seed-1", sweep / "seed-1"
+    assert (run / "base" / "model.safetensors").read_bytes() == (old / "base" / "model.safetensors").read_bytes()
+    assert json.loads((run / "preset.json").read_text())["sft"]["max_steps"] == 3  # the new run's settings
+    assert json.loads((run / "sft" / "sft_summary.json").read_text()) != json.loads(
+        (old / "sft" / "sft_summary.json").read_text()
+    )
+
+
+def test_copy_run_refuses_in_one_line(sweep, tmp_path):
+    from chatforge.errors import ChatforgeError
+    from chatforge.speedrun import copy_run
+
+    with pytest.raises(ChatforgeError, match="unknown stage 'rlhf'"):
+        copy_run(sweep / "seed-0", tmp_path / "a", ["rlhf"])
+    with pytest.raises(ChatforgeError, match="not a speedrun folder"):
+        copy_run(tmp_path, tmp_path / "b", ["rl"])
+    with pytest.raises(ChatforgeError, match="exists already"):
+        copy_run(sweep / "seed-0", sweep / "seed-1", ["rl"])
+
+
 def test_world_seed_is_not_set_twice(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _bench().main(["--seeds", "0", "--out", str(tmp_path), "--preset", "smoke", "--set", "world.seed=3"])

@@ -18,7 +18,8 @@ from chatforge.world import Person, World, fact_questions
 
 def load_problems(path: str | Path) -> list[dict]:
     """Problems from .jsonl: {"messages": [...prompt turns]} or {"question": "..."}, plus any fields
-    the reward reads ("answer", "expression", ...). Rows are returned with "messages" filled in."""
+    the reward reads ("answer", "expression", ...), and "tools": false for a question RL with tools
+    should ask without them. Rows are returned with "messages" filled in."""
     p = Path(path)
     out = []
     for n, obj in read_jsonl(p):
@@ -34,6 +35,8 @@ def load_problems(path: str | Path) -> list[dict]:
             raise ChatforgeError(f"{where}: the prompt ends with an assistant turn; end it with the question")
         if "answer" in obj and not isinstance(obj["answer"], str | int | float):
             raise ChatforgeError(f"{where}: 'answer' must be a string or a number")
+        if not isinstance(obj.get("tools", True), bool):
+            raise ChatforgeError(f"{where}: 'tools' must be true or false")
         out.append({**obj, "messages": messages})
     if not out:
         raise ChatforgeError(f"{p} holds no problems")

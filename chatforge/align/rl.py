@@ -51,6 +51,7 @@ import dataclasses
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,9 +198,11 @@ def sample_answers(
     temperature: float,
     seed: int | None,
     registry: ToolRegistry | None = None,
+    shown: Sequence[bool] | None = None,
 ) -> tuple[list[list[int]], list[list[int]], list[str]]:
     """One answer per prompt conversation: (prompt + answer ids, mask of the policy's own tokens,
-    the reply text a reward reads).
+    the reply text a reward reads). `shown[i]` False asks prompt i without the tools (default: all
+    shown), so one rollout can mix questions asked with and without the calculator.
 
     Without tools: the engine's tokens as sampled. With a tool registry: the turn runs through
     `generate_with_tools` (calls executed, results fed back), then the whole turn is rendered again
@@ -220,16 +223,17 @@ def sample_answers(
             texts = [_answer_text(tok, o, set(stops)) for o in outs]
             masks = [[0] * len(pr) + [1] * len(o) for pr, o in zip(ids, outs, strict=True)]
             return [pr + o for pr, o in zip(ids, outs, strict=True)], masks, texts
+        shown = [True] * len(prompts) if shown is None else list(shown)
+        registries = [registry if s else ToolRegistry() for s in shown]
         new = generate_with_tools(
-            policy, tok, prompts, registry, max_calls=cfg.max_calls, max_new_tokens=cfg.max_new_tokens,
+            policy, tok, prompts, registries, max_calls=cfg.max_calls, max_new_tokens=cfg.max_new_tokens,
             temperature=temperature, top_p=cfg.top_p, seed=seed,
         )  # fmt: skip
     finally:
         policy.train(was)
-    schemas = registry.schemas()
     rendered = [
-        render_conversation(tok, m + added, tools=schemas, max_len=policy.cfg.seq_len)
-        for m, added in zip(prompts, new, strict=True)
+        render_conversation(tok, m + added, tools=r.schemas() or None, max_len=policy.cfg.seq_len)
+        for m, added, r in zip(prompts, new, registries, strict=True)
     ]
     return [r[0] for r in rendered], [r[1] for r in rendered], [_final_text(added) for added in new]
 
@@ -247,8 +251,9 @@ def rollout(
     """G sampled answers for each problem (seeds seed, seed+1, ... per row), scored."""
     G = cfg.group_size
     prompts = [p["messages"] for p in problems for _ in range(G)]
+    shown = [p.get("tools", True) for p in problems for _ in range(G)]
     ids, masks, texts = sample_answers(
-        policy, tok, prompts, cfg, temperature=cfg.temperature, seed=seed, registry=registry
+        policy, tok, prompts, cfg, temperature=cfg.temperature, seed=seed, registry=registry, shown=shown
     )
     items = [(p["messages"], texts[i * G + j], p) for i, p in enumerate(problems) for j in range(G)]
     rewards = torch.tensor(score_all(reward, items), dtype=torch.float32)
@@ -271,8 +276,11 @@ def evaluate_problems(
     tool evaluation score by). Keys start with `prefix`."""
     texts = []
     for i in range(0, len(problems), batch_size):
-        chunk = [p["messages"] for p in problems[i : i + batch_size]]
-        texts += sample_answers(policy, tok, chunk, cfg, temperature=0.0, seed=None, registry=registry)[2]
+        chunk = problems[i : i + batch_size]
+        texts += sample_answers(
+            policy, tok, [p["messages"] for p in chunk], cfg, temperature=0.0, seed=None, registry=registry,
+            shown=[p.get("tools", True) for p in chunk],
+        )[2]  # fmt: skip
     items = [(p["messages"], t, p) for p, t in zip(problems, texts, strict=True)]
     out = {f"{prefix}reward": sum(score_all(reward, items)) / len(items), f"{prefix}n": len(items)}
     if all("answer" in p for p in problems):
