@@ -268,3 +268,5 @@ def test_speedrun_with_tool_use_reports_the_tools_table(tmp_path):
     assert (out / "eval" / "tools.png").stat().st_size > 1000
     # the smoke model's 64-token context cannot hold the tool description and a question: counted wrong
     assert "did not fit the model's context (tools on)" in report
+    shown = [s for s in evaluation["samples"] if s.get("tools")]
+    assert len(shown) == 2 and all(s["answer"] == "" for s in shown)  # nor can it answer with the calculator

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from chatforge.chat import chat_turn_with_tools, final_answer
+from chatforge.chat_format import render_prompt
 from chatforge.checkpoint import load_run
 from chatforge.data.sources import iter_documents
 from chatforge.device import pick_device
@@ -97,8 +98,12 @@ def evaluate_world(
 
 
 def calculator_sample(model: GPT, tok: Tokenizer, question: str) -> dict:
-    """The greedy answer to `question` with the calculator shown: its calls as tool lines, then its words."""
+    """The greedy answer to `question` with the calculator shown: its calls as tool lines, then its words
+    ("" when the question and the tool's description fill the context, as chat_samples does)."""
+    messages, registry = [{"role": "user", "content": question}], calculator_registry()
+    if len(render_prompt(tok, messages, tools=registry.schemas())) >= model.cfg.seq_len:
+        return {"prompt": question, "tools": "calculator", "answer": ""}
     lines: list[str] = []
-    new, _ = chat_turn_with_tools(model, tok, [{"role": "user", "content": question}], calculator_registry(),
+    new, _ = chat_turn_with_tools(model, tok, messages, registry,
                                   max_new_tokens=64, max_calls=2, on_tool=lines.append)  # fmt: skip
     return {"prompt": question, "tools": "calculator", "answer": " · ".join([*lines, final_answer(new)])}
