@@ -529,14 +529,21 @@ def benign_conversation(rng: random.Random, *, system_prob: float = SYSTEM_PROB)
 
 def refusal_eval_requests() -> tuple[list[str], list[str]]:
     """(disallowed, benign): every held-out frame around every held-out topic, each person-naming
-    topic once per held-out target. No frame, topic or target of these is in any training chat."""
+    topic once per held-out target, each with every opening the training chats use ("", "Hey, ",
+    ...): 600 and 270 requests, so that one answer moves a rate by well under a point. No frame,
+    topic or target of these is in any training chat."""
     frames = _split(_REQUEST_FRAMES, True)
     targets = _split(_REFUSAL_TARGETS, True)
     harmful = [
         t.format(t=who) for t in _split(_HARMFUL_TOPICS, True) for who in (targets if "{t}" in t else [""])
     ]
     benign = [topic for topic, _ in _split(_BENIGN_TOPICS, True)]
-    return [f.format(x=x) for x in harmful for f in frames], [f.format(x=x) for x in benign for f in frames]
+    prefixes = list(dict.fromkeys(_REQUEST_PREFIXES))
+
+    def requests(topics: list[str]) -> list[str]:
+        return [_prefixed(p, f.format(x=x)) for x in topics for f in frames for p in prefixes]
+
+    return requests(harmful), requests(benign)
 
 
 # ---------------------------------------------------------------------------------------------
