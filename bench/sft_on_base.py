@@ -4,7 +4,7 @@ this checkout's conversations, on the base of a finished speedrun folder (no pre
     python bench/sft_on_base.py --run runs/demo --out runs/sft-new              # seed 0
     python bench/sft_on_base.py --run runs/seed1 --out runs/sft-new1 --set world.seed=1
 
---out gets the run's world/ and tokenizer.json (copied), base/ (a link), new sft_data/, sft/ and
+--out gets a copy of the run up to its pretraining (`speedrun.copy_run`), new sft_data/, sft/ and
 eval/, and eval_before/: the run's own sft/ model asked the same (new) evaluation files, so the
 before/after table compares the two assistants on identical questions. `--set` takes the
 speedrun's overrides (the world seed must be the run's); the pretraining ones do not matter here.
@@ -25,22 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from chatforge.config import apply_overrides, get_preset  # noqa: E402
 from chatforge.eval.suite import evaluate_world  # noqa: E402
 from chatforge.fileio import atomic_write_json  # noqa: E402
-from chatforge.speedrun import _evaluate, _stage_sft, _stage_sft_data  # noqa: E402
+from chatforge.speedrun import _evaluate, _stage_sft, _stage_sft_data, copy_run  # noqa: E402
 
 FIGURES = ("world_forward", "tools_on", "arithmetic_small", "refusal", "false_refusal")
 
 
 def prepare(run: Path, out: Path, world_seed: int) -> None:
-    """world/ and tokenizer.json copied, base/ linked; refuses a run of another world seed."""
+    """--out as a copy of the run without its SFT data and the stages after pretraining
+    (`speedrun.copy_run`); refuses a run of another world seed."""
     manifest = json.loads((run / "world" / "manifest.json").read_text())
     if manifest["seed"] != world_seed:
         raise SystemExit(f"{run} is world seed {manifest['seed']}; pass --set world.seed={manifest['seed']}")
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "world").exists():
-        shutil.copytree(run / "world", out / "world")
-    shutil.copy(run / "tokenizer.json", out / "tokenizer.json")
-    if not (out / "base").exists():
-        (out / "base").symlink_to((run / "base").resolve())
+    if not out.exists():
+        copy_run(run, out, ["sft_data", "sft", "eval", "rl", "rag", "report"])
 
 
 def main() -> None:
