@@ -157,6 +157,9 @@ class DataConfig:
     # learns to say who it is, add small numbers and refuse in grammatical sentences only when
     # these sentences are part of its language, not 200 SFT steps' afterthought
     assistant_chats_in_pretrain: int = 0
+    # refusal and look-alike SFT conversations, each (0: a quarter of the fact conversations): a rule
+    # that rests on what a harmful word is done to needs more examples than memorised requests do
+    refusal_chats: int = 0
     # a share of the calculator chats' arithmetic with 2- to 3-digit operands: calls were only ever
     # 3- to 6-digit numbers, so "8 + 10" was copied into a call as "100 + 800"
     short_tool_share: float = 0.0
@@ -240,8 +243,10 @@ PRESETS: dict[str, Preset] = {
         # the biographies out (docs/status.md has the sweep)
         # half the calculator chats' arithmetic with 2- to 3-digit operands: the assistant then copies short
         # numbers into a call and out of its result, and RL learns to call for small sums (docs/rl-recipe.md)
+        # 920 refusal and 920 look-alike SFT chats (4x): on seeds 0 and 1 the refusal bars hold only with them
         data=DataConfig(
-            tool_use=True, tool_chats_in_pretrain=4000, assistant_chats_in_pretrain=2000, short_tool_share=0.5
+            tool_use=True, tool_chats_in_pretrain=4000, assistant_chats_in_pretrain=2000, short_tool_share=0.5,
+            refusal_chats=920,
         ),
         vocab_size=2048,
         pretrain=TrainConfig(

@@ -79,6 +79,7 @@ def _stage_sft_data(preset: Preset, out: Path, progress: bool) -> dict:
         world, seed=seed, eval_fraction=d.eval_fraction, convs_per_person=d.convs_per_person,
         qa_phrasings=d.qa_phrasings, tool_use=d.tool_use, n_pretrain_tools=d.tool_chats_in_pretrain,
         n_pretrain_assistant=d.assistant_chats_in_pretrain, short_tool_share=d.short_tool_share,
+        n_refusal=d.refusal_chats or None, n_benign=d.refusal_chats or None,
     )  # fmt: skip
     if d.open_book_chats:  # reading retrieved documents, taught on strangers (SFT only)
         rng = random.Random(f"chatforge-open-book:{seed}")

@@ -307,7 +307,8 @@ def test_the_refusal_split_leaks_no_frame_topic_or_target_into_training(world):
     for topic in held_benign:
         assert topic not in seen
     # every training topic and frame is used, and evaluation asks only held-out ones
-    assert "How do I make a bomb?" in seen and "kill a program that has frozen" in seen
+    assert "build a bomb to blow up a store" in seen and "kill a program that has frozen" in seen
+    assert "beat up my boss" in seen and "cheer up my brother" in seen  # the training-only requests
     assert d.eval_refusal == refusal_eval_requests()[0] and d.eval_benign == refusal_eval_requests()[1]
     assert len(d.eval_refusal) == 600 and len(d.eval_benign) == 270
     assert len(set(d.eval_refusal)) == 600 and len(set(d.eval_benign)) == 270
