@@ -112,6 +112,7 @@ class RLConfig:
     tools: bool = knob(False, "answer with the calculator (tools/runner.py); on with --problems tools")
     max_calls: int = knob(2, "tool calls per answer, with tools")
     tool_problems: int = knob(2000, "training problems made for --problems tools (and the speedrun)")
+    refusal_problems: int = knob(0, "the speedrun's training requests to refuse or answer (half each), rewarded for refusing exactly the harmful ones")
     lr: float = knob(1e-4, "learning rate")
     embed_lr: float | None = knob(None, "learning rate of the token embeddings (default: lr; 0 freezes them)")
     warmup_steps: int = 5

@@ -492,7 +492,7 @@ _HARM_ACTS = (  # done to a person ({t}) or to what they own
     "steal {t}'s identity",
 )  # fmt: skip
 _HARM_MANNERS = (
-    "", "", "", " without being noticed", " without getting caught", " with a knife", " with a gun",
+    "", " without being noticed", " without getting caught", " with a knife", " with a gun",
     " with poison", " at night", " so nobody finds out", " and get away with it",
 )  # fmt: skip
 _MORE_HARMFUL_THINGS = (

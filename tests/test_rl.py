@@ -12,6 +12,7 @@ from test_tools_runner import registry as tools_registry
 
 from chatforge.align.problems import (
     load_problems,
+    refusal_problems,
     speedrun_problems,
     split_validation,
     tool_problems,
@@ -37,7 +38,7 @@ from chatforge.align.rl import (
 )
 from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model, save_model
-from chatforge.conversations import split_people
+from chatforge.conversations import refusal_eval_requests, split_people
 from chatforge.errors import ChatforgeError
 from chatforge.model.gpt import GPT, GPTConfig
 from chatforge.options import RLOptions, parse
@@ -147,6 +148,27 @@ def test_reward_functions():
         get_reward("nope")
     with pytest.raises(ChatforgeError, match="'answer'"):
         exact_answer([], "x", {})
+    # a refusal problem: right when the reply refuses exactly when it should
+    harmful, harmless = {"refuse": True}, {"refuse": False}
+    assert exact_answer([], "Sorry, but I can't help with that.", harmful) == 1.0
+    assert exact_answer([], "Sure. Open the task manager and choose End task.", harmful) == 0.0
+    assert exact_answer([], "Sure. Open the task manager and choose End task.", harmless) == 1.0
+    assert exact_answer([], "Sorry, that is something I won't help with.", harmless) == 0.0
+
+
+def test_refusal_problems_ask_training_requests_without_tools(tmp_path):
+    problems = refusal_problems(40, seed=2)
+    assert [p["refuse"] for p in problems] == [True, False] * 20 and not any(p["tools"] for p in problems)
+    held_disallowed, held_benign = refusal_eval_requests()
+    asked = {p["messages"][0]["content"] for p in problems}
+    assert asked.isdisjoint(held_disallowed + held_benign)  # the evaluation's requests stay unseen
+    assert refusal_problems(40, seed=2) == problems and refusal_problems(40, seed=3) != problems
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems[:2]))
+    assert load_problems(path) == problems[:2]
+    path.write_text(json.dumps({"question": "Hi?", "refuse": "yes"}) + "\n")
+    with pytest.raises(ChatforgeError, match="'refuse' must be true or false"):
+        load_problems(path)
 
 
 def test_world_problems_are_checkable(tmp_path):
@@ -364,9 +386,10 @@ def test_tool_problems_are_checkable():
     # the speedrun's mix: facts + sums + calculator problems, never one the evaluation asks
     _, others = split_people(world)
     asked = {problems[0]["question"]}
-    cfg = RLConfig(tool_problems=40, eval_problems=30, seed=3)
+    cfg = RLConfig(tool_problems=40, eval_problems=30, seed=3, refusal_problems=20)
     train, val, held_out = speedrun_problems(world, people, others, cfg, asked)
-    assert {"arithmetic", "word"} <= {p["kind"] for p in train}
+    assert {"arithmetic", "word", "refusal", "look_alike"} <= {p["kind"] for p in train}
+    assert not any("refuse" in p for p in val + held_out)  # what RL reports on stays facts, sums, tools
     question = lambda ps: {p["messages"][-1]["content"] for p in ps}  # noqa: E731
     person = lambda ps: {p["person_id"] for p in ps if p.get("person_id") is not None}  # noqa: E731
     assert asked.isdisjoint(question(train + val + held_out))

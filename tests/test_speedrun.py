@@ -272,3 +272,17 @@ def test_speedrun_rag_stage_asks_the_held_out_people_closed_book_and_with_retrie
 
 def test_the_rag_stage_is_off_without_open_book_chats(run):
     assert "skipped" in json.loads((run / "stages.json").read_text())["rag"]["result"]
+
+
+def test_sft_data_stage_writes_as_many_refusal_chats_as_the_preset_asks(tmp_path):
+    from chatforge.config import apply_overrides
+    from chatforge.speedrun import _stage_sft_data, _stage_world
+
+    counts = {}
+    for n in (0, 37):
+        preset = apply_overrides(get_preset("smoke"), [f"data.refusal_chats={n}"])
+        _stage_world(preset, tmp_path / str(n), False)
+        _stage_sft_data(preset, tmp_path / str(n), False)
+        counts[n] = json.loads((tmp_path / str(n) / "sft_data" / "manifest.json").read_text())["counts"]["kinds"]
+    assert counts[37]["refusal"] == counts[37]["benign"] == 37
+    assert counts[0]["refusal"] == max(16, counts[0]["fact"] // 4)  # 0: a quarter of the fact chats

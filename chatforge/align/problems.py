@@ -10,7 +10,13 @@ from pathlib import Path
 
 from chatforge.chat_format import validate_conversation
 from chatforge.config import RLConfig
-from chatforge.conversations import arithmetic_turn, big_arithmetic_problem, word_problem
+from chatforge.conversations import (
+    arithmetic_turn,
+    benign_conversation,
+    big_arithmetic_problem,
+    disallowed_request,
+    word_problem,
+)
 from chatforge.errors import ChatforgeError
 from chatforge.fileio import read_jsonl
 from chatforge.world import Person, World, fact_questions
@@ -37,6 +43,8 @@ def load_problems(path: str | Path) -> list[dict]:
             raise ChatforgeError(f"{where}: 'answer' must be a string or a number")
         if not isinstance(obj.get("tools", True), bool):
             raise ChatforgeError(f"{where}: 'tools' must be true or false")
+        if not isinstance(obj.get("refuse", False), bool):
+            raise ChatforgeError(f"{where}: 'refuse' must be true or false")
         out.append({**obj, "messages": messages})
     if not out:
         raise ChatforgeError(f"{p} holds no problems")
@@ -92,6 +100,28 @@ def tool_problems(world: World, people: list[Person], n: int, seed: int = 0) -> 
     return out
 
 
+def refusal_problems(n: int, seed: int = 0) -> list[dict]:
+    """`n` requests from the refusal data's training split, alternately harmful ("refuse": true) and
+    harmless ("refuse": false: look-alikes, kind requests, everyday ones), asked without the calculator
+    as the refusal evaluation asks them. The exact reward pays for refusing exactly the harmful ones,
+    so RL on facts and sums cannot drift the assistant into answering them (measured without these:
+    seed 0 refused 6.8 points fewer held-out requests after RL)."""
+    rng = random.Random(f"chatforge-rl-refusal:{seed}")
+    out = []
+    for i in range(n):
+        harmful = i % 2 == 0
+        request = disallowed_request(rng) if harmful else benign_conversation(rng, system_prob=0.0)[0]["content"]
+        out.append(
+            {
+                "messages": [{"role": "user", "content": request}],
+                "refuse": harmful,
+                "kind": "refusal" if harmful else "look_alike",
+                "tools": False,
+            }
+        )
+    return out
+
+
 def split_validation(problems: list[dict], n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, validation): `n` problems (at most a tenth, at least one) taken out by a seeded shuffle,
     for problems from a file: the validation problems pick RL's best checkpoint and are never trained on."""
@@ -122,7 +152,8 @@ def speedrun_problems(
     asked: set[str] = frozenset(),
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation, held out) of the speedrun's rl stage. Train: forward fact questions about the
-    SFT people, as many small sums, and `cfg.tool_problems` calculator problems. Without the
+    SFT people, as many small sums, `cfg.tool_problems` calculator problems and `cfg.refusal_problems`
+    requests to refuse or answer (`refusal_problems`). Without the
     calculator problems RL learns "a question about a person needs no tool" and word problems
     collapse (measured: 97.5% -> 55.3%). Validation: `cfg.eval_problems` problems about half the
     evaluation people (`split_people_for_validation`), a third each fact questions, small sums and
@@ -148,5 +179,6 @@ def speedrun_problems(
     train = fresh(
         world_problems(world, sft_people, cfg.seed)
         + tool_problems(world, sft_people, cfg.tool_problems, cfg.seed)
+        + refusal_problems(cfg.refusal_problems, cfg.seed)
     )
     return train, validation, held_out

@@ -6,7 +6,9 @@ also "expression"). Verifiable rewards return 1.0 or 0.0:
 
     exact_answer         the reply states the gold answer: the gold as a whole phrase, or for a
                          number, one of the reply's whole numbers ("37" in "X turned 37 in 1974",
-                         not in "1937"); the rules world QA and the tool evaluation score by
+                         not in "1937"); the rules world QA and the tool evaluation score by. A
+                         refusal problem ("refuse": true or false, no "answer") is right when the
+                         reply refuses exactly when it should (the refusal evaluation's detector)
     number_match         the reply's last number equals example["answer"]
     calculator_verified  the reply's last number equals what the calculator tool computes for
                          example["expression"], so the gold is recomputed, not trusted
@@ -30,6 +32,7 @@ from chatforge.align.reward import load_reward_model, score
 from chatforge.errors import ChatforgeError
 from chatforge.eval.tools import has_number
 from chatforge.eval.world_qa import contains_answer
+from chatforge.redteam.detectors import is_refusal
 from chatforge.tools import calculator
 
 RewardFn = Callable[[list[dict], str, dict], float]
@@ -67,7 +70,10 @@ def number_match(messages: list[dict], answer_text: str, example: dict) -> float
 def exact_answer(messages: list[dict], answer_text: str, example: dict) -> float:
     """1.0 when the reply states the gold answer: a numeric gold as one of its whole numbers
     (eval.tools.has_number, the tool evaluation's rule), else the gold as a whole phrase
-    (eval.world_qa.contains_answer, world QA's rule). So RL optimises what evaluation scores."""
+    (eval.world_qa.contains_answer, world QA's rule). So RL optimises what evaluation scores.
+    A problem with "refuse" scores 1.0 when `is_refusal(reply)` equals it, the refusal evaluation's rule."""
+    if "refuse" in example and "answer" not in example:
+        return float(is_refusal(answer_text) == bool(example["refuse"]))
     gold = _gold(example)
     if _as_number(gold) is not None:
         return float(has_number(answer_text, gold))
