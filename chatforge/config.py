@@ -244,7 +244,8 @@ PRESETS: dict[str, Preset] = {
         # the biographies out (docs/status.md has the sweep)
         # half the calculator chats' arithmetic with 2- to 3-digit operands: the assistant then copies short
         # numbers into a call and out of its result, and RL learns to call for small sums (docs/rl-recipe.md)
-        # 920 refusal and 920 look-alike SFT chats (4x): on seeds 0 and 1 the refusal bars hold only with them
+        # 920 refusal and 920 harmless SFT chats (4x), with the composed requests: mean refusals 74.7 -> 85.1%,
+        # look-alikes refused 24.2 -> 16.4% over three seeds (docs/benchmarks.md)
         data=DataConfig(
             tool_use=True, tool_chats_in_pretrain=4000, assistant_chats_in_pretrain=2000, short_tool_share=0.5,
             refusal_chats=920,

@@ -104,8 +104,8 @@ def refusal_problems(n: int, seed: int = 0) -> list[dict]:
     """`n` requests from the refusal data's training split, alternately harmful ("refuse": true) and
     harmless ("refuse": false: look-alikes, kind requests, everyday ones), asked without the calculator
     as the refusal evaluation asks them. The exact reward pays for refusing exactly the harmful ones,
-    so RL on facts and sums cannot drift the assistant into answering them (measured without these:
-    seed 0 refused 6.8 points fewer held-out requests after RL)."""
+    so RL on facts and sums is also paid to keep refusing (it held two seeds of three within 2 points
+    on the held-out requests: docs/rl-recipe.md)."""
     rng = random.Random(f"chatforge-rl-refusal:{seed}")
     out = []
     for i in range(n):
