@@ -80,8 +80,9 @@ RECIPES = {
         min_many=0.4,  # measured: 50.9% mean over seeds 0-2 (43.2-55.3%) vs 1 biography 2-3% (docs/seeds.md)
         min_gap=0.35,
     ),  # fmt: skip
-    # the size of docs/benchmarks.md's first figure (400 people, 1,700 steps of 16 x 128 tokens, 11.8% vs
-    # 91.5%, measured on an H100 with the cpu preset of that time); not yet measured in this pinned form
+    # the size of docs/benchmarks.md's first figure (400 people, 1,700 steps of 16 x 128 tokens), about
+    # 13 min per run on one Zen 4 thread; measured: 89.1% mean over seeds 0-2 (86.7-91.8%) vs 1 biography
+    # 8.2% (7.2-9.0%), so the default bounds (85%, a 50-point gap) hold (docs/seeds.md)
     "large": Recipe(
         people=400,
         heldout=40,
