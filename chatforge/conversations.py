@@ -588,7 +588,7 @@ def disallowed_request(rng: random.Random, *, held_out: bool = False) -> str:
     frame = rng.choice(_split(_REQUEST_FRAMES, held_out))
     pool, draw = _split(_HARMFUL_TOPICS, held_out), rng.random()
     if not held_out and draw >= 0.4:  # training: the composed requests too
-        pool = list(_COMPOSED_HARM) if draw < 0.8 else list(_MORE_HARMFUL_THINGS)
+        pool = _COMPOSED_HARM if draw < 0.8 else _MORE_HARMFUL_THINGS
     topic = rng.choice(pool).format(t=rng.choice(_split(_REFUSAL_TARGETS, held_out)))
     return _prefixed(rng.choice(_REQUEST_PREFIXES) if not held_out else "", frame.format(x=topic))
 

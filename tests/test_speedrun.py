@@ -11,7 +11,7 @@ import torch
 from chatforge.chat_format import render_conversation
 from chatforge.checkpoint import load_model
 from chatforge.cli import main
-from chatforge.config import get_preset
+from chatforge.config import apply_overrides, get_preset
 from chatforge.conversations import refusal_eval_requests
 from chatforge.data.pipeline import train_tokenizer
 from chatforge.errors import ChatforgeError
@@ -19,7 +19,7 @@ from chatforge.eval.refusal import load_prompts
 from chatforge.eval.suite import SAMPLE_PROMPTS, TOOL_SAMPLE_PROMPTS, evaluate_world, world_tasks
 from chatforge.rag.open_book import REPEAT_ASKS
 from chatforge.redteam.detectors import is_refusal
-from chatforge.speedrun import STAGES, speedrun
+from chatforge.speedrun import STAGES, _stage_sft_data, _stage_world, speedrun
 from chatforge.tokenizer import Tokenizer
 from chatforge.train.metrics import read_metrics
 from chatforge.train.sft import sft
@@ -275,9 +275,6 @@ def test_the_rag_stage_is_off_without_open_book_chats(run):
 
 
 def test_sft_data_stage_writes_as_many_refusal_chats_as_the_preset_asks(tmp_path):
-    from chatforge.config import apply_overrides
-    from chatforge.speedrun import _stage_sft_data, _stage_world
-
     counts = {}
     for n in (0, 37):
         preset = apply_overrides(get_preset("smoke"), [f"data.refusal_chats={n}"])
